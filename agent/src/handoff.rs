@@ -1,0 +1,343 @@
+//! Handing a rustls session to the kernel: finish the handshake without reading past it, extract
+//! the traffic secrets, install them with kTLS, and drive the resulting socket.
+//!
+//! The handshake must not consume a single byte that belongs to the record layer after it: once
+//! the keys are in the kernel, bytes already read into user space cannot be given back. So the
+//! handshake reads through [`RecordBoundaryReader`], which never returns bytes past the end of the
+//! TLS record it is in.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+
+use rustls::Connection;
+
+use crate::ktls::{self, Cipher, CryptoInfo, Direction, KtlsError, RecordType, TlsVersion};
+
+/// Length of a TLS record header: type (1), legacy version (2), length (2).
+const RECORD_HEADER_LEN: usize = 5;
+
+/// Reads from an inner reader but never past the end of the current TLS record.
+///
+/// It first hands out the 5-byte record header (possibly over several reads), then at most the
+/// body length the header announced, then the next header, and so on.
+#[derive(Debug)]
+pub struct RecordBoundaryReader<R> {
+    inner: R,
+    header: [u8; RECORD_HEADER_LEN],
+    header_filled: usize,
+    body_left: usize,
+}
+
+impl<R: Read> RecordBoundaryReader<R> {
+    /// Wraps `inner`, which must be positioned at a record boundary.
+    pub fn new(inner: R) -> Self {
+        Self {
+            inner,
+            header: [0; RECORD_HEADER_LEN],
+            header_filled: 0,
+            body_left: 0,
+        }
+    }
+
+    /// True when every byte read so far ended a complete record.
+    pub fn at_record_boundary(&self) -> bool {
+        self.header_filled == 0 && self.body_left == 0
+    }
+
+    /// Returns the inner reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+}
+
+impl<R: Read> Read for RecordBoundaryReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.body_left > 0 {
+            let want = buf.len().min(self.body_left);
+            let n = self.inner.read(&mut buf[..want])?;
+            self.body_left -= n;
+            return Ok(n);
+        }
+        let want = buf.len().min(RECORD_HEADER_LEN - self.header_filled);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.header[self.header_filled..self.header_filled + n].copy_from_slice(&buf[..n]);
+        self.header_filled += n;
+        if self.header_filled == RECORD_HEADER_LEN {
+            self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+            self.header_filled = 0;
+        }
+        Ok(n)
+    }
+}
+
+/// A socket as rustls sees it during the handshake: bounded reads, plain writes.
+struct HandshakeIo<'a> {
+    reader: RecordBoundaryReader<&'a TcpStream>,
+    writer: &'a TcpStream,
+}
+
+impl Read for HandshakeIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for HandshakeIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+/// Errors while completing a handshake and handing it to the kernel.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// Socket I/O or a TLS error during the handshake.
+    #[error("TLS handshake with {peer}: {source}")]
+    Handshake {
+        /// The remote address, or "unknown".
+        peer: String,
+        /// What went wrong.
+        source: io::Error,
+    },
+    /// rustls would not release the secrets.
+    #[error("extracting TLS secrets for {peer}: {source}")]
+    Extract {
+        /// The remote address.
+        peer: String,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+    /// The kernel refused the session.
+    #[error("kTLS handoff for {peer}: {source}")]
+    Kernel {
+        /// The remote address.
+        peer: String,
+        /// The kernel interface error.
+        source: KtlsError,
+    },
+}
+
+fn peer_of(sock: &TcpStream) -> String {
+    sock.peer_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string())
+}
+
+/// Drives the rustls handshake on a blocking socket to completion without reading past it,
+/// and flushes everything rustls has to send.
+pub fn complete_handshake(conn: &mut Connection, sock: &TcpStream) -> Result<(), HandoffError> {
+    let mut io = HandshakeIo {
+        reader: RecordBoundaryReader::new(sock),
+        writer: sock,
+    };
+    let fail = |source| HandoffError::Handshake {
+        peer: peer_of(sock),
+        source,
+    };
+    while conn.is_handshaking() {
+        conn.complete_io(&mut io).map_err(fail)?;
+    }
+    while conn.wants_write() {
+        conn.write_tls(&mut io).map_err(fail)?;
+    }
+    if !io.reader.at_record_boundary() {
+        return Err(fail(io::Error::other(
+            "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
+        )));
+    }
+    Ok(())
+}
+
+/// What the kernel took over for one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KtlsSession {
+    /// Negotiated protocol version.
+    pub version: TlsVersion,
+    /// Negotiated AEAD cipher.
+    pub cipher: Cipher,
+}
+
+/// Moves a completed rustls session into the kernel: extracts the secrets, attaches the TLS ULP
+/// and installs TX and RX state. The secrets are zeroized before this returns.
+///
+/// The connection must have been created with `enable_secret_extraction` and finished with
+/// [`complete_handshake`].
+pub fn into_kernel(conn: Connection, sock: &TcpStream) -> Result<KtlsSession, HandoffError> {
+    let peer = peer_of(sock);
+    let version = conn
+        .protocol_version()
+        .and_then(TlsVersion::from_rustls)
+        .ok_or_else(|| HandoffError::Kernel {
+            peer: peer.clone(),
+            source: KtlsError::Unsupported {
+                what: format!("protocol version {:?}", conn.protocol_version()),
+            },
+        })?;
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|source| HandoffError::Extract {
+            peer: peer.clone(),
+            source,
+        })?;
+    let kernel = |source| HandoffError::Kernel {
+        peer: peer.clone(),
+        source,
+    };
+    let tx = CryptoInfo::from_rustls(version, secrets.tx.0, &secrets.tx.1).map_err(kernel)?;
+    let rx = CryptoInfo::from_rustls(version, secrets.rx.0, &secrets.rx.1).map_err(kernel)?;
+    // `secrets` holds rustls AeadKeys, which zeroize themselves on drop; `tx`/`rx` zeroize too.
+    drop(secrets);
+    ktls::attach_ulp(sock.as_fd()).map_err(kernel)?;
+    ktls::set_crypto_info(sock.as_fd(), Direction::Tx, &tx).map_err(kernel)?;
+    ktls::set_crypto_info(sock.as_fd(), Direction::Rx, &rx).map_err(kernel)?;
+    Ok(KtlsSession {
+        version,
+        cipher: tx.cipher(),
+    })
+}
+
+/// A connected socket whose record layer is in the kernel.
+///
+/// Reads return application data only: a peer's close_notify reads as end of stream, a TCP close
+/// without one is an `UnexpectedEof` error (truncation), a NewSessionTicket is consumed and
+/// counted, any other alert or handshake message is an error.
+#[derive(Debug)]
+pub struct KtlsStream {
+    sock: TcpStream,
+    session: KtlsSession,
+    peer_closed: bool,
+    /// Post-handshake records carrying NewSessionTickets consumed so far.
+    pub ticket_records: u64,
+}
+
+impl KtlsStream {
+    /// Completes the handshake on `sock` and hands the session to the kernel.
+    pub fn handshake(conn: impl Into<Connection>, sock: TcpStream) -> Result<Self, HandoffError> {
+        let mut conn = conn.into();
+        complete_handshake(&mut conn, &sock)?;
+        let session = into_kernel(conn, &sock)?;
+        Ok(Self {
+            sock,
+            session,
+            peer_closed: false,
+            ticket_records: 0,
+        })
+    }
+
+    /// The version and cipher the kernel is running.
+    pub fn session(&self) -> KtlsSession {
+        self.session
+    }
+
+    /// The underlying socket.
+    pub fn socket(&self) -> &TcpStream {
+        &self.sock
+    }
+
+    /// Sends a close_notify alert (RFC 8446 6.1) and shuts down the write side.
+    pub fn close_notify(&mut self) -> io::Result<()> {
+        // level warning (1), description close_notify (0)
+        ktls::send_record(self.sock.as_fd(), RecordType::Alert, &[1, 0])?;
+        self.sock.shutdown(std::net::Shutdown::Write)
+    }
+}
+
+impl Read for KtlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if self.peer_closed || buf.is_empty() {
+                return Ok(0);
+            }
+            let (record_type, n) = ktls::recv_record(self.sock.as_fd(), buf)?;
+            match record_type {
+                RecordType::ApplicationData if n == 0 => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "peer closed the TCP connection without a TLS close_notify",
+                    ));
+                }
+                RecordType::ApplicationData => return Ok(n),
+                RecordType::Alert if n >= 2 && buf[1] == 0 => {
+                    self.peer_closed = true;
+                    return Ok(0);
+                }
+                RecordType::Alert => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("peer sent TLS alert {:?}", &buf[..n.min(2)]),
+                    ));
+                }
+                // handshake type 4 = NewSessionTicket (RFC 8446 4.6.1)
+                RecordType::Handshake if n >= 1 && buf[0] == 4 => self.ticket_records += 1,
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "unexpected post-handshake {other:?} record (first byte {:?})",
+                            buf.first()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Write for KtlsStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&self.sock).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader that returns everything it has in one go, like a socket with a full buffer.
+    struct Greedy(Vec<u8>);
+    impl Read for Greedy {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reader_stops_at_each_record_end() {
+        let mut wire = vec![22, 3, 3, 0, 3, b'a', b'b', b'c'];
+        wire.extend([23, 3, 3, 0, 2, b'x', b'y']);
+        let mut r = RecordBoundaryReader::new(Greedy(wire));
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).unwrap(), 5);
+        assert!(!r.at_record_boundary());
+        assert_eq!(r.read(&mut buf).unwrap(), 3);
+        assert_eq!(&buf[..3], b"abc");
+        assert!(r.at_record_boundary());
+        // The next record is still unread in the inner reader.
+        assert_eq!(r.into_inner().0, vec![23, 3, 3, 0, 2, b'x', b'y']);
+    }
+
+    #[test]
+    fn reader_reassembles_split_headers() {
+        let wire = vec![22, 3, 3, 0, 1, b'z', 23];
+        let mut r = RecordBoundaryReader::new(Greedy(wire));
+        let mut one = [0u8; 2];
+        assert_eq!(r.read(&mut one).unwrap(), 2);
+        assert_eq!(r.read(&mut one).unwrap(), 2);
+        assert_eq!(r.read(&mut one).unwrap(), 1);
+        assert_eq!(r.read(&mut one).unwrap(), 1);
+        assert_eq!(one[0], b'z');
+        assert!(r.at_record_boundary());
+    }
+}

@@ -1,0 +1,243 @@
+//! Shared pieces of the tlsplice integration tests: a throwaway PKI, rustls configurations pinned
+//! to one cipher suite, a deterministic data pattern, and the kernel-requirement gate that makes
+//! a test skip visibly (or fail, inside the VM matrix) when the kernel lacks what it needs.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use rustls::crypto::{CryptoProvider, ring};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
+use tlsplice::ktls::{Cipher, TlsVersion};
+
+/// Environment variable the VM matrix sets in guests whose kernel must have what tests need:
+/// there, a missing feature is a failure, not a skip.
+pub const REQUIRE_ENV: &str = "TLSPLICE_REQUIRE_KERNEL_FEATURES";
+
+/// Prefix of the line a skipped test prints; `cargo xtask test` collects these lines.
+pub const SKIP_MARKER: &str = "TLSPLICE-SKIP";
+
+/// Returns `true` when the test may go on. When `unavailable` holds a reason, prints a
+/// `TLSPLICE-SKIP <test>: <reason>` line and returns `false`, or panics when the VM matrix said
+/// the feature must be present.
+pub fn require(test: &str, unavailable: Option<String>) -> bool {
+    match unavailable {
+        None => true,
+        Some(reason) if std::env::var_os(REQUIRE_ENV).is_some() => {
+            panic!("{test}: required kernel feature missing: {reason}")
+        }
+        Some(reason) => {
+            println!("{SKIP_MARKER} {test}: {reason}");
+            false
+        }
+    }
+}
+
+/// A CA and a server certificate for "localhost" signed by it (ECDSA P-256).
+pub struct TestPki {
+    /// The CA certificate, for client trust stores.
+    pub ca: CertificateDer<'static>,
+    /// The server's certificate.
+    pub server_cert: CertificateDer<'static>,
+    /// The server's private key, PKCS#8 DER.
+    pub server_key: Vec<u8>,
+}
+
+impl TestPki {
+    /// Generates a fresh PKI.
+    pub fn generate() -> Self {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "tlsplice test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA cert");
+        let server_key = rcgen::KeyPair::generate().expect("server key");
+        let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("server params")
+            .signed_by(&server_key, &ca)
+            .expect("server cert");
+        Self {
+            ca: ca.der().clone(),
+            server_cert: server_cert.der().clone(),
+            server_key: server_key.serialize_der(),
+        }
+    }
+}
+
+/// A cipher suite under test, with the protocol version it implies.
+#[derive(Debug, Clone, Copy)]
+pub struct SuiteUnderTest {
+    /// The rustls suite.
+    pub suite: SupportedCipherSuite,
+    /// Human name used in test output.
+    pub name: &'static str,
+    /// The version the kernel must be given.
+    pub version: TlsVersion,
+    /// The cipher the kernel must be given.
+    pub cipher: Cipher,
+}
+
+impl SuiteUnderTest {
+    /// TLS 1.3 with AES-128-GCM.
+    pub fn tls13_aes128gcm() -> Self {
+        Self {
+            suite: ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            name: "TLS1.3 AES-128-GCM",
+            version: TlsVersion::Tls13,
+            cipher: Cipher::Aes128Gcm,
+        }
+    }
+    /// TLS 1.3 with AES-256-GCM.
+    pub fn tls13_aes256gcm() -> Self {
+        Self {
+            suite: ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            name: "TLS1.3 AES-256-GCM",
+            version: TlsVersion::Tls13,
+            cipher: Cipher::Aes256Gcm,
+        }
+    }
+    /// TLS 1.3 with ChaCha20-Poly1305.
+    pub fn tls13_chacha20() -> Self {
+        Self {
+            suite: ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            name: "TLS1.3 CHACHA20-POLY1305",
+            version: TlsVersion::Tls13,
+            cipher: Cipher::Chacha20Poly1305,
+        }
+    }
+    /// TLS 1.2 ECDHE-ECDSA with AES-128-GCM.
+    pub fn tls12_ecdhe_aes128gcm() -> Self {
+        Self {
+            suite: ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            name: "TLS1.2 ECDHE-ECDSA-AES128-GCM",
+            version: TlsVersion::Tls12,
+            cipher: Cipher::Aes128Gcm,
+        }
+    }
+
+    fn provider(&self) -> Arc<CryptoProvider> {
+        Arc::new(CryptoProvider {
+            cipher_suites: vec![self.suite],
+            ..ring::default_provider()
+        })
+    }
+
+    /// A server configuration that can only negotiate this suite.
+    pub fn server_config(&self, pki: &TestPki) -> Arc<ServerConfig> {
+        let mut config = ServerConfig::builder_with_provider(self.provider())
+            .with_protocol_versions(&[self.suite.version()])
+            .expect("protocol version")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![pki.server_cert.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.server_key.clone())),
+            )
+            .expect("server certificate");
+        config.enable_secret_extraction = true;
+        Arc::new(config)
+    }
+
+    /// A client configuration that trusts the test CA and can only negotiate this suite.
+    pub fn client_config(&self, pki: &TestPki) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(pki.ca.clone()).expect("CA into root store");
+        let mut config = ClientConfig::builder_with_provider(self.provider())
+            .with_protocol_versions(&[self.suite.version()])
+            .expect("protocol version")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.enable_secret_extraction = true;
+        Arc::new(config)
+    }
+}
+
+/// A deterministic byte stream (xorshift64), so each side can check what it received without
+/// keeping a copy of what was sent.
+#[derive(Debug, Clone)]
+pub struct Pattern {
+    state: u64,
+}
+
+impl Pattern {
+    /// A stream for `seed` (any value; 0 is remapped).
+    pub fn new(seed: u64) -> Self {
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        }
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            chunk.copy_from_slice(&self.state.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Writes `len` bytes of `Pattern::new(seed)` to `w`.
+pub fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<()> {
+    let mut pattern = Pattern::new(seed);
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK);
+        pattern.fill(&mut buf[..n]);
+        w.write_all(&buf[..n])?;
+        left -= n;
+    }
+    w.flush()
+}
+
+/// Reads exactly `len` bytes from `r` and checks they are `Pattern::new(seed)`; returns the
+/// offset of the first differing 64 KiB chunk as an error.
+pub fn expect_pattern(r: &mut impl Read, seed: u64, len: usize) -> io::Result<()> {
+    let mut pattern = Pattern::new(seed);
+    let mut want = vec![0u8; CHUNK];
+    let mut got = vec![0u8; CHUNK];
+    let mut offset = 0;
+    while offset < len {
+        let n = (len - offset).min(CHUNK);
+        pattern.fill(&mut want[..n]);
+        r.read_exact(&mut got[..n])?;
+        if want[..n] != got[..n] {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("received bytes differ from what was sent in the chunk at offset {offset}"),
+            ));
+        }
+        offset += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_round_trips_and_detects_corruption() {
+        let mut wire = Vec::new();
+        send_pattern(&mut wire, 7, 200_000).unwrap();
+        assert_eq!(wire.len(), 200_000);
+        expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap();
+        assert!(expect_pattern(&mut wire.as_slice(), 8, 200_000).is_err());
+        wire[150_000] ^= 1;
+        let err = expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap_err();
+        assert!(err.to_string().contains("offset 131072"), "{err}");
+    }
+
+    #[test]
+    fn require_skips_with_marker_unless_required() {
+        assert!(require("t", None));
+        if std::env::var_os(REQUIRE_ENV).is_none() {
+            assert!(!require("t", Some("because".into())));
+        }
+    }
+}

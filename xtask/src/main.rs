@@ -1,0 +1,113 @@
+//! `cargo xtask`: bootstrap, build, VM kernel matrix, tests and the demo for tlsplice.
+
+mod bootstrap;
+mod cmd;
+mod ebpf;
+mod initramfs;
+mod kernels;
+mod matrix;
+mod vm;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "tlsplice development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the other tasks need (apt packages, nightly rust-src, bpf-linker).
+    /// Idempotent: only what is missing is installed, and each install is announced.
+    Bootstrap,
+    /// Everything CI runs: fmt, clippy, eBPF build, host tests, then the kernel-dependent tests
+    /// on the host kernel and in each guest kernel of the matrix.
+    Test {
+        /// Kernels of the matrix to use (default: all). Names: 6.1, 6.12, sid.
+        #[arg(long, value_delimiter = ',')]
+        kernels: Vec<String>,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// The main job: probe the host, then boot a kernel with kTLS and run the agent there.
+    Demo {
+        /// Guest kernel (6.1, 6.12, sid).
+        #[arg(long, default_value = "sid")]
+        kernel: String,
+    },
+    /// Run a command, or a test binary, inside a guest kernel with kTLS modules loaded.
+    Vm {
+        /// Guest kernel (6.1, 6.12, sid).
+        #[arg(long, default_value = "sid")]
+        kernel: String,
+        /// Integration test target from tests/ to put in the guest and run (with --ignored).
+        #[arg(long)]
+        test: Option<String>,
+        /// Host programs to copy into the guest with their libraries (e.g. openssl,curl).
+        #[arg(long, value_delimiter = ',')]
+        with: Vec<String>,
+        /// Seconds before the guest is killed.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Command to run in the guest (busybox sh; the agent is /usr/bin/tlsplice).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Download (if needed) and list the guest kernels.
+    Kernels {
+        /// Ignore the cache and resolve the newest packages again.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Build the eBPF programs (nightly, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+}
+
+/// The workspace root (xtask lives one level below it).
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map_or(manifest.clone(), PathBuf::from)
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Bootstrap => bootstrap::run(),
+        Task::Test { kernels, no_lint } => matrix::test(&root, &kernels, !no_lint),
+        Task::Demo { kernel } => matrix::demo(&root, &kernel),
+        Task::Vm {
+            kernel,
+            test,
+            with,
+            timeout,
+            command,
+        } => matrix::vm(&root, &kernel, test.as_deref(), &with, timeout, &command),
+        Task::Kernels { refresh } => {
+            bootstrap::run()?;
+            for line in &kernels::MATRIX {
+                let k = kernels::fetch(line, refresh)?;
+                println!("{:5} {} ({})", line.name, k.release, k.vmlinuz.display());
+            }
+            Ok(())
+        }
+        Task::BuildEbpf => {
+            bootstrap::run()?;
+            ebpf::build(&root).map(|_| ())
+        }
+    }
+}

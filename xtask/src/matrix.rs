@@ -1,0 +1,462 @@
+//! `cargo xtask test`, `vm` and `demo`: the host checks, and the kernel-dependent tests run on the
+//! host kernel and in every guest kernel whose features they need.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::kernels::{self, GuestKernel};
+use crate::{bootstrap, cmd, ebpf, initramfs, vm};
+
+/// Something a matrix test needs from the kernel.
+#[derive(Debug, Clone, Copy)]
+#[allow(dead_code)] // Sockmap and KernelAtLeast are declared by the eBPF and rekey tests to come.
+pub enum Need {
+    /// The TLS ULP with AES-GCM and ChaCha20-Poly1305.
+    Ktls,
+    /// BPF sockmap/sockhash with sk_skb and sk_msg programs.
+    Sockmap,
+    /// A minimum kernel version.
+    KernelAtLeast(u32, u32),
+}
+
+/// An integration test target (in tests/) that runs in the kernel matrix. Its tests are
+/// `#[ignore]`d for plain `cargo test` and run here with `--ignored`.
+#[derive(Debug)]
+pub struct MatrixTest {
+    /// The `[[test]]` name in tests/Cargo.toml.
+    pub target: &'static str,
+    /// What a kernel must have for the target to run there.
+    pub needs: &'static [Need],
+}
+
+/// Every matrix test target.
+pub const MATRIX_TESTS: &[MatrixTest] = &[MatrixTest {
+    target: "ktls_smoke",
+    needs: &[Need::Ktls],
+}];
+
+/// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
+const SKIP_MARKER: &str = "TLSPLICE-SKIP";
+/// Environment variable that turns a missing kernel feature into a failure in guests.
+const REQUIRE_ENV: &str = "TLSPLICE_REQUIRE_KERNEL_FEATURES";
+const BEGIN: &str = "TLSPLICE-TEST-BEGIN";
+const END: &str = "TLSPLICE-TEST-END";
+
+/// Per-guest time limit.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(1200);
+
+/// The first need a kernel of `version` does not meet. Features (kTLS, sockmap) are not
+/// decided here: every guest loads tls.ko and has BPF, and on the host the test probes the
+/// feature itself and prints why it skips.
+fn version_unmet(release: &str, version: (u32, u32), needs: &[Need]) -> Option<String> {
+    needs.iter().find_map(|need| match need {
+        Need::Ktls | Need::Sockmap => None,
+        Need::KernelAtLeast(major, minor) => (version < (*major, *minor))
+            .then(|| format!("needs kernel >= {major}.{minor}, this kernel is {release}")),
+    })
+}
+
+fn needs_of(target: &str) -> &'static [Need] {
+    MATRIX_TESTS
+        .iter()
+        .find(|t| t.target == target)
+        .map_or(&[][..], |t| t.needs)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Passed,
+    Failed(String),
+    Skipped(String),
+}
+
+/// A test binary and the test names in it.
+struct TestBinary {
+    target: &'static str,
+    path: PathBuf,
+    tests: Vec<String>,
+}
+
+/// Builds the matrix test binaries and lists their tests.
+fn build_test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
+    let mut c = Command::new("cargo");
+    c.args([
+        "test",
+        "-p",
+        "tlsplice-tests",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ]);
+    for t in MATRIX_TESTS {
+        c.args(["--test", t.target]);
+    }
+    let out = cmd::output(c.current_dir(root))?;
+    let mut binaries = Vec::new();
+    for line in out.lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let name = msg["target"]["name"].as_str().unwrap_or_default();
+        let Some(exe) = msg["executable"].as_str() else {
+            continue;
+        };
+        if let Some(t) = MATRIX_TESTS.iter().find(|t| t.target == name) {
+            let listing = cmd::output(Command::new(exe).args(["--list", "--ignored"]))?;
+            let tests = listing
+                .lines()
+                .filter_map(|l| l.strip_suffix(": test"))
+                .map(str::to_owned)
+                .collect();
+            binaries.push(TestBinary {
+                target: t.target,
+                path: PathBuf::from(exe),
+                tests,
+            });
+        }
+    }
+    for t in MATRIX_TESTS {
+        if !binaries.iter().any(|b| b.target == t.target) {
+            bail!("cargo built no test binary for {}", t.target);
+        }
+    }
+    Ok(binaries)
+}
+
+fn classify(status_ok: bool, output: &str) -> Outcome {
+    let skips: Vec<&str> = output
+        .lines()
+        .filter_map(|l| l.split_once(SKIP_MARKER).map(|(_, rest)| rest.trim()))
+        .collect();
+    if !status_ok {
+        let tail: Vec<&str> = output.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Outcome::Failed(tail.join("\n"))
+    } else if !skips.is_empty() {
+        Outcome::Skipped(skips.join("; "))
+    } else {
+        Outcome::Passed
+    }
+}
+
+/// Runs every matrix test on the host kernel; tests print why they skip.
+fn run_on_host(binaries: &[TestBinary]) -> Result<Vec<(String, Outcome)>> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let version = kernels::parse_version(&release);
+    let mut results = Vec::new();
+    for b in binaries {
+        if let Some(why) = version_unmet(&release, version, needs_of(b.target)) {
+            for test in &b.tests {
+                println!("[host] skipping {}::{test}: {why}", b.target);
+                results.push((
+                    format!("{}::{test}", b.target),
+                    Outcome::Skipped(why.clone()),
+                ));
+            }
+            continue;
+        }
+        for test in &b.tests {
+            let out = Command::new(&b.path)
+                .args([
+                    "--ignored",
+                    "--exact",
+                    test,
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env_remove(REQUIRE_ENV)
+                .output()
+                .with_context(|| format!("running {}", b.path.display()))?;
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            for l in text.lines().filter(|l| !l.trim().is_empty()) {
+                println!("[host] {l}");
+            }
+            results.push((
+                format!("{}::{test}", b.target),
+                classify(out.status.success(), &text),
+            ));
+        }
+    }
+    Ok(results)
+}
+
+/// The agent binary, built for the guest.
+fn build_agent(root: &Path) -> Result<PathBuf> {
+    cmd::run(
+        Command::new("cargo")
+            .args(["build", "-p", "tlsplice"])
+            .current_dir(root),
+    )?;
+    Ok(root.join("target/debug/tlsplice"))
+}
+
+/// Puts the agent, the given test binaries and tools into an initramfs for `kernel`.
+fn guest_image(
+    root: &Path,
+    kernel: &GuestKernel,
+    agent: &Path,
+    binaries: &[&TestBinary],
+    tools: &[String],
+    script: &str,
+) -> Result<PathBuf> {
+    let work = root.join("target/vm").join(&kernel.release);
+    std::fs::create_dir_all(&work)?;
+    let mut contents = initramfs::Contents::default();
+    initramfs::add_kernel_modules(&mut contents, kernel)?;
+    contents.add_program(
+        &initramfs::stripped_copy(agent, &work.join("bin"))?,
+        "/usr/bin/tlsplice",
+    )?;
+    for b in binaries {
+        let stripped = initramfs::stripped_copy(&b.path, &work.join("bin"))?;
+        contents.add_program(&stripped, &format!("/tlsplice/bin/{}", b.target))?;
+    }
+    for tool in tools {
+        let host =
+            cmd::which(tool).with_context(|| format!("{tool} is not installed on the host"))?;
+        contents.add_program(&host, &format!("/usr/bin/{tool}"))?;
+    }
+    contents.env(REQUIRE_ENV, "1");
+    contents.env("RUST_BACKTRACE", "1");
+    contents.script(script);
+    let busybox = Path::new("/bin/busybox");
+    let image = work.join("initramfs.cpio");
+    initramfs::write(&contents, busybox, &image)?;
+    Ok(image)
+}
+
+/// Runs the matrix tests that apply inside one guest kernel.
+fn run_in_guest(
+    root: &Path,
+    name: &str,
+    kernel: &GuestKernel,
+    agent: &Path,
+    binaries: &[TestBinary],
+) -> Result<Vec<(String, Outcome)>> {
+    let mut results = Vec::new();
+    let mut selected = Vec::new();
+    let mut script = String::new();
+    for b in binaries {
+        if let Some(why) = version_unmet(&kernel.release, kernel.version(), needs_of(b.target)) {
+            for test in &b.tests {
+                results.push((
+                    format!("{}::{test}", b.target),
+                    Outcome::Skipped(why.clone()),
+                ));
+            }
+            continue;
+        }
+        selected.push(b);
+        for test in &b.tests {
+            script.push_str(&format!(
+                "echo {BEGIN} {target}::{test}\n/tlsplice/bin/{target} --ignored --exact {test} --nocapture --test-threads=1\necho {END} {target}::{test} $?\n",
+                target = b.target
+            ));
+        }
+    }
+    if selected.is_empty() {
+        return Ok(results);
+    }
+    let image = guest_image(root, kernel, agent, &selected, &[], &script)?;
+    let run = vm::boot(kernel, &image, name, GUEST_TIMEOUT)?;
+    println!(
+        "[{name}] guest finished in {:.0}s",
+        run.elapsed.as_secs_f64()
+    );
+    let mut current: Option<(String, String)> = None;
+    let mut seen = BTreeMap::new();
+    for line in &run.lines {
+        if let Some(id) = line.strip_prefix(BEGIN) {
+            current = Some((id.trim().to_owned(), String::new()));
+        } else if let Some(rest) = line.strip_prefix(END) {
+            let mut parts = rest.split_whitespace();
+            let id = parts.next().unwrap_or_default().to_owned();
+            let ok = parts.next() == Some("0");
+            let text = current.take().map(|c| c.1).unwrap_or_default();
+            seen.insert(id, classify(ok, &text));
+        } else if let Some((_, text)) = current.as_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+    }
+    for b in &selected {
+        for test in &b.tests {
+            let id = format!("{}::{test}", b.target);
+            let outcome = seen.remove(&id).unwrap_or_else(|| {
+                Outcome::Failed(if run.timed_out {
+                    format!(
+                        "guest timed out after {}s before the test ended",
+                        GUEST_TIMEOUT.as_secs()
+                    )
+                } else if let Some((cur, _)) = current.as_ref().filter(|c| c.0 == id) {
+                    format!("{cur}: the guest stopped during the test (kernel crash?)")
+                } else {
+                    "the test never ran in the guest".to_owned()
+                })
+            });
+            results.push((id, outcome));
+        }
+    }
+    Ok(results)
+}
+
+/// `cargo xtask test`.
+pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
+    bootstrap::run()?;
+    if lint {
+        cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
+        cmd::run(Command::new("cargo").args([
+            "fmt",
+            "--check",
+            "--manifest-path",
+            "ebpf/tlsplice-ebpf/Cargo.toml",
+        ]))?;
+        cmd::run(Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    ebpf::build(root)?;
+    cmd::run(Command::new("cargo").args(["test", "--workspace"]))?;
+
+    let lines: Vec<&kernels::KernelLine> = if kernel_names.is_empty() {
+        kernels::MATRIX.iter().collect()
+    } else {
+        kernel_names
+            .iter()
+            .map(|n| kernels::line(n))
+            .collect::<Result<_>>()?
+    };
+    let binaries = build_test_binaries(root)?;
+    let agent = build_agent(root)?;
+    let mut table: Vec<(String, Vec<(String, Outcome)>)> = Vec::new();
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    table.push((format!("host {host_release}"), run_on_host(&binaries)?));
+    for line in lines {
+        let kernel = kernels::fetch(line, false)?;
+        let results = run_in_guest(root, line.name, &kernel, &agent, &binaries)?;
+        table.push((format!("{} {}", line.name, kernel.release), results));
+    }
+
+    println!("\nkernel matrix:");
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for (kernel, results) in &table {
+        for (test, outcome) in results {
+            match outcome {
+                Outcome::Passed => {
+                    passed += 1;
+                    println!("  PASS  {kernel:40} {test}");
+                }
+                Outcome::Skipped(why) => {
+                    skipped += 1;
+                    println!("  SKIP  {kernel:40} {test}: {why}");
+                }
+                Outcome::Failed(why) => {
+                    failed += 1;
+                    println!("  FAIL  {kernel:40} {test}:\n{why}");
+                }
+            }
+        }
+    }
+    println!("matrix: {passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        bail!("{failed} kernel matrix tests failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask vm`.
+pub fn vm(
+    root: &Path,
+    kernel_name: &str,
+    test: Option<&str>,
+    tools: &[String],
+    timeout: u64,
+    command: &[String],
+) -> Result<()> {
+    bootstrap::run()?;
+    let line = kernels::line(kernel_name)?;
+    let kernel = kernels::fetch(line, false)?;
+    let agent = build_agent(root)?;
+    let binaries = if test.is_some() {
+        build_test_binaries(root)?
+    } else {
+        Vec::new()
+    };
+    let selected: Vec<&TestBinary> = binaries.iter().filter(|b| Some(b.target) == test).collect();
+    if let Some(t) = test
+        && selected.is_empty()
+    {
+        bail!("no matrix test target named {t}");
+    }
+    let mut script = String::new();
+    for b in &selected {
+        script.push_str(&format!(
+            "/tlsplice/bin/{} --ignored --nocapture --test-threads=1 || exit $?\n",
+            b.target
+        ));
+    }
+    if !command.is_empty() {
+        script.push_str(&shell_join(command));
+        script.push('\n');
+    }
+    if script.is_empty() {
+        script.push_str("tlsplice probe\n");
+    }
+    let image = guest_image(root, &kernel, &agent, &selected, tools, &script)?;
+    let run = vm::boot(&kernel, &image, line.name, Duration::from_secs(timeout))?;
+    match run.exit {
+        Some(0) => Ok(()),
+        Some(code) => bail!("the command exited with status {code} in the guest"),
+        None if run.timed_out => bail!("the guest timed out after {timeout}s"),
+        None => bail!("the guest stopped before the command finished"),
+    }
+}
+
+fn shell_join(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            if w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,".contains(c))
+            {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `cargo xtask demo`.
+pub fn demo(root: &Path, kernel_name: &str) -> Result<()> {
+    bootstrap::run()?;
+    let agent = build_agent(root)?;
+    println!("\n== tlsplice probe on this host ==");
+    cmd::run(Command::new(&agent).arg("probe"))?;
+    println!("\n== tlsplice probe in guest kernel {kernel_name} (QEMU/TCG, tls.ko loaded) ==");
+    vm(
+        root,
+        kernel_name,
+        Some("ktls_smoke"),
+        &[],
+        900,
+        &["tlsplice".into(), "probe".into()],
+    )
+}
