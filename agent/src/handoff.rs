@@ -8,7 +8,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 
 use rustls::Connection;
 
@@ -17,16 +17,51 @@ use crate::ktls::{self, Cipher, CryptoInfo, Direction, KtlsError, RecordType, Tl
 /// Length of a TLS record header: type (1), legacy version (2), length (2).
 const RECORD_HEADER_LEN: usize = 5;
 
-/// Reads from an inner reader but never past the end of the current TLS record.
-///
-/// It first hands out the 5-byte record header (possibly over several reads), then at most the
-/// body length the header announced, then the next header, and so on.
-#[derive(Debug)]
-pub struct RecordBoundaryReader<R> {
-    inner: R,
+/// Tracks where TLS record boundaries fall in a byte stream, so a reader can ask for no more
+/// than the rest of the current record (header first, then the body the header announced).
+#[derive(Debug, Default, Clone)]
+pub struct RecordBoundary {
     header: [u8; RECORD_HEADER_LEN],
     header_filled: usize,
     body_left: usize,
+}
+
+impl RecordBoundary {
+    /// How many of `want` bytes may be read without crossing the end of the current record.
+    pub fn limit(&self, want: usize) -> usize {
+        if self.body_left > 0 {
+            want.min(self.body_left)
+        } else {
+            want.min(RECORD_HEADER_LEN - self.header_filled)
+        }
+    }
+
+    /// Accounts for bytes that were read (at most `limit` of them).
+    pub fn advance(&mut self, bytes: &[u8]) {
+        if self.body_left > 0 {
+            self.body_left -= bytes.len().min(self.body_left);
+            return;
+        }
+        let n = bytes.len().min(RECORD_HEADER_LEN - self.header_filled);
+        self.header[self.header_filled..self.header_filled + n].copy_from_slice(&bytes[..n]);
+        self.header_filled += n;
+        if self.header_filled == RECORD_HEADER_LEN {
+            self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+            self.header_filled = 0;
+        }
+    }
+
+    /// True when every byte seen so far ended a complete record.
+    pub fn at_boundary(&self) -> bool {
+        self.header_filled == 0 && self.body_left == 0
+    }
+}
+
+/// Reads from an inner reader but never past the end of the current TLS record.
+#[derive(Debug)]
+pub struct RecordBoundaryReader<R> {
+    inner: R,
+    boundary: RecordBoundary,
 }
 
 impl<R: Read> RecordBoundaryReader<R> {
@@ -34,15 +69,13 @@ impl<R: Read> RecordBoundaryReader<R> {
     pub fn new(inner: R) -> Self {
         Self {
             inner,
-            header: [0; RECORD_HEADER_LEN],
-            header_filled: 0,
-            body_left: 0,
+            boundary: RecordBoundary::default(),
         }
     }
 
     /// True when every byte read so far ended a complete record.
     pub fn at_record_boundary(&self) -> bool {
-        self.header_filled == 0 && self.body_left == 0
+        self.boundary.at_boundary()
     }
 
     /// Returns the inner reader.
@@ -56,20 +89,9 @@ impl<R: Read> Read for RecordBoundaryReader<R> {
         if buf.is_empty() {
             return Ok(0);
         }
-        if self.body_left > 0 {
-            let want = buf.len().min(self.body_left);
-            let n = self.inner.read(&mut buf[..want])?;
-            self.body_left -= n;
-            return Ok(n);
-        }
-        let want = buf.len().min(RECORD_HEADER_LEN - self.header_filled);
+        let want = self.boundary.limit(buf.len());
         let n = self.inner.read(&mut buf[..want])?;
-        self.header[self.header_filled..self.header_filled + n].copy_from_slice(&buf[..n]);
-        self.header_filled += n;
-        if self.header_filled == RECORD_HEADER_LEN {
-            self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
-            self.header_filled = 0;
-        }
+        self.boundary.advance(&buf[..n]);
         Ok(n)
     }
 }
@@ -154,6 +176,61 @@ pub fn complete_handshake(conn: &mut Connection, sock: &TcpStream) -> Result<(),
     Ok(())
 }
 
+/// Drives a rustls handshake on a tokio socket to completion without reading past it, and
+/// flushes everything rustls has to send (including a fatal alert when the handshake fails).
+pub async fn complete_handshake_async(
+    conn: &mut Connection,
+    sock: &mut tokio::net::TcpStream,
+    peer: &str,
+) -> Result<(), HandoffError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fail = |source: io::Error| HandoffError::Handshake {
+        peer: peer.to_owned(),
+        source,
+    };
+    let mut boundary = RecordBoundary::default();
+    let mut buf = vec![0u8; 18 * 1024];
+    let mut out = Vec::new();
+    loop {
+        while conn.wants_write() {
+            out.clear();
+            conn.write_tls(&mut out).map_err(fail)?;
+            sock.write_all(&out).await.map_err(fail)?;
+        }
+        if !conn.is_handshaking() {
+            if !boundary.at_boundary() {
+                return Err(fail(io::Error::other(
+                    "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
+                )));
+            }
+            return Ok(());
+        }
+        let want = boundary.limit(buf.len());
+        let n = sock.read(&mut buf[..want]).await.map_err(fail)?;
+        if n == 0 {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection during the handshake",
+            )));
+        }
+        boundary.advance(&buf[..n]);
+        let mut input = &buf[..n];
+        while !input.is_empty() {
+            conn.read_tls(&mut input).map_err(fail)?;
+            if let Err(e) = conn.process_new_packets() {
+                // rustls queued the alert that explains the failure: send it before closing.
+                while conn.wants_write() {
+                    out.clear();
+                    if conn.write_tls(&mut out).is_err() || sock.write_all(&out).await.is_err() {
+                        break;
+                    }
+                }
+                return Err(fail(io::Error::new(io::ErrorKind::InvalidData, e)));
+            }
+        }
+    }
+}
+
 /// What the kernel took over for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KtlsSession {
@@ -168,8 +245,12 @@ pub struct KtlsSession {
 ///
 /// The connection must have been created with `enable_secret_extraction` and finished with
 /// [`complete_handshake`].
-pub fn into_kernel(conn: Connection, sock: &TcpStream) -> Result<KtlsSession, HandoffError> {
-    let peer = peer_of(sock);
+pub fn into_kernel(
+    conn: Connection,
+    sock: BorrowedFd<'_>,
+    peer: &str,
+) -> Result<KtlsSession, HandoffError> {
+    let peer = peer.to_owned();
     let version = conn
         .protocol_version()
         .and_then(TlsVersion::from_rustls)
@@ -193,9 +274,9 @@ pub fn into_kernel(conn: Connection, sock: &TcpStream) -> Result<KtlsSession, Ha
     let rx = CryptoInfo::from_rustls(version, secrets.rx.0, &secrets.rx.1).map_err(kernel)?;
     // `secrets` holds rustls AeadKeys, which zeroize themselves on drop; `tx`/`rx` zeroize too.
     drop(secrets);
-    ktls::attach_ulp(sock.as_fd()).map_err(kernel)?;
-    ktls::set_crypto_info(sock.as_fd(), Direction::Tx, &tx).map_err(kernel)?;
-    ktls::set_crypto_info(sock.as_fd(), Direction::Rx, &rx).map_err(kernel)?;
+    ktls::attach_ulp(sock).map_err(kernel)?;
+    ktls::set_crypto_info(sock, Direction::Tx, &tx).map_err(kernel)?;
+    ktls::set_crypto_info(sock, Direction::Rx, &rx).map_err(kernel)?;
     Ok(KtlsSession {
         version,
         cipher: tx.cipher(),
@@ -221,7 +302,7 @@ impl KtlsStream {
     pub fn handshake(conn: impl Into<Connection>, sock: TcpStream) -> Result<Self, HandoffError> {
         let mut conn = conn.into();
         complete_handshake(&mut conn, &sock)?;
-        let session = into_kernel(conn, &sock)?;
+        let session = into_kernel(conn, sock.as_fd(), &peer_of(&sock))?;
         Ok(Self {
             sock,
             session,

@@ -1,6 +1,9 @@
 //! The `tlsplice` node agent binary.
 
-use anyhow::Result;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 /// tlsplice: cheap TLS between hops with kTLS and in-kernel splicing.
@@ -21,6 +24,18 @@ enum Command {
         #[arg(long)]
         require_ktls: bool,
     },
+    /// Serve the listeners of a configuration file until SIGTERM or Ctrl-C.
+    Run {
+        /// The TOML configuration.
+        #[arg(long, env = "TLSPLICE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        /// The TOML configuration.
+        #[arg(long, env = "TLSPLICE_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> Result<()> {
@@ -40,6 +55,45 @@ fn main() -> Result<()> {
                 std::process::exit(2);
             }
         }
+        Command::Check { config } => {
+            let c = tlsplice::config::Config::load(&config)?;
+            println!(
+                "{}: {} listener(s), valid",
+                config.display(),
+                c.listeners.len()
+            );
+        }
+        Command::Run { config } => run(&config)?,
     }
     Ok(())
+}
+
+fn run(path: &std::path::Path) -> Result<()> {
+    let config = tlsplice::config::Config::load(path)?;
+    let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
+    tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let proxy = tlsplice::proxy::Proxy::bind(&config, caps, None).await?;
+        for l in &config.listeners {
+            tracing::info!(listener = %l.name, mode = ?l.mode, addr = ?proxy.local_addr(&l.name),
+                upstream = %l.upstream, "listening");
+        }
+        tokio::select! {
+            () = proxy.run() => {}
+            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
+            () = sigterm() => {}
+        }
+        tracing::info!("stopping");
+        anyhow::Ok(())
+    })
+}
+
+async fn sigterm() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }

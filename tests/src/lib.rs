@@ -41,6 +41,12 @@ pub struct TestPki {
     pub server_cert: CertificateDer<'static>,
     /// The server's private key, PKCS#8 DER.
     pub server_key: Vec<u8>,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    /// The server's certificate, PEM.
+    pub server_cert_pem: String,
+    /// The server's private key, PEM.
+    pub server_key_pem: String,
 }
 
 impl TestPki {
@@ -62,7 +68,38 @@ impl TestPki {
             ca: ca.der().clone(),
             server_cert: server_cert.der().clone(),
             server_key: server_key.serialize_der(),
+            ca_pem: ca.pem(),
+            server_cert_pem: server_cert.pem(),
+            server_key_pem: server_key.serialize_pem(),
         }
+    }
+
+    /// Writes ca.pem, server.pem and server.key into a new directory and returns it.
+    pub fn write_files(&self) -> std::path::PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tlsplice-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create PKI dir");
+        std::fs::write(dir.join("ca.pem"), &self.ca_pem).expect("write ca.pem");
+        std::fs::write(dir.join("server.pem"), &self.server_cert_pem).expect("write server.pem");
+        std::fs::write(dir.join("server.key"), &self.server_key_pem).expect("write server.key");
+        dir
+    }
+
+    /// A client configuration trusting this CA, with rustls' default suites and versions.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).expect("CA into root store");
+        Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        )
     }
 }
 
@@ -215,6 +252,79 @@ pub fn expect_pattern(r: &mut impl Read, seed: u64, len: usize) -> io::Result<()
         offset += n;
     }
     Ok(())
+}
+
+/// A TCP forwarder that records every byte it forwards: a wire capture of one leg, used to
+/// prove what crosses it (ciphertext only on an encrypted leg).
+pub struct Tap {
+    /// Where clients connect instead of the target.
+    pub addr: std::net::SocketAddr,
+    handle: std::thread::JoinHandle<io::Result<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Tap {
+    /// Forwards the next connection to `target` and records it.
+    pub fn start(target: std::net::SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tap");
+        let addr = listener.local_addr().expect("tap addr");
+        let handle = std::thread::spawn(move || {
+            let (client, _) = listener.accept()?;
+            let server = std::net::TcpStream::connect(target)?;
+            let copy = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+                std::thread::spawn(move || -> io::Result<Vec<u8>> {
+                    let mut seen = Vec::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match from.read(&mut buf) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => 0,
+                            Err(e) => return Err(e),
+                        };
+                        if n == 0 {
+                            let _ = to.shutdown(std::net::Shutdown::Write);
+                            return Ok(seen);
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        to.write_all(&buf[..n])?;
+                    }
+                })
+            };
+            let up = copy(client.try_clone()?, server.try_clone()?);
+            let down = copy(server, client);
+            let up = up
+                .join()
+                .map_err(|_| io::Error::other("tap thread panicked"))??;
+            let down = down
+                .join()
+                .map_err(|_| io::Error::other("tap thread panicked"))??;
+            Ok((up, down))
+        });
+        Self { addr, handle }
+    }
+
+    /// Waits for the connection to end; returns (client-to-target, target-to-client) bytes.
+    pub fn finish(self) -> (Vec<u8>, Vec<u8>) {
+        self.handle
+            .join()
+            .expect("tap thread")
+            .expect("tap forwarding")
+    }
+}
+
+/// 32-byte samples of `Pattern::new(seed)` at several offsets within `len` bytes: if any of
+/// them shows up in a capture, plaintext crossed that leg.
+pub fn pattern_samples(seed: u64, len: usize) -> Vec<Vec<u8>> {
+    let mut all = vec![0u8; len];
+    Pattern::new(seed).fill(&mut all);
+    [0, len / 3, len / 2, len.saturating_sub(64)]
+        .iter()
+        .map(|&o| all[o..(o + 32).min(len)].to_vec())
+        .collect()
+}
+
+/// True when `haystack` contains `needle`.
+pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -160,7 +160,7 @@ fn run(suite: SuiteUnderTest) {
     let test = format!("ktls_smoke {}", suite.name);
     let unavailable = tlsplice::probe::ktls_available()
         .err()
-        .map(|e| e.to_string());
+        .map(|e| format!("kTLS unavailable: {e}"));
     if !require(&test, unavailable) {
         return;
     }

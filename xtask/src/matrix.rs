@@ -31,13 +31,23 @@ pub struct MatrixTest {
     pub target: &'static str,
     /// What a kernel must have for the target to run there.
     pub needs: &'static [Need],
+    /// Host programs the tests call, copied into guests with their libraries.
+    pub tools: &'static [&'static str],
 }
 
 /// Every matrix test target.
-pub const MATRIX_TESTS: &[MatrixTest] = &[MatrixTest {
-    target: "ktls_smoke",
-    needs: &[Need::Ktls],
-}];
+pub const MATRIX_TESTS: &[MatrixTest] = &[
+    MatrixTest {
+        target: "ktls_smoke",
+        needs: &[Need::Ktls],
+        tools: &[],
+    },
+    MatrixTest {
+        target: "terminate",
+        needs: &[],
+        tools: &["openssl"],
+    },
+];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
 const SKIP_MARKER: &str = "TLSPLICE-SKIP";
@@ -46,6 +56,8 @@ const REQUIRE_ENV: &str = "TLSPLICE_REQUIRE_KERNEL_FEATURES";
 const BEGIN: &str = "TLSPLICE-TEST-BEGIN";
 const END: &str = "TLSPLICE-TEST-END";
 
+/// Per-test time limit on the host.
+const HOST_TEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Per-guest time limit.
 const GUEST_TIMEOUT: Duration = Duration::from_secs(1200);
 
@@ -58,6 +70,17 @@ fn version_unmet(release: &str, version: (u32, u32), needs: &[Need]) -> Option<S
         Need::KernelAtLeast(major, minor) => (version < (*major, *minor))
             .then(|| format!("needs kernel >= {major}.{minor}, this kernel is {release}")),
     })
+}
+
+fn tools_of(binaries: &[&TestBinary]) -> Vec<String> {
+    let mut tools: Vec<String> = MATRIX_TESTS
+        .iter()
+        .filter(|t| binaries.iter().any(|b| b.target == t.target))
+        .flat_map(|t| t.tools.iter().map(|s| (*s).to_owned()))
+        .collect();
+    tools.sort();
+    tools.dedup();
+    tools
 }
 
 fn needs_of(target: &str) -> &'static [Need] {
@@ -161,7 +184,10 @@ fn run_on_host(binaries: &[TestBinary]) -> Result<Vec<(String, Outcome)>> {
             continue;
         }
         for test in &b.tests {
-            let out = Command::new(&b.path)
+            // coreutils `timeout` kills a hung test (exit status 124) so the run always ends.
+            let out = Command::new("timeout")
+                .arg(HOST_TEST_TIMEOUT.as_secs().to_string())
+                .arg(&b.path)
                 .args([
                     "--ignored",
                     "--exact",
@@ -180,10 +206,14 @@ fn run_on_host(binaries: &[TestBinary]) -> Result<Vec<(String, Outcome)>> {
             for l in text.lines().filter(|l| !l.trim().is_empty()) {
                 println!("[host] {l}");
             }
-            results.push((
-                format!("{}::{test}", b.target),
-                classify(out.status.success(), &text),
-            ));
+            let mut outcome = classify(out.status.success(), &text);
+            if out.status.code() == Some(124) {
+                outcome = Outcome::Failed(format!(
+                    "timed out after {}s on the host",
+                    HOST_TEST_TIMEOUT.as_secs()
+                ));
+            }
+            results.push((format!("{}::{test}", b.target), outcome));
         }
     }
     Ok(results)
@@ -266,7 +296,8 @@ fn run_in_guest(
     if selected.is_empty() {
         return Ok(results);
     }
-    let image = guest_image(root, kernel, agent, &selected, &[], &script)?;
+    let tools = tools_of(&selected);
+    let image = guest_image(root, kernel, agent, &selected, &tools, &script)?;
     let run = vm::boot(kernel, &image, name, GUEST_TIMEOUT)?;
     println!(
         "[{name}] guest finished in {:.0}s",
@@ -418,7 +449,9 @@ pub fn vm(
     if script.is_empty() {
         script.push_str("tlsplice probe\n");
     }
-    let image = guest_image(root, &kernel, &agent, &selected, tools, &script)?;
+    let mut tools = tools.to_vec();
+    tools.extend(tools_of(&selected));
+    let image = guest_image(root, &kernel, &agent, &selected, &tools, &script)?;
     let run = vm::boot(&kernel, &image, line.name, Duration::from_secs(timeout))?;
     match run.exit {
         Some(0) => Ok(()),
@@ -450,11 +483,13 @@ pub fn demo(root: &Path, kernel_name: &str) -> Result<()> {
     let agent = build_agent(root)?;
     println!("\n== tlsplice probe on this host ==");
     cmd::run(Command::new(&agent).arg("probe"))?;
-    println!("\n== tlsplice probe in guest kernel {kernel_name} (QEMU/TCG, tls.ko loaded) ==");
+    println!(
+        "\n== guest kernel {kernel_name} (QEMU/TCG, tls.ko loaded): terminate mode end to end, then tlsplice probe =="
+    );
     vm(
         root,
         kernel_name,
-        Some("ktls_smoke"),
+        Some("terminate"),
         &[],
         900,
         &["tlsplice".into(), "probe".into()],

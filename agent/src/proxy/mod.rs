@@ -1,0 +1,261 @@
+//! Listeners and the per-connection data path decision. One file per proxy mode.
+
+pub mod terminate;
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, ListenerConfig, Mode};
+use crate::ktls::{Cipher, Direction, TlsVersion};
+use crate::probe;
+
+/// How a connection's bytes move after the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// Keys in the kernel; bytes moved with splice(2) through a pipe per direction.
+    Ktls,
+    /// rustls in user space and a copy loop.
+    Userspace,
+}
+
+impl fmt::Display for DataPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataPath::Ktls => "ktls",
+            DataPath::Userspace => "userspace",
+        })
+    }
+}
+
+/// What the running kernel can offload, probed once at start.
+#[derive(Debug, Clone)]
+pub struct KernelCaps {
+    /// Version/cipher pairs the kernel takes for both TX and RX, or why kTLS is unusable.
+    ktls: Result<BTreeSet<(TlsVersion, Cipher)>, String>,
+}
+
+impl KernelCaps {
+    /// Probes the running kernel.
+    pub fn probe() -> Self {
+        let ktls = match probe::ktls_available() {
+            Err(e) => Err(format!("kernel has no kTLS: {e}")),
+            Ok(()) => Ok(TlsVersion::ALL
+                .iter()
+                .flat_map(|&v| Cipher::ALL.iter().map(move |&c| (v, c)))
+                .filter(|&(v, c)| {
+                    probe::ktls_supports(v, c, Direction::Tx).is_ok()
+                        && probe::ktls_supports(v, c, Direction::Rx).is_ok()
+                })
+                .collect()),
+        };
+        Self { ktls }
+    }
+
+    /// `Ok` when the kernel can carry this session, else why not.
+    pub fn offload(
+        &self,
+        version: Option<TlsVersion>,
+        cipher: Option<Cipher>,
+    ) -> Result<(), String> {
+        let supported = self.ktls.as_ref().map_err(Clone::clone)?;
+        let (Some(v), Some(c)) = (version, cipher) else {
+            return Err("negotiated version or cipher cannot be offloaded to kTLS".into());
+        };
+        if supported.contains(&(v, c)) {
+            Ok(())
+        } else {
+            Err(format!("kernel cannot offload {v} {c} (TX and RX)"))
+        }
+    }
+}
+
+/// The outcome of one connection, as logged and (optionally) sent to an observer.
+#[derive(Debug, Clone)]
+pub struct ConnectionReport {
+    /// Listener name.
+    pub listener: String,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// The data path used, when the connection got that far.
+    pub data_path: Option<DataPath>,
+    /// Why that data path (or why none).
+    pub reason: String,
+    /// Negotiated version and cipher, e.g. "TLSv1.3 AES-128-GCM".
+    pub session: String,
+    /// Plaintext bytes from the client to the upstream.
+    pub bytes_up: u64,
+    /// Plaintext bytes from the upstream to the client.
+    pub bytes_down: u64,
+    /// `None` on a clean close, else the error.
+    pub error: Option<String>,
+}
+
+/// Errors starting the proxy, with the listener they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// TLS material could not be loaded.
+    #[error("listener {listener:?}: {what} {path}: {message}")]
+    Material {
+        /// Listener name.
+        listener: String,
+        /// "certificate" or "key".
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The listen address could not be bound.
+    #[error("listener {listener:?}: bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// Address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A listener ready to accept, with everything its connections share.
+pub(crate) struct ListenerState {
+    pub(crate) config: ListenerConfig,
+    pub(crate) tls: Arc<ServerConfig>,
+    pub(crate) caps: Arc<KernelCaps>,
+    pub(crate) reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+}
+
+fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, ProxyError> {
+    let material = |what, path: &std::path::Path, message: String| ProxyError::Material {
+        listener: l.name.clone(),
+        what,
+        path: path.display().to_string(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&l.cert)
+        .map_err(|e| material("certificate", &l.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| material("certificate", &l.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(material(
+            "certificate",
+            &l.cert,
+            "no CERTIFICATE block".into(),
+        ));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(&l.key).map_err(|e| material("key", &l.key, e.to_string()))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| material("certificate", &l.cert, e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| material("key", &l.key, e.to_string()))?;
+    config.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // The kTLS path needs the traffic secrets; they are zeroized right after the handoff.
+    config.enable_secret_extraction = true;
+    Ok(Arc::new(config))
+}
+
+/// Bound listeners, ready to serve.
+pub struct Proxy {
+    bound: Vec<(TcpListener, Arc<ListenerState>)>,
+}
+
+impl Proxy {
+    /// Loads TLS material and binds every listener.
+    pub async fn bind(
+        config: &Config,
+        caps: Arc<KernelCaps>,
+        reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+    ) -> Result<Self, ProxyError> {
+        let mut bound = Vec::new();
+        for l in &config.listeners {
+            let tls = server_config(l)?;
+            let listener =
+                TcpListener::bind(l.listen)
+                    .await
+                    .map_err(|source| ProxyError::Bind {
+                        listener: l.name.clone(),
+                        addr: l.listen,
+                        source,
+                    })?;
+            let state = ListenerState {
+                config: l.clone(),
+                tls,
+                caps: caps.clone(),
+                reports: reports.clone(),
+            };
+            bound.push((listener, Arc::new(state)));
+        }
+        Ok(Self { bound })
+    }
+
+    /// The address a listener is bound to (useful with port 0).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.bound
+            .iter()
+            .find(|(_, s)| s.config.name == name)
+            .and_then(|(l, _)| l.local_addr().ok())
+    }
+
+    /// Accepts on every listener until the task is dropped.
+    pub async fn run(self) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (listener, state) in self.bound {
+            tasks.spawn(accept_loop(listener, state));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, peer)) => {
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let report = match state.config.mode {
+                        Mode::Terminate => terminate::handle(&state, sock, peer).await,
+                    };
+                    log_report(&report);
+                    if let Some(tx) = &state.reports {
+                        let _ = tx.send(report);
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+fn log_report(r: &ConnectionReport) {
+    let path = r
+        .data_path
+        .map_or_else(|| "none".to_owned(), |p| p.to_string());
+    match &r.error {
+        None => tracing::info!(
+            listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
+            session = %r.session, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
+            "connection closed"
+        ),
+        Some(e) => tracing::warn!(
+            listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
+            session = %r.session, bytes_up = r.bytes_up, bytes_down = r.bytes_down, error = %e,
+            "connection failed"
+        ),
+    }
+}

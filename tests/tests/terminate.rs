@@ -1,0 +1,314 @@
+//! terminate mode end to end: a TLS client (our rustls client, or openssl s_client) talks to
+//! the agent, which forwards plaintext to a TCP upstream.
+//!
+//! Runs on every kernel of the matrix. Where the kernel has kTLS, connections must take the
+//! ktls data path (keys in the kernel, bytes spliced); on the host they must take the userspace
+//! path and say that the kernel has no kTLS. A listener forced to userspace must say so.
+//! The bulk tests capture both legs and check that plaintext samples appear on the upstream leg
+//! and never on the client's TLS leg.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConnection, StreamOwned};
+use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode};
+use tlsplice::proxy::{ConnectionReport, DataPath, KernelCaps, Proxy};
+use tlsplice_tests::{
+    Tap, TestPki, contains, expect_pattern, pattern_samples, require, send_pattern,
+};
+use tokio::sync::mpsc;
+
+/// Bytes each way in the bulk test.
+const BULK: usize = 16 << 20;
+
+struct Agent {
+    runtime: tokio::runtime::Runtime,
+    addr: SocketAddr,
+    reports: mpsc::UnboundedReceiver<ConnectionReport>,
+}
+
+impl Agent {
+    fn start(pki_dir: &Path, upstream: SocketAddr, data_path: DataPathPolicy) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = ListenerConfig {
+            name: "test".into(),
+            mode: Mode::Terminate,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            upstream,
+            cert: pki_dir.join("server.pem"),
+            key: pki_dir.join("server.key"),
+            alpn: vec![],
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            data_path,
+        };
+        let config = tlsplice::config::Config {
+            listeners: vec![listener],
+        };
+        let (tx, reports) = mpsc::unbounded_channel();
+        let proxy = runtime
+            .block_on(Proxy::bind(
+                &config,
+                Arc::new(KernelCaps::probe()),
+                Some(tx),
+            ))
+            .expect("bind");
+        let addr = proxy.local_addr("test").expect("bound");
+        runtime.spawn(proxy.run());
+        Self {
+            runtime,
+            addr,
+            reports,
+        }
+    }
+
+    fn next_report(&mut self) -> ConnectionReport {
+        let reports = &mut self.reports;
+        self.runtime
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(120), reports.recv()).await
+            })
+            .expect("a connection report within 120 s")
+            .expect("report channel open")
+    }
+}
+
+/// The path a connection must take on this kernel when the listener allows kTLS.
+fn expected_auto_path() -> (DataPath, Option<String>) {
+    match tlsplice::probe::ktls_available() {
+        Ok(()) => (DataPath::Ktls, None),
+        Err(e) => {
+            assert!(
+                std::env::var_os(tlsplice_tests::REQUIRE_ENV).is_none(),
+                "this guest must have kTLS: {e}"
+            );
+            (DataPath::Userspace, Some("kernel has no kTLS".to_owned()))
+        }
+    }
+}
+
+/// An upstream that reads `len` bytes of pattern 1, answers with `len` bytes of pattern 2, then
+/// waits for the agent to close its write side.
+fn bulk_upstream(len: usize) -> (SocketAddr, thread::JoinHandle<Result<(), String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("upstream addr");
+    let handle = thread::spawn(move || {
+        let (mut s, _) = listener.accept().map_err(|e| e.to_string())?;
+        expect_pattern(&mut s, 1, len).map_err(|e| format!("upstream receiving: {e}"))?;
+        send_pattern(&mut s, 2, len).map_err(|e| format!("upstream sending: {e}"))?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+        if rest.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{} unexpected bytes after the request", rest.len()))
+        }
+    });
+    (addr, handle)
+}
+
+fn bulk_through_agent(data_path: DataPathPolicy) -> ConnectionReport {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let (upstream, upstream_done) = bulk_upstream(BULK);
+    // Wire captures of both legs: client -> [tls_leg] -> agent -> [plain_leg] -> upstream.
+    let plain_leg = Tap::start(upstream);
+    let mut agent = Agent::start(&dir, plain_leg.addr, data_path);
+    let tls_leg = Tap::start(agent.addr);
+    let sock = TcpStream::connect(tls_leg.addr).expect("connect to agent");
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
+    let mut tls = StreamOwned::new(conn, sock);
+    if let Err(e) = send_pattern(&mut tls, 1, BULK).and_then(|()| expect_pattern(&mut tls, 2, BULK))
+    {
+        panic!("client: {e}; agent: {:?}", agent.next_report());
+    }
+    tls.conn.send_close_notify();
+    tls.flush().expect("flush close_notify");
+    let mut tail = Vec::new();
+    // The agent answers our close_notify with its own once the upstream has closed: a clean
+    // end of stream, not a truncation error.
+    tls.read_to_end(&mut tail)
+        .expect("clean close_notify from the agent");
+    assert!(tail.is_empty());
+    // Closing our end lets the capture of the TLS leg finish.
+    drop(tls);
+    upstream_done
+        .join()
+        .expect("upstream thread")
+        .expect("upstream saw the right bytes");
+    let report = agent.next_report();
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.bytes_up, BULK as u64, "{report:?}");
+    assert_eq!(report.bytes_down, BULK as u64, "{report:?}");
+    let (tls_up, tls_down) = tls_leg.finish();
+    let (plain_up, plain_down) = plain_leg.finish();
+    assert!(
+        tls_up.len() > BULK && tls_down.len() > BULK,
+        "TLS leg carried too little"
+    );
+    for (seed, tls, plain) in [(1, &tls_up, &plain_up), (2, &tls_down, &plain_down)] {
+        for sample in pattern_samples(seed, BULK) {
+            // The plaintext leg proves the samples are findable; the TLS leg must not have them.
+            assert!(
+                contains(plain, &sample),
+                "capture check is blind: sample not on plain leg"
+            );
+            assert!(
+                !contains(tls, &sample),
+                "plaintext on the TLS leg ({:?})",
+                report.data_path
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    report
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn bulk_takes_the_best_data_path() {
+    let report = bulk_through_agent(DataPathPolicy::Auto);
+    let (path, reason) = expected_auto_path();
+    assert_eq!(report.data_path, Some(path), "{report:?}");
+    if let Some(reason) = reason {
+        assert!(report.reason.contains(&reason), "{report:?}");
+    }
+    println!(
+        "terminate: {} MiB each way byte-identical over {} ({}; {})",
+        BULK >> 20,
+        path,
+        report.reason,
+        report.session
+    );
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn forced_userspace_says_so() {
+    let report = bulk_through_agent(DataPathPolicy::Userspace);
+    assert_eq!(report.data_path, Some(DataPath::Userspace), "{report:?}");
+    assert_eq!(report.reason, "listener data_path = userspace");
+    println!(
+        "terminate: forced userspace: {} MiB each way byte-identical",
+        BULK >> 20
+    );
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn openssl_s_client_request_response() {
+    let Some(openssl) = ["/usr/bin/openssl", "/usr/local/bin/openssl"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+    else {
+        require(
+            "terminate openssl_s_client",
+            Some("openssl is not installed".into()),
+        );
+        return;
+    };
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let upstream = listener.local_addr().expect("addr");
+    let upstream_done = thread::spawn(move || -> Result<String, String> {
+        let (s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        BufReader::new(&s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        (&s).write_all(format!("pong {line}").as_bytes())
+            .map_err(|e| e.to_string())?;
+        Ok(line)
+    });
+    let mut agent = Agent::start(&dir, upstream, DataPathPolicy::Auto);
+    let mut child = Command::new(openssl)
+        .args([
+            "s_client",
+            "-quiet",
+            "-verify_return_error",
+            "-servername",
+            "localhost",
+        ])
+        .arg("-connect")
+        .arg(agent.addr.to_string())
+        .arg("-CAfile")
+        .arg(dir.join("ca.pem"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start openssl s_client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"ping-marker\n")
+        .expect("write to s_client");
+    // s_client exits when the agent closes the TLS session (the upstream closed after replying).
+    let out = child.wait_with_output().expect("s_client output");
+    drop(stdin);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("pong ping-marker"),
+        "s_client got {stdout:?}; stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        upstream_done.join().expect("upstream").expect("upstream"),
+        "ping-marker\n"
+    );
+    let report = agent.next_report();
+    let (path, _) = expected_auto_path();
+    assert_eq!(report.data_path, Some(path), "{report:?}");
+    assert_eq!(report.bytes_up, 12, "{report:?}");
+    assert_eq!(report.bytes_down, 17, "{report:?}");
+    println!(
+        "terminate: openssl s_client round trip over {path} ({})",
+        report.session
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn plaintext_client_is_refused_cleanly() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let never = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let mut agent = Agent::start(
+        &dir,
+        never.local_addr().expect("addr"),
+        DataPathPolicy::Auto,
+    );
+    let mut sock = TcpStream::connect(agent.addr).expect("connect");
+    sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("write");
+    let mut answer = Vec::new();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    sock.read_to_end(&mut answer)
+        .expect("the agent closes the connection");
+    // Whatever came back is at most a TLS alert record (type 21), never plaintext.
+    assert!(answer.is_empty() || answer[0] == 21, "{answer:?}");
+    let report = agent.next_report();
+    assert_eq!(report.data_path, None, "{report:?}");
+    assert_eq!(report.reason, "handshake failed", "{report:?}");
+    assert!(report.error.is_some());
+    never.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        never.accept().is_err(),
+        "the upstream must never be contacted"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
