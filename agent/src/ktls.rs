@@ -194,52 +194,11 @@ impl CryptoInfo {
         seq: u64,
         secrets: &ConnectionTrafficSecrets,
     ) -> Result<Self, KtlsError> {
-        let info = |cipher_type| libc::tls_crypto_info {
-            version: version.kernel_value(),
-            cipher_type,
-        };
-        let rec_seq = seq.to_be_bytes();
-        // rustls gives the 12-byte nonce base; for the GCM ciphers the kernel wants it split into
-        // a 4-byte implicit salt and an 8-byte IV, for ChaCha20-Poly1305 whole (RFC 8446 5.3,
-        // RFC 5288 3, RFC 7905 2).
-        let layout = match secrets {
-            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
-                let mut c = libc::tls12_crypto_info_aes_gcm_128 {
-                    info: info(libc::TLS_CIPHER_AES_GCM_128),
-                    iv: [0; 8],
-                    key: [0; 16],
-                    salt: [0; 4],
-                    rec_seq,
-                };
-                copy_exact(&mut c.key, key.as_ref(), "AES-128-GCM key")?;
-                copy_exact(&mut c.salt, &iv.as_ref()[..4], "AES-128-GCM salt")?;
-                copy_exact(&mut c.iv, &iv.as_ref()[4..], "AES-128-GCM iv")?;
-                CryptoLayout::Aes128Gcm(c)
-            }
-            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
-                let mut c = libc::tls12_crypto_info_aes_gcm_256 {
-                    info: info(libc::TLS_CIPHER_AES_GCM_256),
-                    iv: [0; 8],
-                    key: [0; 32],
-                    salt: [0; 4],
-                    rec_seq,
-                };
-                copy_exact(&mut c.key, key.as_ref(), "AES-256-GCM key")?;
-                copy_exact(&mut c.salt, &iv.as_ref()[..4], "AES-256-GCM salt")?;
-                copy_exact(&mut c.iv, &iv.as_ref()[4..], "AES-256-GCM iv")?;
-                CryptoLayout::Aes256Gcm(c)
-            }
+        let (cipher, key, iv) = match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
+            ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
-                let mut c = libc::tls12_crypto_info_chacha20_poly1305 {
-                    info: info(libc::TLS_CIPHER_CHACHA20_POLY1305),
-                    iv: [0; 12],
-                    key: [0; 32],
-                    salt: [],
-                    rec_seq,
-                };
-                copy_exact(&mut c.key, key.as_ref(), "CHACHA20-POLY1305 key")?;
-                copy_exact(&mut c.iv, iv.as_ref(), "CHACHA20-POLY1305 iv")?;
-                CryptoLayout::Chacha20Poly1305(c)
+                (Cipher::Chacha20Poly1305, key, iv)
             }
             _ => {
                 return Err(KtlsError::Unsupported {
@@ -247,10 +206,54 @@ impl CryptoInfo {
                 });
             }
         };
-        Ok(Self { version, layout })
+        let mut info = Self::zeroed(version, cipher);
+        let (key, iv) = (key.as_ref(), iv.as_ref());
+        // rustls gives the 12-byte nonce base; for the GCM ciphers the kernel wants it split into
+        // a 4-byte implicit salt and an 8-byte IV, for ChaCha20-Poly1305 whole (RFC 8446 5.3,
+        // RFC 5288 3, RFC 7905 2).
+        match &mut info.layout {
+            CryptoLayout::Aes128Gcm(c) => {
+                fill(
+                    &mut c.key,
+                    &mut c.salt,
+                    &mut c.iv,
+                    &mut c.rec_seq,
+                    key,
+                    iv,
+                    seq,
+                    cipher,
+                )?;
+            }
+            CryptoLayout::Aes256Gcm(c) => {
+                fill(
+                    &mut c.key,
+                    &mut c.salt,
+                    &mut c.iv,
+                    &mut c.rec_seq,
+                    key,
+                    iv,
+                    seq,
+                    cipher,
+                )?;
+            }
+            CryptoLayout::Chacha20Poly1305(c) => {
+                fill(
+                    &mut c.key,
+                    &mut c.salt,
+                    &mut c.iv,
+                    &mut c.rec_seq,
+                    key,
+                    iv,
+                    seq,
+                    cipher,
+                )?;
+            }
+        }
+        Ok(info)
     }
 
-    /// Crypto state with an all-zero key, for probing whether the kernel accepts a cipher.
+    /// Crypto state with an all-zero key, for probing whether the kernel accepts a cipher (and
+    /// as the blank that [`CryptoInfo::from_rustls`] fills in).
     pub fn zeroed(version: TlsVersion, cipher: Cipher) -> Self {
         let info = |cipher_type| libc::tls_crypto_info {
             version: version.kernel_value(),
@@ -320,17 +323,35 @@ impl Drop for CryptoInfo {
     }
 }
 
-fn copy_exact(dst: &mut [u8], src: &[u8], what: &str) -> Result<(), KtlsError> {
-    if dst.len() != src.len() {
+/// Copies key material into a kernel struct's fields: the nonce base is split into salt
+/// (its first `salt.len()` bytes) and IV (the rest).
+#[allow(clippy::too_many_arguments)] // the four destination fields of one kernel struct
+fn fill(
+    dst_key: &mut [u8],
+    dst_salt: &mut [u8],
+    dst_iv: &mut [u8],
+    dst_seq: &mut [u8; 8],
+    key: &[u8],
+    nonce: &[u8],
+    seq: u64,
+    cipher: Cipher,
+) -> Result<(), KtlsError> {
+    if key.len() != dst_key.len() || nonce.len() != dst_salt.len() + dst_iv.len() {
         return Err(KtlsError::Unsupported {
             what: format!(
-                "{what} of {} bytes (the kernel wants {})",
-                src.len(),
-                dst.len()
+                "{cipher} with a {}-byte key and {}-byte nonce (the kernel wants {} and {})",
+                key.len(),
+                nonce.len(),
+                dst_key.len(),
+                dst_salt.len() + dst_iv.len()
             ),
         });
     }
-    dst.copy_from_slice(src);
+    dst_key.copy_from_slice(key);
+    let (salt, iv) = nonce.split_at(dst_salt.len());
+    dst_salt.copy_from_slice(salt);
+    dst_iv.copy_from_slice(iv);
+    *dst_seq = seq.to_be_bytes();
     Ok(())
 }
 
