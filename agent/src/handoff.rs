@@ -176,6 +176,24 @@ pub fn complete_handshake(conn: &mut Connection, sock: &TcpStream) -> Result<(),
     Ok(())
 }
 
+/// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer.
+pub async fn flush_tls<W>(
+    conn: &mut Connection,
+    scratch: &mut Vec<u8>,
+    sock: &mut W,
+) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    while conn.wants_write() {
+        scratch.clear();
+        conn.write_tls(scratch)?;
+        sock.write_all(scratch).await?;
+    }
+    Ok(())
+}
+
 /// Drives a rustls handshake on a tokio socket to completion without reading past it, and
 /// flushes everything rustls has to send (including a fatal alert when the handshake fails).
 pub async fn complete_handshake_async(
@@ -183,7 +201,7 @@ pub async fn complete_handshake_async(
     sock: &mut tokio::net::TcpStream,
     peer: &str,
 ) -> Result<(), HandoffError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let fail = |source: io::Error| HandoffError::Handshake {
         peer: peer.to_owned(),
         source,
@@ -192,11 +210,7 @@ pub async fn complete_handshake_async(
     let mut buf = vec![0u8; 18 * 1024];
     let mut out = Vec::new();
     loop {
-        while conn.wants_write() {
-            out.clear();
-            conn.write_tls(&mut out).map_err(fail)?;
-            sock.write_all(&out).await.map_err(fail)?;
-        }
+        flush_tls(conn, &mut out, sock).await.map_err(fail)?;
         if !conn.is_handshaking() {
             if !boundary.at_boundary() {
                 return Err(fail(io::Error::other(
@@ -219,12 +233,7 @@ pub async fn complete_handshake_async(
             conn.read_tls(&mut input).map_err(fail)?;
             if let Err(e) = conn.process_new_packets() {
                 // rustls queued the alert that explains the failure: send it before closing.
-                while conn.wants_write() {
-                    out.clear();
-                    if conn.write_tls(&mut out).is_err() || sock.write_all(&out).await.is_err() {
-                        break;
-                    }
-                }
+                let _ = flush_tls(conn, &mut out, sock).await;
                 return Err(fail(io::Error::new(io::ErrorKind::InvalidData, e)));
             }
         }

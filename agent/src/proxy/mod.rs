@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ListenerConfig, Mode};
-use crate::ktls::{Cipher, Direction, TlsVersion};
+use crate::ktls::{Cipher, TlsVersion};
 use crate::probe;
 
 /// How a connection's bytes move after the handshake.
@@ -45,15 +45,18 @@ pub struct KernelCaps {
 impl KernelCaps {
     /// Probes the running kernel.
     pub fn probe() -> Self {
-        let ktls = match probe::ktls_available() {
-            Err(e) => Err(format!("kernel has no kTLS: {e}")),
-            Ok(()) => Ok(TlsVersion::ALL
+        Self::from_report(&probe::ProbeReport::collect())
+    }
+
+    /// What a probe report says can be offloaded: pairs accepted for both TX and RX.
+    pub fn from_report(report: &probe::ProbeReport) -> Self {
+        let ktls = match &report.ktls {
+            Some(why) => Err(format!("kernel has no kTLS: {why}")),
+            None => Ok(report
+                .ciphers
                 .iter()
-                .flat_map(|&v| Cipher::ALL.iter().map(move |&c| (v, c)))
-                .filter(|&(v, c)| {
-                    probe::ktls_supports(v, c, Direction::Tx).is_ok()
-                        && probe::ktls_supports(v, c, Direction::Rx).is_ok()
-                })
+                .filter(|c| c.tx.is_none() && c.rx.is_none())
+                .map(|c| (c.version, c.cipher))
                 .collect()),
         };
         Self { ktls }

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::config::DataPathPolicy;
-use crate::handoff::{self, complete_handshake_async};
+use crate::handoff::{self, complete_handshake_async, flush_tls};
 use crate::ktls::{self, Cipher, RecordType, TlsVersion};
 use crate::splice::{self, Pipe};
 
@@ -169,14 +169,9 @@ async fn linger_close(mut sock: TcpStream) {
 /// Sends close_notify from a connection still in user space, best effort.
 async fn close_userspace(mut conn: Connection, sock: &mut TcpStream) {
     conn.send_close_notify();
-    let mut out = Vec::new();
-    while conn.wants_write() {
-        out.clear();
-        if conn.write_tls(&mut out).is_err() || sock.write_all(&out).await.is_err() {
-            return;
-        }
+    if flush_tls(&mut conn, &mut Vec::new(), sock).await.is_ok() {
+        let _ = sock.shutdown().await;
     }
-    let _ = sock.shutdown().await;
 }
 
 fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
@@ -283,11 +278,7 @@ async fn userspace_relay(
     let (mut client_open, mut upstream_open) = (true, true);
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
     loop {
-        while conn.wants_write() {
-            tls_out.clear();
-            conn.write_tls(&mut tls_out)?;
-            client_wr.write_all(&tls_out).await?;
-        }
+        flush_tls(&mut conn, &mut tls_out, &mut client_wr).await?;
         if !client_open && !upstream_open {
             return Ok((up_bytes, down_bytes));
         }
@@ -304,11 +295,7 @@ async fn userspace_relay(
                 while !input.is_empty() && client_open {
                     conn.read_tls(&mut input)?;
                     if let Err(e) = conn.process_new_packets() {
-                        while conn.wants_write() {
-                            tls_out.clear();
-                            conn.write_tls(&mut tls_out)?;
-                            client_wr.write_all(&tls_out).await?;
-                        }
+                        flush_tls(&mut conn, &mut tls_out, &mut client_wr).await?;
                         return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                     }
                     loop {
@@ -340,11 +327,7 @@ async fn userspace_relay(
                     while !data.is_empty() {
                         let taken = conn.writer().write(data)?;
                         data = &data[taken..];
-                        while conn.wants_write() {
-                            tls_out.clear();
-                            conn.write_tls(&mut tls_out)?;
-                            client_wr.write_all(&tls_out).await?;
-                        }
+                        flush_tls(&mut conn, &mut tls_out, &mut client_wr).await?;
                     }
                     down_bytes += n as u64;
                 }
