@@ -1,5 +1,6 @@
 //! The agent's TOML configuration: listeners, their mode, upstream and TLS material.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -12,6 +13,40 @@ use serde::Deserialize;
 pub enum Mode {
     /// Client TLS, plaintext to the upstream.
     Terminate,
+    /// Client TLS, a new TLS connection to the upstream.
+    Reencrypt,
+    /// Plaintext in (a local app), TLS to the upstream.
+    Originate,
+    /// The client's TLS passed through untouched, routed by the ClientHello's server name.
+    Passthrough,
+}
+
+impl Mode {
+    /// The client leg is TLS that this agent terminates.
+    pub fn client_tls(self) -> bool {
+        matches!(self, Mode::Terminate | Mode::Reencrypt)
+    }
+
+    /// The upstream leg is TLS that this agent originates.
+    pub fn upstream_tls(self) -> bool {
+        matches!(self, Mode::Reencrypt | Mode::Originate)
+    }
+}
+
+/// How the agent connects to a TLS upstream (reencrypt, originate).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Name the upstream certificate must carry; sent as SNI.
+    pub server_name: String,
+    /// PEM bundle of CAs the upstream certificate must chain to.
+    pub ca: PathBuf,
+    /// PEM client certificate chain for upstream mTLS (with `client_key`).
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key for `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
 }
 
 /// Which data path a listener may use after the handshake.
@@ -38,12 +73,22 @@ pub struct ListenerConfig {
     pub mode: Mode,
     /// Address to accept on.
     pub listen: SocketAddr,
-    /// Plaintext upstream address.
-    pub upstream: SocketAddr,
-    /// PEM certificate chain, leaf first.
-    pub cert: PathBuf,
-    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
-    pub key: PathBuf,
+    /// Upstream address; for passthrough the route for server names not in `sni` (without
+    /// it, those connections are refused).
+    #[serde(default)]
+    pub upstream: Option<SocketAddr>,
+    /// passthrough: upstream per server name (matched case-insensitively).
+    #[serde(default)]
+    pub sni: BTreeMap<String, SocketAddr>,
+    /// PEM certificate chain, leaf first (terminate, reencrypt).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// PEM private key: PKCS#8, SEC1 or PKCS#1 (terminate, reencrypt).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// TLS towards the upstream (reencrypt, originate).
+    #[serde(default)]
+    pub upstream_tls: Option<UpstreamTls>,
     /// ALPN protocols offered, in preference order (none by default).
     #[serde(default)]
     pub alpn: Vec<String>,
@@ -130,7 +175,7 @@ impl Config {
 
     /// Parses and validates configuration text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
@@ -147,6 +192,74 @@ impl Config {
             if l.handshake_timeout_ms == 0 {
                 return Err(invalid(l, "handshake_timeout_ms must be above 0".into()));
             }
+            let mode = format!("{:?}", l.mode).to_lowercase();
+            if l.mode == Mode::Passthrough {
+                if l.upstream.is_none() && l.sni.is_empty() {
+                    return Err(invalid(
+                        l,
+                        "mode passthrough needs sni routes or an upstream".into(),
+                    ));
+                }
+                if l.data_path == DataPathPolicy::Ktls {
+                    return Err(invalid(
+                        l,
+                        "mode passthrough never holds keys: data_path = \"ktls\" cannot apply"
+                            .into(),
+                    ));
+                }
+                if !l.alpn.is_empty() {
+                    return Err(invalid(
+                        l,
+                        "mode passthrough leaves ALPN to the endpoints: remove alpn".into(),
+                    ));
+                }
+            } else {
+                if l.upstream.is_none() {
+                    return Err(invalid(l, format!("mode {mode} needs an upstream")));
+                }
+                if !l.sni.is_empty() {
+                    return Err(invalid(
+                        l,
+                        format!("mode {mode} does not route by SNI: remove the sni table"),
+                    ));
+                }
+            }
+            if l.mode.client_tls() && (l.cert.is_none() || l.key.is_none()) {
+                return Err(invalid(l, format!("mode {mode} needs cert and key")));
+            }
+            if !l.mode.client_tls() && (l.cert.is_some() || l.key.is_some()) {
+                return Err(invalid(
+                    l,
+                    format!("mode {mode} takes no cert or key: its clients speak plaintext"),
+                ));
+            }
+            match (&l.upstream_tls, l.mode.upstream_tls()) {
+                (None, true) => {
+                    return Err(invalid(
+                        l,
+                        format!("mode {mode} needs an [listener.upstream_tls] table"),
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        l,
+                        format!("mode {mode} sends plaintext upstream: remove upstream_tls"),
+                    ));
+                }
+                (Some(u), true) if u.client_cert.is_some() != u.client_key.is_some() => {
+                    return Err(invalid(
+                        l,
+                        "upstream_tls needs both client_cert and client_key, or neither".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        for l in &mut config.listeners {
+            l.sni = std::mem::take(&mut l.sni)
+                .into_iter()
+                .map(|(name, addr)| (name.to_ascii_lowercase(), addr))
+                .collect();
         }
         Ok(config)
     }
@@ -167,6 +280,17 @@ mod tests {
             upstream = "127.0.0.1:8080"
             cert = "/c.pem"
             key = "/k.pem"
+
+            [[listener]]
+            name = "backend"
+            mode = "reencrypt"
+            listen = "127.0.0.1:9443"
+            upstream = "127.0.0.1:443"
+            cert = "/c.pem"
+            key = "/k.pem"
+            [listener.upstream_tls]
+            server_name = "backend.internal"
+            ca = "/ca.pem"
             "#,
             Path::new("t.toml"),
         )
@@ -175,6 +299,74 @@ mod tests {
         assert_eq!(l.mode, Mode::Terminate);
         assert_eq!(l.data_path, DataPathPolicy::Auto);
         assert_eq!(l.handshake_timeout(), Duration::from_secs(10));
+        let u = c.listeners[1].upstream_tls.as_ref().unwrap();
+        assert_eq!(u.server_name, "backend.internal");
+        assert!(u.client_cert.is_none());
+    }
+
+    /// The shipped examples stay valid.
+    #[test]
+    fn example_configs_parse() {
+        for (name, text) in [
+            (
+                "terminate",
+                include_str!("../../deploy/examples/terminate.toml"),
+            ),
+            (
+                "reencrypt",
+                include_str!("../../deploy/examples/reencrypt.toml"),
+            ),
+            (
+                "originate",
+                include_str!("../../deploy/examples/originate.toml"),
+            ),
+        ] {
+            let c = Config::parse(text, Path::new(name)).unwrap();
+            assert_eq!(format!("{:?}", c.listeners[0].mode).to_lowercase(), name);
+        }
+    }
+
+    #[test]
+    fn each_mode_checks_its_tls_material() {
+        let base = |mode: &str, extra: &str| {
+            format!(
+                "[[listener]]\nname = \"l\"\nmode = \"{mode}\"\nlisten = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\n{extra}"
+            )
+        };
+        let err = |text: String| {
+            Config::parse(&text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err(base("terminate", "")),
+            "c.toml: listener \"l\": mode terminate needs cert and key"
+        );
+        assert_eq!(
+            err(base("originate", "cert = \"c\"\nkey = \"k\"\n")),
+            "c.toml: listener \"l\": mode originate takes no cert or key: its clients speak plaintext"
+        );
+        assert_eq!(
+            err(base("reencrypt", "cert = \"c\"\nkey = \"k\"\n")),
+            "c.toml: listener \"l\": mode reencrypt needs an [listener.upstream_tls] table"
+        );
+        assert_eq!(
+            err(base(
+                "originate",
+                "[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\nclient_cert = \"x\"\n"
+            )),
+            "c.toml: listener \"l\": upstream_tls needs both client_cert and client_key, or neither"
+        );
+        assert!(
+            Config::parse(
+                &base(
+                    "originate",
+                    "[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\n"
+                ),
+                Path::new("c.toml")
+            )
+            .is_ok()
+        );
     }
 
     #[test]

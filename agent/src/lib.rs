@@ -6,11 +6,15 @@
 //! - [`splice`]: the splice(2)/pipe kernel interface;
 //! - [`handoff`]: finishing a rustls handshake and moving the session into the kernel;
 //! - [`proxy`]: listeners, the per-connection data path decision, one file per mode;
+//! - [`client_hello`]: reading the server name from a peeked ClientHello;
 //! - [`config`]: the TOML configuration;
+//! - [`identity`]: certificates, keys and CA bundles into rustls configurations;
 //! - [`probe`]: what the running kernel and process can do.
 
+pub mod client_hello;
 pub mod config;
 pub mod handoff;
+pub mod identity;
 pub mod ktls;
 pub mod probe;
 pub mod proxy;

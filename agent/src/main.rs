@@ -77,7 +77,7 @@ fn run(path: &std::path::Path) -> Result<()> {
         let proxy = tlsplice::proxy::Proxy::bind(&config, caps, None).await?;
         for l in &config.listeners {
             tracing::info!(listener = %l.name, mode = ?l.mode, addr = ?proxy.local_addr(&l.name),
-                upstream = %l.upstream, "listening");
+                upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
         }
         tokio::select! {
             () = proxy.run() => {}

@@ -50,8 +50,13 @@ pub struct TestPki {
 }
 
 impl TestPki {
-    /// Generates a fresh PKI.
+    /// Generates a fresh PKI whose server certificate is for "localhost".
     pub fn generate() -> Self {
+        Self::generate_for(&["localhost"])
+    }
+
+    /// Generates a fresh PKI whose server certificate carries `names`.
+    pub fn generate_for(names: &[&str]) -> Self {
         let ca_key = rcgen::KeyPair::generate().expect("CA key");
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -60,7 +65,8 @@ impl TestPki {
             .push(rcgen::DnType::CommonName, "tlsplice test CA");
         let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("CA cert");
         let server_key = rcgen::KeyPair::generate().expect("server key");
-        let server_cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let server_cert = rcgen::CertificateParams::new(names)
             .expect("server params")
             .signed_by(&server_key, &ca)
             .expect("server cert");
@@ -87,6 +93,21 @@ impl TestPki {
         std::fs::write(dir.join("server.pem"), &self.server_cert_pem).expect("write server.pem");
         std::fs::write(dir.join("server.key"), &self.server_key_pem).expect("write server.key");
         dir
+    }
+
+    /// A server configuration for the "localhost" certificate, default suites and versions.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        Arc::new(
+            ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_no_client_auth()
+                .with_single_cert(
+                    vec![self.server_cert.clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.server_key.clone())),
+                )
+                .expect("server certificate"),
+        )
     }
 
     /// A client configuration trusting this CA, with rustls' default suites and versions.
@@ -325,6 +346,100 @@ pub fn pattern_samples(seed: u64, len: usize) -> Vec<Vec<u8>> {
 /// True when `haystack` contains `needle`.
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The agent, in-process: a tokio runtime serving one listener named "test", and the reports
+/// of the connections it closed.
+pub struct Agent {
+    runtime: tokio::runtime::Runtime,
+    /// Where clients connect.
+    pub addr: std::net::SocketAddr,
+    reports: tokio::sync::mpsc::UnboundedReceiver<tlsplice::proxy::ConnectionReport>,
+}
+
+/// A listener named "test" for `mode` on an ephemeral port, using the PKI files in `pki_dir`
+/// (see [`TestPki::write_files`]) for whichever legs the mode makes TLS.
+pub fn listener(
+    mode: tlsplice::config::Mode,
+    pki_dir: &std::path::Path,
+    upstream: std::net::SocketAddr,
+    data_path: tlsplice::config::DataPathPolicy,
+) -> tlsplice::config::ListenerConfig {
+    let client_tls = mode.client_tls();
+    tlsplice::config::ListenerConfig {
+        name: "test".into(),
+        mode,
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        upstream: Some(upstream),
+        sni: Default::default(),
+        cert: client_tls.then(|| pki_dir.join("server.pem")),
+        key: client_tls.then(|| pki_dir.join("server.key")),
+        upstream_tls: mode.upstream_tls().then(|| tlsplice::config::UpstreamTls {
+            server_name: "localhost".into(),
+            ca: pki_dir.join("ca.pem"),
+            client_cert: None,
+            client_key: None,
+        }),
+        alpn: vec![],
+        handshake_timeout_ms: 10_000,
+        connect_timeout_ms: 5_000,
+        data_path,
+    }
+}
+
+impl Agent {
+    /// Binds and starts serving `listener`.
+    pub fn start(listener: tlsplice::config::ListenerConfig) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let config = tlsplice::config::Config {
+            listeners: vec![listener],
+        };
+        let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
+        let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
+        let proxy = runtime
+            .block_on(tlsplice::proxy::Proxy::bind(&config, caps, Some(tx)))
+            .expect("bind");
+        let addr = proxy.local_addr("test").expect("bound");
+        runtime.spawn(proxy.run());
+        Self {
+            runtime,
+            addr,
+            reports,
+        }
+    }
+
+    /// The report of the next connection to end (waits up to 120 s).
+    pub fn next_report(&mut self) -> tlsplice::proxy::ConnectionReport {
+        let reports = &mut self.reports;
+        self.runtime
+            .block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(120), reports.recv()).await
+            })
+            .expect("a connection report within 120 s")
+            .expect("report channel open")
+    }
+}
+
+/// The data path a connection must take on this kernel when the listener allows kTLS, and a
+/// phrase its reason must contain when that is not kTLS.
+pub fn expected_auto_path() -> (tlsplice::proxy::DataPath, Option<String>) {
+    match tlsplice::probe::ktls_available() {
+        Ok(()) => (tlsplice::proxy::DataPath::Ktls, None),
+        Err(e) => {
+            assert!(
+                std::env::var_os(REQUIRE_ENV).is_none(),
+                "this guest must have kTLS: {e}"
+            );
+            (
+                tlsplice::proxy::DataPath::Userspace,
+                Some("kernel has no kTLS".to_owned()),
+            )
+        }
+    }
 }
 
 #[cfg(test)]

@@ -11,91 +11,20 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
-use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode};
-use tlsplice::proxy::{ConnectionReport, DataPath, KernelCaps, Proxy};
+use tlsplice::config::{DataPathPolicy, Mode};
+use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
-    Tap, TestPki, contains, expect_pattern, pattern_samples, require, send_pattern,
+    Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
+    require, send_pattern,
 };
-use tokio::sync::mpsc;
 
 /// Bytes each way in the bulk test.
 const BULK: usize = 16 << 20;
-
-struct Agent {
-    runtime: tokio::runtime::Runtime,
-    addr: SocketAddr,
-    reports: mpsc::UnboundedReceiver<ConnectionReport>,
-}
-
-impl Agent {
-    fn start(pki_dir: &Path, upstream: SocketAddr, data_path: DataPathPolicy) -> Self {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let listener = ListenerConfig {
-            name: "test".into(),
-            mode: Mode::Terminate,
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            upstream,
-            cert: pki_dir.join("server.pem"),
-            key: pki_dir.join("server.key"),
-            alpn: vec![],
-            handshake_timeout_ms: 10_000,
-            connect_timeout_ms: 5_000,
-            data_path,
-        };
-        let config = tlsplice::config::Config {
-            listeners: vec![listener],
-        };
-        let (tx, reports) = mpsc::unbounded_channel();
-        let proxy = runtime
-            .block_on(Proxy::bind(
-                &config,
-                Arc::new(KernelCaps::probe()),
-                Some(tx),
-            ))
-            .expect("bind");
-        let addr = proxy.local_addr("test").expect("bound");
-        runtime.spawn(proxy.run());
-        Self {
-            runtime,
-            addr,
-            reports,
-        }
-    }
-
-    fn next_report(&mut self) -> ConnectionReport {
-        let reports = &mut self.reports;
-        self.runtime
-            .block_on(async {
-                tokio::time::timeout(Duration::from_secs(120), reports.recv()).await
-            })
-            .expect("a connection report within 120 s")
-            .expect("report channel open")
-    }
-}
-
-/// The path a connection must take on this kernel when the listener allows kTLS.
-fn expected_auto_path() -> (DataPath, Option<String>) {
-    match tlsplice::probe::ktls_available() {
-        Ok(()) => (DataPath::Ktls, None),
-        Err(e) => {
-            assert!(
-                std::env::var_os(tlsplice_tests::REQUIRE_ENV).is_none(),
-                "this guest must have kTLS: {e}"
-            );
-            (DataPath::Userspace, Some("kernel has no kTLS".to_owned()))
-        }
-    }
-}
 
 /// An upstream that reads `len` bytes of pattern 1, answers with `len` bytes of pattern 2, then
 /// waits for the agent to close its write side.
@@ -123,7 +52,7 @@ fn bulk_through_agent(data_path: DataPathPolicy) -> ConnectionReport {
     let (upstream, upstream_done) = bulk_upstream(BULK);
     // Wire captures of both legs: client -> [tls_leg] -> agent -> [plain_leg] -> upstream.
     let plain_leg = Tap::start(upstream);
-    let mut agent = Agent::start(&dir, plain_leg.addr, data_path);
+    let mut agent = Agent::start(listener(Mode::Terminate, &dir, plain_leg.addr, data_path));
     let tls_leg = Tap::start(agent.addr);
     let sock = TcpStream::connect(tls_leg.addr).expect("connect to agent");
     let name = ServerName::try_from("localhost").expect("name");
@@ -221,10 +150,10 @@ fn openssl_s_client_request_response() {
     };
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let upstream = listener.local_addr().expect("addr");
+    let upstream_listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let upstream = upstream_listener.local_addr().expect("addr");
     let upstream_done = thread::spawn(move || -> Result<String, String> {
-        let (s, _) = listener.accept().map_err(|e| e.to_string())?;
+        let (s, _) = upstream_listener.accept().map_err(|e| e.to_string())?;
         let mut line = String::new();
         BufReader::new(&s)
             .read_line(&mut line)
@@ -233,7 +162,12 @@ fn openssl_s_client_request_response() {
             .map_err(|e| e.to_string())?;
         Ok(line)
     });
-    let mut agent = Agent::start(&dir, upstream, DataPathPolicy::Auto);
+    let mut agent = Agent::start(listener(
+        Mode::Terminate,
+        &dir,
+        upstream,
+        DataPathPolicy::Auto,
+    ));
     let mut child = Command::new(openssl)
         .args([
             "s_client",
@@ -286,11 +220,12 @@ fn plaintext_client_is_refused_cleanly() {
     let pki = TestPki::generate();
     let dir = pki.write_files();
     let never = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let mut agent = Agent::start(
+    let mut agent = Agent::start(listener(
+        Mode::Terminate,
         &dir,
         never.local_addr().expect("addr"),
         DataPathPolicy::Auto,
-    );
+    ));
     let mut sock = TcpStream::connect(agent.addr).expect("connect");
     sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("write");
@@ -310,5 +245,226 @@ fn plaintext_client_is_refused_cleanly() {
         never.accept().is_err(),
         "the upstream must never be contacted"
     );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// An upstream that echoes every connection until it ends, each on its own thread.
+fn echo_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { return };
+            thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match sock.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if sock.write_all(&buf[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS client session to the agent, verified against the test CA.
+fn tls_client(agent: SocketAddr, pki: &TestPki) -> StreamOwned<ClientConnection, TcpStream> {
+    let sock = TcpStream::connect(agent).expect("connect");
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
+    StreamOwned::new(conn, sock)
+}
+
+/// `count` request/response exchanges of 64 bytes each on one session, then a clean close.
+fn small_exchanges(tls: &mut StreamOwned<ClientConnection, TcpStream>, count: usize) {
+    let mut answer = [0u8; 64];
+    for i in 0..count {
+        let request = [(i % 251) as u8; 64];
+        tls.write_all(&request).expect("request");
+        tls.read_exact(&mut answer).expect("response");
+        assert_eq!(answer, request, "exchange {i}");
+    }
+    tls.conn.send_close_notify();
+    tls.flush().expect("flush");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest).expect("clean close");
+    assert!(rest.is_empty());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn ten_thousand_small_exchanges() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let mut agent = Agent::start(listener(
+        Mode::Terminate,
+        &dir,
+        echo_upstream(),
+        DataPathPolicy::Auto,
+    ));
+    let mut tls = tls_client(agent.addr, &pki);
+    small_exchanges(&mut tls, 10_000);
+    let report = agent.next_report();
+    let (path, _) = expected_auto_path();
+    assert_eq!(report.data_path, Some(path), "{report:?}");
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!((report.bytes_up, report.bytes_down), (640_000, 640_000));
+    println!("terminate: 10000 request/response exchanges over {path}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn curl_gets_through() {
+    let Some(curl) = ["/usr/bin/curl", "/usr/local/bin/curl"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+    else {
+        require("terminate curl", Some("curl is not installed".into()));
+        return;
+    };
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let http = TcpListener::bind("127.0.0.1:0").expect("bind http");
+    let upstream = http.local_addr().expect("addr");
+    let served = thread::spawn(move || -> String {
+        let (mut s, _) = http.accept().expect("accept");
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).expect("request");
+            request.push(byte[0]);
+        }
+        s.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nConnection: close\r\n\r\nhello-through",
+        )
+        .expect("response");
+        String::from_utf8_lossy(&request).into_owned()
+    });
+    let mut agent = Agent::start(listener(
+        Mode::Terminate,
+        &dir,
+        upstream,
+        DataPathPolicy::Auto,
+    ));
+    let port = agent.addr.port();
+    let out = Command::new(curl)
+        .args(["-sS", "--max-time", "60", "--cacert"])
+        .arg(dir.join("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/probe"))
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello-through");
+    assert!(
+        served
+            .join()
+            .expect("http thread")
+            .starts_with("GET /probe HTTP/1.1\r\n")
+    );
+    let report = agent.next_report();
+    let (path, _) = expected_auto_path();
+    assert_eq!(report.data_path, Some(path), "{report:?}");
+    println!("terminate: curl GET over {path} ({})", report.session);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn refused_upstream_and_silent_client_close_cleanly() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    // A port nobody listens on.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut config = listener(Mode::Terminate, &dir, closed, DataPathPolicy::Auto);
+    config.handshake_timeout_ms = 1_000;
+    let mut agent = Agent::start(config);
+
+    let mut tls = tls_client(agent.addr, &pki);
+    tls.write_all(b"hello").expect("handshake and send");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest)
+        .expect("close_notify, not a reset, when the upstream refuses");
+    assert!(rest.is_empty());
+    let report = agent.next_report();
+    assert_eq!(report.reason, "upstream unreachable", "{report:?}");
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused")),
+        "{report:?}"
+    );
+
+    let mut silent = TcpStream::connect(agent.addr).expect("connect");
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    silent
+        .read_to_end(&mut rest)
+        .expect("closed after the handshake timeout");
+    let report = agent.next_report();
+    assert_eq!(report.reason, "handshake timeout", "{report:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn no_descriptors_leak() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let echo = echo_upstream();
+    let mut agent = Agent::start(listener(Mode::Terminate, &dir, echo, DataPathPolicy::Auto));
+    // Warm up once so lazily created runtime resources are in the baseline.
+    small_exchanges(&mut tls_client(agent.addr, &pki), 1);
+    agent.next_report();
+    thread::sleep(Duration::from_millis(200));
+    let baseline = open_fds();
+    for round in 0..20 {
+        small_exchanges(&mut tls_client(agent.addr, &pki), 10);
+        assert_eq!(agent.next_report().error, None, "round {round}");
+        let mut plain = TcpStream::connect(agent.addr).expect("connect");
+        plain.write_all(b"not tls at all\r\n\r\n").expect("write");
+        let mut rest = Vec::new();
+        let _ = plain.read_to_end(&mut rest);
+        drop(plain);
+        assert_eq!(agent.next_report().reason, "handshake failed");
+    }
+    // Echo threads close their sockets when they see EOF: give them a moment.
+    let mut now = open_fds();
+    for _ in 0..50 {
+        if now <= baseline {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+        now = open_fds();
+    }
+    assert_eq!(
+        now, baseline,
+        "descriptors leaked over 40 connections (pipes, sockets)"
+    );
+    println!("terminate: 40 connections, open descriptors back to {baseline}");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -45,7 +45,17 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
     MatrixTest {
         target: "terminate",
         needs: &[],
+        tools: &["openssl", "curl"],
+    },
+    MatrixTest {
+        target: "reencrypt",
+        needs: &[],
         tools: &["openssl"],
+    },
+    MatrixTest {
+        target: "passthrough",
+        needs: &[],
+        tools: &[],
     },
 ];
 

@@ -1,27 +1,31 @@
-//! Listeners and the per-connection data path decision. One file per proxy mode.
+//! Listeners, kernel capabilities and connection reports; the modes live in their own files
+//! ([`tls`]: terminate, reencrypt, originate; [`passthrough`]), the byte movers in [`relay`].
 
-pub mod terminate;
+pub mod passthrough;
+mod relay;
+pub mod tls;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls::ServerConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::config::{Config, ListenerConfig, Mode};
 use crate::ktls::{Cipher, TlsVersion};
-use crate::probe;
+use crate::{identity, probe};
 
 /// How a connection's bytes move after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DataPath {
     /// Keys in the kernel; bytes moved with splice(2) through a pipe per direction.
     Ktls,
+    /// Both legs plain TCP to the agent (passthrough); spliced through a pipe per direction.
+    Splice,
     /// rustls in user space and a copy loop.
     Userspace,
 }
@@ -30,6 +34,7 @@ impl fmt::Display for DataPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DataPath::Ktls => "ktls",
+            DataPath::Splice => "splice",
             DataPath::Userspace => "userspace",
         })
     }
@@ -101,20 +106,32 @@ pub struct ConnectionReport {
     pub error: Option<String>,
 }
 
+impl ConnectionReport {
+    /// A report for a connection that has just been accepted.
+    pub fn new(listener: &str, peer: SocketAddr) -> Self {
+        Self {
+            listener: listener.to_owned(),
+            peer,
+            data_path: None,
+            reason: String::new(),
+            session: String::new(),
+            bytes_up: 0,
+            bytes_down: 0,
+            error: None,
+        }
+    }
+}
+
 /// Errors starting the proxy, with the listener they concern.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     /// TLS material could not be loaded.
-    #[error("listener {listener:?}: {what} {path}: {message}")]
+    #[error("listener {listener:?}: {source}")]
     Material {
         /// Listener name.
         listener: String,
-        /// "certificate" or "key".
-        what: &'static str,
-        /// The file.
-        path: String,
-        /// Why.
-        message: String,
+        /// What and why.
+        source: crate::identity::MaterialError,
     },
     /// The listen address could not be bound.
     #[error("listener {listener:?}: bind {addr}: {source}")]
@@ -131,42 +148,42 @@ pub enum ProxyError {
 /// A listener ready to accept, with everything its connections share.
 pub(crate) struct ListenerState {
     pub(crate) config: ListenerConfig,
-    pub(crate) tls: Arc<ServerConfig>,
+    /// This listener's certificate, when clients speak TLS to it.
+    pub(crate) server_tls: Option<Arc<ServerConfig>>,
+    /// How to reach a TLS upstream.
+    pub(crate) upstream_tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     pub(crate) caps: Arc<KernelCaps>,
     pub(crate) reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
 }
 
-fn server_config(l: &ListenerConfig) -> Result<Arc<ServerConfig>, ProxyError> {
-    let material = |what, path: &std::path::Path, message: String| ProxyError::Material {
-        listener: l.name.clone(),
-        what,
-        path: path.display().to_string(),
-        message,
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&l.cert)
-        .map_err(|e| material("certificate", &l.cert, e.to_string()))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| material("certificate", &l.cert, e.to_string()))?;
-    if chain.is_empty() {
-        return Err(material(
-            "certificate",
-            &l.cert,
-            "no CERTIFICATE block".into(),
-        ));
+impl ListenerState {
+    fn new(
+        l: &ListenerConfig,
+        caps: Arc<KernelCaps>,
+        reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+    ) -> Result<Self, ProxyError> {
+        let material = |source| ProxyError::Material {
+            listener: l.name.clone(),
+            source,
+        };
+        let server_tls = match (&l.cert, &l.key) {
+            (Some(cert), Some(key)) => {
+                Some(identity::server_config(cert, key, &l.alpn).map_err(material)?)
+            }
+            _ => None,
+        };
+        let upstream_tls = match &l.upstream_tls {
+            Some(u) => Some(identity::upstream_client(u).map_err(material)?),
+            None => None,
+        };
+        Ok(Self {
+            config: l.clone(),
+            server_tls,
+            upstream_tls,
+            caps,
+            reports,
+        })
     }
-    let key =
-        PrivateKeyDer::from_pem_file(&l.key).map_err(|e| material("key", &l.key, e.to_string()))?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| material("certificate", &l.cert, e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| material("key", &l.key, e.to_string()))?;
-    config.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    // The kTLS path needs the traffic secrets; they are zeroized right after the handoff.
-    config.enable_secret_extraction = true;
-    Ok(Arc::new(config))
 }
 
 /// Bound listeners, ready to serve.
@@ -183,7 +200,7 @@ impl Proxy {
     ) -> Result<Self, ProxyError> {
         let mut bound = Vec::new();
         for l in &config.listeners {
-            let tls = server_config(l)?;
+            let state = ListenerState::new(l, caps.clone(), reports.clone())?;
             let listener =
                 TcpListener::bind(l.listen)
                     .await
@@ -192,12 +209,6 @@ impl Proxy {
                         addr: l.listen,
                         source,
                     })?;
-            let state = ListenerState {
-                config: l.clone(),
-                tls,
-                caps: caps.clone(),
-                reports: reports.clone(),
-            };
             bound.push((listener, Arc::new(state)));
         }
         Ok(Self { bound })
@@ -228,7 +239,10 @@ async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>) {
                 let state = state.clone();
                 tokio::spawn(async move {
                     let report = match state.config.mode {
-                        Mode::Terminate => terminate::handle(&state, sock, peer).await,
+                        Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
+                            tls::handle(&state, sock, peer).await
+                        }
+                        Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
                     };
                     log_report(&report);
                     if let Some(tx) = &state.reports {
