@@ -33,6 +33,19 @@ pub fn require(test: &str, unavailable: Option<String>) -> bool {
     }
 }
 
+/// The host program `name` (from /usr/bin or /usr/local/bin), or `None` after printing the
+/// skip line for `test` (a failure inside the VM matrix, which copies these tools in).
+pub fn tool_or_skip(test: &str, name: &str) -> Option<std::path::PathBuf> {
+    let found = ["/usr/bin", "/usr/local/bin"]
+        .iter()
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        require(test, Some(format!("{name} is not installed")));
+    }
+    found
+}
+
 /// A CA and a server certificate for "localhost" signed by it (ECDSA P-256).
 pub struct TestPki {
     /// The CA certificate, for client trust stores.

@@ -19,7 +19,7 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::ConnectionReport;
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
-    require, send_pattern,
+    send_pattern, tool_or_skip,
 };
 
 /// Bytes each way in the bulk tests.
@@ -210,20 +210,12 @@ fn openssl_rev_server(openssl: &Path, dir: &Path) -> (SocketAddr, std::process::
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn reencrypt_to_openssl_s_server() {
-    let Some(openssl) = ["/usr/bin/openssl", "/usr/local/bin/openssl"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-    else {
-        require(
-            "reencrypt openssl_s_server",
-            Some("openssl is not installed".into()),
-        );
+    let Some(openssl) = tool_or_skip("reencrypt openssl_s_server", "openssl") else {
         return;
     };
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    let (upstream, mut server) = openssl_rev_server(openssl, &dir);
+    let (upstream, mut server) = openssl_rev_server(&openssl, &dir);
     let mut agent = Agent::start(listener(
         Mode::Reencrypt,
         &dir,

@@ -9,7 +9,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::thread;
 use std::time::Duration;
@@ -20,7 +19,7 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
-    require, send_pattern,
+    send_pattern, tool_or_skip,
 };
 
 /// Bytes each way in the bulk test.
@@ -137,15 +136,7 @@ fn forced_userspace_says_so() {
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn openssl_s_client_request_response() {
-    let Some(openssl) = ["/usr/bin/openssl", "/usr/local/bin/openssl"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-    else {
-        require(
-            "terminate openssl_s_client",
-            Some("openssl is not installed".into()),
-        );
+    let Some(openssl) = tool_or_skip("terminate openssl_s_client", "openssl") else {
         return;
     };
     let pki = TestPki::generate();
@@ -322,12 +313,7 @@ fn ten_thousand_small_exchanges() {
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn curl_gets_through() {
-    let Some(curl) = ["/usr/bin/curl", "/usr/local/bin/curl"]
-        .iter()
-        .map(Path::new)
-        .find(|p| p.is_file())
-    else {
-        require("terminate curl", Some("curl is not installed".into()));
+    let Some(curl) = tool_or_skip("terminate curl", "curl") else {
         return;
     };
     let pki = TestPki::generate();

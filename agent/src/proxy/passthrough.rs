@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::relay::{linger_close, splice_relay, userspace_relay};
+use super::relay::{connect_upstream, linger_close, splice_relay, userspace_relay};
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
 use crate::config::DataPathPolicy;
@@ -96,21 +96,11 @@ pub(crate) async fn handle(
         return report;
     };
 
-    let connect = TcpStream::connect(upstream_addr);
-    let upstream = match tokio::time::timeout(cfg.connect_timeout(), connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            report.reason = "upstream unreachable".into();
-            report.error = Some(format!("connect {upstream_addr}: {e}"));
-            linger_close(client).await;
-            return report;
-        }
-        Err(_) => {
-            report.reason = "upstream connect timeout".into();
-            report.error = Some(format!(
-                "connect {upstream_addr}: no answer within {} ms",
-                cfg.connect_timeout_ms
-            ));
+    let upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
+        Ok(s) => s,
+        Err((reason, error)) => {
+            report.reason = reason.to_owned();
+            report.error = Some(error);
             linger_close(client).await;
             return report;
         }

@@ -324,6 +324,24 @@ async fn copy_loop(
     }
 }
 
+/// Connects to an upstream within `deadline`; on failure returns the report's reason and error.
+pub(crate) async fn connect_upstream(
+    addr: std::net::SocketAddr,
+    deadline: std::time::Duration,
+) -> Result<TcpStream, (&'static str, String)> {
+    match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(("upstream unreachable", format!("connect {addr}: {e}"))),
+        Err(_) => Err((
+            "upstream connect timeout",
+            format!(
+                "connect {addr}: no answer within {} ms",
+                deadline.as_millis()
+            ),
+        )),
+    }
+}
+
 /// Closes after a failed handshake without a reset: rustls already sent its alert, so send FIN
 /// and discard what the peer still sends (bounded in bytes and time). Closing a socket with
 /// unread input would make the kernel answer with RST, and the peer might lose the alert.

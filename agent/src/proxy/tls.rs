@@ -18,7 +18,9 @@ use std::time::Duration;
 use rustls::{ClientConnection, Connection, ServerConnection};
 use tokio::net::TcpStream;
 
-use super::relay::{RelayOutcome, close_leg, linger_close, splice_relay, userspace_relay};
+use super::relay::{
+    RelayOutcome, close_leg, connect_upstream, linger_close, splice_relay, userspace_relay,
+};
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::config::DataPathPolicy;
 use crate::handoff::{self, complete_handshake_async};
@@ -105,21 +107,11 @@ pub(crate) async fn handle(
         }
     };
 
-    let connect = TcpStream::connect(upstream_addr);
-    let mut upstream = match tokio::time::timeout(cfg.connect_timeout(), connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            report.reason = "upstream unreachable".into();
-            report.error = Some(format!("connect {upstream_addr}: {e}"));
-            close_leg(client, client_tls).await;
-            return report;
-        }
-        Err(_) => {
-            report.reason = "upstream connect timeout".into();
-            report.error = Some(format!(
-                "connect {upstream_addr}: no answer within {} ms",
-                cfg.connect_timeout_ms
-            ));
+    let mut upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
+        Ok(s) => s,
+        Err((reason, error)) => {
+            report.reason = reason.to_owned();
+            report.error = Some(error);
             close_leg(client, client_tls).await;
             return report;
         }
