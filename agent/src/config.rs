@@ -49,6 +49,17 @@ pub struct UpstreamTls {
     pub client_key: Option<PathBuf>,
 }
 
+/// Which PROXY protocol header the agent writes first on each upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// The text header: client and listener addresses only.
+    V1,
+    /// The binary header: addresses, and on TLS client legs the session and the verified client
+    /// certificate as TLVs (see [`crate::proxy_protocol`]).
+    V2,
+}
+
 /// Which data path a listener may use after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,9 +97,16 @@ pub struct ListenerConfig {
     /// PEM private key: PKCS#8, SEC1 or PKCS#1 (terminate, reencrypt).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// PEM bundle of CAs for client certificates (terminate, reencrypt). When set, every client
+    /// must present a certificate that chains to one of them (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// TLS towards the upstream (reencrypt, originate).
     #[serde(default)]
     pub upstream_tls: Option<UpstreamTls>,
+    /// Write a PROXY protocol header first on each upstream connection (before any TLS).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
     /// ALPN protocols offered, in preference order (none by default).
     #[serde(default)]
     pub alpn: Vec<String>,
@@ -227,6 +245,12 @@ impl Config {
             if l.mode.client_tls() && (l.cert.is_none() || l.key.is_none()) {
                 return Err(invalid(l, format!("mode {mode} needs cert and key")));
             }
+            if !l.mode.client_tls() && l.client_ca.is_some() {
+                return Err(invalid(
+                    l,
+                    format!("mode {mode} does not terminate client TLS: remove client_ca"),
+                ));
+            }
             if !l.mode.client_tls() && (l.cert.is_some() || l.key.is_some()) {
                 return Err(invalid(
                     l,
@@ -356,6 +380,13 @@ mod tests {
                 "[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\nclient_cert = \"x\"\n"
             )),
             "c.toml: listener \"l\": upstream_tls needs both client_cert and client_key, or neither"
+        );
+        assert_eq!(
+            err(base(
+                "originate",
+                "client_ca = \"ca.pem\"\n[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\n"
+            )),
+            "c.toml: listener \"l\": mode originate does not terminate client TLS: remove client_ca"
         );
         assert!(
             Config::parse(

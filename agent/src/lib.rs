@@ -9,6 +9,7 @@
 //! - [`client_hello`]: reading the server name from a peeked ClientHello;
 //! - [`config`]: the TOML configuration;
 //! - [`identity`]: certificates, keys and CA bundles into rustls configurations;
+//! - [`proxy_protocol`]: PROXY v1/v2 headers telling the upstream who the client is;
 //! - [`probe`]: what the running kernel and process can do.
 
 pub mod client_hello;
@@ -18,4 +19,5 @@ pub mod identity;
 pub mod ktls;
 pub mod probe;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod splice;

@@ -17,12 +17,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Print what the running kernel and this process can do (kTLS per version and cipher,
-    /// rekey, kTLS counters, BTF, capabilities). Exits non-zero when kTLS is unavailable and
-    /// `--require-ktls` is given.
+    /// rekey, kTLS counters, BTF, capabilities) and, with `--config`, which data path each
+    /// listener gets. Exits with status 2 when a configured listener cannot run at all, or when
+    /// kTLS is unavailable and `--require-ktls` is given.
     Probe {
         /// Exit with status 2 when the kernel cannot run kTLS.
         #[arg(long)]
         require_ktls: bool,
+        /// Also check every listener of this configuration against the kernel.
+        #[arg(long, env = "TLSPLICE_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Serve the listeners of a configuration file until SIGTERM or Ctrl-C.
     Run {
@@ -48,10 +52,28 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Probe { require_ktls } => {
+        Command::Probe {
+            require_ktls,
+            config,
+        } => {
             let report = tlsplice::probe::ProbeReport::collect();
             print!("{report}");
-            if require_ktls && report.ktls.is_some() {
+            let mut fail = require_ktls && report.ktls.is_some();
+            if let Some(path) = config {
+                let c = tlsplice::config::Config::load(&path)?;
+                let caps = tlsplice::proxy::KernelCaps::from_report(&report);
+                for l in &c.listeners {
+                    let mode = format!("{:?}", l.mode).to_lowercase();
+                    match tlsplice::proxy::readiness(l, &caps) {
+                        Ok(how) => println!("listener {} ({mode}): ok: {how}", l.name),
+                        Err(why) => {
+                            println!("listener {} ({mode}): cannot run: {why}", l.name);
+                            fail = true;
+                        }
+                    }
+                }
+            }
+            if fail {
                 std::process::exit(2);
             }
         }

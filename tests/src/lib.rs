@@ -33,6 +33,14 @@ pub fn require(test: &str, unavailable: Option<String>) -> bool {
     }
 }
 
+/// The tlsplice binary: `$TLSPLICE_AGENT_BIN` (the matrix sets it on the host), else
+/// /usr/bin/tlsplice (where the VM images put it).
+pub fn agent_binary() -> std::path::PathBuf {
+    std::env::var_os("TLSPLICE_AGENT_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/bin/tlsplice".into())
+}
+
 /// The host program `name` (from /usr/bin or /usr/local/bin), or `None` after printing the
 /// skip line for `test` (a failure inside the VM matrix, which copies these tools in).
 pub fn tool_or_skip(test: &str, name: &str) -> Option<std::path::PathBuf> {
@@ -60,7 +68,23 @@ pub struct TestPki {
     pub server_cert_pem: String,
     /// The server's private key, PEM.
     pub server_key_pem: String,
+    /// A client certificate from the same CA: CN [`CLIENT_CN`], SANs [`CLIENT_SANS`].
+    pub client_cert: CertificateDer<'static>,
+    /// The client's private key, PKCS#8 DER.
+    pub client_key: Vec<u8>,
+    /// The client certificate, PEM.
+    pub client_cert_pem: String,
+    /// The client's private key, PEM.
+    pub client_key_pem: String,
 }
+
+/// Common name of [`TestPki`]'s client certificate.
+pub const CLIENT_CN: &str = "client-1";
+/// Subject alternative names of [`TestPki`]'s client certificate, as the agent reports them.
+pub const CLIENT_SANS: [&str; 2] = [
+    "DNS:client-1.internal",
+    "URI:spiffe://tlsplice.test/ns/default/sa/client-1",
+];
 
 impl TestPki {
     /// Generates a fresh PKI whose server certificate is for "localhost".
@@ -83,6 +107,21 @@ impl TestPki {
             .expect("server params")
             .signed_by(&server_key, &ca)
             .expect("server cert");
+        let client_key = rcgen::KeyPair::generate().expect("client key");
+        let mut client_params = rcgen::CertificateParams::new(vec!["client-1.internal".to_owned()])
+            .expect("client params");
+        client_params.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from("spiffe://tlsplice.test/ns/default/sa/client-1")
+                .expect("URI SAN"),
+        ));
+        client_params.distinguished_name = rcgen::DistinguishedName::new();
+        client_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, CLIENT_CN);
+        client_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_cert = client_params
+            .signed_by(&client_key, &ca)
+            .expect("client cert");
         Self {
             ca: ca.der().clone(),
             server_cert: server_cert.der().clone(),
@@ -90,10 +129,15 @@ impl TestPki {
             ca_pem: ca.pem(),
             server_cert_pem: server_cert.pem(),
             server_key_pem: server_key.serialize_pem(),
+            client_cert: client_cert.der().clone(),
+            client_key: client_key.serialize_der(),
+            client_cert_pem: client_cert.pem(),
+            client_key_pem: client_key.serialize_pem(),
         }
     }
 
-    /// Writes ca.pem, server.pem and server.key into a new directory and returns it.
+    /// Writes ca.pem, server.pem, server.key, client.pem and client.key into a new directory
+    /// and returns it.
     pub fn write_files(&self) -> std::path::PathBuf {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -105,6 +149,8 @@ impl TestPki {
         std::fs::write(dir.join("ca.pem"), &self.ca_pem).expect("write ca.pem");
         std::fs::write(dir.join("server.pem"), &self.server_cert_pem).expect("write server.pem");
         std::fs::write(dir.join("server.key"), &self.server_key_pem).expect("write server.key");
+        std::fs::write(dir.join("client.pem"), &self.client_cert_pem).expect("write client.pem");
+        std::fs::write(dir.join("client.key"), &self.client_key_pem).expect("write client.key");
         dir
     }
 
@@ -134,6 +180,23 @@ impl TestPki {
                 .with_root_certificates(roots)
                 .with_no_client_auth(),
         )
+    }
+
+    /// Like [`TestPki::client_config`], presenting the client certificate, offering `alpn`.
+    pub fn client_config_with_cert(&self, alpn: &[&str]) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).expect("CA into root store");
+        let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![self.client_cert.clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.client_key.clone())),
+            )
+            .expect("client certificate");
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Arc::new(config)
     }
 }
 
@@ -387,6 +450,8 @@ pub fn listener(
         sni: Default::default(),
         cert: client_tls.then(|| pki_dir.join("server.pem")),
         key: client_tls.then(|| pki_dir.join("server.key")),
+        client_ca: None,
+        proxy_protocol: None,
         upstream_tls: mode.upstream_tls().then(|| tlsplice::config::UpstreamTls {
             server_name: "localhost".into(),
             ca: pki_dir.join("ca.pem"),

@@ -274,7 +274,7 @@ fn reencrypt_refuses_an_untrusted_upstream() {
         .expect("clean close from the agent");
     assert!(rest.is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "upstream handshake failed", "{report:?}");
+    assert_eq!(report.reason, "upstream certificate refused", "{report:?}");
     assert!(
         report
             .error

@@ -57,12 +57,24 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &[],
     },
+    MatrixTest {
+        target: "mtls",
+        needs: &[],
+        tools: &["openssl"],
+    },
+    MatrixTest {
+        target: "probe",
+        needs: &[],
+        tools: &[],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
 const SKIP_MARKER: &str = "TLSPLICE-SKIP";
 /// Environment variable that turns a missing kernel feature into a failure in guests.
 const REQUIRE_ENV: &str = "TLSPLICE_REQUIRE_KERNEL_FEATURES";
+/// Environment variable naming the agent binary for tests that run it (tests/src/lib.rs).
+const AGENT_BIN_ENV: &str = "TLSPLICE_AGENT_BIN";
 const BEGIN: &str = "TLSPLICE-TEST-BEGIN";
 const END: &str = "TLSPLICE-TEST-END";
 
@@ -176,7 +188,8 @@ fn classify(status_ok: bool, output: &str) -> Outcome {
 }
 
 /// Runs every matrix test on the host kernel; tests print why they skip.
-fn run_on_host(binaries: &[TestBinary]) -> Result<Vec<(String, Outcome)>> {
+/// Runs every test on the host kernel; `agent` is the tlsplice binary the tests may start.
+fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Outcome)>> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
@@ -206,6 +219,7 @@ fn run_on_host(binaries: &[TestBinary]) -> Result<Vec<(String, Outcome)>> {
                     "--test-threads=1",
                 ])
                 .env_remove(REQUIRE_ENV)
+                .env(AGENT_BIN_ENV, agent)
                 .output()
                 .with_context(|| format!("running {}", b.path.display()))?;
             let text = format!(
@@ -387,7 +401,10 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
         .unwrap_or_default();
-    table.push((format!("host {host_release}"), run_on_host(&binaries)?));
+    table.push((
+        format!("host {host_release}"),
+        run_on_host(&binaries, &agent)?,
+    ));
     for line in lines {
         let kernel = kernels::fetch(line, false)?;
         let results = run_in_guest(root, line.name, &kernel, &agent, &binaries)?;

@@ -15,7 +15,7 @@ use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, ListenerConfig, Mode};
+use crate::config::{Config, DataPathPolicy, ListenerConfig, Mode};
 use crate::ktls::{Cipher, TlsVersion};
 use crate::{identity, probe};
 
@@ -85,6 +85,42 @@ impl KernelCaps {
     }
 }
 
+/// Whether a listener can serve on this kernel and on which data path; `Err` says why it cannot
+/// run at all (TLS material that does not load, or `data_path = "ktls"` on a kernel that cannot
+/// offload). Used by `tlsplice probe --config`.
+pub fn readiness(l: &ListenerConfig, caps: &KernelCaps) -> Result<String, String> {
+    ListenerState::new(l, Arc::new(caps.clone()), None).map_err(|e| e.to_string())?;
+    if l.mode == Mode::Passthrough {
+        return Ok(match l.data_path {
+            DataPathPolicy::Userspace => "data path userspace (listener data_path = userspace)",
+            _ => "data path splice (passthrough: both legs are plain TCP to the agent)",
+        }
+        .to_owned());
+    }
+    let offloadable = match &caps.ktls {
+        Ok(pairs) if pairs.is_empty() => Err("kernel offloads no TLS version and cipher".into()),
+        Ok(pairs) => Ok(pairs
+            .iter()
+            .map(|(v, c)| format!("{v} {c}"))
+            .collect::<Vec<_>>()
+            .join(", ")),
+        Err(why) => Err(why.clone()),
+    };
+    match (l.data_path, offloadable) {
+        (DataPathPolicy::Userspace, _) => {
+            Ok("data path userspace (listener data_path = userspace)".into())
+        }
+        (DataPathPolicy::Auto, Ok(pairs)) => Ok(format!(
+            "data path ktls for {pairs}; userspace for other sessions"
+        )),
+        (DataPathPolicy::Ktls, Ok(pairs)) => Ok(format!(
+            "data path ktls for {pairs}; other sessions are refused (data_path = \"ktls\")"
+        )),
+        (DataPathPolicy::Auto, Err(why)) => Ok(format!("data path userspace: {why}")),
+        (DataPathPolicy::Ktls, Err(why)) => Err(format!("data_path = \"ktls\" but {why}")),
+    }
+}
+
 /// The outcome of one connection, as logged and (optionally) sent to an observer.
 #[derive(Debug, Clone)]
 pub struct ConnectionReport {
@@ -98,6 +134,8 @@ pub struct ConnectionReport {
     pub reason: String,
     /// Negotiated version and cipher, e.g. "TLSv1.3 AES-128-GCM".
     pub session: String,
+    /// The verified client certificate's names (mTLS listeners), e.g. "CN=a SAN=DNS:a".
+    pub client_identity: Option<String>,
     /// Plaintext bytes from the client to the upstream.
     pub bytes_up: u64,
     /// Plaintext bytes from the upstream to the client.
@@ -115,6 +153,7 @@ impl ConnectionReport {
             data_path: None,
             reason: String::new(),
             session: String::new(),
+            client_identity: None,
             bytes_up: 0,
             bytes_down: 0,
             error: None,
@@ -167,9 +206,10 @@ impl ListenerState {
             source,
         };
         let server_tls = match (&l.cert, &l.key) {
-            (Some(cert), Some(key)) => {
-                Some(identity::server_config(cert, key, &l.alpn).map_err(material)?)
-            }
+            (Some(cert), Some(key)) => Some(
+                identity::server_config(cert, key, l.client_ca.as_deref(), &l.alpn)
+                    .map_err(material)?,
+            ),
             _ => None,
         };
         let upstream_tls = match &l.upstream_tls {
@@ -263,15 +303,16 @@ fn log_report(r: &ConnectionReport) {
     let path = r
         .data_path
         .map_or_else(|| "none".to_owned(), |p| p.to_string());
+    let client = r.client_identity.as_deref().unwrap_or("-");
     match &r.error {
         None => tracing::info!(
             listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
-            session = %r.session, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
+            session = %r.session, client_identity = %client, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
             "connection closed"
         ),
         Some(e) => tracing::warn!(
             listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
-            session = %r.session, bytes_up = r.bytes_up, bytes_down = r.bytes_down, error = %e,
+            session = %r.session, client_identity = %client, bytes_up = r.bytes_up, bytes_down = r.bytes_down, error = %e,
             "connection failed"
         ),
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::relay::{connect_upstream, linger_close, splice_relay, userspace_relay};
+use super::relay::{
+    connect_upstream, linger_close, splice_relay, userspace_relay, write_proxy_header,
+};
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
 use crate::config::DataPathPolicy;
@@ -96,7 +98,7 @@ pub(crate) async fn handle(
         return report;
     };
 
-    let upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
+    let mut upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
         Ok(s) => s,
         Err((reason, error)) => {
             report.reason = reason.to_owned();
@@ -105,6 +107,13 @@ pub(crate) async fn handle(
             return report;
         }
     };
+    if let Err((reason, error)) = write_proxy_header(&mut upstream, cfg, &client, peer, None).await
+    {
+        report.reason = reason.to_owned();
+        report.error = Some(error);
+        linger_close(client).await;
+        return report;
+    }
 
     let (path, reason) = match cfg.data_path {
         DataPathPolicy::Userspace => (DataPath::Userspace, "listener data_path = userspace"),

@@ -342,6 +342,32 @@ pub(crate) async fn connect_upstream(
     }
 }
 
+/// Writes the listener's PROXY protocol header, when it asks for one, as the first bytes on the
+/// upstream connection. `client` is the accepted socket (its local address is the header's
+/// destination), `peer` the client's address.
+pub(crate) async fn write_proxy_header(
+    upstream: &mut TcpStream,
+    cfg: &crate::config::ListenerConfig,
+    client: &TcpStream,
+    peer: std::net::SocketAddr,
+    tls: Option<&crate::proxy_protocol::ClientTls>,
+) -> Result<(), (&'static str, String)> {
+    let Some(version) = cfg.proxy_protocol else {
+        return Ok(());
+    };
+    let local = client
+        .local_addr()
+        .map_err(|e| ("proxy header failed", format!("getsockname: {e}")))?;
+    let header = crate::proxy_protocol::header(version, peer, local, tls)
+        .map_err(|e| ("proxy header failed", format!("building the header: {e}")))?;
+    upstream.write_all(&header).await.map_err(|e| {
+        (
+            "proxy header failed",
+            format!("writing to the upstream: {e}"),
+        )
+    })
+}
+
 /// Closes after a failed handshake without a reset: rustls already sent its alert, so send FIN
 /// and discard what the peer still sends (bounded in bytes and time). Closing a socket with
 /// unread input would make the kernel answer with RST, and the peer might lose the alert.

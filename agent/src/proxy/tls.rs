@@ -20,11 +20,14 @@ use tokio::net::TcpStream;
 
 use super::relay::{
     RelayOutcome, close_leg, connect_upstream, linger_close, splice_relay, userspace_relay,
+    write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::config::DataPathPolicy;
 use crate::handoff::{self, complete_handshake_async};
+use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
+use crate::proxy_protocol::ClientTls;
 
 fn cipher_of(conn: &Connection) -> Option<Cipher> {
     use rustls::CipherSuite as S;
@@ -53,6 +56,57 @@ fn session_of(conn: &Connection) -> (Option<TlsVersion>, Option<Cipher>, String)
     (version, cipher, text)
 }
 
+/// What the upstream learns of the client's TLS session through a PROXY v2 header; also where
+/// the report gets the client certificate's names.
+fn client_tls_info(conn: &Connection) -> Result<ClientTls, String> {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        other => format!("{other:?}"),
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        // rustls spells the TLS 1.3 suites "TLS13_..."; the IANA names are "TLS_...".
+        .map(|name| match name.strip_prefix("TLS13_") {
+            Some(rest) => format!("TLS_{rest}"),
+            None => name.to_owned(),
+        })
+        .unwrap_or_default();
+    let sni = match conn {
+        Connection::Server(s) => s.server_name().map(str::to_owned),
+        Connection::Client(_) => None,
+    };
+    let certificate = match conn.peer_certificates().and_then(|c| c.first()) {
+        Some(leaf) => Some(identity::peer_identity(leaf)?),
+        None => None,
+    };
+    Ok(ClientTls {
+        version,
+        cipher,
+        sni,
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        certificate,
+    })
+}
+
+/// The reason a failed handshake is counted under: a refused peer certificate (missing,
+/// untrusted, wrong name) is told apart from every other failure.
+fn handshake_failure_reason(e: &handoff::HandoffError) -> &'static str {
+    let tls_error = match e {
+        handoff::HandoffError::Handshake { source, .. } => source
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        _ => None,
+    };
+    match tls_error {
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => {
+            "certificate refused"
+        }
+        _ => "handshake failed",
+    }
+}
+
 /// Runs a handshake with a deadline; on failure says why in the returned text.
 async fn handshake(
     mut conn: Connection,
@@ -62,7 +116,7 @@ async fn handshake(
 ) -> Result<Connection, (&'static str, String)> {
     match tokio::time::timeout(deadline, complete_handshake_async(&mut conn, sock, peer)).await {
         Ok(Ok(())) => Ok(conn),
-        Ok(Err(e)) => Err(("handshake failed", e.to_string())),
+        Ok(Err(e)) => Err((handshake_failure_reason(&e), e.to_string())),
         Err(_) => Err((
             "handshake timeout",
             format!("no complete handshake within {} ms", deadline.as_millis()),
@@ -107,6 +161,19 @@ pub(crate) async fn handle(
         }
     };
 
+    let client_info = match client_tls.as_ref().map(client_tls_info).transpose() {
+        Ok(info) => info,
+        Err(e) => {
+            report.reason = "client certificate unreadable".into();
+            report.error = Some(e);
+            close_leg(client, client_tls).await;
+            return report;
+        }
+    };
+    if let Some(cert) = client_info.as_ref().and_then(|i| i.certificate.as_ref()) {
+        report.client_identity = Some(cert.to_string());
+    }
+
     let mut upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
         Ok(s) => s,
         Err((reason, error)) => {
@@ -116,6 +183,14 @@ pub(crate) async fn handle(
             return report;
         }
     };
+    if let Err((reason, error)) =
+        write_proxy_header(&mut upstream, cfg, &client, peer, client_info.as_ref()).await
+    {
+        report.reason = reason.to_owned();
+        report.error = Some(error);
+        close_leg(client, client_tls).await;
+        return report;
+    }
 
     let upstream_tls = match &state.upstream_tls {
         None => None,
@@ -155,6 +230,9 @@ pub(crate) async fn handle(
                     .map_err(|why| format!("{leg} leg: {why}"));
             }
         }
+    }
+    if let Some(alpn) = client_info.as_ref().and_then(|i| i.alpn.as_deref()) {
+        sessions.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
     }
     report.session = sessions.join(", ");
     let (path, reason) = match (cfg.data_path, offload) {
