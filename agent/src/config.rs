@@ -119,6 +119,11 @@ pub struct ListenerConfig {
     /// Data path policy.
     #[serde(default)]
     pub data_path: DataPathPolicy,
+    /// Records a kTLS leg may send under one key before the agent rekeys (TLS 1.3, on a kernel
+    /// that can: 6.14 and later) or closes the connection; default half the cipher suite's
+    /// confidentiality limit (2^23 records for AES-GCM).
+    #[serde(default)]
+    pub rekey_after_records: Option<u64>,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -206,6 +211,9 @@ impl Config {
         for l in &config.listeners {
             if !names.insert(l.name.as_str()) {
                 return Err(invalid(l, "duplicate listener name".into()));
+            }
+            if l.rekey_after_records.is_some_and(|n| n < 16) {
+                return Err(invalid(l, "rekey_after_records must be at least 16".into()));
             }
             if l.handshake_timeout_ms == 0 {
                 return Err(invalid(l, "handshake_timeout_ms must be above 0".into()));

@@ -10,7 +10,13 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::fd::{AsFd, BorrowedFd};
 
-use rustls::Connection;
+use std::fmt;
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::{CommonState, Connection, ConnectionTrafficSecrets, ProtocolVersion};
 
 use crate::ktls::{self, Cipher, CryptoInfo, Direction, KtlsError, RecordType, TlsVersion};
 
@@ -240,6 +246,364 @@ pub async fn complete_handshake_async(
     }
 }
 
+/// A rustls connection driven through the unbuffered API, for sessions headed to the kernel:
+/// only that API yields a [`KernelConnection`], which derives the keys after a KeyUpdate and
+/// keeps a server's session tickets once the record layer is in the kernel.
+pub enum KernelBound {
+    /// We are the TLS client (the upstream leg).
+    Client(UnbufferedClientConnection),
+    /// We are the TLS server (the client leg).
+    Server(UnbufferedServerConnection),
+}
+
+impl fmt::Debug for KernelBound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelBound::Client(_) => "KernelBound::Client",
+            KernelBound::Server(_) => "KernelBound::Server",
+        })
+    }
+}
+
+/// What a handshake step asks of the socket.
+enum Step {
+    /// Records were encoded into the outgoing buffer; ask rustls again.
+    Encoded,
+    /// Send the outgoing buffer.
+    Transmit,
+    /// Read more of the current record.
+    Read,
+    /// The handshake is complete.
+    Done,
+    /// rustls failed (it may have queued an alert).
+    Failed(rustls::Error),
+    /// A state that cannot occur in a handshake we drive.
+    Unexpected(String),
+}
+
+/// One call of `process_tls_records` on either side, reduced to what the socket must do next.
+/// Encoded bytes are appended to `outgoing`.
+fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) -> (usize, Step) {
+    let state = match status.state {
+        Ok(state) => state,
+        Err(e) => return (status.discard, Step::Failed(e)),
+    };
+    let step = match state {
+        ConnectionState::EncodeTlsData(mut encoder) => {
+            let start = outgoing.len();
+            outgoing.resize(start + 4096, 0);
+            loop {
+                match encoder.encode(&mut outgoing[start..]) {
+                    Ok(n) => {
+                        outgoing.truncate(start + n);
+                        break Step::Encoded;
+                    }
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        outgoing.resize(start + required_size, 0);
+                    }
+                    Err(e) => {
+                        outgoing.truncate(start);
+                        break Step::Unexpected(format!("encoding a handshake record: {e}"));
+                    }
+                }
+            }
+        }
+        ConnectionState::TransmitTlsData(transmit) => {
+            // The bytes are ours to send; rustls only needs to know they will be.
+            transmit.done();
+            Step::Transmit
+        }
+        ConnectionState::BlockedHandshake => Step::Read,
+        ConnectionState::WriteTraffic(_) => Step::Done,
+        other => Step::Unexpected(format!("{other:?} during the handshake")),
+    };
+    (status.discard, step)
+}
+
+impl KernelBound {
+    /// rustls' view of the session: version, cipher, ALPN, peer certificates.
+    pub fn common(&self) -> &CommonState {
+        match self {
+            KernelBound::Client(c) => c,
+            KernelBound::Server(s) => s,
+        }
+    }
+
+    fn process(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
+        match self {
+            KernelBound::Client(c) => step(c.process_tls_records(incoming), outgoing),
+            KernelBound::Server(s) => step(s.process_tls_records(incoming), outgoing),
+        }
+    }
+
+    /// Drives the handshake to completion on a tokio socket, reading one record at a time so
+    /// nothing past the handshake is read into user space, and sending what rustls encodes
+    /// (including the alert when the handshake fails). Returns the server name from the
+    /// ClientHello when we are the server.
+    pub async fn handshake(
+        &mut self,
+        sock: &mut tokio::net::TcpStream,
+        peer: &str,
+    ) -> Result<Option<String>, HandoffError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let fail = |source: io::Error| HandoffError::Handshake {
+            peer: peer.to_owned(),
+            source,
+        };
+        let mut boundary = RecordBoundary::default();
+        let mut incoming: Vec<u8> = Vec::with_capacity(RECORD_HEADER_LEN + 18 * 1024);
+        let mut outgoing = Vec::new();
+        let mut buf = vec![0u8; 18 * 1024];
+        // The first record, kept whole while we are the server: the ClientHello, for its SNI.
+        let mut first_record = matches!(self, KernelBound::Server(_)).then(Vec::new);
+        let mut server_name = None;
+        loop {
+            let (discard, next) = self.process(&mut incoming, &mut outgoing);
+            incoming.drain(..discard);
+            match next {
+                Step::Encoded => {}
+                Step::Transmit => {
+                    sock.write_all(&outgoing).await.map_err(fail)?;
+                    outgoing.clear();
+                }
+                Step::Read => {
+                    let want = boundary.limit(buf.len());
+                    let n = sock.read(&mut buf[..want]).await.map_err(fail)?;
+                    if n == 0 {
+                        return Err(fail(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "peer closed the connection during the handshake",
+                        )));
+                    }
+                    boundary.advance(&buf[..n]);
+                    incoming.extend_from_slice(&buf[..n]);
+                    if let Some(hello) = &mut first_record {
+                        hello.extend_from_slice(&buf[..n]);
+                        if boundary.at_boundary() {
+                            if let Ok(crate::client_hello::Peek::ClientHello {
+                                server_name: name,
+                            }) = crate::client_hello::peek(hello)
+                            {
+                                server_name = name;
+                            }
+                            first_record = None;
+                        }
+                    }
+                }
+                Step::Done => {
+                    if !boundary.at_boundary() || !incoming.is_empty() {
+                        return Err(fail(io::Error::other(
+                            "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
+                        )));
+                    }
+                    return Ok(server_name);
+                }
+                Step::Failed(e) => {
+                    // rustls queued the alert that explains the failure: encode and send it.
+                    // (rustls may still refer to the rest of the record, so pass it again.)
+                    outgoing.clear();
+                    for _ in 0..4 {
+                        let (discard, next) = self.process(&mut incoming, &mut outgoing);
+                        incoming.drain(..discard);
+                        match next {
+                            Step::Encoded => {}
+                            Step::Transmit => {
+                                let _ = sock.write_all(&outgoing).await;
+                                break;
+                            }
+                            _ => break,
+                        }
+                    }
+                    return Err(fail(io::Error::new(io::ErrorKind::InvalidData, e)));
+                }
+                Step::Unexpected(what) => return Err(fail(io::Error::other(what))),
+            }
+        }
+    }
+
+    /// Ends a finished session that will not go to the kernel: close_notify, then FIN.
+    pub async fn close_notify(&mut self, sock: &mut tokio::net::TcpStream) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut out = vec![0u8; 64];
+        let written = match self {
+            KernelBound::Client(c) => queue_close_notify(c.process_tls_records(&mut []), &mut out),
+            KernelBound::Server(s) => queue_close_notify(s.process_tls_records(&mut []), &mut out),
+        }?;
+        sock.write_all(&out[..written]).await?;
+        sock.shutdown().await
+    }
+
+    /// Moves the session into the kernel: attaches the TLS ULP and installs TX and RX state.
+    /// The extracted secrets are zeroized before this returns; what rustls keeps can only derive
+    /// the next keys (KeyUpdate) and take session tickets.
+    pub fn into_kernel(
+        self,
+        sock: BorrowedFd<'_>,
+        peer: &str,
+    ) -> Result<KernelSession, HandoffError> {
+        let extract = |source| HandoffError::Extract {
+            peer: peer.to_owned(),
+            source,
+        };
+        let (secrets, conn) = match self {
+            KernelBound::Client(c) => {
+                let (secrets, k) = c.dangerous_into_kernel_connection().map_err(extract)?;
+                (secrets, KernelConn::Client(k))
+            }
+            KernelBound::Server(s) => {
+                let (secrets, k) = s.dangerous_into_kernel_connection().map_err(extract)?;
+                (secrets, KernelConn::Server(k))
+            }
+        };
+        let session = install(conn.protocol_version(), secrets, sock, peer)?;
+        Ok(KernelSession {
+            conn,
+            session,
+            tickets: 0,
+        })
+    }
+}
+
+fn queue_close_notify<Data>(
+    status: UnbufferedStatus<'_, '_, Data>,
+    out: &mut [u8],
+) -> io::Result<usize> {
+    match status.state {
+        Ok(ConnectionState::WriteTraffic(mut w)) => w
+            .queue_close_notify(out)
+            .map_err(|e| io::Error::other(format!("encoding close_notify: {e}"))),
+        Ok(other) => Err(io::Error::other(format!(
+            "cannot send close_notify in state {other:?}"
+        ))),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+    }
+}
+
+/// rustls' half of a session whose record layer is in the kernel.
+enum KernelConn {
+    Client(KernelConnection<ClientConnectionData>),
+    Server(KernelConnection<ServerConnectionData>),
+}
+
+impl KernelConn {
+    fn protocol_version(&self) -> ProtocolVersion {
+        match self {
+            KernelConn::Client(k) => k.protocol_version(),
+            KernelConn::Server(k) => k.protocol_version(),
+        }
+    }
+
+    fn confidentiality_limit(&self) -> u64 {
+        let suite = match self {
+            KernelConn::Client(k) => k.negotiated_cipher_suite(),
+            KernelConn::Server(k) => k.negotiated_cipher_suite(),
+        };
+        match suite {
+            rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
+            rustls::SupportedCipherSuite::Tls13(s) => s.common.confidentiality_limit,
+        }
+    }
+
+    fn update_secret(
+        &mut self,
+        direction: Direction,
+    ) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+        match (self, direction) {
+            (KernelConn::Client(k), Direction::Tx) => k.update_tx_secret(),
+            (KernelConn::Client(k), Direction::Rx) => k.update_rx_secret(),
+            (KernelConn::Server(k), Direction::Tx) => k.update_tx_secret(),
+            (KernelConn::Server(k), Direction::Rx) => k.update_rx_secret(),
+        }
+    }
+}
+
+/// A TLS session under kTLS, with what is needed to keep it going: rustls' key schedule for
+/// KeyUpdate and its session-ticket store.
+pub struct KernelSession {
+    conn: KernelConn,
+    session: KtlsSession,
+    /// NewSessionTickets from the server stored for resumption (client side only).
+    pub tickets: u64,
+}
+
+impl fmt::Debug for KernelSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelSession")
+            .field("session", &self.session)
+            .field("tickets", &self.tickets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a session under kTLS could not follow a key change or keep a ticket.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// rustls refused (TLS 1.2 has no KeyUpdate; a malformed ticket).
+    #[error("{what}: {source}")]
+    Tls {
+        /// What was being done.
+        what: &'static str,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+    /// The kernel refused the new key or the state query.
+    #[error("{0}")]
+    Kernel(#[from] KtlsError),
+}
+
+impl KernelSession {
+    /// The version and cipher the kernel is running.
+    pub fn session(&self) -> KtlsSession {
+        self.session
+    }
+
+    /// How many records may be sent under one key before the agent must rekey or close: the
+    /// cipher suite's confidentiality limit as rustls states it.
+    pub fn confidentiality_limit(&self) -> u64 {
+        self.conn.confidentiality_limit()
+    }
+
+    /// Derives the next traffic key for `direction` (after a KeyUpdate: received for `Rx`, sent
+    /// for `Tx`) and installs it in the kernel. The key is zeroized before this returns.
+    pub fn rekey(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        direction: Direction,
+    ) -> Result<(), SessionError> {
+        let (seq, secrets) =
+            self.conn
+                .update_secret(direction)
+                .map_err(|source| SessionError::Tls {
+                    what: "deriving the next traffic key",
+                    source,
+                })?;
+        let info = CryptoInfo::from_rustls(self.session.version, seq, &secrets)?;
+        drop(secrets);
+        ktls::set_crypto_info(sock, direction, &info)?;
+        Ok(())
+    }
+
+    /// Stores the NewSessionTicket messages in a post-handshake record (`payload` is the
+    /// handshake message without its 4-byte header) for resumption of the next connection.
+    pub fn take_ticket(&mut self, payload: &[u8]) -> Result<(), SessionError> {
+        match &mut self.conn {
+            KernelConn::Client(k) => {
+                k.handle_new_session_ticket(payload)
+                    .map_err(|source| SessionError::Tls {
+                        what: "storing a session ticket",
+                        source,
+                    })?;
+                self.tickets += 1;
+                Ok(())
+            }
+            KernelConn::Server(_) => Err(SessionError::Tls {
+                what: "a client sent a NewSessionTicket",
+                source: rustls::Error::General("only servers send session tickets".into()),
+            }),
+        }
+    }
+}
+
 /// What the kernel took over for one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KtlsSession {
@@ -269,16 +633,40 @@ pub fn into_kernel(
                 what: format!("protocol version {:?}", conn.protocol_version()),
             },
         })?;
+    let _ = version;
+    let protocol = conn
+        .protocol_version()
+        .ok_or_else(|| HandoffError::Kernel {
+            peer: peer.clone(),
+            source: KtlsError::Unsupported {
+                what: "a session without a protocol version".into(),
+            },
+        })?;
     let secrets = conn
         .dangerous_extract_secrets()
         .map_err(|source| HandoffError::Extract {
             peer: peer.clone(),
             source,
         })?;
+    install(protocol, secrets, sock, &peer)
+}
+
+/// Attaches the TLS ULP and installs both directions' keys from extracted secrets.
+fn install(
+    protocol: ProtocolVersion,
+    secrets: rustls::ExtractedSecrets,
+    sock: BorrowedFd<'_>,
+    peer: &str,
+) -> Result<KtlsSession, HandoffError> {
     let kernel = |source| HandoffError::Kernel {
-        peer: peer.clone(),
+        peer: peer.to_owned(),
         source,
     };
+    let version = TlsVersion::from_rustls(protocol).ok_or_else(|| {
+        kernel(KtlsError::Unsupported {
+            what: format!("protocol version {protocol:?}"),
+        })
+    })?;
     let tx = CryptoInfo::from_rustls(version, secrets.tx.0, &secrets.tx.1).map_err(kernel)?;
     let rx = CryptoInfo::from_rustls(version, secrets.rx.0, &secrets.rx.1).map_err(kernel)?;
     // `secrets` holds rustls AeadKeys, which zeroize themselves on drop; `tx`/`rx` zeroize too.

@@ -139,6 +139,16 @@ pub enum KtlsError {
         /// The errno.
         source: io::Error,
     },
+    /// The kernel would not report the crypto state of one direction.
+    #[error("getsockopt(SOL_TLS, {direction}) on fd {fd}: {source}")]
+    GetCryptoInfo {
+        /// The socket.
+        fd: i32,
+        /// Which direction was asked for.
+        direction: Direction,
+        /// The errno.
+        source: io::Error,
+    },
     /// rustls negotiated something the kernel cannot carry.
     #[error("cannot offload {what} to kTLS")]
     Unsupported {
@@ -412,6 +422,50 @@ pub fn set_crypto_info(
             source: io::Error::last_os_error(),
         })
     }
+}
+
+/// The sequence number of the next record the kernel will send (`Tx`) or expects (`Rx`) under
+/// the current key, read back with `getsockopt(SOL_TLS, TLS_TX/TLS_RX)`.
+///
+/// The kernel copies the whole crypto state, key included, into our buffer: it lives in a
+/// [`CryptoInfo`], which zeroizes it on drop.
+pub fn record_sequence(
+    sock: BorrowedFd<'_>,
+    direction: Direction,
+    version: TlsVersion,
+    cipher: Cipher,
+) -> Result<u64, KtlsError> {
+    let mut info = CryptoInfo::zeroed(version, cipher);
+    let (ptr, len): (*mut libc::c_void, usize) = match &mut info.layout {
+        CryptoLayout::Aes128Gcm(c) => (std::ptr::from_mut(c).cast(), mem::size_of_val(c)),
+        CryptoLayout::Aes256Gcm(c) => (std::ptr::from_mut(c).cast(), mem::size_of_val(c)),
+        CryptoLayout::Chacha20Poly1305(c) => (std::ptr::from_mut(c).cast(), mem::size_of_val(c)),
+    };
+    let mut optlen = len as libc::socklen_t;
+    // SAFETY: `ptr` points to a live `tls12_crypto_info_*` struct of `len` bytes owned by `info`
+    // and `optlen` says so; the kernel writes at most `optlen` bytes and keeps no pointer.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_TLS,
+            direction.optname(),
+            ptr,
+            &raw mut optlen,
+        )
+    };
+    if rc != 0 {
+        return Err(KtlsError::GetCryptoInfo {
+            fd: sock.as_raw_fd(),
+            direction,
+            source: io::Error::last_os_error(),
+        });
+    }
+    let rec_seq = match &info.layout {
+        CryptoLayout::Aes128Gcm(c) => c.rec_seq,
+        CryptoLayout::Aes256Gcm(c) => c.rec_seq,
+        CryptoLayout::Chacha20Poly1305(c) => c.rec_seq,
+    };
+    Ok(u64::from_be_bytes(rec_seq))
 }
 
 /// TLS record content types (RFC 8446 section 5.1).

@@ -50,6 +50,17 @@ pub fn ktls_supports(
     Ok(())
 }
 
+/// Checks that the kernel takes a second TLS 1.3 TX key on a socket that already has one: the
+/// rekey that follows a KeyUpdate (kernel 6.14 and later; older kernels answer EBUSY).
+pub fn ktls_rekey_supported() -> Result<(), KtlsUnavailable> {
+    let (client, _server) = loopback_pair()?;
+    ktls::attach_ulp(client.as_fd())?;
+    let info = CryptoInfo::zeroed(TlsVersion::Tls13, Cipher::Aes128Gcm);
+    ktls::set_crypto_info(client.as_fd(), Direction::Tx, &info)?;
+    ktls::set_crypto_info(client.as_fd(), Direction::Tx, &info)?;
+    Ok(())
+}
+
 /// The kernel release, e.g. "6.12.48+deb12-cloud-amd64".
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -106,8 +117,9 @@ pub struct ProbeReport {
     pub ktls: Option<String>,
     /// Per version and cipher, when the ULP exists.
     pub ciphers: Vec<CipherSupport>,
-    /// TLS 1.3 KeyUpdate in kTLS (kernel 6.14 and later).
-    pub rekey: bool,
+    /// TLS 1.3 KeyUpdate in kTLS (kernel 6.14 and later): `None` when a second TX key is
+    /// accepted, else why not.
+    pub rekey: Option<String>,
     /// /proc/net/tls_stat counters, when present.
     pub tls_stat: Option<TlsStat>,
     /// /sys/kernel/btf/vmlinux exists.
@@ -139,7 +151,10 @@ impl ProbeReport {
         } else {
             Vec::new()
         };
-        let rekey = ktls.is_none() && parse_release(&kernel).is_some_and(|v| v >= (6, 14));
+        let rekey = match &ktls {
+            None => ktls_rekey_supported().err().map(|e| e.to_string()),
+            Some(_) => Some("kTLS unavailable".to_owned()),
+        };
         let capabilities = effective_capabilities()
             .map(|eff| {
                 CAPABILITIES
@@ -184,15 +199,10 @@ impl fmt::Display for ProbeReport {
                 yes_no(&c.rx)
             )?;
         }
-        writeln!(
-            f,
-            "ktls tls1.3 rekey: {}",
-            if self.rekey {
-                "yes (kernel >= 6.14)"
-            } else {
-                "no (needs kTLS and kernel >= 6.14)"
-            }
-        )?;
+        match &self.rekey {
+            None => writeln!(f, "ktls tls1.3 rekey: yes")?,
+            Some(why) => writeln!(f, "ktls tls1.3 rekey: no ({why}; needs kernel >= 6.14)")?,
+        }
         match &self.tls_stat {
             Some(stat) => {
                 let counters: Vec<String> = stat

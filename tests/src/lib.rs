@@ -462,6 +462,7 @@ pub fn listener(
         handshake_timeout_ms: 10_000,
         connect_timeout_ms: 5_000,
         data_path,
+        rekey_after_records: None,
     }
 }
 

@@ -58,6 +58,7 @@ fn passthrough_listener(
         handshake_timeout_ms: 2_000,
         connect_timeout_ms: 5_000,
         data_path,
+        rekey_after_records: None,
     }
 }
 

@@ -67,6 +67,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &[],
     },
+    MatrixTest {
+        target: "session",
+        needs: &[],
+        tools: &["openssl"],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).

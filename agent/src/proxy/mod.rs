@@ -45,6 +45,8 @@ impl fmt::Display for DataPath {
 pub struct KernelCaps {
     /// Version/cipher pairs the kernel takes for both TX and RX, or why kTLS is unusable.
     ktls: Result<BTreeSet<(TlsVersion, Cipher)>, String>,
+    /// `Ok` when the kernel takes new TLS 1.3 keys on a live socket (KeyUpdate), else why not.
+    pub(crate) rekey: Result<(), String>,
 }
 
 impl KernelCaps {
@@ -64,7 +66,31 @@ impl KernelCaps {
                 .map(|c| (c.version, c.cipher))
                 .collect()),
         };
-        Self { ktls }
+        let rekey = match &report.rekey {
+            None => Ok(()),
+            Some(why) => Err(format!("kernel cannot rekey kTLS: {why}")),
+        };
+        Self { ktls, rekey }
+    }
+
+    /// `Ok` when the kernel can offload every version and cipher rustls may negotiate here, so
+    /// a handshake can be run for the kernel before its outcome is known.
+    pub fn offloads_all(&self) -> Result<(), String> {
+        let supported = self.ktls.as_ref().map_err(Clone::clone)?;
+        let missing: Vec<String> = TlsVersion::ALL
+            .iter()
+            .flat_map(|&v| Cipher::ALL.iter().map(move |&c| (v, c)))
+            .filter(|pair| !supported.contains(pair))
+            .map(|(v, c)| format!("{v} {c}"))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "kernel cannot offload {} (TX and RX)",
+                missing.join(", ")
+            ))
+        }
     }
 
     /// `Ok` when the kernel can carry this session, else why not.
@@ -138,6 +164,11 @@ pub struct ConnectionReport {
     pub client_identity: Option<String>,
     /// Plaintext bytes from the client to the upstream.
     pub bytes_up: u64,
+    /// TLS 1.3 key changes under kTLS: the peers' KeyUpdates followed and our own (on request
+    /// or at the record limit), each direction counted once.
+    pub key_updates: u64,
+    /// Session tickets stored from a TLS upstream under kTLS, for resumption.
+    pub tickets: u64,
     /// Plaintext bytes from the upstream to the client.
     pub bytes_down: u64,
     /// `None` on a clean close, else the error.
@@ -155,6 +186,8 @@ impl ConnectionReport {
             session: String::new(),
             client_identity: None,
             bytes_up: 0,
+            key_updates: 0,
+            tickets: 0,
             bytes_down: 0,
             error: None,
         }
@@ -308,12 +341,12 @@ fn log_report(r: &ConnectionReport) {
         None => tracing::info!(
             listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
             session = %r.session, client_identity = %client, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
-            "connection closed"
+            key_updates = r.key_updates, tickets = r.tickets, "connection closed"
         ),
         Some(e) => tracing::warn!(
             listener = %r.listener, peer = %r.peer, data_path = %path, reason = %r.reason,
-            session = %r.session, client_identity = %client, bytes_up = r.bytes_up, bytes_down = r.bytes_down, error = %e,
-            "connection failed"
+            session = %r.session, client_identity = %client, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
+            key_updates = r.key_updates, tickets = r.tickets, error = %e, "connection failed"
         ),
     }
 }

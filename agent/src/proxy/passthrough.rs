@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::relay::{
-    connect_upstream, linger_close, splice_relay, userspace_relay, write_proxy_header,
+    RekeyPolicy, connect_upstream, linger_close, splice_relay, userspace_relay, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
@@ -126,7 +126,14 @@ pub(crate) async fn handle(
     report.reason = format!("{reason}; upstream {upstream_addr}");
     let outcome = match path {
         DataPath::Userspace => userspace_relay(client, None, upstream, None).await,
-        _ => splice_relay(&client, false, &upstream, false).await,
+        _ => {
+            // Passthrough never holds keys, so there is nothing to rekey.
+            let policy = RekeyPolicy {
+                kernel: Err("passthrough holds no keys".into()),
+                after_records: None,
+            };
+            splice_relay(&client, None, &upstream, None, &policy).await
+        }
     };
     report.bytes_up = outcome.up;
     report.bytes_down = outcome.down;

@@ -11,6 +11,7 @@
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::Connection;
@@ -18,12 +19,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::handoff::flush_tls;
-use crate::ktls::{self, RecordType};
+use crate::handoff::{KernelSession, flush_tls};
+use crate::ktls::{self, Direction, RecordType, TlsVersion};
 use crate::splice::{self, Pipe};
 
 /// Bytes asked of one splice call, and the pipe size requested.
 const SPLICE_CHUNK: usize = 256 * 1024;
+/// Page size: the smallest record the TX record estimate assumes.
+const PAGE: usize = 4096;
 
 fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
     socket2::SockRef::from(sock).shutdown(Shutdown::Write)
@@ -59,19 +62,168 @@ pub(crate) struct RelayOutcome {
     pub(crate) up: u64,
     /// Upstream to client.
     pub(crate) down: u64,
+    /// TLS 1.3 key changes followed or made under kTLS (each direction counts once).
+    pub(crate) key_updates: u64,
+    /// Session tickets stored from a TLS upstream under kTLS.
+    pub(crate) tickets: u64,
     /// `Err` when the relay ended on an error rather than on both sides closing.
     pub(crate) result: io::Result<()>,
 }
 
-/// Moves bytes from `src` to `dst` through a pipe until `src` ends. When `src_ktls`, control
-/// records on `src` are handled (close_notify ends the stream, session tickets are skipped,
-/// anything else is an error); when `dst_ktls`, the end is signalled with close_notify.
+impl RelayOutcome {
+    /// A relay that could not start.
+    pub(crate) fn failed(e: io::Error) -> Self {
+        Self {
+            up: 0,
+            down: 0,
+            key_updates: 0,
+            tickets: 0,
+            result: Err(e),
+        }
+    }
+}
+
+/// When the kernel legs change keys.
+#[derive(Debug, Clone)]
+pub(crate) struct RekeyPolicy {
+    /// `Ok` when the kernel takes new TLS 1.3 keys on a live socket, else why not.
+    pub(crate) kernel: Result<(), String>,
+    /// Records sent under one key before the agent rekeys (or, where it cannot, closes);
+    /// `None`: half the cipher suite's confidentiality limit.
+    pub(crate) after_records: Option<u64>,
+}
+
+/// A leg whose record layer is in the kernel, shared by the two directions of a relay: the
+/// reading direction follows the peer's KeyUpdates and keeps its tickets, the writing direction
+/// counts records against the confidentiality limit.
+pub(crate) struct KtlsLeg {
+    session: Mutex<KernelSession>,
+    /// Records sent under the current TX key: an estimate from the bytes spliced, corrected
+    /// from the kernel's own sequence number whenever it nears the limit.
+    tx_records: AtomicU64,
+    key_updates: AtomicU64,
+}
+
+impl KtlsLeg {
+    pub(crate) fn new(session: KernelSession) -> Self {
+        Self {
+            session: Mutex::new(session),
+            tx_records: AtomicU64::new(0),
+            key_updates: AtomicU64::new(0),
+        }
+    }
+
+    fn session(&self) -> io::Result<std::sync::MutexGuard<'_, KernelSession>> {
+        self.session
+            .lock()
+            .map_err(|_| io::Error::other("kTLS session state poisoned by a panic"))
+    }
+
+    /// Records this leg may send under one key before it must rekey or close: 7/8 of the
+    /// configured number, else of half the cipher suite's confidentiality limit.
+    fn threshold(&self, policy: &RekeyPolicy) -> io::Result<u64> {
+        let limit = match policy.after_records {
+            Some(n) => n,
+            None => self.session()?.confidentiality_limit() / 2,
+        };
+        Ok(limit - limit / 8)
+    }
+
+    /// Bytes the next splice into this leg may carry so that the record estimate cannot pass
+    /// the threshold unchecked.
+    fn splice_budget(&self, policy: &RekeyPolicy) -> io::Result<usize> {
+        let headroom = self
+            .threshold(policy)?
+            .saturating_sub(self.tx_records.load(Ordering::Relaxed))
+            .max(1);
+        Ok(usize::try_from(headroom)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(PAGE))
+    }
+}
+
+/// The KeyUpdate handshake message (RFC 8446 4.6.3) with request_update = update_not_requested.
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
+
+/// Sends a control record on a kTLS socket, waiting for room in the socket buffer.
+async fn send_control(sock: &TcpStream, record_type: RecordType, data: &[u8]) -> io::Result<()> {
+    loop {
+        sock.writable().await?;
+        match sock.try_io(Interest::WRITABLE, || {
+            ktls::send_record(sock.as_fd(), record_type, data)
+        }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Sends our KeyUpdate under the current key, then moves the kernel's TX to the next key.
+async fn rekey_tx(sock: &TcpStream, leg: &KtlsLeg) -> io::Result<()> {
+    send_control(sock, RecordType::Handshake, &KEY_UPDATE_NOT_REQUESTED).await?;
+    leg.session()?
+        .rekey(sock.as_fd(), Direction::Tx)
+        .map_err(|e| io::Error::other(format!("rekeying TX: {e}")))?;
+    leg.tx_records.store(0, Ordering::Relaxed);
+    leg.key_updates.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Counts `bytes` just spliced into a kTLS leg and, near the record limit, rekeys its TX (TLS
+/// 1.3 on a kernel that can) or ends the connection before the limit is passed.
+async fn account_tx(
+    sock: &TcpStream,
+    leg: &KtlsLeg,
+    bytes: usize,
+    policy: &RekeyPolicy,
+) -> io::Result<()> {
+    // A pessimistic count: every splice ends its records (no SPLICE_F_MORE), and a record holds
+    // at most 2^14 bytes but may be pushed early when its page fragments run out, so assume one
+    // per page. The kernel's own sequence number settles it near the threshold.
+    let estimate = leg
+        .tx_records
+        .fetch_add(bytes.div_ceil(PAGE) as u64, Ordering::Relaxed)
+        + bytes.div_ceil(PAGE) as u64;
+    let threshold = leg.threshold(policy)?;
+    if estimate < threshold {
+        return Ok(());
+    }
+    let session = leg.session()?.session();
+    let sent = ktls::record_sequence(sock.as_fd(), Direction::Tx, session.version, session.cipher)
+        .map_err(io::Error::other)?;
+    leg.tx_records.store(sent, Ordering::Relaxed);
+    if sent < threshold {
+        return Ok(());
+    }
+    let cannot = match (&policy.kernel, session.version) {
+        (Ok(()), TlsVersion::Tls13) => None,
+        (Err(why), TlsVersion::Tls13) => Some(why.clone()),
+        (_, TlsVersion::Tls12) => Some("TLS 1.2 has no KeyUpdate".to_owned()),
+    };
+    match cannot {
+        None => rekey_tx(sock, leg).await,
+        Some(why) => {
+            // internal_error: the session cannot go on safely, and the peer should know.
+            let _ = send_control(sock, RecordType::Alert, &[2, 80]).await;
+            Err(io::Error::other(format!(
+                "record limit: {sent} records sent under one {} {} key (rekey threshold {threshold}) and {why}: closing before the confidentiality limit",
+                session.version, session.cipher
+            )))
+        }
+    }
+}
+
+/// Moves bytes from `src` to `dst` through a pipe until `src` ends. On a kTLS `src`, control
+/// records are handled (see [`control_record`]); on a kTLS `dst`, records are counted against
+/// the confidentiality limit and the end is signalled with close_notify.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
-    src_ktls: bool,
-    dst_ktls: bool,
+    src_leg: Option<&KtlsLeg>,
+    dst_leg: Option<&KtlsLeg>,
     total: &AtomicU64,
+    policy: &RekeyPolicy,
 ) -> io::Result<()> {
     let pipe = Pipe::new(SPLICE_CHUNK)?;
     loop {
@@ -83,24 +235,36 @@ async fn pump(
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 // A kTLS socket refuses to splice a non-data record: read it with its type.
-                Err(e) if src_ktls && e.raw_os_error() == Some(libc::EINVAL) => {
-                    if control_record(src)? {
-                        break 0;
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match src_leg {
+                    Some(leg) => {
+                        if control_record(src, leg, policy).await? {
+                            break 0;
+                        }
                     }
-                }
+                    None => return Err(e),
+                },
                 Err(e) => return Err(e),
             }
         };
         if n == 0 {
-            return end_direction(dst, dst_ktls);
+            return end_direction(dst, dst_leg.is_some());
         }
         let mut left = n;
         while left > 0 {
+            let chunk = match dst_leg {
+                Some(leg) => left.min(leg.splice_budget(policy)?),
+                None => left,
+            };
             dst.writable().await?;
             match dst.try_io(Interest::WRITABLE, || {
-                splice::splice(pipe.read_end(), dst.as_fd(), left)
+                splice::splice(pipe.read_end(), dst.as_fd(), chunk)
             }) {
-                Ok(m) => left -= m,
+                Ok(m) => {
+                    left -= m;
+                    if let Some(leg) = dst_leg {
+                        account_tx(dst, leg, m, policy).await?;
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -109,8 +273,15 @@ async fn pump(
     }
 }
 
-/// Reads one control record from a kTLS socket. `Ok(true)`: close_notify (end of stream).
-fn control_record(sock: &TcpStream) -> io::Result<bool> {
+/// Reads one control record from a kTLS socket and acts on it. `Ok(true)`: close_notify (end
+/// of stream).
+///
+/// - NewSessionTicket: stored for resumption (we are the client of a TLS upstream);
+/// - KeyUpdate: the kernel's RX moves to the peer's next key and, when the peer asks, ours
+///   follows with a KeyUpdate of our own; on a kernel that cannot rekey, the connection ends
+///   with an internal_error alert rather than decrypting garbage;
+/// - any alert but close_notify, or anything else, ends the connection.
+async fn control_record(sock: &TcpStream, leg: &KtlsLeg, policy: &RekeyPolicy) -> io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     let (record_type, n) = sock.try_io(Interest::READABLE, || {
         ktls::recv_record(sock.as_fd(), &mut buf)
@@ -125,14 +296,43 @@ fn control_record(sock: &TcpStream) -> io::Result<bool> {
                 buf.get(1).copied().unwrap_or(0)
             ),
         )),
-        // NewSessionTicket (4): an upstream's tickets are not kept yet; skipping them is safe.
-        RecordType::Handshake if n >= 1 && buf[0] == 4 => Ok(false),
-        // KeyUpdate (24): following it needs kernel >= 6.14 and is not implemented yet; ending
-        // the connection is the only way to avoid decrypting with stale keys.
-        RecordType::Handshake if n >= 1 && buf[0] == 24 => Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "peer sent TLS 1.3 KeyUpdate: rekeying under kTLS is not supported, closing",
-        )),
+        RecordType::Handshake => {
+            let mut messages = &buf[..n];
+            while !messages.is_empty() {
+                let truncated = || {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "truncated post-handshake message from a kTLS peer",
+                    )
+                };
+                let (&[kind, a, b, c], rest) =
+                    messages.split_first_chunk::<4>().ok_or_else(truncated)?;
+                let len = u32::from_be_bytes([0, a, b, c]) as usize;
+                if rest.len() < len {
+                    return Err(truncated());
+                }
+                let (body, next) = rest.split_at(len);
+                messages = next;
+                match kind {
+                    // NewSessionTicket (RFC 8446 4.6.1)
+                    4 => leg
+                        .session()?
+                        .take_ticket(body)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?,
+                    // KeyUpdate (RFC 8446 4.6.3)
+                    24 => key_update(sock, leg, body, policy).await?,
+                    other => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!(
+                                "unexpected post-handshake message type {other} from a kTLS peer"
+                            ),
+                        ));
+                    }
+                }
+            }
+            Ok(false)
+        }
         RecordType::ApplicationData if n == 0 => Ok(true),
         other => Err(io::Error::new(
             io::ErrorKind::InvalidData,
@@ -141,22 +341,70 @@ fn control_record(sock: &TcpStream) -> io::Result<bool> {
     }
 }
 
-/// Both directions spliced; `*_ktls` says which legs have their record layer in the kernel.
+/// Follows a peer's KeyUpdate with body `body` (one byte: update_requested or not).
+async fn key_update(
+    sock: &TcpStream,
+    leg: &KtlsLeg,
+    body: &[u8],
+    policy: &RekeyPolicy,
+) -> io::Result<()> {
+    let requested = match body {
+        [0] => false,
+        [1] => true,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "malformed KeyUpdate from a kTLS peer",
+            ));
+        }
+    };
+    if let Err(why) = &policy.kernel {
+        let _ = send_control(sock, RecordType::Alert, &[2, 80]).await;
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("peer sent TLS 1.3 KeyUpdate and {why}: closing"),
+        ));
+    }
+    leg.session()?
+        .rekey(sock.as_fd(), Direction::Rx)
+        .map_err(|e| io::Error::other(format!("rekeying RX after the peer's KeyUpdate: {e}")))?;
+    leg.key_updates.fetch_add(1, Ordering::Relaxed);
+    if requested {
+        rekey_tx(sock, leg).await?;
+    }
+    Ok(())
+}
+
+/// Both directions spliced; a leg with a [`KtlsLeg`] has its record layer in the kernel.
 pub(crate) async fn splice_relay(
     client: &TcpStream,
-    client_ktls: bool,
+    client_leg: Option<&KtlsLeg>,
     upstream: &TcpStream,
-    upstream_ktls: bool,
+    upstream_leg: Option<&KtlsLeg>,
+    policy: &RekeyPolicy,
 ) -> RelayOutcome {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = tokio::try_join!(
-        pump(client, upstream, client_ktls, upstream_ktls, &up),
-        pump(upstream, client, upstream_ktls, client_ktls, &down)
+        pump(client, upstream, client_leg, upstream_leg, &up, policy),
+        pump(upstream, client, upstream_leg, client_leg, &down, policy)
     )
     .map(|_| ());
+    let legs = [client_leg, upstream_leg];
+    let key_updates = legs
+        .iter()
+        .flatten()
+        .map(|l| l.key_updates.load(Ordering::Relaxed))
+        .sum();
+    let tickets = legs
+        .iter()
+        .flatten()
+        .map(|l| l.session().map_or(0, |s| s.tickets))
+        .sum();
     RelayOutcome {
         up: up.into_inner(),
         down: down.into_inner(),
+        key_updates,
+        tickets,
         result,
     }
 }
@@ -293,7 +541,13 @@ pub(crate) async fn userspace_relay(
     let mut u = UserLeg::new(upstream, upstream_tls);
     let (mut up, mut down) = (0u64, 0u64);
     let result = copy_loop(&mut c, &mut u, &mut up, &mut down).await;
-    RelayOutcome { up, down, result }
+    RelayOutcome {
+        up,
+        down,
+        key_updates: 0,
+        tickets: 0,
+        result,
+    }
 }
 
 async fn copy_loop(

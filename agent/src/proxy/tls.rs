@@ -15,23 +15,54 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
-use rustls::{ClientConnection, Connection, ServerConnection};
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::{ClientConnection, CommonState, Connection, ServerConnection};
 use tokio::net::TcpStream;
 
 use super::relay::{
-    RelayOutcome, close_leg, connect_upstream, linger_close, splice_relay, userspace_relay,
-    write_proxy_header,
+    KtlsLeg, RekeyPolicy, RelayOutcome, close_leg, connect_upstream, linger_close, splice_relay,
+    userspace_relay, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::config::DataPathPolicy;
-use crate::handoff::{self, complete_handshake_async};
+use crate::handoff::{self, KernelBound, complete_handshake_async};
 use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
 use crate::proxy_protocol::ClientTls;
 
-fn cipher_of(conn: &Connection) -> Option<Cipher> {
+/// A TLS leg during and after its handshake, held the way the connection's data path needs it.
+enum Leg {
+    /// rustls keeps the record layer (the userspace path).
+    User(Connection),
+    /// Driven with rustls' unbuffered API so the session can go to the kernel with its key
+    /// schedule (the ktls path).
+    Kernel(KernelBound),
+}
+
+impl Leg {
+    fn common(&self) -> &CommonState {
+        match self {
+            Leg::User(c) => c,
+            Leg::Kernel(k) => k.common(),
+        }
+    }
+}
+
+/// Closes a leg whose TLS (if any) is still in user space: close_notify, then FIN.
+async fn close(mut sock: TcpStream, leg: Option<Leg>) {
+    match leg {
+        None => close_leg(sock, None).await,
+        Some(Leg::User(conn)) => close_leg(sock, Some(conn)).await,
+        Some(Leg::Kernel(mut k)) => {
+            let _ = k.close_notify(&mut sock).await;
+        }
+    }
+}
+
+fn cipher_of(common: &CommonState) -> Option<Cipher> {
     use rustls::CipherSuite as S;
-    match conn.negotiated_cipher_suite()?.suite() {
+    match common.negotiated_cipher_suite()?.suite() {
         S::TLS13_AES_128_GCM_SHA256
         | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
         | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Some(Cipher::Aes128Gcm),
@@ -46,25 +77,25 @@ fn cipher_of(conn: &Connection) -> Option<Cipher> {
 }
 
 /// Version and cipher of a finished handshake, as the kernel would need them.
-fn session_of(conn: &Connection) -> (Option<TlsVersion>, Option<Cipher>, String) {
-    let version = conn.protocol_version().and_then(TlsVersion::from_rustls);
-    let cipher = cipher_of(conn);
+fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>, String) {
+    let version = common.protocol_version().and_then(TlsVersion::from_rustls);
+    let cipher = cipher_of(common);
     let text = match (version, cipher) {
         (Some(v), Some(c)) => format!("{v} {c}"),
-        _ => format!("{:?}", conn.negotiated_cipher_suite()),
+        _ => format!("{:?}", common.negotiated_cipher_suite()),
     };
     (version, cipher, text)
 }
 
 /// What the upstream learns of the client's TLS session through a PROXY v2 header; also where
 /// the report gets the client certificate's names.
-fn client_tls_info(conn: &Connection) -> Result<ClientTls, String> {
-    let version = match conn.protocol_version() {
+fn client_tls_info(common: &CommonState, sni: Option<String>) -> Result<ClientTls, String> {
+    let version = match common.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
         other => format!("{other:?}"),
     };
-    let cipher = conn
+    let cipher = common
         .negotiated_cipher_suite()
         .and_then(|s| s.suite().as_str())
         // rustls spells the TLS 1.3 suites "TLS13_..."; the IANA names are "TLS_...".
@@ -73,11 +104,7 @@ fn client_tls_info(conn: &Connection) -> Result<ClientTls, String> {
             None => name.to_owned(),
         })
         .unwrap_or_default();
-    let sni = match conn {
-        Connection::Server(s) => s.server_name().map(str::to_owned),
-        Connection::Client(_) => None,
-    };
-    let certificate = match conn.peer_certificates().and_then(|c| c.first()) {
+    let certificate = match common.peer_certificates().and_then(|c| c.first()) {
         Some(leaf) => Some(identity::peer_identity(leaf)?),
         None => None,
     };
@@ -85,7 +112,7 @@ fn client_tls_info(conn: &Connection) -> Result<ClientTls, String> {
         version,
         cipher,
         sni,
-        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        alpn: common.alpn_protocol().map(<[u8]>::to_vec),
         certificate,
     })
 }
@@ -107,15 +134,32 @@ fn handshake_failure_reason(e: &handoff::HandoffError) -> &'static str {
     }
 }
 
-/// Runs a handshake with a deadline; on failure says why in the returned text.
+/// Runs a handshake with a deadline; returns the leg and, for a server leg, the client's SNI.
+/// On failure says why in the returned text.
 async fn handshake(
-    mut conn: Connection,
+    leg: Leg,
     sock: &mut TcpStream,
     peer: &str,
     deadline: Duration,
-) -> Result<Connection, (&'static str, String)> {
-    match tokio::time::timeout(deadline, complete_handshake_async(&mut conn, sock, peer)).await {
-        Ok(Ok(())) => Ok(conn),
+) -> Result<(Leg, Option<String>), (&'static str, String)> {
+    let run = async {
+        match leg {
+            Leg::User(mut conn) => {
+                complete_handshake_async(&mut conn, sock, peer).await?;
+                let sni = match &conn {
+                    Connection::Server(s) => s.server_name().map(str::to_owned),
+                    Connection::Client(_) => None,
+                };
+                Ok((Leg::User(conn), sni))
+            }
+            Leg::Kernel(mut k) => {
+                let sni = k.handshake(sock, peer).await?;
+                Ok((Leg::Kernel(k), sni))
+            }
+        }
+    };
+    match tokio::time::timeout(deadline, run).await {
+        Ok(Ok(done)) => Ok(done),
         Ok(Err(e)) => Err((handshake_failure_reason(&e), e.to_string())),
         Err(_) => Err((
             "handshake timeout",
@@ -139,18 +183,38 @@ pub(crate) async fn handle(
     };
     let peer_s = peer.to_string();
 
+    // Which kind of handshake: one the kernel can take over (rustls' unbuffered API, which
+    // keeps the key schedule for KeyUpdate), or one that stays in user space. The userspace
+    // reason stands unless the kernel path is chosen after the handshake.
+    let userspace_reason = match (cfg.data_path, state.caps.offloads_all()) {
+        (DataPathPolicy::Userspace, _) => Some("listener data_path = userspace".to_owned()),
+        (DataPathPolicy::Auto, Err(why)) => Some(why),
+        (DataPathPolicy::Ktls | DataPathPolicy::Auto, _) => None,
+    };
+    let for_kernel = userspace_reason.is_none();
+
+    let mut client_sni = None;
     let client_tls = match &state.server_tls {
         None => None,
         Some(server_config) => {
-            let conn = match ServerConnection::new(server_config.clone()) {
-                Ok(c) => c.into(),
+            let leg = if for_kernel {
+                UnbufferedServerConnection::new(server_config.clone())
+                    .map(|c| Leg::Kernel(KernelBound::Server(c)))
+            } else {
+                ServerConnection::new(server_config.clone()).map(|c| Leg::User(c.into()))
+            };
+            let leg = match leg {
+                Ok(leg) => leg,
                 Err(e) => {
                     report.error = Some(format!("rustls: {e}"));
                     return report;
                 }
             };
-            match handshake(conn, &mut client, &peer_s, cfg.handshake_timeout()).await {
-                Ok(conn) => Some(conn),
+            match handshake(leg, &mut client, &peer_s, cfg.handshake_timeout()).await {
+                Ok((leg, sni)) => {
+                    client_sni = sni;
+                    Some(leg)
+                }
                 Err((reason, error)) => {
                     report.reason = reason.to_owned();
                     report.error = Some(error);
@@ -161,12 +225,16 @@ pub(crate) async fn handle(
         }
     };
 
-    let client_info = match client_tls.as_ref().map(client_tls_info).transpose() {
+    let client_info = match client_tls
+        .as_ref()
+        .map(|leg| client_tls_info(leg.common(), client_sni.clone()))
+        .transpose()
+    {
         Ok(info) => info,
         Err(e) => {
             report.reason = "client certificate unreadable".into();
             report.error = Some(e);
-            close_leg(client, client_tls).await;
+            close(client, client_tls).await;
             return report;
         }
     };
@@ -179,7 +247,7 @@ pub(crate) async fn handle(
         Err((reason, error)) => {
             report.reason = reason.to_owned();
             report.error = Some(error);
-            close_leg(client, client_tls).await;
+            close(client, client_tls).await;
             return report;
         }
     };
@@ -188,28 +256,35 @@ pub(crate) async fn handle(
     {
         report.reason = reason.to_owned();
         report.error = Some(error);
-        close_leg(client, client_tls).await;
+        close(client, client_tls).await;
         return report;
     }
 
     let upstream_tls = match &state.upstream_tls {
         None => None,
         Some((client_config, name)) => {
-            let conn = match ClientConnection::new(client_config.clone(), name.clone()) {
-                Ok(c) => c.into(),
+            let leg = if for_kernel {
+                UnbufferedClientConnection::new(client_config.clone(), name.clone())
+                    .map(|c| Leg::Kernel(KernelBound::Client(c)))
+            } else {
+                ClientConnection::new(client_config.clone(), name.clone())
+                    .map(|c| Leg::User(c.into()))
+            };
+            let leg = match leg {
+                Ok(leg) => leg,
                 Err(e) => {
                     report.error = Some(format!("rustls: {e}"));
-                    close_leg(client, client_tls).await;
+                    close(client, client_tls).await;
                     return report;
                 }
             };
             let upstream_s = upstream_addr.to_string();
-            match handshake(conn, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
-                Ok(conn) => Some(conn),
+            match handshake(leg, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
+                Ok((leg, _)) => Some(leg),
                 Err((reason, error)) => {
                     report.reason = format!("upstream {reason}");
                     report.error = Some(error);
-                    close_leg(client, client_tls).await;
+                    close(client, client_tls).await;
                     return report;
                 }
             }
@@ -219,9 +294,9 @@ pub(crate) async fn handle(
     // Every TLS leg must be offloadable for the kernel path.
     let mut sessions = Vec::new();
     let mut offload = Ok(());
-    for (leg, conn) in [("client", &client_tls), ("upstream", &upstream_tls)] {
-        if let Some(conn) = conn {
-            let (version, cipher, text) = session_of(conn);
+    for (leg, tls) in [("client", &client_tls), ("upstream", &upstream_tls)] {
+        if let Some(tls) = tls {
+            let (version, cipher, text) = session_of(tls.common());
             sessions.push(format!("{leg} {text}"));
             if offload.is_ok() {
                 offload = state
@@ -235,48 +310,55 @@ pub(crate) async fn handle(
         sessions.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
     }
     report.session = sessions.join(", ");
-    let (path, reason) = match (cfg.data_path, offload) {
-        (DataPathPolicy::Userspace, _) => (
-            DataPath::Userspace,
-            "listener data_path = userspace".to_owned(),
-        ),
-        (_, Ok(())) => (
-            DataPath::Ktls,
-            format!("kernel offloads {}", report.session),
-        ),
-        (DataPathPolicy::Auto, Err(why)) => (DataPath::Userspace, why),
-        (DataPathPolicy::Ktls, Err(why)) => {
+    let path = match (userspace_reason, offload) {
+        (Some(why), _) => {
+            report.reason = why;
+            DataPath::Userspace
+        }
+        (None, Ok(())) => {
+            report.reason = format!("kernel offloads {}", report.session);
+            DataPath::Ktls
+        }
+        // Only `data_path = "ktls"` runs a kernel handshake on a kernel that cannot offload
+        // every suite.
+        (None, Err(why)) => {
             report.reason = format!("listener requires ktls: {why}");
             report.error = Some("connection refused by data_path = ktls".into());
-            close_leg(upstream, upstream_tls).await;
-            close_leg(client, client_tls).await;
+            close(upstream, upstream_tls).await;
+            close(client, client_tls).await;
             return report;
         }
     };
     report.data_path = Some(path);
-    report.reason = reason;
     tracing::debug!(listener = %cfg.name, peer = %peer, data_path = %path, reason = %report.reason,
         session = %report.session, "data path chosen");
 
-    let outcome = match path {
-        DataPath::Ktls => {
+    let outcome = match (client_tls, upstream_tls) {
+        (Some(Leg::User(c)), Some(Leg::User(u))) => {
+            userspace_relay(client, Some(c), upstream, Some(u)).await
+        }
+        (Some(Leg::User(c)), None) => userspace_relay(client, Some(c), upstream, None).await,
+        (None, Some(Leg::User(u))) => userspace_relay(client, None, upstream, Some(u)).await,
+        (client_tls, upstream_tls) => {
+            let policy = RekeyPolicy {
+                kernel: state.caps.rekey.clone(),
+                after_records: cfg.rekey_after_records,
+            };
             kernel_relay(
                 &client,
                 client_tls,
                 &upstream,
                 upstream_tls,
-                &peer_s,
-                &upstream_addr.to_string(),
+                (&peer_s, &upstream_addr.to_string()),
+                &policy,
             )
             .await
-        }
-        // `Splice` is passthrough's path and never chosen above.
-        DataPath::Userspace | DataPath::Splice => {
-            userspace_relay(client, client_tls, upstream, upstream_tls).await
         }
     };
     report.bytes_up = outcome.up;
     report.bytes_down = outcome.down;
+    report.key_updates = outcome.key_updates;
+    report.tickets = outcome.tickets;
     report.error = outcome.result.err().map(|e| e.to_string());
     report
 }
@@ -284,29 +366,29 @@ pub(crate) async fn handle(
 /// Hands every TLS leg to the kernel, then splices.
 async fn kernel_relay(
     client: &TcpStream,
-    client_tls: Option<Connection>,
+    client_tls: Option<Leg>,
     upstream: &TcpStream,
-    upstream_tls: Option<Connection>,
-    peer: &str,
-    upstream_peer: &str,
+    upstream_tls: Option<Leg>,
+    (peer, upstream_peer): (&str, &str),
+    policy: &RekeyPolicy,
 ) -> RelayOutcome {
-    let client_ktls = client_tls.is_some();
-    let upstream_ktls = upstream_tls.is_some();
-    let handoff = || -> Result<(), handoff::HandoffError> {
-        if let Some(conn) = client_tls {
-            handoff::into_kernel(conn, client.as_fd(), peer)?;
-        }
-        if let Some(conn) = upstream_tls {
-            handoff::into_kernel(conn, upstream.as_fd(), upstream_peer)?;
-        }
-        Ok(())
-    };
-    if let Err(e) = handoff() {
-        return RelayOutcome {
-            up: 0,
-            down: 0,
-            result: Err(io::Error::other(e)),
+    let into_kernel =
+        |leg: Option<Leg>, sock: &TcpStream, who: &str| -> io::Result<Option<KtlsLeg>> {
+            match leg {
+                None => Ok(None),
+                Some(Leg::Kernel(k)) => k
+                    .into_kernel(sock.as_fd(), who)
+                    .map(|s| Some(KtlsLeg::new(s)))
+                    .map_err(io::Error::other),
+                Some(Leg::User(_)) => Err(io::Error::other(
+                    "internal: a user-space session on the kernel path",
+                )),
+            }
         };
+    let legs = into_kernel(client_tls, client, peer)
+        .and_then(|c| Ok((c, into_kernel(upstream_tls, upstream, upstream_peer)?)));
+    match legs {
+        Ok((c, u)) => splice_relay(client, c.as_ref(), upstream, u.as_ref(), policy).await,
+        Err(e) => RelayOutcome::failed(e),
     }
-    splice_relay(client, client_ktls, upstream, upstream_ktls).await
 }
