@@ -5,9 +5,11 @@
 //! - originate: plaintext in from a local app, TLS to the upstream.
 //!
 //! Each TLS handshake reads one record at a time, so no byte past it is read into user space.
-//! Then the connection takes one data path for both legs, and says which and why:
-//! - ktls: the kernel can offload every TLS leg's version and cipher; keys go to the kernel and
-//!   both directions are spliced, so the payload never enters user space;
+//! The connection takes one data path for both legs, and says which and why:
+//! - ktls: the kernel can offload every version and cipher rustls may negotiate (or the listener
+//!   demands it); the handshakes run on rustls' unbuffered API, the keys go to the kernel, rustls
+//!   keeps only the key schedule (KeyUpdate) and ticket store, and both directions are spliced,
+//!   so the payload never enters user space;
 //! - userspace: rustls keeps every TLS leg's record layer and a copy loop moves the plaintext.
 
 use std::io;
