@@ -400,20 +400,17 @@ impl KernelBound {
                 }
                 Step::Failed(e) => {
                     // rustls queued the alert that explains the failure: encode and send it.
-                    // (rustls may still refer to the rest of the record, so pass it again.)
+                    // Only while records are queued, since each call pops one before it would
+                    // parse `incoming` again (which still holds the offending bytes).
                     outgoing.clear();
-                    for _ in 0..4 {
+                    while self.common().wants_write() {
                         let (discard, next) = self.process(&mut incoming, &mut outgoing);
                         incoming.drain(..discard);
-                        match next {
-                            Step::Encoded => {}
-                            Step::Transmit => {
-                                let _ = sock.write_all(&outgoing).await;
-                                break;
-                            }
-                            _ => break,
+                        if !matches!(next, Step::Encoded) {
+                            break;
                         }
                     }
+                    let _ = sock.write_all(&outgoing).await;
                     return Err(fail(io::Error::new(io::ErrorKind::InvalidData, e)));
                 }
                 Step::Unexpected(what) => return Err(fail(io::Error::other(what))),

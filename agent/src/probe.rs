@@ -61,6 +61,61 @@ pub fn ktls_rekey_supported() -> Result<(), KtlsUnavailable> {
     Ok(())
 }
 
+/// Checks that splice(2) moves decrypted bytes out of a kTLS RX socket and encrypted bytes into
+/// a kTLS TX socket, as the ktls data path does: a loopback connection with kTLS both ways on
+/// both ends (one zero TLS 1.3 key), a message written by one end, spliced by the other from its
+/// socket into a pipe and from the pipe back into its socket, and read back by the first.
+pub fn ktls_splice_supported() -> Result<(), KtlsUnavailable> {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let fail = |what: &str, e: io::Error| {
+        KtlsUnavailable::Loopback(io::Error::new(e.kind(), format!("{what}: {e}")))
+    };
+    let (mut client, server) = loopback_pair()?;
+    let info = CryptoInfo::zeroed(TlsVersion::Tls13, Cipher::Aes128Gcm);
+    for sock in [&client, &server] {
+        ktls::attach_ulp(sock.as_fd())?;
+        ktls::set_crypto_info(sock.as_fd(), Direction::Tx, &info)?;
+        ktls::set_crypto_info(sock.as_fd(), Direction::Rx, &info)?;
+    }
+    let pipe = crate::splice::Pipe::new(64 * 1024).map_err(|e| fail("pipe2", e))?;
+    let message = b"tlsplice splice probe";
+    client
+        .write_all(message)
+        .map_err(|e| fail("write to kTLS TX", e))?;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let splice_all = |from, to, what: &str| -> Result<(), KtlsUnavailable> {
+        let mut moved = 0;
+        while moved < message.len() {
+            match crate::splice::splice(from, to, message.len() - moved) {
+                Ok(0) => return Err(fail(what, io::ErrorKind::UnexpectedEof.into())),
+                Ok(n) => moved += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(fail(what, e)),
+            }
+        }
+        Ok(())
+    };
+    splice_all(server.as_fd(), pipe.write_end(), "splice from kTLS RX")?;
+    splice_all(pipe.read_end(), server.as_fd(), "splice into kTLS TX")?;
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| fail("SO_RCVTIMEO", e))?;
+    let mut echoed = vec![0u8; message.len()];
+    client
+        .read_exact(&mut echoed)
+        .map_err(|e| fail("read from kTLS RX", e))?;
+    if echoed != message {
+        return Err(fail(
+            "spliced bytes",
+            io::Error::other("came back different"),
+        ));
+    }
+    Ok(())
+}
+
 /// The kernel release, e.g. "6.12.48+deb12-cloud-amd64".
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -120,6 +175,8 @@ pub struct ProbeReport {
     /// TLS 1.3 KeyUpdate in kTLS (kernel 6.14 and later): `None` when a second TX key is
     /// accepted, else why not.
     pub rekey: Option<String>,
+    /// splice(2) out of kTLS RX and into kTLS TX: `None` when it works, else why not.
+    pub splice: Option<String>,
     /// /proc/net/tls_stat counters, when present.
     pub tls_stat: Option<TlsStat>,
     /// /sys/kernel/btf/vmlinux exists.
@@ -151,6 +208,10 @@ impl ProbeReport {
         } else {
             Vec::new()
         };
+        let splice = match &ktls {
+            None => ktls_splice_supported().err().map(|e| e.to_string()),
+            Some(_) => Some("kTLS unavailable".to_owned()),
+        };
         let rekey = match &ktls {
             None => ktls_rekey_supported().err().map(|e| e.to_string()),
             Some(_) => Some("kTLS unavailable".to_owned()),
@@ -168,6 +229,7 @@ impl ProbeReport {
             ktls,
             ciphers,
             rekey,
+            splice,
             tls_stat: TlsStat::read().ok().flatten(),
             btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
             capabilities,
@@ -198,6 +260,10 @@ impl fmt::Display for ProbeReport {
                 yes_no(&c.tx),
                 yes_no(&c.rx)
             )?;
+        }
+        match &self.splice {
+            None => writeln!(f, "ktls splice (RX -> pipe -> TX): yes")?,
+            Some(why) => writeln!(f, "ktls splice (RX -> pipe -> TX): no ({why})")?,
         }
         match &self.rekey {
             None => writeln!(f, "ktls tls1.3 rekey: yes")?,

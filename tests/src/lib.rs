@@ -33,6 +33,16 @@ pub fn require(test: &str, unavailable: Option<String>) -> bool {
     }
 }
 
+/// Prints why `test` does not run here, in the line `cargo xtask test` counts as a skip.
+pub fn skip(test: &str, why: &str) {
+    println!("{SKIP_MARKER} {test}: {why}");
+}
+
+/// True inside a VM of the kernel matrix (which requires kernel features), false on the host.
+pub fn in_guest() -> bool {
+    std::env::var_os(REQUIRE_ENV).is_some()
+}
+
 /// The tlsplice binary: `$TLSPLICE_AGENT_BIN` (the matrix sets it on the host), else
 /// /usr/bin/tlsplice (where the VM images put it).
 pub fn agent_binary() -> std::path::PathBuf {
@@ -316,7 +326,7 @@ impl Pattern {
 const CHUNK: usize = 64 * 1024;
 
 /// Writes `len` bytes of `Pattern::new(seed)` to `w`.
-pub fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<()> {
+pub fn send_pattern(w: &mut (impl Write + ?Sized), seed: u64, len: usize) -> io::Result<()> {
     let mut pattern = Pattern::new(seed);
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
@@ -331,7 +341,7 @@ pub fn send_pattern(w: &mut impl Write, seed: u64, len: usize) -> io::Result<()>
 
 /// Reads exactly `len` bytes from `r` and checks they are `Pattern::new(seed)`; returns the
 /// offset of the first differing 64 KiB chunk as an error.
-pub fn expect_pattern(r: &mut impl Read, seed: u64, len: usize) -> io::Result<()> {
+pub fn expect_pattern(r: &mut (impl Read + ?Sized), seed: u64, len: usize) -> io::Result<()> {
     let mut pattern = Pattern::new(seed);
     let mut want = vec![0u8; CHUNK];
     let mut got = vec![0u8; CHUNK];

@@ -41,6 +41,16 @@ fn probe_matches_the_kernel_and_judges_each_listener() {
                 out.contains("ktls TLSv1.3 AES-128-GCM: tx yes, rx yes"),
                 "{out}"
             );
+            assert!(out.contains("ktls splice (RX -> pipe -> TX): yes"), "{out}");
+            // Rekey is probed by installing a second key, and must agree with the version.
+            let release = tlsplice::probe::kernel_release();
+            let rekey_expected =
+                tlsplice::probe::parse_release(&release).is_some_and(|v| v >= (6, 14));
+            assert_eq!(
+                out.contains("ktls tls1.3 rekey: yes"),
+                rekey_expected,
+                "{release}: {out}"
+            );
         }
         Err(e) => {
             assert!(

@@ -72,6 +72,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &["openssl"],
     },
+    MatrixTest {
+        target: "modes",
+        needs: &[],
+        tools: &[],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).

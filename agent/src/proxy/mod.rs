@@ -57,9 +57,10 @@ impl KernelCaps {
 
     /// What a probe report says can be offloaded: pairs accepted for both TX and RX.
     pub fn from_report(report: &probe::ProbeReport) -> Self {
-        let ktls = match &report.ktls {
-            Some(why) => Err(format!("kernel has no kTLS: {why}")),
-            None => Ok(report
+        let ktls = match (&report.ktls, &report.splice) {
+            (Some(why), _) => Err(format!("kernel has no kTLS: {why}")),
+            (None, Some(why)) => Err(format!("kernel cannot splice kTLS sockets: {why}")),
+            (None, None) => Ok(report
                 .ciphers
                 .iter()
                 .filter(|c| c.tx.is_none() && c.rx.is_none())
