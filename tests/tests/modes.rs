@@ -160,28 +160,14 @@ fn check(report: &ConnectionReport, mode: Mode, expected: DataPath, bytes: u64) 
     }
 }
 
-/// Where each row runs, within the matrix's time (the guests are emulated, so every byte costs
-/// about a microsecond of crypto in each of the three processes): the user-space rows on the
-/// host, where the copy loop is the same code as on every kernel; the kernel rows in every
-/// guest for the exchanges, and on the newest kernel (6.14+) for 64 MiB. The 16 MiB transfers
-/// with wire checks in terminate/reencrypt/passthrough run on every kernel.
-fn runs_here(test: &str, policy: DataPathPolicy, bulk: bool) -> bool {
-    if !in_guest() {
-        return true;
-    }
-    if policy == DataPathPolicy::Userspace {
+/// Where each row runs, within the matrix's time (the guests are emulated): the user-space rows
+/// on the host, since the copy loop is the same code on every kernel; the kernel rows (ktls,
+/// splice) on the host and in every guest.
+fn runs_here(test: &str, policy: DataPathPolicy) -> bool {
+    if in_guest() && policy == DataPathPolicy::Userspace {
         skip(
             test,
             "the user-space copy loop is kernel-independent: this row runs on the host",
-        );
-        return false;
-    }
-    let release = tlsplice::probe::kernel_release();
-    let newest = tlsplice::probe::parse_release(&release).is_some_and(|v| v >= (6, 14));
-    if bulk && !newest {
-        skip(
-            test,
-            "64 MiB kernel rows run on the newest kernel only (emulation time); 16 MiB with wire checks ran here",
         );
         return false;
     }
@@ -280,7 +266,7 @@ macro_rules! mode_tests {
         #[test]
         #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
         fn $bulk() {
-            if runs_here(stringify!($bulk), $policy, true) {
+            if runs_here(stringify!($bulk), $policy) {
                 bulk($mode, $policy);
             }
         }
@@ -288,7 +274,7 @@ macro_rules! mode_tests {
         #[test]
         #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
         fn $small() {
-            if runs_here(stringify!($small), $policy, false) {
+            if runs_here(stringify!($small), $policy) {
                 exchanges($mode, $policy);
             }
         }
