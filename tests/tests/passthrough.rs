@@ -169,3 +169,48 @@ fn bad_first_flights_are_refused_with_a_reason() {
     never.set_nonblocking(true).expect("nonblocking");
     assert!(never.accept().is_err(), "no upstream may be contacted");
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn proxy_v2_header_precedes_the_client_hello() {
+    let pki = TestPki::generate_for(&["b.test"]);
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let config = pki.server_config();
+    // Reads the PROXY v2 header, then serves the client's own TLS session behind it.
+    let upstream_done = thread::spawn(move || -> Result<(SocketAddr, usize), String> {
+        let (mut sock, _) = l.accept().map_err(|e| e.to_string())?;
+        let mut header = vec![0u8; 16];
+        sock.read_exact(&mut header).map_err(|e| e.to_string())?;
+        let len = u16::from_be_bytes([header[14], header[15]]) as usize;
+        header.resize(16 + len, 0);
+        sock.read_exact(&mut header[16..])
+            .map_err(|e| e.to_string())?;
+        let parsed = ppp::v2::Header::try_from(header.as_slice()).map_err(|e| format!("{e:?}"))?;
+        let source = match parsed.addresses {
+            ppp::v2::Addresses::IPv4(a) => SocketAddr::from((a.source_address, a.source_port)),
+            other => return Err(format!("{other:?}")),
+        };
+        let tlvs = parsed.tlvs().count();
+        let mut tls = StreamOwned::new(
+            ServerConnection::new(config).map_err(|e| e.to_string())?,
+            sock,
+        );
+        expect_pattern(&mut tls, 1, 4096).map_err(|e| e.to_string())?;
+        send_pattern(&mut tls, 2, 4096).map_err(|e| e.to_string())?;
+        let mut rest = Vec::new();
+        tls.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+        tls.conn.send_close_notify();
+        tls.flush().map_err(|e| e.to_string())?;
+        Ok((source, tlvs))
+    });
+    let mut cfg = passthrough_listener(&[("b.test", addr)], None, DataPathPolicy::Auto);
+    cfg.proxy_protocol = Some(tlsplice::config::ProxyProtocol::V2);
+    let mut agent = Agent::start(cfg);
+    client_exchange(agent.addr, &pki, "b.test", 4096);
+    let (source, tlvs) = upstream_done.join().expect("upstream").expect("upstream");
+    let report = agent.next_report();
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(source, report.peer, "the header names the client");
+    assert_eq!(tlvs, 0, "passthrough holds no TLS session to describe");
+}

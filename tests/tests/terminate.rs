@@ -437,6 +437,20 @@ fn no_descriptors_leak() {
         let _ = plain.read_to_end(&mut rest);
         drop(plain);
         assert_eq!(agent.next_report().reason, "handshake failed");
+        // A client that resets mid-transfer (SO_LINGER 0, then close: RST with data in flight).
+        let mut tls = tls_client(agent.addr, &pki);
+        tls.write_all(&[7u8; 64 * 1024]).expect("write");
+        let mut some = [0u8; 1024];
+        tls.read_exact(&mut some).expect("first echoed bytes");
+        socket2::SockRef::from(&tls.sock)
+            .set_linger(Some(Duration::ZERO))
+            .expect("SO_LINGER 0");
+        drop(tls);
+        let report = agent.next_report();
+        assert!(
+            report.error.as_deref().is_some_and(|e| e.contains("reset")),
+            "a reset mid-transfer is reported: {report:?}"
+        );
     }
     // Echo threads close their sockets when they see EOF: give them a moment.
     let mut now = open_fds();
@@ -449,8 +463,10 @@ fn no_descriptors_leak() {
     }
     assert_eq!(
         now, baseline,
-        "descriptors leaked over 40 connections (pipes, sockets)"
+        "descriptors leaked over 60 connections (pipes, sockets)"
     );
-    println!("terminate: 40 connections, open descriptors back to {baseline}");
+    println!(
+        "terminate: 60 connections (good, not TLS, reset mid-transfer), open descriptors back to {baseline}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
