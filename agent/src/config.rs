@@ -88,6 +88,9 @@ pub struct ListenerConfig {
     /// it, those connections are refused).
     #[serde(default)]
     pub upstream: Option<SocketAddr>,
+    /// terminate: a unix socket path for a local plaintext upstream, instead of `upstream`.
+    #[serde(default)]
+    pub upstream_unix: Option<PathBuf>,
     /// passthrough: upstream per server name (matched case-insensitively).
     #[serde(default)]
     pub sni: BTreeMap<String, SocketAddr>,
@@ -220,6 +223,13 @@ impl Config {
             }
             let mode = format!("{:?}", l.mode).to_lowercase();
             if l.mode == Mode::Passthrough {
+                if l.upstream_unix.is_some() {
+                    return Err(invalid(
+                        l,
+                        "mode passthrough routes to TCP upstreams: upstream_unix is for terminate"
+                            .into(),
+                    ));
+                }
                 if l.upstream.is_none() && l.sni.is_empty() {
                     return Err(invalid(
                         l,
@@ -240,8 +250,25 @@ impl Config {
                     ));
                 }
             } else {
-                if l.upstream.is_none() {
-                    return Err(invalid(l, format!("mode {mode} needs an upstream")));
+                match (&l.upstream, &l.upstream_unix) {
+                    (None, None) => {
+                        return Err(invalid(l, format!("mode {mode} needs an upstream")));
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(invalid(
+                            l,
+                            "upstream and upstream_unix are exclusive: pick one".into(),
+                        ));
+                    }
+                    (None, Some(_)) if l.mode != Mode::Terminate => {
+                        return Err(invalid(
+                            l,
+                            format!(
+                                "mode {mode} needs a TCP upstream: upstream_unix is for terminate"
+                            ),
+                        ));
+                    }
+                    _ => {}
                 }
                 if !l.sni.is_empty() {
                     return Err(invalid(
@@ -395,6 +422,20 @@ mod tests {
                 "client_ca = \"ca.pem\"\n[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\n"
             )),
             "c.toml: listener \"l\": mode originate does not terminate client TLS: remove client_ca"
+        );
+        assert_eq!(
+            err(base(
+                "terminate",
+                "cert = \"c\"\nkey = \"k\"\nupstream_unix = \"/run/app.sock\"\n"
+            )),
+            "c.toml: listener \"l\": upstream and upstream_unix are exclusive: pick one"
+        );
+        assert!(
+            Config::parse(
+                "[[listener]]\nname = \"l\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:1\"\nupstream_unix = \"/run/app.sock\"\ncert = \"c\"\nkey = \"k\"\n",
+                Path::new("c.toml")
+            )
+            .is_ok()
         );
         assert!(
             Config::parse(

@@ -175,11 +175,35 @@ pub fn complete_handshake(conn: &mut Connection, sock: &TcpStream) -> Result<(),
         conn.write_tls(&mut io).map_err(fail)?;
     }
     if !io.reader.at_record_boundary() {
-        return Err(fail(io::Error::other(
-            "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
-        )));
+        return Err(fail(misaligned()));
     }
     Ok(())
+}
+
+fn misaligned() -> io::Error {
+    io::Error::other(
+        "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
+    )
+}
+
+/// Reads into `buf` no more than what is left of the current TLS record; end of stream is an
+/// error (the handshake is not over).
+async fn read_in_record(
+    sock: &mut tokio::net::TcpStream,
+    boundary: &mut RecordBoundary,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let want = boundary.limit(buf.len());
+    let n = sock.read(&mut buf[..want]).await?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed the connection during the handshake",
+        ));
+    }
+    boundary.advance(&buf[..n]);
+    Ok(n)
 }
 
 /// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer.
@@ -207,7 +231,6 @@ pub async fn complete_handshake_async(
     sock: &mut tokio::net::TcpStream,
     peer: &str,
 ) -> Result<(), HandoffError> {
-    use tokio::io::AsyncReadExt;
     let fail = |source: io::Error| HandoffError::Handshake {
         peer: peer.to_owned(),
         source,
@@ -219,21 +242,13 @@ pub async fn complete_handshake_async(
         flush_tls(conn, &mut out, sock).await.map_err(fail)?;
         if !conn.is_handshaking() {
             if !boundary.at_boundary() {
-                return Err(fail(io::Error::other(
-                    "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
-                )));
+                return Err(fail(misaligned()));
             }
             return Ok(());
         }
-        let want = boundary.limit(buf.len());
-        let n = sock.read(&mut buf[..want]).await.map_err(fail)?;
-        if n == 0 {
-            return Err(fail(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed the connection during the handshake",
-            )));
-        }
-        boundary.advance(&buf[..n]);
+        let n = read_in_record(sock, &mut boundary, &mut buf)
+            .await
+            .map_err(fail)?;
         let mut input = &buf[..n];
         while !input.is_empty() {
             conn.read_tls(&mut input).map_err(fail)?;
@@ -345,7 +360,7 @@ impl KernelBound {
         sock: &mut tokio::net::TcpStream,
         peer: &str,
     ) -> Result<Option<String>, HandoffError> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let fail = |source: io::Error| HandoffError::Handshake {
             peer: peer.to_owned(),
             source,
@@ -367,15 +382,9 @@ impl KernelBound {
                     outgoing.clear();
                 }
                 Step::Read => {
-                    let want = boundary.limit(buf.len());
-                    let n = sock.read(&mut buf[..want]).await.map_err(fail)?;
-                    if n == 0 {
-                        return Err(fail(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "peer closed the connection during the handshake",
-                        )));
-                    }
-                    boundary.advance(&buf[..n]);
+                    let n = read_in_record(sock, &mut boundary, &mut buf)
+                        .await
+                        .map_err(fail)?;
                     incoming.extend_from_slice(&buf[..n]);
                     if let Some(hello) = &mut first_record {
                         hello.extend_from_slice(&buf[..n]);
@@ -392,9 +401,7 @@ impl KernelBound {
                 }
                 Step::Done => {
                     if !boundary.at_boundary() || !incoming.is_empty() {
-                        return Err(fail(io::Error::other(
-                            "handshake ended inside a record: refusing to hand a misaligned stream to the kernel",
-                        )));
+                        return Err(fail(misaligned()));
                     }
                     return Ok(server_name);
                 }
@@ -419,7 +426,10 @@ impl KernelBound {
     }
 
     /// Ends a finished session that will not go to the kernel: close_notify, then FIN.
-    pub async fn close_notify(&mut self, sock: &mut tokio::net::TcpStream) -> io::Result<()> {
+    pub async fn close_notify(
+        &mut self,
+        sock: &mut (impl tokio::io::AsyncWrite + Unpin),
+    ) -> io::Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut out = vec![0u8; 64];
         let written = match self {

@@ -43,6 +43,34 @@ pub fn in_guest() -> bool {
     std::env::var_os(REQUIRE_ENV).is_some()
 }
 
+/// Starts `openssl s_client` against `agent`, asking for and verifying "localhost" against the
+/// test CA in `pki_dir`, with `extra` arguments (e.g. `-quiet`, `-cert`); stdio is piped.
+pub fn s_client(
+    openssl: &std::path::Path,
+    agent: std::net::SocketAddr,
+    pki_dir: &std::path::Path,
+    extra: &[&std::ffi::OsStr],
+) -> std::process::Child {
+    use std::process::{Command, Stdio};
+    Command::new(openssl)
+        .args([
+            "s_client",
+            "-verify_return_error",
+            "-servername",
+            "localhost",
+        ])
+        .arg("-connect")
+        .arg(agent.to_string())
+        .arg("-CAfile")
+        .arg(pki_dir.join("ca.pem"))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start openssl s_client")
+}
+
 /// The tlsplice binary: `$TLSPLICE_AGENT_BIN` (the matrix sets it on the host), else
 /// /usr/bin/tlsplice (where the VM images put it).
 pub fn agent_binary() -> std::path::PathBuf {
@@ -457,6 +485,7 @@ pub fn listener(
         mode,
         listen: "127.0.0.1:0".parse().expect("addr"),
         upstream: Some(upstream),
+        upstream_unix: None,
         sni: Default::default(),
         cert: client_tls.then(|| pki_dir.join("server.pem")),
         key: client_tls.then(|| pki_dir.join("server.key")),

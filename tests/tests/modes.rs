@@ -174,89 +174,49 @@ fn runs_here(test: &str, policy: DataPathPolicy) -> bool {
     true
 }
 
-struct Setup {
-    pki: TestPki,
-    dir: std::path::PathBuf,
-    agent: Agent,
-    expected: DataPath,
-    upstream_done: thread::JoinHandle<Result<(), String>>,
-}
-
-fn setup(mode: Mode, policy: DataPathPolicy, bulk: bool) -> Setup {
+/// One connection through an agent for `mode` with `policy`: the 64 MiB transfer (`bulk`) or
+/// the 10,000 exchanges, then a clean close, and the report checked.
+fn run(mode: Mode, policy: DataPathPolicy, bulk: bool) {
     let pki = TestPki::generate();
     let dir = pki.write_files();
     let (upstream_addr, upstream_done) = upstream(mode, pki.server_config(), bulk);
     // passthrough has no TLS material of its own; `listener` leaves it out.
-    let agent = Agent::start(listener(mode, &dir, upstream_addr, policy));
+    let mut agent = Agent::start(listener(mode, &dir, upstream_addr, policy));
     let expected = match (mode, policy) {
         (_, DataPathPolicy::Userspace) => DataPath::Userspace,
         (Mode::Passthrough, _) => DataPath::Splice,
         _ => expected_auto_path().0,
     };
-    Setup {
-        pki,
-        dir,
-        agent,
-        expected,
-        upstream_done,
-    }
-}
-
-fn bulk(mode: Mode, policy: DataPathPolicy) {
-    let Setup {
-        pki,
-        dir,
-        mut agent,
-        expected,
-        upstream_done,
-    } = setup(mode, policy, true);
     let started = Instant::now();
     let mut c = client(mode, agent.addr, &pki);
-    send_pattern(c.io(), 1, BULK).expect("client sending");
-    expect_pattern(c.io(), 2, BULK).expect("client receiving");
+    let (bytes, what) = if bulk {
+        send_pattern(c.io(), 1, BULK).expect("client sending");
+        expect_pattern(c.io(), 2, BULK).expect("client receiving");
+        (BULK, format!("{} MiB each way byte-identical", BULK >> 20))
+    } else {
+        let mut answer = [0u8; MESSAGE];
+        for i in 0..EXCHANGES {
+            let request = [(i % 251) as u8; MESSAGE];
+            c.io().write_all(&request).expect("request");
+            c.io().read_exact(&mut answer).expect("response");
+            assert_eq!(answer, request, "exchange {i}");
+        }
+        (
+            EXCHANGES * MESSAGE,
+            format!("{EXCHANGES} exchanges of {MESSAGE} bytes"),
+        )
+    };
     c.close().expect("clean close");
     let report = agent.next_report();
-    check(&report, mode, expected, BULK as u64);
+    check(&report, mode, expected, bytes as u64);
     upstream_done
         .join()
         .expect("upstream thread")
         .expect("upstream");
     println!(
-        "{mode:?} over {expected}: {} MiB each way byte-identical in {:.1} s ({})",
-        BULK >> 20,
+        "{mode:?} over {expected}: {what} in {:.1} s ({})",
         started.elapsed().as_secs_f64(),
         report.session
-    );
-    let _ = std::fs::remove_dir_all(dir);
-}
-
-fn exchanges(mode: Mode, policy: DataPathPolicy) {
-    let Setup {
-        pki,
-        dir,
-        mut agent,
-        expected,
-        upstream_done,
-    } = setup(mode, policy, false);
-    let started = Instant::now();
-    let mut c = client(mode, agent.addr, &pki);
-    let mut answer = [0u8; MESSAGE];
-    for i in 0..EXCHANGES {
-        let request = [(i % 251) as u8; MESSAGE];
-        c.io().write_all(&request).expect("request");
-        c.io().read_exact(&mut answer).expect("response");
-        assert_eq!(answer, request, "exchange {i}");
-    }
-    c.close().expect("clean close");
-    let report = agent.next_report();
-    check(&report, mode, expected, (EXCHANGES * MESSAGE) as u64);
-    upstream_done
-        .join()
-        .expect("upstream thread")
-        .expect("upstream");
-    println!(
-        "{mode:?} over {expected}: {EXCHANGES} exchanges of {MESSAGE} bytes in {:.1} s",
-        started.elapsed().as_secs_f64()
     );
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -267,7 +227,7 @@ macro_rules! mode_tests {
         #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
         fn $bulk() {
             if runs_here(stringify!($bulk), $policy) {
-                bulk($mode, $policy);
+                run($mode, $policy, true);
             }
         }
 
@@ -275,7 +235,7 @@ macro_rules! mode_tests {
         #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
         fn $small() {
             if runs_here(stringify!($small), $policy) {
-                exchanges($mode, $policy);
+                run($mode, $policy, false);
             }
         }
     )*};

@@ -8,7 +8,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 
@@ -17,7 +16,7 @@ use rustls::{ClientConfig, ClientConnection, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode, ProxyProtocol};
 use tlsplice::proxy::ConnectionReport;
 use tlsplice_tests::{
-    Agent, CLIENT_CN, CLIENT_SANS, TestPki, expect_pattern, expected_auto_path, listener,
+    Agent, CLIENT_CN, CLIENT_SANS, TestPki, expect_pattern, expected_auto_path, listener, s_client,
     send_pattern, tool_or_skip,
 };
 
@@ -375,27 +374,19 @@ fn openssl_s_client_with_a_certificate_is_named_to_the_upstream() {
         Ok(line)
     });
     let mut agent = Agent::start(mtls_listener(Mode::Terminate, &dir, upstream));
-    let mut child = Command::new(openssl)
-        .args([
-            "s_client",
-            "-quiet",
-            "-verify_return_error",
-            "-servername",
-            "localhost",
-        ])
-        .arg("-connect")
-        .arg(agent.addr.to_string())
-        .arg("-CAfile")
-        .arg(dir.join("ca.pem"))
-        .arg("-cert")
-        .arg(dir.join("client.pem"))
-        .arg("-key")
-        .arg(dir.join("client.key"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start openssl s_client");
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    let mut child = s_client(
+        &openssl,
+        agent.addr,
+        &dir,
+        &[
+            "-quiet".as_ref(),
+            "-cert".as_ref(),
+            cert.as_ref(),
+            "-key".as_ref(),
+            key.as_ref(),
+        ],
+    );
     let mut stdin = child.stdin.take().expect("stdin");
     stdin.write_all(b"ping\n").expect("write to s_client");
     let out = child.wait_with_output().expect("s_client output");

@@ -48,6 +48,7 @@ fn passthrough_listener(
         mode: Mode::Passthrough,
         listen: "127.0.0.1:0".parse().expect("addr"),
         upstream: default,
+        upstream_unix: None,
         sni: routes.iter().map(|(n, a)| ((*n).to_owned(), *a)).collect(),
         cert: None,
         key: None,

@@ -10,7 +10,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -21,7 +20,7 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, Pattern, SuiteUnderTest, TestPki, expect_pattern, expected_auto_path, listener,
-    send_pattern, tool_or_skip,
+    s_client, send_pattern, tool_or_skip,
 };
 
 /// Bytes each way.
@@ -261,22 +260,8 @@ fn openssl_s_client_key_update_is_followed_or_ends_the_connection() {
         upstream,
         DataPathPolicy::Auto,
     ));
-    let mut child = Command::new(openssl)
-        .args([
-            "s_client",
-            "-verify_return_error",
-            "-servername",
-            "localhost",
-        ])
-        .arg("-connect")
-        .arg(agent.addr.to_string())
-        .arg("-CAfile")
-        .arg(dir.join("ca.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start openssl s_client");
+    // Not -quiet: s_client takes commands ("K": KeyUpdate, update requested) only without it.
+    let mut child = s_client(&openssl, agent.addr, &dir, &[]);
     let mut stdin = child.stdin.take().expect("stdin");
     // s_client reads a command only when it is alone in one read of stdin: pace the lines.
     for line in ["first\n", "K\n", "second\n"] {

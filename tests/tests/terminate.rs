@@ -9,7 +9,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
-    send_pattern, tool_or_skip,
+    s_client, send_pattern, tool_or_skip,
 };
 
 /// Bytes each way in the bulk test.
@@ -159,23 +159,7 @@ fn openssl_s_client_request_response() {
         upstream,
         DataPathPolicy::Auto,
     ));
-    let mut child = Command::new(openssl)
-        .args([
-            "s_client",
-            "-quiet",
-            "-verify_return_error",
-            "-servername",
-            "localhost",
-        ])
-        .arg("-connect")
-        .arg(agent.addr.to_string())
-        .arg("-CAfile")
-        .arg(dir.join("ca.pem"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start openssl s_client");
+    let mut child = s_client(&openssl, agent.addr, &dir, &["-quiet".as_ref()]);
     let mut stdin = child.stdin.take().expect("stdin");
     stdin
         .write_all(b"ping-marker\n")
@@ -467,6 +451,106 @@ fn no_descriptors_leak() {
     );
     println!(
         "terminate: 60 connections (good, not TLS, reset mid-transfer), open descriptors back to {baseline}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn unix_socket_upstream_with_proxy_header() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let path = dir.join("upstream.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).expect("bind unix upstream");
+    const LEN: usize = 4 << 20;
+    let upstream_done = thread::spawn(move || -> Result<String, String> {
+        let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+        // The PROXY v1 line, byte by byte so nothing after it is consumed.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut byte).map_err(|e| e.to_string())?;
+            line.push(byte[0]);
+        }
+        expect_pattern(&mut s, 1, LEN).map_err(|e| format!("upstream receiving: {e}"))?;
+        send_pattern(&mut s, 2, LEN).map_err(|e| format!("upstream sending: {e}"))?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).map_err(|e| e.to_string())?;
+        String::from_utf8(line).map_err(|e| e.to_string())
+    });
+    // Any TCP address stands in for `upstream` in the helper; the unix path replaces it.
+    let mut cfg = listener(
+        Mode::Terminate,
+        &dir,
+        "127.0.0.1:1".parse().expect("addr"),
+        DataPathPolicy::Auto,
+    );
+    cfg.upstream = None;
+    cfg.upstream_unix = Some(path.clone());
+    cfg.proxy_protocol = Some(tlsplice::config::ProxyProtocol::V1);
+    let mut agent = Agent::start(cfg);
+    let mut tls = tls_client(agent.addr, &pki);
+    send_pattern(&mut tls, 1, LEN).expect("client sending");
+    expect_pattern(&mut tls, 2, LEN).expect("client receiving");
+    let client_port = tls.sock.local_addr().expect("addr").port();
+    tls.conn.send_close_notify();
+    tls.flush().expect("flush");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest).expect("clean close");
+    let header = upstream_done.join().expect("upstream").expect("upstream");
+    assert_eq!(
+        header,
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {}\r\n",
+            agent.addr.port()
+        )
+    );
+    let report = agent.next_report();
+    let (path_taken, _) = expected_auto_path();
+    assert_eq!(report.error, None, "{report:?}");
+    assert_eq!(report.data_path, Some(path_taken), "{report:?}");
+    assert_eq!(report.bytes_up, LEN as u64, "{report:?}");
+    assert_eq!(report.bytes_down, LEN as u64, "{report:?}");
+    println!(
+        "terminate: unix socket upstream, {} MiB each way over {path_taken}",
+        LEN >> 20
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn silent_upstream_times_out_cleanly() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    // An upstream whose accept queue is full: the kernel drops further SYNs, so a connect
+    // neither succeeds nor fails until the agent's deadline.
+    let full =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    full.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
+        .expect("bind");
+    full.listen(0).expect("listen");
+    let addr = full.local_addr().expect("addr").as_socket().expect("inet");
+    let _queued: Vec<TcpStream> = (0..2)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok())
+        .collect();
+    let mut cfg = listener(Mode::Terminate, &dir, addr, DataPathPolicy::Auto);
+    cfg.connect_timeout_ms = 1_000;
+    let mut agent = Agent::start(cfg);
+    let mut tls = tls_client(agent.addr, &pki);
+    tls.write_all(b"hello").expect("handshake and send");
+    let mut rest = Vec::new();
+    tls.read_to_end(&mut rest)
+        .expect("close_notify from the agent after the connect deadline");
+    assert!(rest.is_empty());
+    let report = agent.next_report();
+    assert_eq!(report.reason, "upstream connect timeout", "{report:?}");
+    assert!(
+        report
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("no answer within 1000 ms")),
+        "{report:?}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

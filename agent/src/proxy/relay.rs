@@ -15,9 +15,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustls::Connection;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::handoff::{KernelSession, flush_tls};
 use crate::ktls::{self, Direction, RecordType, TlsVersion};
@@ -28,7 +27,57 @@ const SPLICE_CHUNK: usize = 256 * 1024;
 /// Page size: the smallest record the TX record estimate assumes.
 const PAGE: usize = 4096;
 
-fn shutdown_write(sock: &TcpStream) -> io::Result<()> {
+/// A connected stream socket the relays can drive: TCP (every leg), or a unix socket (the local
+/// upstream of a terminate listener). splice(2) takes either.
+pub(crate) trait StreamSocket: AsFd + Send + Sync {
+    /// Waits until the socket may be readable.
+    fn readable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Waits until the socket may be writable.
+    fn writable(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// Runs a non-blocking operation; `WouldBlock` clears the readiness it waited for.
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    /// Owned read and write halves, for the user-space relay.
+    fn into_halves(
+        self,
+    ) -> (
+        Box<dyn AsyncRead + Unpin + Send>,
+        Box<dyn AsyncWrite + Unpin + Send>,
+    );
+}
+
+macro_rules! stream_socket {
+    ($t:ty) => {
+        impl StreamSocket for $t {
+            fn readable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$t>::readable(self)
+            }
+            fn writable(&self) -> impl Future<Output = io::Result<()>> + Send {
+                <$t>::writable(self)
+            }
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$t>::try_io(self, interest, f)
+            }
+            fn into_halves(
+                self,
+            ) -> (
+                Box<dyn AsyncRead + Unpin + Send>,
+                Box<dyn AsyncWrite + Unpin + Send>,
+            ) {
+                let (rd, wr) = self.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+        }
+    };
+}
+
+stream_socket!(TcpStream);
+stream_socket!(UnixStream);
+
+fn shutdown_write(sock: &impl AsFd) -> io::Result<()> {
     socket2::SockRef::from(sock).shutdown(Shutdown::Write)
 }
 
@@ -42,7 +91,7 @@ fn peer_gone(e: &io::Error) -> bool {
 }
 
 /// Signals the end of one direction on `dst`: close_notify on a kTLS leg, then FIN.
-fn end_direction(dst: &TcpStream, dst_ktls: bool) -> io::Result<()> {
+fn end_direction(dst: &impl StreamSocket, dst_ktls: bool) -> io::Result<()> {
     let result = if dst_ktls {
         ktls::send_record(dst.as_fd(), RecordType::Alert, &[1, 0]).map(|_| ())
     } else {
@@ -146,7 +195,11 @@ impl KtlsLeg {
 const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
 
 /// Sends a control record on a kTLS socket, waiting for room in the socket buffer.
-async fn send_control(sock: &TcpStream, record_type: RecordType, data: &[u8]) -> io::Result<()> {
+async fn send_control(
+    sock: &impl StreamSocket,
+    record_type: RecordType,
+    data: &[u8],
+) -> io::Result<()> {
     loop {
         sock.writable().await?;
         match sock.try_io(Interest::WRITABLE, || {
@@ -160,7 +213,7 @@ async fn send_control(sock: &TcpStream, record_type: RecordType, data: &[u8]) ->
 }
 
 /// Sends our KeyUpdate under the current key, then moves the kernel's TX to the next key.
-async fn rekey_tx(sock: &TcpStream, leg: &KtlsLeg) -> io::Result<()> {
+async fn rekey_tx(sock: &impl StreamSocket, leg: &KtlsLeg) -> io::Result<()> {
     send_control(sock, RecordType::Handshake, &KEY_UPDATE_NOT_REQUESTED).await?;
     leg.session()?
         .rekey(sock.as_fd(), Direction::Tx)
@@ -173,7 +226,7 @@ async fn rekey_tx(sock: &TcpStream, leg: &KtlsLeg) -> io::Result<()> {
 /// Counts `bytes` just spliced into a kTLS leg and, near the record limit, rekeys its TX (TLS
 /// 1.3 on a kernel that can) or ends the connection before the limit is passed.
 async fn account_tx(
-    sock: &TcpStream,
+    sock: &impl StreamSocket,
     leg: &KtlsLeg,
     bytes: usize,
     policy: &RekeyPolicy,
@@ -218,8 +271,8 @@ async fn account_tx(
 /// records are handled (see [`control_record`]); on a kTLS `dst`, records are counted against
 /// the confidentiality limit and the end is signalled with close_notify.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &impl StreamSocket,
+    dst: &impl StreamSocket,
     src_leg: Option<&KtlsLeg>,
     dst_leg: Option<&KtlsLeg>,
     total: &AtomicU64,
@@ -281,7 +334,11 @@ async fn pump(
 ///   follows with a KeyUpdate of our own; on a kernel that cannot rekey, the connection ends
 ///   with an internal_error alert rather than decrypting garbage;
 /// - any alert but close_notify, or anything else, ends the connection.
-async fn control_record(sock: &TcpStream, leg: &KtlsLeg, policy: &RekeyPolicy) -> io::Result<bool> {
+async fn control_record(
+    sock: &impl StreamSocket,
+    leg: &KtlsLeg,
+    policy: &RekeyPolicy,
+) -> io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     let (record_type, n) = sock.try_io(Interest::READABLE, || {
         ktls::recv_record(sock.as_fd(), &mut buf)
@@ -343,7 +400,7 @@ async fn control_record(sock: &TcpStream, leg: &KtlsLeg, policy: &RekeyPolicy) -
 
 /// Follows a peer's KeyUpdate with body `body` (one byte: update_requested or not).
 async fn key_update(
-    sock: &TcpStream,
+    sock: &impl StreamSocket,
     leg: &KtlsLeg,
     body: &[u8],
     policy: &RekeyPolicy,
@@ -377,9 +434,9 @@ async fn key_update(
 
 /// Both directions spliced; a leg with a [`KtlsLeg`] has its record layer in the kernel.
 pub(crate) async fn splice_relay(
-    client: &TcpStream,
+    client: &impl StreamSocket,
     client_leg: Option<&KtlsLeg>,
-    upstream: &TcpStream,
+    upstream: &impl StreamSocket,
     upstream_leg: Option<&KtlsLeg>,
     policy: &RekeyPolicy,
 ) -> RelayOutcome {
@@ -411,8 +468,8 @@ pub(crate) async fn splice_relay(
 
 /// One side of a user-space relay: a socket and, for a TLS leg, its rustls connection.
 struct UserLeg {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: Box<dyn AsyncRead + Unpin + Send>,
+    wr: Box<dyn AsyncWrite + Unpin + Send>,
     tls: Option<Connection>,
     /// Still reading from this leg.
     open: bool,
@@ -420,8 +477,8 @@ struct UserLeg {
 }
 
 impl UserLeg {
-    fn new(sock: TcpStream, tls: Option<Connection>) -> Self {
-        let (rd, wr) = sock.into_split();
+    fn new(sock: impl StreamSocket, tls: Option<Connection>) -> Self {
+        let (rd, wr) = sock.into_halves();
         Self {
             rd,
             wr,
@@ -532,9 +589,9 @@ async fn forward(
 
 /// rustls in user space on every TLS leg and a copy loop between the legs.
 pub(crate) async fn userspace_relay(
-    client: TcpStream,
+    client: impl StreamSocket,
     client_tls: Option<Connection>,
-    upstream: TcpStream,
+    upstream: impl StreamSocket,
     upstream_tls: Option<Connection>,
 ) -> RelayOutcome {
     let mut c = UserLeg::new(client, client_tls);
@@ -596,11 +653,34 @@ pub(crate) async fn connect_upstream(
     }
 }
 
+/// Connects to a local upstream's unix socket within `deadline`; on failure returns the
+/// report's reason and error.
+pub(crate) async fn connect_unix(
+    path: &std::path::Path,
+    deadline: std::time::Duration,
+) -> Result<UnixStream, (&'static str, String)> {
+    match tokio::time::timeout(deadline, UnixStream::connect(path)).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err((
+            "upstream unreachable",
+            format!("connect {}: {e}", path.display()),
+        )),
+        Err(_) => Err((
+            "upstream connect timeout",
+            format!(
+                "connect {}: no answer within {} ms",
+                path.display(),
+                deadline.as_millis()
+            ),
+        )),
+    }
+}
+
 /// Writes the listener's PROXY protocol header, when it asks for one, as the first bytes on the
 /// upstream connection. `client` is the accepted socket (its local address is the header's
 /// destination), `peer` the client's address.
 pub(crate) async fn write_proxy_header(
-    upstream: &mut TcpStream,
+    upstream: &mut (impl AsyncWrite + Unpin),
     cfg: &crate::config::ListenerConfig,
     client: &TcpStream,
     peer: std::net::SocketAddr,
@@ -641,7 +721,7 @@ pub(crate) async fn linger_close(mut sock: TcpStream) {
 }
 
 /// Closes a leg whose TLS (if any) is still in user space: close_notify, then FIN.
-pub(crate) async fn close_leg(mut sock: TcpStream, tls: Option<Connection>) {
+pub(crate) async fn close_leg(mut sock: impl AsyncWrite + Unpin, tls: Option<Connection>) {
     if let Some(mut conn) = tls {
         conn.send_close_notify();
         if flush_tls(&mut conn, &mut Vec::new(), &mut sock)

@@ -14,17 +14,18 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::{ClientConnection, CommonState, Connection, ServerConnection};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::relay::{
-    KtlsLeg, RekeyPolicy, RelayOutcome, close_leg, connect_upstream, linger_close, splice_relay,
-    userspace_relay, write_proxy_header,
+    KtlsLeg, RekeyPolicy, RelayOutcome, StreamSocket, close_leg, connect_unix, connect_upstream,
+    linger_close, splice_relay, userspace_relay, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::config::DataPathPolicy;
@@ -52,7 +53,7 @@ impl Leg {
 }
 
 /// Closes a leg whose TLS (if any) is still in user space: close_notify, then FIN.
-async fn close(mut sock: TcpStream, leg: Option<Leg>) {
+async fn close(mut sock: impl AsyncWrite + Unpin, leg: Option<Leg>) {
     match leg {
         None => close_leg(sock, None).await,
         Some(Leg::User(conn)) => close_leg(sock, Some(conn)).await,
@@ -178,10 +179,14 @@ pub(crate) async fn handle(
 ) -> ConnectionReport {
     let cfg = &state.config;
     let mut report = ConnectionReport::new(&cfg.name, peer);
-    let Some(upstream_addr) = cfg.upstream else {
+    let target = match (cfg.upstream, &cfg.upstream_unix) {
+        (Some(addr), _) => Target::Tcp(addr),
+        (None, Some(path)) => Target::Unix(path.clone()),
         // Config validation requires an upstream for these modes.
-        report.error = Some("listener has no upstream".into());
-        return report;
+        (None, None) => {
+            report.error = Some("listener has no upstream".into());
+            return report;
+        }
     };
     let peer_s = peer.to_string();
 
@@ -244,28 +249,94 @@ pub(crate) async fn handle(
         report.client_identity = Some(cert.to_string());
     }
 
+    let client_side = ClientSide {
+        sock: client,
+        tls: client_tls,
+        info: client_info,
+        peer,
+        userspace_reason,
+    };
+    match target {
+        Target::Tcp(addr) => tcp_upstream(state, report, client_side, addr).await,
+        Target::Unix(path) => {
+            let mut client = client_side;
+            let mut upstream = match connect_unix(&path, cfg.connect_timeout()).await {
+                Ok(s) => s,
+                Err((reason, error)) => {
+                    report.reason = reason.to_owned();
+                    report.error = Some(error);
+                    close(client.sock, client.tls).await;
+                    return report;
+                }
+            };
+            if let Err((reason, error)) =
+                write_proxy_header(&mut upstream, cfg, &client.sock, peer, client.info.as_ref())
+                    .await
+            {
+                report.reason = reason.to_owned();
+                report.error = Some(error);
+                close(client.sock, client.tls.take()).await;
+                return report;
+            }
+            let name = path.display().to_string();
+            relay(state, report, client, upstream, None, &name).await
+        }
+    }
+}
+
+/// Where a listener's upstream is.
+enum Target {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+/// The client leg after its handshake, with what the upstream side needs to know.
+struct ClientSide {
+    sock: TcpStream,
+    tls: Option<Leg>,
+    info: Option<ClientTls>,
+    peer: SocketAddr,
+    /// Why this connection stays in user space, when it does.
+    userspace_reason: Option<String>,
+}
+
+/// Connects to a TCP upstream, sends the PROXY header, runs the upstream TLS handshake when
+/// the mode has one, then relays.
+async fn tcp_upstream(
+    state: &ListenerState,
+    mut report: ConnectionReport,
+    client: ClientSide,
+    upstream_addr: SocketAddr,
+) -> ConnectionReport {
+    let cfg = &state.config;
     let mut upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
         Ok(s) => s,
         Err((reason, error)) => {
             report.reason = reason.to_owned();
             report.error = Some(error);
-            close(client, client_tls).await;
+            close(client.sock, client.tls).await;
             return report;
         }
     };
-    if let Err((reason, error)) =
-        write_proxy_header(&mut upstream, cfg, &client, peer, client_info.as_ref()).await
+    if let Err((reason, error)) = write_proxy_header(
+        &mut upstream,
+        cfg,
+        &client.sock,
+        client.peer,
+        client.info.as_ref(),
+    )
+    .await
     {
         report.reason = reason.to_owned();
         report.error = Some(error);
-        close(client, client_tls).await;
+        close(client.sock, client.tls).await;
         return report;
     }
 
     let upstream_tls = match &state.upstream_tls {
         None => None,
         Some((client_config, name)) => {
-            let leg = if for_kernel {
+            let leg = if client.userspace_reason.is_none() {
                 UnbufferedClientConnection::new(client_config.clone(), name.clone())
                     .map(|c| Leg::Kernel(KernelBound::Client(c)))
             } else {
@@ -276,7 +347,7 @@ pub(crate) async fn handle(
                 Ok(leg) => leg,
                 Err(e) => {
                     report.error = Some(format!("rustls: {e}"));
-                    close(client, client_tls).await;
+                    close(client.sock, client.tls).await;
                     return report;
                 }
             };
@@ -286,13 +357,41 @@ pub(crate) async fn handle(
                 Err((reason, error)) => {
                     report.reason = format!("upstream {reason}");
                     report.error = Some(error);
-                    close(client, client_tls).await;
+                    close(client.sock, client.tls).await;
                     return report;
                 }
             }
         }
     };
+    relay(
+        state,
+        report,
+        client,
+        upstream,
+        upstream_tls,
+        &upstream_addr.to_string(),
+    )
+    .await
+}
 
+/// Chooses the data path for both legs (and says why), then moves the bytes until both
+/// directions end.
+async fn relay(
+    state: &ListenerState,
+    mut report: ConnectionReport,
+    client: ClientSide,
+    upstream: impl StreamSocket + AsyncWrite + Unpin,
+    upstream_tls: Option<Leg>,
+    upstream_name: &str,
+) -> ConnectionReport {
+    let cfg = &state.config;
+    let ClientSide {
+        sock: client,
+        tls: client_tls,
+        info: client_info,
+        peer,
+        userspace_reason,
+    } = client;
     // Every TLS leg must be offloadable for the kernel path.
     let mut sessions = Vec::new();
     let mut offload = Ok(());
@@ -351,7 +450,7 @@ pub(crate) async fn handle(
                 client_tls,
                 &upstream,
                 upstream_tls,
-                (&peer_s, &upstream_addr.to_string()),
+                (&peer.to_string(), upstream_name),
                 &policy,
             )
             .await
@@ -369,17 +468,17 @@ pub(crate) async fn handle(
 async fn kernel_relay(
     client: &TcpStream,
     client_tls: Option<Leg>,
-    upstream: &TcpStream,
+    upstream: &impl StreamSocket,
     upstream_tls: Option<Leg>,
     (peer, upstream_peer): (&str, &str),
     policy: &RekeyPolicy,
 ) -> RelayOutcome {
     let into_kernel =
-        |leg: Option<Leg>, sock: &TcpStream, who: &str| -> io::Result<Option<KtlsLeg>> {
+        |leg: Option<Leg>, sock: BorrowedFd<'_>, who: &str| -> io::Result<Option<KtlsLeg>> {
             match leg {
                 None => Ok(None),
                 Some(Leg::Kernel(k)) => k
-                    .into_kernel(sock.as_fd(), who)
+                    .into_kernel(sock, who)
                     .map(|s| Some(KtlsLeg::new(s)))
                     .map_err(io::Error::other),
                 Some(Leg::User(_)) => Err(io::Error::other(
@@ -387,8 +486,12 @@ async fn kernel_relay(
                 )),
             }
         };
-    let legs = into_kernel(client_tls, client, peer)
-        .and_then(|c| Ok((c, into_kernel(upstream_tls, upstream, upstream_peer)?)));
+    let legs = into_kernel(client_tls, client.as_fd(), peer).and_then(|c| {
+        Ok((
+            c,
+            into_kernel(upstream_tls, upstream.as_fd(), upstream_peer)?,
+        ))
+    });
     match legs {
         Ok((c, u)) => splice_relay(client, c.as_ref(), upstream, u.as_ref(), policy).await,
         Err(e) => RelayOutcome::failed(e),
