@@ -259,29 +259,48 @@ pub(crate) async fn handle(
     match target {
         Target::Tcp(addr) => tcp_upstream(state, report, client_side, addr).await,
         Target::Unix(path) => {
-            let mut client = client_side;
-            let mut upstream = match connect_unix(&path, cfg.connect_timeout()).await {
-                Ok(s) => s,
-                Err((reason, error)) => {
-                    report.reason = reason.to_owned();
-                    report.error = Some(error);
-                    close(client.sock, client.tls).await;
-                    return report;
+            let connected = connect_unix(&path, cfg.connect_timeout()).await;
+            match announce(connected, cfg, &client_side).await {
+                Ok(upstream) => {
+                    let name = path.display().to_string();
+                    relay(state, report, client_side, upstream, None, &name).await
                 }
-            };
-            if let Err((reason, error)) =
-                write_proxy_header(&mut upstream, cfg, &client.sock, peer, client.info.as_ref())
-                    .await
-            {
-                report.reason = reason.to_owned();
-                report.error = Some(error);
-                close(client.sock, client.tls.take()).await;
-                return report;
+                Err(failure) => fail_early(report, failure, client_side).await,
             }
-            let name = path.display().to_string();
-            relay(state, report, client, upstream, None, &name).await
         }
     }
+}
+
+/// Writes the PROXY header (when the listener asks for one) on a freshly connected upstream.
+async fn announce<U: AsyncWrite + Unpin>(
+    connected: Result<U, (&'static str, String)>,
+    cfg: &crate::config::ListenerConfig,
+    client: &ClientSide,
+) -> Result<U, (String, String)> {
+    let mut upstream = connected.map_err(|(reason, error)| (reason.to_owned(), error))?;
+    write_proxy_header(
+        &mut upstream,
+        cfg,
+        &client.sock,
+        client.peer,
+        client.info.as_ref(),
+    )
+    .await
+    .map_err(|(reason, error)| (reason.to_owned(), error))?;
+    Ok(upstream)
+}
+
+/// Ends a connection that failed before its relay: reason and error in the report, and the
+/// client's session closed cleanly (close_notify, then FIN).
+async fn fail_early(
+    mut report: ConnectionReport,
+    (reason, error): (String, String),
+    client: ClientSide,
+) -> ConnectionReport {
+    report.reason = reason;
+    report.error = Some(error);
+    close(client.sock, client.tls).await;
+    report
 }
 
 /// Where a listener's upstream is.
@@ -304,35 +323,16 @@ struct ClientSide {
 /// the mode has one, then relays.
 async fn tcp_upstream(
     state: &ListenerState,
-    mut report: ConnectionReport,
+    report: ConnectionReport,
     client: ClientSide,
     upstream_addr: SocketAddr,
 ) -> ConnectionReport {
     let cfg = &state.config;
-    let mut upstream = match connect_upstream(upstream_addr, cfg.connect_timeout()).await {
-        Ok(s) => s,
-        Err((reason, error)) => {
-            report.reason = reason.to_owned();
-            report.error = Some(error);
-            close(client.sock, client.tls).await;
-            return report;
-        }
+    let connected = connect_upstream(upstream_addr, cfg.connect_timeout()).await;
+    let mut upstream = match announce(connected, cfg, &client).await {
+        Ok(upstream) => upstream,
+        Err(failure) => return fail_early(report, failure, client).await,
     };
-    if let Err((reason, error)) = write_proxy_header(
-        &mut upstream,
-        cfg,
-        &client.sock,
-        client.peer,
-        client.info.as_ref(),
-    )
-    .await
-    {
-        report.reason = reason.to_owned();
-        report.error = Some(error);
-        close(client.sock, client.tls).await;
-        return report;
-    }
-
     let upstream_tls = match &state.upstream_tls {
         None => None,
         Some((client_config, name)) => {
@@ -346,19 +346,16 @@ async fn tcp_upstream(
             let leg = match leg {
                 Ok(leg) => leg,
                 Err(e) => {
-                    report.error = Some(format!("rustls: {e}"));
-                    close(client.sock, client.tls).await;
-                    return report;
+                    let failure = ("rustls".to_owned(), format!("rustls: {e}"));
+                    return fail_early(report, failure, client).await;
                 }
             };
             let upstream_s = upstream_addr.to_string();
             match handshake(leg, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
                 Ok((leg, _)) => Some(leg),
                 Err((reason, error)) => {
-                    report.reason = format!("upstream {reason}");
-                    report.error = Some(error);
-                    close(client.sock, client.tls).await;
-                    return report;
+                    let failure = (format!("upstream {reason}"), error);
+                    return fail_early(report, failure, client).await;
                 }
             }
         }
