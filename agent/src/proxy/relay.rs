@@ -147,6 +147,10 @@ pub(crate) struct RekeyPolicy {
 /// counts records against the confidentiality limit.
 pub(crate) struct KtlsLeg {
     session: Mutex<KernelSession>,
+    /// Records this leg may send under one key before it must rekey or close: 7/8 of the
+    /// configured number, else of half the cipher suite's confidentiality limit. Fixed for the
+    /// connection, so the hot path never locks the session for it.
+    tx_threshold: u64,
     /// Records sent under the current TX key: an estimate from the bytes spliced, corrected
     /// from the kernel's own sequence number whenever it nears the limit.
     tx_records: AtomicU64,
@@ -154,9 +158,12 @@ pub(crate) struct KtlsLeg {
 }
 
 impl KtlsLeg {
-    pub(crate) fn new(session: KernelSession) -> Self {
+    /// `after_records`: the listener's `rekey_after_records`.
+    pub(crate) fn new(session: KernelSession, after_records: Option<u64>) -> Self {
+        let limit = after_records.unwrap_or_else(|| session.confidentiality_limit() / 2);
         Self {
             session: Mutex::new(session),
+            tx_threshold: limit - limit / 8,
             tx_records: AtomicU64::new(0),
             key_updates: AtomicU64::new(0),
         }
@@ -168,26 +175,16 @@ impl KtlsLeg {
             .map_err(|_| io::Error::other("kTLS session state poisoned by a panic"))
     }
 
-    /// Records this leg may send under one key before it must rekey or close: 7/8 of the
-    /// configured number, else of half the cipher suite's confidentiality limit.
-    fn threshold(&self, policy: &RekeyPolicy) -> io::Result<u64> {
-        let limit = match policy.after_records {
-            Some(n) => n,
-            None => self.session()?.confidentiality_limit() / 2,
-        };
-        Ok(limit - limit / 8)
-    }
-
     /// Bytes the next splice into this leg may carry so that the record estimate cannot pass
     /// the threshold unchecked.
-    fn splice_budget(&self, policy: &RekeyPolicy) -> io::Result<usize> {
+    fn splice_budget(&self) -> usize {
         let headroom = self
-            .threshold(policy)?
+            .tx_threshold
             .saturating_sub(self.tx_records.load(Ordering::Relaxed))
             .max(1);
-        Ok(usize::try_from(headroom)
+        usize::try_from(headroom)
             .unwrap_or(usize::MAX)
-            .saturating_mul(PAGE))
+            .saturating_mul(PAGE)
     }
 }
 
@@ -238,7 +235,7 @@ async fn account_tx(
         .tx_records
         .fetch_add(bytes.div_ceil(PAGE) as u64, Ordering::Relaxed)
         + bytes.div_ceil(PAGE) as u64;
-    let threshold = leg.threshold(policy)?;
+    let threshold = leg.tx_threshold;
     if estimate < threshold {
         return Ok(());
     }
@@ -305,7 +302,7 @@ async fn pump(
         let mut left = n;
         while left > 0 {
             let chunk = match dst_leg {
-                Some(leg) => left.min(leg.splice_budget(policy)?),
+                Some(leg) => left.min(leg.splice_budget()),
                 None => left,
             };
             dst.writable().await?;

@@ -476,7 +476,7 @@ async fn kernel_relay(
                 None => Ok(None),
                 Some(Leg::Kernel(k)) => k
                     .into_kernel(sock, who)
-                    .map(|s| Some(KtlsLeg::new(s)))
+                    .map(|s| Some(KtlsLeg::new(s, policy.after_records)))
                     .map_err(io::Error::other),
                 Some(Leg::User(_)) => Err(io::Error::other(
                     "internal: a user-space session on the kernel path",
