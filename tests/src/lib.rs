@@ -33,6 +33,18 @@ pub fn require(test: &str, unavailable: Option<String>) -> bool {
     }
 }
 
+/// A rustls client session for "localhost" to `addr` (the agent, or a tap in front of it); the
+/// handshake runs on first use.
+pub fn tls_client(
+    addr: std::net::SocketAddr,
+    config: Arc<ClientConfig>,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let sock = std::net::TcpStream::connect(addr).expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(config, name).expect("client");
+    rustls::StreamOwned::new(conn, sock)
+}
+
 /// Prints why `test` does not run here, in the line `cargo xtask test` counts as a skip.
 pub fn skip(test: &str, why: &str) {
     println!("{SKIP_MARKER} {test}: {why}");

@@ -11,13 +11,12 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread;
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, ServerConnection, StreamOwned};
+use rustls::{ClientConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode, ProxyProtocol};
 use tlsplice::proxy::ConnectionReport;
 use tlsplice_tests::{
     Agent, CLIENT_CN, CLIENT_SANS, TestPki, expect_pattern, expected_auto_path, listener, s_client,
-    send_pattern, tool_or_skip,
+    send_pattern, tls_client, tool_or_skip,
 };
 
 /// Bytes each way in the exchanges here (the bulk tests live in terminate/reencrypt).
@@ -123,11 +122,8 @@ fn mtls_listener(mode: Mode, pki_dir: &std::path::Path, upstream: SocketAddr) ->
 
 /// Our rustls client through the agent: pattern 1 up, pattern 2 down, close_notify.
 fn client_exchange(agent: SocketAddr, config: Arc<ClientConfig>) -> (TcpStream, Option<Vec<u8>>) {
-    let sock = TcpStream::connect(agent).expect("connect");
-    let local = sock.try_clone().expect("clone");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(config, name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(agent, config);
+    let local = tls.sock.try_clone().expect("clone");
     send_pattern(&mut tls, 1, LEN).expect("client sending");
     expect_pattern(&mut tls, 2, LEN).expect("client receiving");
     let alpn = tls.conn.alpn_protocol().map(<[u8]>::to_vec);
@@ -280,10 +276,7 @@ fn proxy_v1_carries_the_client_address_without_mtls() {
 /// A client that finishes its side of the handshake and then tries to talk: with TLS 1.3 the
 /// server's verdict on the client certificate arrives after the client's Finished, as an alert.
 fn refused_client(agent: SocketAddr, config: Arc<ClientConfig>) -> String {
-    let sock = TcpStream::connect(agent).expect("connect");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(config, name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(agent, config);
     let _ = tls.write_all(b"must not reach the upstream");
     let mut buf = Vec::new();
     match tls.read_to_end(&mut buf) {

@@ -13,13 +13,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::thread;
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConnection, ServerConfig, ServerConnection, StreamOwned};
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::ConnectionReport;
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
-    send_pattern, tool_or_skip,
+    send_pattern, tls_client, tool_or_skip,
 };
 
 /// Bytes each way in the bulk tests.
@@ -88,10 +87,7 @@ fn reencrypt_bulk_keeps_both_legs_encrypted() {
         DataPathPolicy::Auto,
     ));
     let client_leg = Tap::start(agent.addr);
-    let sock = TcpStream::connect(client_leg.addr).expect("connect");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(client_leg.addr, pki.client_config());
     send_pattern(&mut tls, 1, BULK).expect("client sending");
     expect_pattern(&mut tls, 2, BULK).expect("client receiving");
     tls.conn.send_close_notify();
@@ -222,10 +218,7 @@ fn reencrypt_to_openssl_s_server() {
         upstream,
         DataPathPolicy::Auto,
     ));
-    let sock = TcpStream::connect(agent.addr).expect("connect");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     tls.write_all(b"ping-marker\n").expect("send");
     let mut line = String::new();
     BufReader::new(&mut tls)
@@ -263,10 +256,7 @@ fn reencrypt_refuses_an_untrusted_upstream() {
         upstream,
         DataPathPolicy::Auto,
     ));
-    let sock = TcpStream::connect(agent.addr).expect("connect");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     tls.write_all(b"x").expect("client handshake and send");
     let mut rest = Vec::new();
     // The agent ends the client session cleanly (close_notify) without forwarding anything.

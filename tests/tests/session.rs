@@ -14,13 +14,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, Pattern, SuiteUnderTest, TestPki, expect_pattern, expected_auto_path, listener,
-    s_client, send_pattern, tool_or_skip,
+    s_client, send_pattern, tls_client, tool_or_skip,
 };
 
 /// Bytes each way.
@@ -80,11 +79,11 @@ fn client(
     agent: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> StreamOwned<ClientConnection, TcpStream> {
-    let sock = TcpStream::connect(agent).expect("connect");
-    sock.set_read_timeout(Some(Duration::from_secs(120)))
+    let tls = tls_client(agent, config);
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(120)))
         .expect("timeout");
-    let name = ServerName::try_from("localhost").expect("name");
-    StreamOwned::new(ClientConnection::new(config, name).expect("client"), sock)
+    tls
 }
 
 /// Ends our side: close_notify (when the session is still up), then the socket.

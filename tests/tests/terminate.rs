@@ -13,13 +13,12 @@ use std::process::Command;
 use std::thread;
 use std::time::Duration;
 
-use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::proxy::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
-    s_client, send_pattern, tool_or_skip,
+    s_client, send_pattern, tls_client, tool_or_skip,
 };
 
 /// Bytes each way in the bulk test.
@@ -53,10 +52,7 @@ fn bulk_through_agent(data_path: DataPathPolicy) -> ConnectionReport {
     let plain_leg = Tap::start(upstream);
     let mut agent = Agent::start(listener(Mode::Terminate, &dir, plain_leg.addr, data_path));
     let tls_leg = Tap::start(agent.addr);
-    let sock = TcpStream::connect(tls_leg.addr).expect("connect to agent");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut tls = StreamOwned::new(conn, sock);
+    let mut tls = tls_client(tls_leg.addr, pki.client_config());
     if let Err(e) = send_pattern(&mut tls, 1, BULK).and_then(|()| expect_pattern(&mut tls, 2, BULK))
     {
         panic!("client: {e}; agent: {:?}", agent.next_report());
@@ -248,14 +244,6 @@ fn echo_upstream() -> SocketAddr {
     addr
 }
 
-/// A TLS client session to the agent, verified against the test CA.
-fn tls_client(agent: SocketAddr, pki: &TestPki) -> StreamOwned<ClientConnection, TcpStream> {
-    let sock = TcpStream::connect(agent).expect("connect");
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = ClientConnection::new(pki.client_config(), name).expect("client");
-    StreamOwned::new(conn, sock)
-}
-
 /// `count` request/response exchanges of 64 bytes each on one session, then a clean close.
 fn small_exchanges(tls: &mut StreamOwned<ClientConnection, TcpStream>, count: usize) {
     let mut answer = [0u8; 64];
@@ -283,7 +271,7 @@ fn ten_thousand_small_exchanges() {
         echo_upstream(),
         DataPathPolicy::Auto,
     ));
-    let mut tls = tls_client(agent.addr, &pki);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     small_exchanges(&mut tls, 10_000);
     let report = agent.next_report();
     let (path, _) = expected_auto_path();
@@ -365,7 +353,7 @@ fn refused_upstream_and_silent_client_close_cleanly() {
     config.handshake_timeout_ms = 1_000;
     let mut agent = Agent::start(config);
 
-    let mut tls = tls_client(agent.addr, &pki);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     tls.write_all(b"hello").expect("handshake and send");
     let mut rest = Vec::new();
     tls.read_to_end(&mut rest)
@@ -408,12 +396,12 @@ fn no_descriptors_leak() {
     let echo = echo_upstream();
     let mut agent = Agent::start(listener(Mode::Terminate, &dir, echo, DataPathPolicy::Auto));
     // Warm up once so lazily created runtime resources are in the baseline.
-    small_exchanges(&mut tls_client(agent.addr, &pki), 1);
+    small_exchanges(&mut tls_client(agent.addr, pki.client_config()), 1);
     agent.next_report();
     thread::sleep(Duration::from_millis(200));
     let baseline = open_fds();
     for round in 0..20 {
-        small_exchanges(&mut tls_client(agent.addr, &pki), 10);
+        small_exchanges(&mut tls_client(agent.addr, pki.client_config()), 10);
         assert_eq!(agent.next_report().error, None, "round {round}");
         let mut plain = TcpStream::connect(agent.addr).expect("connect");
         plain.write_all(b"not tls at all\r\n\r\n").expect("write");
@@ -422,7 +410,7 @@ fn no_descriptors_leak() {
         drop(plain);
         assert_eq!(agent.next_report().reason, "handshake failed");
         // A client that resets mid-transfer (SO_LINGER 0, then close: RST with data in flight).
-        let mut tls = tls_client(agent.addr, &pki);
+        let mut tls = tls_client(agent.addr, pki.client_config());
         tls.write_all(&[7u8; 64 * 1024]).expect("write");
         let mut some = [0u8; 1024];
         tls.read_exact(&mut some).expect("first echoed bytes");
@@ -489,7 +477,7 @@ fn unix_socket_upstream_with_proxy_header() {
     cfg.upstream_unix = Some(path.clone());
     cfg.proxy_protocol = Some(tlsplice::config::ProxyProtocol::V1);
     let mut agent = Agent::start(cfg);
-    let mut tls = tls_client(agent.addr, &pki);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     send_pattern(&mut tls, 1, LEN).expect("client sending");
     expect_pattern(&mut tls, 2, LEN).expect("client receiving");
     let client_port = tls.sock.local_addr().expect("addr").port();
@@ -537,7 +525,7 @@ fn silent_upstream_times_out_cleanly() {
     let mut cfg = listener(Mode::Terminate, &dir, addr, DataPathPolicy::Auto);
     cfg.connect_timeout_ms = 1_000;
     let mut agent = Agent::start(cfg);
-    let mut tls = tls_client(agent.addr, &pki);
+    let mut tls = tls_client(agent.addr, pki.client_config());
     tls.write_all(b"hello").expect("handshake and send");
     let mut rest = Vec::new();
     tls.read_to_end(&mut rest)
