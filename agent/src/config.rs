@@ -149,6 +149,69 @@ impl ListenerConfig {
     }
 }
 
+/// Whether the agent loads its eBPF programs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Load them; when the kernel or the privileges refuse, serve without them and say why.
+    #[default]
+    Auto,
+    /// Refuse to start without them.
+    Required,
+    /// Do not load them.
+    Off,
+}
+
+/// The `[ebpf]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EbpfConfig {
+    /// Load the programs or not.
+    #[serde(default)]
+    pub mode: EbpfMode,
+    /// bpffs directory where the maps and programs are pinned.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: PathBuf,
+    /// cgroup v2 directory whose sockets the sock_ops program sees (default: the cgroup2 root).
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+}
+
+fn default_pin_path() -> PathBuf {
+    PathBuf::from("/sys/fs/bpf/tlsplice")
+}
+
+impl Default for EbpfConfig {
+    fn default() -> Self {
+        Self {
+            mode: EbpfMode::default(),
+            pin_path: default_pin_path(),
+            cgroup: None,
+        }
+    }
+}
+
+/// The `[admin]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin server (`/metrics`, `/healthz`).
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +219,12 @@ pub struct Config {
     /// Listeners, each with its own mode.
     #[serde(rename = "listener", default)]
     pub listeners: Vec<ListenerConfig>,
+    /// eBPF programs and their pins.
+    #[serde(default)]
+    pub ebpf: EbpfConfig,
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// A configuration that could not be loaded, with where.
@@ -214,6 +283,15 @@ impl Config {
         for l in &config.listeners {
             if !names.insert(l.name.as_str()) {
                 return Err(invalid(l, "duplicate listener name".into()));
+            }
+            if names.len() > tlsplice_common::LISTENERS_MAX_ENTRIES as usize {
+                return Err(invalid(
+                    l,
+                    format!(
+                        "more than {} listeners",
+                        tlsplice_common::LISTENERS_MAX_ENTRIES
+                    ),
+                ));
             }
             if l.rekey_after_records.is_some_and(|n| n < 16) {
                 return Err(invalid(l, "rekey_after_records must be at least 16".into()));

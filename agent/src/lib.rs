@@ -10,13 +10,19 @@
 //! - [`config`]: the TOML configuration;
 //! - [`identity`]: certificates, keys and CA bundles into rustls configurations;
 //! - [`proxy_protocol`]: PROXY v1/v2 headers telling the upstream who the client is;
-//! - [`probe`]: what the running kernel and process can do.
+//! - [`probe`]: what the running kernel and process can do;
+//! - [`bpf`]: the eBPF programs and counter maps (the only module that calls BPF);
+//! - [`metrics`]: connection counters, Prometheus and `tlsplice stats` output;
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`).
 
+pub mod admin;
+pub mod bpf;
 pub mod client_hello;
 pub mod config;
 pub mod handoff;
 pub mod identity;
 pub mod ktls;
+pub mod metrics;
 pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -33,6 +33,32 @@ enum Command {
         /// The TOML configuration.
         #[arg(long, env = "TLSPLICE_CONFIG")]
         config: PathBuf,
+        /// Load the eBPF programs: auto (serve without them when they cannot load, and say
+        /// why), required, off. Overrides `ebpf.mode`.
+        #[arg(long, env = "TLSPLICE_EBPF", value_enum)]
+        ebpf: Option<tlsplice::config::EbpfMode>,
+        /// bpffs directory for the pinned maps and programs. Overrides `ebpf.pin_path`.
+        #[arg(long, env = "TLSPLICE_BPF_PIN_PATH")]
+        bpf_pin_path: Option<PathBuf>,
+        /// Admin server address (/metrics, /healthz). Overrides `admin.listen`.
+        #[arg(long, env = "TLSPLICE_ADMIN_ADDR")]
+        admin_addr: Option<std::net::SocketAddr>,
+    },
+    /// Print a running agent's counters, read from its pinned BPF maps.
+    Stats {
+        /// The agent's pin directory.
+        #[arg(
+            long,
+            env = "TLSPLICE_BPF_PIN_PATH",
+            default_value = "/sys/fs/bpf/tlsplice"
+        )]
+        bpf_pin_path: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Print again every this many seconds, until interrupted.
+        #[arg(long, value_name = "SECONDS")]
+        watch: Option<u64>,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -85,24 +111,103 @@ fn main() -> Result<()> {
                 c.listeners.len()
             );
         }
-        Command::Run { config } => run(&config)?,
+        Command::Run {
+            config,
+            ebpf,
+            bpf_pin_path,
+            admin_addr,
+        } => {
+            let mut c = tlsplice::config::Config::load(&config)?;
+            if let Some(mode) = ebpf {
+                c.ebpf.mode = mode;
+            }
+            if let Some(path) = bpf_pin_path {
+                c.ebpf.pin_path = path;
+            }
+            if let Some(addr) = admin_addr {
+                c.admin.listen = addr;
+            }
+            run(&c)?;
+        }
+        Command::Stats {
+            bpf_pin_path,
+            json,
+            watch,
+        } => stats(&bpf_pin_path, json, watch)?,
     }
     Ok(())
 }
 
-fn run(path: &std::path::Path) -> Result<()> {
-    let config = tlsplice::config::Config::load(path)?;
+fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<()> {
+    loop {
+        let snapshot = tlsplice::bpf::read_pinned(pin_path)?;
+        if watch.is_some() {
+            // Clear the screen and home the cursor, like watch(1).
+            print!("\x1b[2J\x1b[H");
+        }
+        if json {
+            println!("{}", tlsplice::metrics::json(&snapshot));
+        } else {
+            print!("{}", tlsplice::metrics::table(&snapshot));
+        }
+        match watch {
+            Some(seconds) => std::thread::sleep(std::time::Duration::from_secs(seconds.max(1))),
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Loads the eBPF programs as `config.ebpf.mode` asks; `Err` only when they are required.
+fn load_bpf(
+    config: &tlsplice::config::Config,
+    proxy: &tlsplice::proxy::Proxy,
+) -> Result<Result<tlsplice::bpf::LoadedBpf, tlsplice::bpf::BpfError>> {
+    use tlsplice::config::EbpfMode;
+    if config.ebpf.mode == EbpfMode::Off {
+        return Ok(Err(tlsplice::bpf::BpfError::Disabled));
+    }
+    let settings = tlsplice::bpf::BpfSettings {
+        pin_path: config.ebpf.pin_path.clone(),
+        cgroup: config.ebpf.cgroup.clone(),
+    };
+    let loaded = tlsplice::bpf::LoadedBpf::load(&settings, &proxy.listener_entries());
+    match (&loaded, config.ebpf.mode) {
+        (Ok(bpf), _) => tracing::info!(pin_dir = %bpf.pin_dir().display(),
+            cgroup = %bpf.cgroup.display(), "eBPF programs loaded: counters in pinned maps"),
+        (Err(e), EbpfMode::Required) => {
+            anyhow::bail!("eBPF is required (ebpf.mode = \"required\"): {e}")
+        }
+        (Err(e), _) => tracing::warn!(error = %e,
+            "eBPF off: serving without it (counters in memory; no kernel-side connection counts)"),
+    }
+    Ok(loaded)
+}
+
+fn run(config: &tlsplice::config::Config) -> Result<()> {
     let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
     runtime.block_on(async {
-        let proxy = tlsplice::proxy::Proxy::bind(&config, caps, None).await?;
+        let mut proxy = tlsplice::proxy::Proxy::bind(config, caps, None).await?;
+        let names = proxy
+            .listener_entries()
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let telemetry = Arc::new(tlsplice::metrics::Telemetry::new(
+            names,
+            load_bpf(config, &proxy)?,
+        ));
+        proxy.set_telemetry(&telemetry);
+        let admin = tlsplice::admin::Admin::bind(config.admin.listen, telemetry.clone()).await?;
+        tracing::info!(addr = ?admin.local_addr(), "admin server listening");
         for l in &config.listeners {
             tracing::info!(listener = %l.name, mode = ?l.mode, addr = ?proxy.local_addr(&l.name),
                 upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
         }
         tokio::select! {
             () = proxy.run() => {}
+            () = admin.run() => {}
             r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
             () = sigterm() => {}
         }

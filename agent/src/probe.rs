@@ -183,6 +183,8 @@ pub struct ProbeReport {
     pub btf: bool,
     /// Capabilities of interest and whether each is effective; `Err` if unreadable.
     pub capabilities: Result<Vec<(&'static str, bool)>, String>,
+    /// `None` when the eBPF object and its programs load here, else why not.
+    pub ebpf: Option<String>,
 }
 
 impl ProbeReport {
@@ -233,6 +235,7 @@ impl ProbeReport {
             tls_stat: TlsStat::read().ok().flatten(),
             btf: std::path::Path::new("/sys/kernel/btf/vmlinux").exists(),
             capabilities,
+            ebpf: crate::bpf::probe_load().err().map(|e| e.to_string()),
         }
     }
 }
@@ -281,6 +284,10 @@ impl fmt::Display for ProbeReport {
             None => writeln!(f, "tls_stat: absent ({} does not exist)", TlsStat::PATH)?,
         }
         writeln!(f, "btf: {}", if self.btf { "yes" } else { "no" })?;
+        match &self.ebpf {
+            None => writeln!(f, "ebpf: programs load (sock_ops counters)")?,
+            Some(why) => writeln!(f, "ebpf: off: {why}")?,
+        }
         match &self.capabilities {
             Ok(caps) => {
                 let held: Vec<&str> = caps.iter().filter(|c| c.1).map(|c| c.0).collect();

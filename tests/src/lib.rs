@@ -527,6 +527,8 @@ impl Agent {
             .expect("runtime");
         let config = tlsplice::config::Config {
             listeners: vec![listener],
+            ebpf: tlsplice::config::EbpfConfig::default(),
+            admin: tlsplice::config::AdminConfig::default(),
         };
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());

@@ -205,6 +205,7 @@ fn init_script(contents: &Contents) -> String {
          mount -t devtmpfs devtmpfs /dev 2>/dev/null\n\
          mount -t tmpfs tmpfs /tmp\n\
          mount -t bpf bpf /sys/fs/bpf 2>/dev/null\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null\n\
          ip link set lo up\n",
     );
     for m in &contents.modules {

@@ -77,6 +77,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &[],
     },
+    MatrixTest {
+        target: "counters",
+        needs: &[],
+        tools: &["setpriv"],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
@@ -377,6 +382,8 @@ fn run_in_guest(
 /// `cargo xtask test`.
 pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     bootstrap::run()?;
+    // First: the agent embeds the object, so every later build (clippy included) sees it.
+    ebpf::build(root)?;
     if lint {
         cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
         cmd::run(Command::new("cargo").args([
@@ -394,7 +401,6 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
             "warnings",
         ]))?;
     }
-    ebpf::build(root)?;
     cmd::run(Command::new("cargo").args(["test", "--workspace"]))?;
 
     let lines: Vec<&kernels::KernelLine> = if kernel_names.is_empty() {
@@ -407,6 +413,7 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     };
     let binaries = build_test_binaries(root)?;
     let agent = build_agent(root)?;
+    mount_bpffs()?;
     let mut table: Vec<(String, Vec<(String, Outcome)>)> = Vec::new();
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -444,6 +451,21 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     println!("matrix: {passed} passed, {failed} failed, {skipped} skipped");
     if failed > 0 {
         bail!("{failed} kernel matrix tests failed");
+    }
+    Ok(())
+}
+
+/// Mounts a BPF filesystem at /sys/fs/bpf when none is there (the agent pins its maps under
+/// it; systemd-based hosts mount it at boot, this machine does not).
+fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    if !mounted {
+        println!("host: mounting a bpf filesystem at /sys/fs/bpf (the counters tests pin there)");
+        cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
     }
     Ok(())
 }

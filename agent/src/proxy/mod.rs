@@ -5,7 +5,7 @@ pub mod passthrough;
 mod relay;
 pub mod tls;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +15,10 @@ use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
+use crate::bpf::ListenerEntry;
 use crate::config::{Config, DataPathPolicy, ListenerConfig, Mode};
 use crate::ktls::{Cipher, TlsVersion};
+use crate::metrics::Telemetry;
 use crate::{identity, probe};
 
 /// How a connection's bytes move after the handshake.
@@ -116,7 +118,8 @@ impl KernelCaps {
 /// run at all (TLS material that does not load, or `data_path = "ktls"` on a kernel that cannot
 /// offload). Used by `tlsplice probe --config`.
 pub fn readiness(l: &ListenerConfig, caps: &KernelCaps) -> Result<String, String> {
-    ListenerState::new(l, Arc::new(caps.clone()), None).map_err(|e| e.to_string())?;
+    let telemetry = Arc::new(Telemetry::memory(BTreeMap::new(), "readiness check".into()));
+    ListenerState::new(l, Arc::new(caps.clone()), None, 0, telemetry).map_err(|e| e.to_string())?;
     if l.mode == Mode::Passthrough {
         return Ok(match l.data_path {
             DataPathPolicy::Userspace => "data path userspace (listener data_path = userspace)",
@@ -172,6 +175,10 @@ pub struct ConnectionReport {
     pub tickets: u64,
     /// Plaintext bytes from the upstream to the client.
     pub bytes_down: u64,
+    /// The client leg's TLS handshake, when the agent ran one.
+    pub client_handshake: Option<HandshakeOutcome>,
+    /// The upstream leg's TLS handshake, when the agent ran one.
+    pub upstream_handshake: Option<HandshakeOutcome>,
     /// `None` on a clean close, else the error.
     pub error: Option<String>,
 }
@@ -190,9 +197,22 @@ impl ConnectionReport {
             key_updates: 0,
             tickets: 0,
             bytes_down: 0,
+            client_handshake: None,
+            upstream_handshake: None,
             error: None,
         }
     }
+}
+
+/// How one TLS handshake ended, as counted by [`crate::metrics`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandshakeOutcome {
+    /// `None` when it completed, else the reason it failed (a `tlsplice_common::REASONS` text).
+    pub failure: Option<String>,
+    /// Negotiated protocol version, wire value (0 when it failed).
+    pub version: u16,
+    /// Negotiated cipher suite, IANA value (0 when it failed).
+    pub suite: u16,
 }
 
 /// Errors starting the proxy, with the listener they concern.
@@ -227,6 +247,9 @@ pub(crate) struct ListenerState {
     pub(crate) upstream_tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     pub(crate) caps: Arc<KernelCaps>,
     pub(crate) reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+    /// This listener's index in counter keys.
+    index: u16,
+    telemetry: Arc<Telemetry>,
 }
 
 impl ListenerState {
@@ -234,6 +257,8 @@ impl ListenerState {
         l: &ListenerConfig,
         caps: Arc<KernelCaps>,
         reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+        index: u16,
+        telemetry: Arc<Telemetry>,
     ) -> Result<Self, ProxyError> {
         let material = |source| ProxyError::Material {
             listener: l.name.clone(),
@@ -256,25 +281,41 @@ impl ListenerState {
             upstream_tls,
             caps,
             reports,
+            index,
+            telemetry,
         })
     }
 }
 
 /// Bound listeners, ready to serve.
 pub struct Proxy {
-    bound: Vec<(TcpListener, Arc<ListenerState>)>,
+    bound: Vec<(TcpListener, ListenerState)>,
 }
 
 impl Proxy {
-    /// Loads TLS material and binds every listener.
+    /// Loads TLS material and binds every listener. Connections are counted in memory until
+    /// [`Proxy::set_telemetry`] says otherwise.
     pub async fn bind(
         config: &Config,
         caps: Arc<KernelCaps>,
         reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
     ) -> Result<Self, ProxyError> {
+        let names = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (listener_index(i), l.name.clone()))
+            .collect();
+        let telemetry = Arc::new(Telemetry::memory(names, "not loaded".into()));
         let mut bound = Vec::new();
-        for l in &config.listeners {
-            let state = ListenerState::new(l, caps.clone(), reports.clone())?;
+        for (i, l) in config.listeners.iter().enumerate() {
+            let state = ListenerState::new(
+                l,
+                caps.clone(),
+                reports.clone(),
+                listener_index(i),
+                telemetry.clone(),
+            )?;
             let listener =
                 TcpListener::bind(l.listen)
                     .await
@@ -283,9 +324,28 @@ impl Proxy {
                         addr: l.listen,
                         source,
                     })?;
-            bound.push((listener, Arc::new(state)));
+            bound.push((listener, state));
         }
         Ok(Self { bound })
+    }
+
+    /// Every bound listener with its counter index and port, for the BPF maps.
+    pub fn listener_entries(&self) -> Vec<ListenerEntry> {
+        self.bound
+            .iter()
+            .map(|(l, s)| ListenerEntry {
+                index: s.index,
+                name: s.config.name.clone(),
+                port: l.local_addr().map_or(0, |a| a.port()),
+            })
+            .collect()
+    }
+
+    /// Where every listener counts its connections from now on.
+    pub fn set_telemetry(&mut self, telemetry: &Arc<Telemetry>) {
+        for (_, state) in &mut self.bound {
+            state.telemetry = telemetry.clone();
+        }
     }
 
     /// The address a listener is bound to (useful with port 0).
@@ -300,10 +360,15 @@ impl Proxy {
     pub async fn run(self) {
         let mut tasks = tokio::task::JoinSet::new();
         for (listener, state) in self.bound {
-            tasks.spawn(accept_loop(listener, state));
+            tasks.spawn(accept_loop(listener, Arc::new(state)));
         }
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// Counter keys carry listener indexes as u16; configurations never get near that many.
+fn listener_index(i: usize) -> u16 {
+    u16::try_from(i).unwrap_or(u16::MAX)
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>) {
@@ -319,6 +384,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>) {
                         Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
                     };
                     log_report(&report);
+                    state.telemetry.record(state.index, &report);
                     if let Some(tx) = &state.reports {
                         let _ = tx.send(report);
                     }

@@ -27,7 +27,7 @@ use super::relay::{
     KtlsLeg, RekeyPolicy, RelayOutcome, StreamSocket, close_leg, connect_unix, connect_upstream,
     linger_close, splice_relay, userspace_relay, write_proxy_header,
 };
-use super::{ConnectionReport, DataPath, ListenerState};
+use super::{ConnectionReport, DataPath, HandshakeOutcome, ListenerState};
 use crate::config::DataPathPolicy;
 use crate::handoff::{self, KernelBound, complete_handshake_async};
 use crate::identity;
@@ -220,10 +220,12 @@ pub(crate) async fn handle(
             match handshake(leg, &mut client, &peer_s, cfg.handshake_timeout()).await {
                 Ok((leg, sni)) => {
                     client_sni = sni;
+                    report.client_handshake = Some(HandshakeOutcome::completed(leg.common()));
                     Some(leg)
                 }
                 Err((reason, error)) => {
                     report.reason = reason.to_owned();
+                    report.client_handshake = Some(HandshakeOutcome::failed(reason));
                     report.error = Some(error);
                     linger_close(client).await;
                     return report;
@@ -240,6 +242,7 @@ pub(crate) async fn handle(
         Ok(info) => info,
         Err(e) => {
             report.reason = "client certificate unreadable".into();
+            report.client_handshake = Some(HandshakeOutcome::failed(&report.reason));
             report.error = Some(e);
             close(client, client_tls).await;
             return report;
@@ -323,7 +326,7 @@ struct ClientSide {
 /// the mode has one, then relays.
 async fn tcp_upstream(
     state: &ListenerState,
-    report: ConnectionReport,
+    mut report: ConnectionReport,
     client: ClientSide,
     upstream_addr: SocketAddr,
 ) -> ConnectionReport {
@@ -352,9 +355,13 @@ async fn tcp_upstream(
             };
             let upstream_s = upstream_addr.to_string();
             match handshake(leg, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
-                Ok((leg, _)) => Some(leg),
+                Ok((leg, _)) => {
+                    report.upstream_handshake = Some(HandshakeOutcome::completed(leg.common()));
+                    Some(leg)
+                }
                 Err((reason, error)) => {
                     let failure = (format!("upstream {reason}"), error);
+                    report.upstream_handshake = Some(HandshakeOutcome::failed(&failure.0));
                     return fail_early(report, failure, client).await;
                 }
             }

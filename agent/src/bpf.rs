@@ -1,0 +1,473 @@
+//! The BPF kernel interface: loading the eBPF object, attaching the sock_ops program to a
+//! cgroup, the counter maps (written by the programs and by the agent), and pinning them under a
+//! bpffs directory so `tlsplice stats` can read them from another process.
+//!
+//! The map ABI is in `tlsplice-common`. Every counter lives in one per-CPU hash map; the agent
+//! adds its own counts (handshake outcomes, bytes) to CPU 0's slot, under a lock, and readers
+//! sum the CPUs.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::programs::{CgroupAttachMode, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use tlsplice_common::{
+    LISTENER_NAME_LEN, ListenerName, MAP_LISTENER_NAMES, MAP_LISTENER_PORTS, MAP_STATS,
+    PROG_SOCKOPS, StatKey,
+};
+
+/// The eBPF object built by `cargo xtask build-ebpf`, or empty when this binary was built
+/// without it (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsplice-ebpf.o"));
+
+/// `statfs` magic of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Why the eBPF programs could not be loaded, attached or pinned; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// `ebpf.mode = "off"`.
+    #[error("disabled by configuration (ebpf.mode = off)")]
+    Disabled,
+    /// This binary carries no eBPF object.
+    #[error(
+        "this tlsplice binary was built without its eBPF object (build it with `cargo xtask build-ebpf`, then the agent)"
+    )]
+    NoObject,
+    /// The object could not be loaded (maps are created here).
+    #[error("loading the eBPF object: {detail}{hint}")]
+    Load {
+        /// aya's error chain.
+        detail: String,
+        /// What is likely missing.
+        hint: &'static str,
+    },
+    /// A program could not be loaded or attached.
+    #[error("program {program}: {action}: {detail}{hint}")]
+    Program {
+        /// Program name.
+        program: &'static str,
+        /// "load", "attach to cgroup /sys/fs/cgroup", ...
+        action: String,
+        /// aya's error chain, with the errno.
+        detail: String,
+        /// What is likely missing.
+        hint: &'static str,
+    },
+    /// The object lacks a program or map this agent needs.
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    /// No cgroup v2 hierarchy to attach the sock_ops program to.
+    #[error("no cgroup v2 mount found in /proc/self/mounts (set ebpf.cgroup)")]
+    NoCgroup2,
+    /// A file system operation on the pin directory or cgroup failed.
+    #[error("{what} {path}: {source}")]
+    Path {
+        /// What was attempted.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The pin directory is not on a BPF filesystem.
+    #[error("{0} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs(PathBuf),
+    /// A map operation failed.
+    #[error("map {map}: {detail}{hint}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// aya's error chain.
+        detail: String,
+        /// What is likely missing.
+        hint: &'static str,
+    },
+}
+
+/// An error and its sources, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// The privilege a permission error most likely lacks.
+fn hint_for(detail: &str) -> &'static str {
+    if detail.contains("Operation not permitted") || detail.contains("os error 1)") {
+        " (missing CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)"
+    } else if detail.contains("Permission denied") {
+        " (permission denied: missing CAP_BPF or blocked by a security module)"
+    } else {
+        ""
+    }
+}
+
+fn map_error(map: &'static str, e: &MapError) -> BpfError {
+    let detail = chain(e);
+    BpfError::Map {
+        map,
+        hint: hint_for(&detail),
+        detail,
+    }
+}
+
+/// The first cgroup v2 mount point of this process's mount namespace.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| BpfError::Path {
+            what: "checking",
+            path: path.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        })?;
+    // SAFETY: statfs is all-integer plain data, so zeroed is a valid value.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call, and `buf` is a valid,
+    // writable statfs.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
+    if rc != 0 {
+        return Err(BpfError::Path {
+            what: "statfs",
+            path: path.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libc targets.
+    Ok(buf.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Loads the object and its programs without attaching or pinning anything: what
+/// `tlsplice probe` reports as the eBPF state.
+pub fn probe_load() -> Result<(), BpfError> {
+    if OBJECT.is_empty() {
+        return Err(BpfError::NoObject);
+    }
+    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+        let detail = chain(&e);
+        BpfError::Load {
+            hint: hint_for(&detail),
+            detail,
+        }
+    })?;
+    let program: &mut SockOps = ebpf
+        .program_mut(PROG_SOCKOPS)
+        .ok_or(BpfError::Missing("sock_ops program"))?
+        .try_into()
+        .map_err(|e| program_error("type".into(), &e))?;
+    program.load().map_err(|e| program_error("load".into(), &e))
+}
+
+fn program_error(action: String, e: &dyn std::error::Error) -> BpfError {
+    let detail = chain(e);
+    BpfError::Program {
+        program: PROG_SOCKOPS,
+        action,
+        hint: hint_for(&detail),
+        detail,
+    }
+}
+
+/// Where to attach and pin.
+#[derive(Debug, Clone)]
+pub struct BpfSettings {
+    /// bpffs directory for the pins (created; must be on a bpf filesystem).
+    pub pin_path: PathBuf,
+    /// cgroup v2 directory whose sockets the sock_ops program sees (default: the root of the
+    /// first cgroup2 mount, i.e. every socket on the node).
+    pub cgroup: Option<PathBuf>,
+}
+
+/// A listener as the maps know it.
+#[derive(Debug, Clone)]
+pub struct ListenerEntry {
+    /// Index used in counter keys.
+    pub index: u16,
+    /// Name.
+    pub name: String,
+    /// Bound TCP port.
+    pub port: u16,
+}
+
+/// The loaded object: the attached sock_ops program (detached when this is dropped), the counter
+/// map, and the pins (removed when this is dropped).
+pub struct LoadedBpf {
+    /// Keeps the programs loaded and the cgroup link alive.
+    _ebpf: Ebpf,
+    stats: Mutex<PerCpuHashMap<MapData, StatKey, u64>>,
+    nr_cpus: usize,
+    pins: Pins,
+    /// Where the sock_ops program is attached.
+    pub cgroup: PathBuf,
+}
+
+impl std::fmt::Debug for LoadedBpf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedBpf")
+            .field("pin_dir", &self.pins.dir)
+            .field("cgroup", &self.cgroup)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates the pin directory and removes pins a crashed agent left there.
+fn prepare_pin_dir(dir: &Path) -> Result<(), BpfError> {
+    let parent = dir.parent().unwrap_or(dir);
+    if !is_bpffs(parent)? {
+        return Err(BpfError::NotBpffs(parent.to_owned()));
+    }
+    let path_err = |what, source| BpfError::Path {
+        what,
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| path_err("creating", e))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| path_err("reading", e))? {
+        let entry = entry.map_err(|e| path_err("reading", e))?;
+        tracing::warn!(pin = %entry.path().display(), "removing a stale pin from an earlier agent");
+        std::fs::remove_file(entry.path()).map_err(|e| path_err("removing a stale pin in", e))?;
+    }
+    Ok(())
+}
+
+impl LoadedBpf {
+    /// Loads the object, fills the listener maps, attaches the sock_ops program and pins the
+    /// maps and the program.
+    pub fn load(settings: &BpfSettings, listeners: &[ListenerEntry]) -> Result<Self, BpfError> {
+        if OBJECT.is_empty() {
+            return Err(BpfError::NoObject);
+        }
+        prepare_pin_dir(&settings.pin_path)?;
+        // Removes what was pinned if anything below fails.
+        let mut pins = Pins {
+            dir: settings.pin_path.clone(),
+            files: Vec::new(),
+        };
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
+            let detail = chain(&e);
+            BpfError::Load {
+                hint: hint_for(&detail),
+                detail,
+            }
+        })?;
+
+        {
+            let ports = ebpf
+                .map_mut(MAP_LISTENER_PORTS)
+                .ok_or(BpfError::Missing("listener port map"))?;
+            let mut ports: BpfHashMap<_, u16, u16> =
+                BpfHashMap::try_from(ports).map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+            for l in listeners {
+                ports
+                    .insert(l.port, l.index, 0)
+                    .map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+            }
+        }
+        {
+            let names = ebpf
+                .map_mut(MAP_LISTENER_NAMES)
+                .ok_or(BpfError::Missing("listener name map"))?;
+            let mut names: BpfHashMap<_, u16, ListenerName> =
+                BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
+            for l in listeners {
+                let mut bytes = [0u8; LISTENER_NAME_LEN];
+                let len = l.name.len().min(LISTENER_NAME_LEN);
+                bytes[..len].copy_from_slice(&l.name.as_bytes()[..len]);
+                names
+                    .insert(l.index, ListenerName { bytes }, 0)
+                    .map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
+            }
+        }
+
+        let cgroup = match &settings.cgroup {
+            Some(c) => c.clone(),
+            None => cgroup2_mount().ok_or(BpfError::NoCgroup2)?,
+        };
+        let cgroup_file = std::fs::File::open(&cgroup).map_err(|source| BpfError::Path {
+            what: "opening cgroup",
+            path: cgroup.clone(),
+            source,
+        })?;
+        {
+            let program: &mut SockOps = ebpf
+                .program_mut(PROG_SOCKOPS)
+                .ok_or(BpfError::Missing("sock_ops program"))?
+                .try_into()
+                .map_err(|e| program_error("type".into(), &e))?;
+            program
+                .load()
+                .map_err(|e| program_error("load".into(), &e))?;
+            // Attached through a BPF link (kernel >= 5.7), which takes no attach flags and
+            // coexists with other programs on the cgroup.
+            program
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .map_err(|e| program_error(format!("attach to cgroup {}", cgroup.display()), &e))?;
+            let pin = settings.pin_path.join(PROG_SOCKOPS);
+            program
+                .pin(&pin)
+                .map_err(|e| program_error(format!("pin at {}", pin.display()), &e))?;
+            pins.files.push(pin);
+        }
+        for name in [MAP_STATS, MAP_LISTENER_PORTS, MAP_LISTENER_NAMES] {
+            let map = ebpf.map(name).ok_or(BpfError::Missing("counter map"))?;
+            let pin = settings.pin_path.join(name);
+            if let Err(e) = map.pin(&pin) {
+                let detail = chain(&e);
+                return Err(BpfError::Map {
+                    map: "pin",
+                    hint: hint_for(&detail),
+                    detail: format!("{}: {detail}", pin.display()),
+                });
+            }
+            pins.files.push(pin);
+        }
+        let stats = ebpf
+            .take_map(MAP_STATS)
+            .ok_or(BpfError::Missing("counter map"))?;
+        let stats = PerCpuHashMap::try_from(stats).map_err(|e| map_error("TLSPLICE_STATS", &e))?;
+        let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| BpfError::Path {
+            what: "counting CPUs in",
+            path: PathBuf::from(what),
+            source,
+        })?;
+        Ok(Self {
+            _ebpf: ebpf,
+            stats: Mutex::new(stats),
+            nr_cpus,
+            pins,
+            cgroup,
+        })
+    }
+
+    /// The bpffs directory holding the pins.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.dir
+    }
+
+    /// Adds `n` to a counter the agent owns (kept in CPU 0's slot).
+    pub fn add(&self, key: &StatKey, n: u64) -> Result<(), BpfError> {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut values = match stats.get(key, 0) {
+            Ok(v) => v.iter().copied().collect::<Vec<u64>>(),
+            Err(MapError::KeyNotFound) => vec![0; self.nr_cpus],
+            Err(e) => return Err(map_error("TLSPLICE_STATS", &e)),
+        };
+        values.resize(self.nr_cpus, 0);
+        values[0] = values[0].wrapping_add(n);
+        let values = PerCpuValues::try_from(values).map_err(|e| BpfError::Map {
+            map: "TLSPLICE_STATS",
+            detail: e.to_string(),
+            hint: "",
+        })?;
+        stats
+            .insert(key, values, 0)
+            .map_err(|e| map_error("TLSPLICE_STATS", &e))
+    }
+
+    /// Every counter, summed over CPUs.
+    pub fn snapshot(&self) -> Result<BTreeMap<StatKey, u64>, BpfError> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        sum_entries(&stats)
+    }
+}
+
+/// Pinned files, removed on drop: when the agent stops, or when loading fails half way.
+struct Pins {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        for pin in &self.files {
+            if let Err(e) = std::fs::remove_file(pin) {
+                tracing::warn!(pin = %pin.display(), error = %e, "could not remove pin");
+            }
+        }
+        // Only removes the directory when nothing else was pinned there.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn sum_entries(
+    stats: &PerCpuHashMap<MapData, StatKey, u64>,
+) -> Result<BTreeMap<StatKey, u64>, BpfError> {
+    let mut out = BTreeMap::new();
+    for entry in stats.iter() {
+        let (key, values) = entry.map_err(|e| map_error("TLSPLICE_STATS", &e))?;
+        let total = values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v));
+        out.insert(key, total);
+    }
+    Ok(out)
+}
+
+/// The counters and listener names of a running agent, read from its pins.
+#[derive(Debug, Clone, Default)]
+pub struct PinnedSnapshot {
+    /// Every counter, summed over CPUs.
+    pub counters: BTreeMap<StatKey, u64>,
+    /// Listener names by index.
+    pub listeners: BTreeMap<u16, String>,
+}
+
+/// Reads a running agent's counters from the maps pinned under `pin_dir`.
+pub fn read_pinned(pin_dir: &Path) -> Result<PinnedSnapshot, BpfError> {
+    let open = |name: &'static str| {
+        MapData::from_pin(pin_dir.join(name)).map_err(|e| {
+            let detail = chain(&e);
+            BpfError::Map {
+                map: name,
+                hint: if detail.contains("No such file") {
+                    " (is the agent running with eBPF on, pinning there?)"
+                } else {
+                    hint_for(&detail)
+                },
+                detail: format!("{}: {detail}", pin_dir.join(name).display()),
+            }
+        })
+    };
+    let stats = aya::maps::Map::PerCpuHashMap(open(MAP_STATS)?);
+    let stats: PerCpuHashMap<_, StatKey, u64> =
+        PerCpuHashMap::try_from(stats).map_err(|e| map_error("TLSPLICE_STATS", &e))?;
+    let counters = sum_entries(&stats)?;
+    let names = aya::maps::Map::HashMap(open(MAP_LISTENER_NAMES)?);
+    let names: BpfHashMap<_, u16, ListenerName> =
+        BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
+    let mut listeners = BTreeMap::new();
+    for entry in names.iter() {
+        let (index, name) = entry.map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
+        let end = name
+            .bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(LISTENER_NAME_LEN);
+        listeners.insert(
+            index,
+            String::from_utf8_lossy(&name.bytes[..end]).into_owned(),
+        );
+    }
+    Ok(PinnedSnapshot {
+        counters,
+        listeners,
+    })
+}

@@ -1,0 +1,448 @@
+//! Counters: where each connection's outcome is recorded, and how every counter is read back
+//! (Prometheus text at `/metrics`, and `tlsplice stats` as a table or JSON).
+//!
+//! With eBPF on, the counters live in the pinned per-CPU BPF map (see [`crate::bpf`]): the
+//! sock_ops program counts accepted and closed connections there, and the agent adds what only
+//! user space knows (handshake outcomes, data paths, bytes). With eBPF off the agent keeps its
+//! own counts in memory, and the kernel-side families are absent.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tlsplice_common::{REASONS, StatKey, direction, metric, path, reason_index};
+
+use crate::bpf::{BpfError, LoadedBpf, PinnedSnapshot};
+use crate::ktls::TlsStat;
+use crate::proxy::{ConnectionReport, DataPath, HandshakeOutcome};
+
+/// Where counters are kept.
+enum Store {
+    /// The pinned BPF map.
+    Bpf(Box<LoadedBpf>),
+    /// In memory, when eBPF is off.
+    Memory(Mutex<BTreeMap<StatKey, u64>>),
+}
+
+/// The agent's counters and the state of its eBPF programs.
+pub struct Telemetry {
+    listeners: BTreeMap<u16, String>,
+    store: Store,
+    /// `Err` says why eBPF is off.
+    ebpf: Result<(), String>,
+}
+
+impl fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("listeners", &self.listeners)
+            .field("ebpf", &self.ebpf)
+            .finish_non_exhaustive()
+    }
+}
+
+fn path_code(p: DataPath) -> u16 {
+    match p {
+        DataPath::Ktls => path::KTLS,
+        DataPath::Splice => path::SPLICE,
+        DataPath::Userspace => path::USERSPACE,
+    }
+}
+
+impl Telemetry {
+    /// Counters in memory; `why` says why eBPF is off.
+    pub fn memory(listeners: BTreeMap<u16, String>, why: String) -> Self {
+        Self {
+            listeners,
+            store: Store::Memory(Mutex::new(BTreeMap::new())),
+            ebpf: Err(why),
+        }
+    }
+
+    /// Counters in the loaded BPF maps, or in memory when loading failed (the error is kept
+    /// and reported).
+    pub fn new(listeners: BTreeMap<u16, String>, bpf: Result<LoadedBpf, BpfError>) -> Self {
+        match bpf {
+            Ok(bpf) => Self {
+                listeners,
+                store: Store::Bpf(Box::new(bpf)),
+                ebpf: Ok(()),
+            },
+            Err(e) => Self::memory(listeners, e.to_string()),
+        }
+    }
+
+    /// `Ok` when the eBPF programs are loaded, else why not.
+    pub fn ebpf(&self) -> Result<(), &str> {
+        self.ebpf.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// The pin directory, when eBPF is on.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        match &self.store {
+            Store::Bpf(b) => Some(b.pin_dir()),
+            Store::Memory(_) => None,
+        }
+    }
+
+    fn add(&self, key: StatKey, n: u64) {
+        if n == 0 {
+            return;
+        }
+        match &self.store {
+            Store::Bpf(b) => {
+                if let Err(e) = b.add(&key, n) {
+                    tracing::warn!(error = %e, ?key, "counter update failed");
+                }
+            }
+            Store::Memory(m) => {
+                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
+                let cell = m.entry(key).or_default();
+                *cell = cell.wrapping_add(n);
+            }
+        }
+    }
+
+    /// Counts one finished connection of listener `listener`.
+    pub fn record(&self, listener: u16, r: &ConnectionReport) {
+        let key = |metric, a, b, c| StatKey {
+            metric,
+            listener,
+            a,
+            b,
+            c,
+            pad: 0,
+        };
+        let data_path = r.data_path.map_or(path::NONE, path_code);
+        let outcome = match (r.data_path, &r.error) {
+            (Some(_), None) => 0,
+            (Some(_), Some(_)) => reason_index("relay error"),
+            (None, _) => reason_index(&r.reason),
+        };
+        self.add(key(metric::CONN_OUTCOME, data_path, outcome, 0), 1);
+        for (m, h) in [
+            (metric::HANDSHAKE, &r.client_handshake),
+            (metric::UPSTREAM_HANDSHAKE, &r.upstream_handshake),
+        ] {
+            if let Some(h) = h {
+                let outcome = match &h.failure {
+                    None => 0,
+                    Some(reason) => reason_index(reason),
+                };
+                self.add(key(m, outcome, h.version, h.suite), 1);
+            }
+        }
+        if r.data_path.is_some() {
+            self.add(key(metric::BYTES, data_path, direction::UP, 0), r.bytes_up);
+            self.add(
+                key(metric::BYTES, data_path, direction::DOWN, 0),
+                r.bytes_down,
+            );
+        }
+        self.add(key(metric::KEY_UPDATES, 0, 0, 0), r.key_updates);
+    }
+
+    /// Every counter, with the listener names.
+    pub fn snapshot(&self) -> PinnedSnapshot {
+        let counters = match &self.store {
+            Store::Bpf(b) => b.snapshot().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "reading counters failed");
+                BTreeMap::new()
+            }),
+            Store::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        };
+        PinnedSnapshot {
+            counters,
+            listeners: self.listeners.clone(),
+        }
+    }
+}
+
+/// A handshake's outcome as counted.
+impl HandshakeOutcome {
+    /// A completed handshake.
+    pub fn completed(common: &rustls::CommonState) -> Self {
+        Self {
+            failure: None,
+            version: common.protocol_version().map_or(0, u16::from),
+            suite: common
+                .negotiated_cipher_suite()
+                .map_or(0, |s| u16::from(s.suite())),
+        }
+    }
+
+    /// A failed handshake and the reason it is counted under.
+    pub fn failed(reason: &str) -> Self {
+        Self {
+            failure: Some(reason.to_owned()),
+            version: 0,
+            suite: 0,
+        }
+    }
+}
+
+/// One counter value with its name and labels.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sample {
+    /// Metric family name, without the `_total` suffix of counters.
+    pub name: &'static str,
+    /// Label names and values.
+    pub labels: Vec<(&'static str, String)>,
+    /// The value.
+    pub value: u64,
+}
+
+/// The metric families, in output order: name, help, and whether the kernel writes it.
+const FAMILIES: [(&str, &str); 7] = [
+    (
+        "tlsplice_connections_accepted",
+        "TCP connections accepted on a listener's port (sock_ops)",
+    ),
+    (
+        "tlsplice_connections_closed",
+        "Accepted TCP connections that reached TCP_CLOSE (sock_ops)",
+    ),
+    (
+        "tlsplice_connections",
+        "Connections ended, by data path and outcome",
+    ),
+    (
+        "tlsplice_handshakes",
+        "TLS handshakes on the client leg, by outcome, version and cipher suite",
+    ),
+    (
+        "tlsplice_upstream_handshakes",
+        "TLS handshakes on the upstream leg, by outcome, version and cipher suite",
+    ),
+    (
+        "tlsplice_bytes",
+        "Plaintext bytes relayed, by data path and direction, counted when a connection ends",
+    ),
+    (
+        "tlsplice_key_updates",
+        "TLS 1.3 key updates followed or made under kTLS",
+    ),
+];
+
+fn version_name(v: u16) -> String {
+    match v {
+        0 => "none".into(),
+        0x0303 => "TLSv1.2".into(),
+        0x0304 => "TLSv1.3".into(),
+        other => format!("0x{other:04x}"),
+    }
+}
+
+fn suite_name(s: u16) -> String {
+    if s == 0 {
+        return "none".into();
+    }
+    match rustls::CipherSuite::from(s).as_str() {
+        Some(name) => name.to_owned(),
+        None => format!("0x{s:04x}"),
+    }
+}
+
+fn label(table: &[&str], code: u16) -> String {
+    table
+        .get(usize::from(code))
+        .map_or_else(|| format!("{code}"), |s| (*s).to_owned())
+}
+
+/// Turns raw counters into named, labelled samples, sorted by family.
+pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for (key, &value) in &snapshot.counters {
+        let listener = snapshot
+            .listeners
+            .get(&key.listener)
+            .cloned()
+            .unwrap_or_else(|| format!("#{}", key.listener));
+        let mut labels = vec![("listener", listener)];
+        let name = match key.metric {
+            metric::CONN_ACCEPTED => FAMILIES[0].0,
+            metric::CONN_CLOSED => FAMILIES[1].0,
+            metric::CONN_OUTCOME => {
+                labels.push(("data_path", label(&path::NAMES, key.a)));
+                labels.push(("outcome", label(&REASONS, key.b)));
+                FAMILIES[2].0
+            }
+            metric::HANDSHAKE | metric::UPSTREAM_HANDSHAKE => {
+                labels.push(("outcome", label(&REASONS, key.a)));
+                labels.push(("version", version_name(key.b)));
+                labels.push(("cipher", suite_name(key.c)));
+                if key.metric == metric::HANDSHAKE {
+                    FAMILIES[3].0
+                } else {
+                    FAMILIES[4].0
+                }
+            }
+            metric::BYTES => {
+                labels.push(("data_path", label(&path::NAMES, key.a)));
+                labels.push(("direction", label(&direction::NAMES, key.b)));
+                FAMILIES[5].0
+            }
+            metric::KEY_UPDATES => FAMILIES[6].0,
+            _ => continue,
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    let order = |name: &str| FAMILIES.iter().position(|f| f.0 == name);
+    out.sort_by(|x, y| (order(x.name), &x.labels).cmp(&(order(y.name), &y.labels)));
+    out
+}
+
+/// Reads the agent's counters at scrape time.
+#[derive(Debug)]
+struct TelemetryCollector(Arc<Telemetry>);
+
+impl Collector for TelemetryCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let samples = samples(&self.0.snapshot());
+        for (name, help) in FAMILIES {
+            let family: Vec<&Sample> = samples.iter().filter(|s| s.name == name).collect();
+            if family.is_empty() {
+                continue;
+            }
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for s in family {
+                let labels: Vec<(&str, &str)> =
+                    s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                metric
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(&s.value, None)?;
+            }
+        }
+        let loaded = i64::from(self.0.ebpf().is_ok());
+        encoder
+            .encode_descriptor(
+                "tlsplice_ebpf_loaded",
+                "1 when the eBPF programs are loaded and counting, 0 when the agent runs without them (the log and `tlsplice probe` say why)",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&loaded)?;
+        if let Ok(Some(stats)) = TlsStat::read() {
+            let mut metric = encoder.encode_descriptor(
+                "tlsplice_kernel_tls_stat",
+                "The kernel's kTLS counters from /proc/net/tls_stat, by name",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (name, value) in &stats.counters {
+                let value = i64::try_from(*value).unwrap_or(i64::MAX);
+                metric
+                    .encode_family(&[("stat", name.as_str())])?
+                    .encode_gauge(&value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A Prometheus registry whose collector reads `telemetry` at each scrape.
+pub fn registry(telemetry: Arc<Telemetry>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(TelemetryCollector(telemetry)));
+    registry
+}
+
+/// The Prometheus text exposition of `registry`.
+pub fn encode(registry: &Registry) -> Result<String, fmt::Error> {
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, registry)?;
+    Ok(text)
+}
+
+/// `tlsplice stats` output: one line per counter.
+pub fn table(snapshot: &PinnedSnapshot) -> String {
+    let samples = samples(snapshot);
+    let mut out = String::new();
+    if samples.is_empty() {
+        out.push_str("(no counters yet)\n");
+    }
+    for s in samples {
+        let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out.push_str(&format!(
+            "{:32} {:>14}  {}\n",
+            s.name,
+            s.value,
+            labels.join(" ")
+        ));
+    }
+    out
+}
+
+/// `tlsplice stats --json` output.
+pub fn json(snapshot: &PinnedSnapshot) -> serde_json::Value {
+    let samples: Vec<serde_json::Value> = samples(snapshot)
+        .into_iter()
+        .map(|s| {
+            let labels: serde_json::Map<String, serde_json::Value> = s
+                .labels
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), serde_json::Value::String(v)))
+                .collect();
+            serde_json::json!({ "name": s.name, "labels": labels, "value": s.value })
+        })
+        .collect();
+    serde_json::json!({ "listeners": snapshot.listeners, "counters": samples })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_name_and_label_every_counter_kind() {
+        let mut counters = BTreeMap::new();
+        let key = |metric, a, b, c| StatKey {
+            metric,
+            listener: 0,
+            a,
+            b,
+            c,
+            pad: 0,
+        };
+        counters.insert(key(metric::CONN_ACCEPTED, 0, 0, 0), 5);
+        counters.insert(key(metric::HANDSHAKE, 0, 0x0304, 0x1301), 4);
+        counters.insert(key(metric::BYTES, path::KTLS, direction::DOWN, 0), 99);
+        counters.insert(
+            key(
+                metric::CONN_OUTCOME,
+                path::NONE,
+                reason_index("unknown SNI"),
+                0,
+            ),
+            1,
+        );
+        let snapshot = PinnedSnapshot {
+            counters,
+            listeners: BTreeMap::from([(0, "web".to_owned())]),
+        };
+        let text = table(&snapshot);
+        assert!(
+            text.contains("listener=web data_path=none outcome=unknown SNI"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outcome=ok version=TLSv1.3 cipher=TLS13_AES_128_GCM_SHA256"),
+            "{text}"
+        );
+        assert!(text.contains("data_path=ktls direction=down"), "{text}");
+        let registry = registry(Arc::new(Telemetry::memory(
+            snapshot.listeners.clone(),
+            "test".into(),
+        )));
+        let text = encode(&registry).expect("encode");
+        assert!(text.contains("tlsplice_ebpf_loaded 0"), "{text}");
+    }
+}

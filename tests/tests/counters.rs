@@ -1,0 +1,601 @@
+//! Counters in the pinned BPF maps, read by `tlsplice stats` and `/metrics`, equal the traffic
+//! sent: connections accepted and closed (counted in the kernel by the sock_ops program),
+//! connection and handshake outcomes, and bytes per data path (counted by the agent into the
+//! same map). Without CAP_BPF the agent serves anyway and says why, everywhere.
+//!
+//! These tests run the agent binary, as an operator would.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tlsplice_tests::{TestPki, agent_binary, expected_auto_path, skip, tls_client, tool_or_skip};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Why the agent cannot pin here, when it cannot.
+fn bpffs_missing() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    (!mounted).then(|| "no bpf filesystem at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into())
+}
+
+/// A running `tlsplice run`, its stderr in a file.
+struct AgentProcess {
+    child: Child,
+    log: PathBuf,
+    admin: SocketAddr,
+    pin: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent (under `wrapper`, e.g. setpriv) and waits until its admin server
+    /// listens, or until it exits.
+    fn start(dir: &Path, config: &str, wrapper: &[&str], extra: &[&str]) -> Self {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let pin = PathBuf::from(format!("/sys/fs/bpf/tlsplice-test-{}", std::process::id()));
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.join("agent.log");
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let bin = agent_binary();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--bpf-pin-path")
+            .arg(&pin)
+            .args(extra)
+            .env("TLSPLICE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut agent = Self {
+            child,
+            log,
+            admin,
+            pin,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.log_text().contains("admin server listening") {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                println!("agent exited with {status}");
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `tlsplice stats --json` as (family, labels) -> value.
+    fn stats(&self) -> BTreeMap<(String, BTreeMap<String, String>), u64> {
+        let out = Command::new(agent_binary())
+            .args(["stats", "--json", "--bpf-pin-path"])
+            .arg(&self.pin)
+            .output()
+            .expect("tlsplice stats");
+        assert!(
+            out.status.success(),
+            "tlsplice stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+        let mut map = BTreeMap::new();
+        for c in v["counters"].as_array().expect("counters") {
+            let labels = c["labels"]
+                .as_object()
+                .expect("labels")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect();
+            let name = c["name"].as_str().expect("name").to_owned();
+            map.insert((name, labels), c["value"].as_u64().expect("value"));
+        }
+        map
+    }
+
+    /// GET /metrics from the admin server.
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin).expect("connect admin");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        text
+    }
+
+    /// SIGTERM, and the exit status.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) with a pid this test spawned and has not reaped.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of the values of `family` whose labels include every pair in `with`.
+fn sum(
+    stats: &BTreeMap<(String, BTreeMap<String, String>), u64>,
+    family: &str,
+    with: &[(&str, &str)],
+) -> u64 {
+    stats
+        .iter()
+        .filter(|((name, labels), _)| {
+            name == family
+                && with
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+/// Upstream for the terminate listener: each connection sends an 8-byte header (up length,
+/// down length, both u32 big-endian, the header counted in "up"), the rest of "up", then reads
+/// "down" bytes until EOF.
+fn sized_upstream() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            std::thread::spawn(move || {
+                let mut header = [0u8; 8];
+                if sock.read_exact(&mut header).is_err() {
+                    return;
+                }
+                let up = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+                let down = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+                let mut rest = vec![0u8; up as usize - 8];
+                if sock.read_exact(&mut rest).is_err() {
+                    return;
+                }
+                let _ = sock.write_all(&vec![0x5a; down as usize]);
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = sock.read_to_end(&mut sink);
+            });
+        }
+    });
+    addr
+}
+
+/// Upstream for the passthrough listener: reads to EOF, then answers `down` bytes and closes.
+fn drain_upstream(down: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            std::thread::spawn(move || {
+                let mut sink = Vec::new();
+                let _ = sock.read_to_end(&mut sink);
+                let _ = sock.write_all(&vec![0xa5; down]);
+            });
+        }
+    });
+    addr
+}
+
+/// A real ClientHello for "localhost", as bytes.
+fn client_hello(pki: &TestPki) -> Vec<u8> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut conn = rustls::ClientConnection::new(pki.client_config(), name).expect("client");
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello).expect("hello");
+    hello
+}
+
+fn config(
+    dir: &Path,
+    term_port: u16,
+    term_up: SocketAddr,
+    pass_port: u16,
+    pass_up: SocketAddr,
+) -> String {
+    format!(
+        "[[listener]]\nname = \"term\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:{term_port}\"\n\
+         upstream = \"{term_up}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
+         [[listener]]\nname = \"pass\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:{pass_port}\"\n\
+         upstream = \"{pass_up}\"\n",
+        cert = dir.join("server.pem").display(),
+        key = dir.join("server.key").display(),
+    )
+}
+
+/// Polls `tlsplice stats` until `done` holds (connections end asynchronously), or 20 s pass.
+fn settle(
+    agent: &AgentProcess,
+    done: impl Fn(&BTreeMap<(String, BTreeMap<String, String>), u64>) -> bool,
+) -> BTreeMap<(String, BTreeMap<String, String>), u64> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = agent.stats();
+        if done(&stats) || Instant::now() > deadline {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn counters_in_pinned_maps_equal_the_traffic_sent() {
+    let test = "counters_in_pinned_maps_equal_the_traffic_sent";
+    if let Some(why) = bpffs_missing() {
+        assert!(!tlsplice_tests::in_guest(), "{why}");
+        skip(test, &why);
+        return;
+    }
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let (term_port, pass_port) = (free_port(), free_port());
+    let term_up = sized_upstream();
+    const PASS_DOWN: usize = 3_000;
+    let pass_up = drain_upstream(PASS_DOWN);
+    let agent = AgentProcess::start(
+        &dir,
+        &config(&dir, term_port, term_up, pass_port, pass_up),
+        &[],
+        &["--ebpf", "required"],
+    );
+    let log = agent.log_text();
+    assert!(log.contains("eBPF programs loaded"), "{log}");
+    for map in [
+        "TLSPLICE_STATS",
+        "TLSPLICE_PORTS",
+        "TLSPLICE_LISTENERS",
+        "tlsplice_sockops",
+    ] {
+        assert!(agent.pin.join(map).exists(), "{map} not pinned");
+    }
+    let term = SocketAddr::from(([127, 0, 0, 1], term_port));
+    let pass = SocketAddr::from(([127, 0, 0, 1], pass_port));
+
+    // 20 TLS sessions through terminate, each with its own sizes.
+    const TLS_CONNS: u32 = 20;
+    let (mut want_up, mut want_down) = (0u64, 0u64);
+    for i in 0..TLS_CONNS {
+        let (up, down) = (1_000 + 37 * i, 2_000 + 101 * i);
+        want_up += u64::from(up);
+        want_down += u64::from(down);
+        let mut tls = tls_client(term, pki.client_config());
+        let mut msg = Vec::with_capacity(up as usize);
+        msg.extend_from_slice(&up.to_be_bytes());
+        msg.extend_from_slice(&down.to_be_bytes());
+        msg.resize(up as usize, 0x11);
+        tls.write_all(&msg).expect("send up");
+        let mut got = Vec::new();
+        tls.read_to_end(&mut got).expect("read down");
+        assert_eq!(got.len(), down as usize);
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    }
+    // 3 clients that do not speak TLS.
+    const NOT_TLS: u64 = 3;
+    for _ in 0..NOT_TLS {
+        let mut s = TcpStream::connect(term).expect("connect");
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").expect("write");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    // 5 passthrough connections: a real ClientHello plus filler, half-closed.
+    let hello = client_hello(&pki);
+    const PASS_CONNS: u64 = 5;
+    let mut pass_up_bytes = 0u64;
+    for i in 0..PASS_CONNS {
+        let mut s = TcpStream::connect(pass).expect("connect");
+        let mut msg = hello.clone();
+        msg.resize(hello.len() + 500 * (i as usize + 1), 0x22);
+        pass_up_bytes += msg.len() as u64;
+        s.write_all(&msg).expect("write");
+        s.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        assert_eq!(got.len(), PASS_DOWN);
+    }
+    // 2 passthrough clients that do not speak TLS.
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(pass).expect("connect");
+        s.write_all(b"\x00\x01garbage").expect("write");
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+
+    let term_total = u64::from(TLS_CONNS) + NOT_TLS;
+    let pass_total = PASS_CONNS + 2;
+    let stats = settle(&agent, |s| {
+        sum(s, "tlsplice_connections_closed", &[("listener", "term")]) == term_total
+            && sum(s, "tlsplice_connections_closed", &[("listener", "pass")]) == pass_total
+            && sum(s, "tlsplice_connections", &[("listener", "term")]) == term_total
+            && sum(s, "tlsplice_connections", &[("listener", "pass")]) == pass_total
+    });
+    for ((name, labels), value) in &stats {
+        println!("{name} {labels:?} = {value}");
+    }
+    let (path, _) = expected_auto_path();
+    let path = path.to_string();
+    let term_l = ("listener", "term");
+    let pass_l = ("listener", "pass");
+    // Kernel-side counts (sock_ops).
+    assert_eq!(
+        sum(&stats, "tlsplice_connections_accepted", &[term_l]),
+        term_total
+    );
+    assert_eq!(
+        sum(&stats, "tlsplice_connections_closed", &[term_l]),
+        term_total
+    );
+    assert_eq!(
+        sum(&stats, "tlsplice_connections_accepted", &[pass_l]),
+        pass_total
+    );
+    assert_eq!(
+        sum(&stats, "tlsplice_connections_closed", &[pass_l]),
+        pass_total
+    );
+    // Outcomes and data paths.
+    let ok = ("outcome", "ok");
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[term_l, ("data_path", &path), ok]
+        ),
+        u64::from(TLS_CONNS)
+    );
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[
+                term_l,
+                ("data_path", "none"),
+                ("outcome", "handshake failed")
+            ]
+        ),
+        NOT_TLS
+    );
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass_l, ("data_path", "splice"), ok]
+        ),
+        PASS_CONNS
+    );
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass_l, ("data_path", "none"), ("outcome", "not TLS")]
+        ),
+        2
+    );
+    // Handshakes on the client leg (passthrough runs none).
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_handshakes",
+            &[term_l, ok, ("version", "TLSv1.3")]
+        ),
+        u64::from(TLS_CONNS)
+    );
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_handshakes",
+            &[term_l, ("outcome", "handshake failed")]
+        ),
+        NOT_TLS
+    );
+    assert_eq!(sum(&stats, "tlsplice_handshakes", &[pass_l]), 0);
+    // Bytes, exact, per data path and direction.
+    let bytes = |l, p: &str, d| {
+        sum(
+            &stats,
+            "tlsplice_bytes",
+            &[l, ("data_path", p), ("direction", d)],
+        )
+    };
+    assert_eq!(bytes(term_l, &path, "up"), want_up);
+    assert_eq!(bytes(term_l, &path, "down"), want_down);
+    assert_eq!(bytes(pass_l, "splice", "up"), pass_up_bytes);
+    assert_eq!(
+        bytes(pass_l, "splice", "down"),
+        PASS_DOWN as u64 * PASS_CONNS
+    );
+
+    // The same numbers at /metrics.
+    let metrics = agent.metrics();
+    for line in [
+        format!("tlsplice_connections_accepted_total{{listener=\"term\"}} {term_total}"),
+        format!("tlsplice_connections_closed_total{{listener=\"pass\"}} {pass_total}"),
+        format!(
+            "tlsplice_bytes_total{{listener=\"term\",data_path=\"{path}\",direction=\"up\"}} {want_up}"
+        ),
+        "tlsplice_ebpf_loaded 1".to_owned(),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    if tlsplice::probe::ktls_available().is_ok() {
+        assert!(
+            metrics.contains("tlsplice_kernel_tls_stat{stat=\"TlsTxSw\"}"),
+            "{metrics}"
+        );
+    }
+
+    // The table form, as an operator reads it.
+    let table = Command::new(agent_binary())
+        .args(["stats", "--bpf-pin-path"])
+        .arg(&agent.pin)
+        .output()
+        .expect("tlsplice stats");
+    let table = String::from_utf8_lossy(&table.stdout);
+    println!("{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("tlsplice_connections_accepted")
+                && l.contains("listener=term")
+                && l.contains(&format!(" {term_total} "))),
+        "{table}"
+    );
+
+    // A clean stop removes every pin.
+    let pin = agent.pin.clone();
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+    assert!(!pin.exists(), "{} left behind", pin.display());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn without_cap_bpf_the_agent_serves_and_says_why() {
+    let test = "without_cap_bpf_the_agent_serves_and_says_why";
+    let Some(setpriv) = tool_or_skip(test, "setpriv") else {
+        return;
+    };
+    let setpriv = setpriv.to_string_lossy().into_owned();
+    // Root keeps only what the bounding set allows across exec.
+    let wrapper = [
+        setpriv.as_str(),
+        "--bounding-set=-bpf,-sys_admin,-perfmon,-net_admin",
+        "--",
+    ];
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let (term_port, pass_port) = (free_port(), free_port());
+    let term_up = sized_upstream();
+    let pass_up = drain_upstream(10);
+    let cfg = config(&dir, term_port, term_up, pass_port, pass_up);
+
+    // `probe` names what is missing.
+    let mut probe = Command::new(&setpriv);
+    probe.args(&wrapper[1..]).arg(agent_binary()).arg("probe");
+    let out = probe.output().expect("probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ebpf: off: ") && l.contains("CAP_BPF")),
+        "{text}"
+    );
+
+    // `required` refuses to start, with the reason.
+    let mut agent = AgentProcess::start(&dir, &cfg, &wrapper, &["--ebpf", "required"]);
+    let status = agent.child.wait().expect("wait");
+    let log = agent.log_text();
+    assert!(!status.success(), "started without eBPF: {log}");
+    assert!(
+        log.contains("eBPF is required") && log.contains("CAP_BPF"),
+        "{log}"
+    );
+    drop(agent);
+
+    // `auto` serves, logs why eBPF is off, and /metrics says so.
+    let agent = AgentProcess::start(&dir, &cfg, &wrapper, &[]);
+    let log = agent.log_text();
+    println!("{log}");
+    let off = log
+        .lines()
+        .filter(|l| {
+            l.contains("eBPF off") && l.contains("Operation not permitted") && l.contains("CAP_BPF")
+        })
+        .count();
+    assert_eq!(off, 1, "{log}");
+    let term = SocketAddr::from(([127, 0, 0, 1], term_port));
+    let mut tls = tls_client(term, pki.client_config());
+    let up = 64u32;
+    let down = 4_096u32;
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&up.to_be_bytes());
+    msg.extend_from_slice(&down.to_be_bytes());
+    msg.resize(up as usize, 1);
+    tls.write_all(&msg).expect("send");
+    let mut got = Vec::new();
+    tls.read_to_end(&mut got).expect("read");
+    assert_eq!(got.len(), down as usize);
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    drop(tls);
+    let (path, _) = expected_auto_path();
+    let want = format!(
+        "tlsplice_bytes_total{{listener=\"term\",data_path=\"{path}\",direction=\"down\"}} {down}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let m = agent.metrics();
+        if m.lines().any(|l| l == want) || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        metrics.lines().any(|l| l == want),
+        "{want} missing:\n{metrics}"
+    );
+    assert!(
+        metrics.lines().any(|l| l == "tlsplice_ebpf_loaded 0"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("tlsplice_connections_accepted"),
+        "{metrics}"
+    );
+    assert!(!agent.pin.exists(), "pinned without eBPF");
+    let status = agent.stop();
+    assert!(status.success(), "{status}");
+}
