@@ -11,12 +11,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
-use aya::programs::{CgroupAttachMode, SockOps};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, SockHash};
+use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tlsplice_common::{
-    LISTENER_NAME_LEN, ListenerName, MAP_LISTENER_NAMES, MAP_LISTENER_PORTS, MAP_STATS,
-    PROG_SOCKOPS, StatKey,
+    LISTENER_NAME_LEN, ListenerName, MAP_LISTENER_NAMES, MAP_LISTENER_PORTS, MAP_PEERS, MAP_SOCKS,
+    MAP_STATS, PROG_SOCKOPS, PROG_VERDICT, SockmapPeer, StatKey,
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, or empty when this binary was built
@@ -215,6 +217,8 @@ pub struct LoadedBpf {
     /// Keeps the programs loaded and the cgroup link alive.
     _ebpf: Ebpf,
     stats: Mutex<PerCpuHashMap<MapData, StatKey, u64>>,
+    socks: Mutex<SockHash<MapData, u64>>,
+    peers: Mutex<BpfHashMap<MapData, u64, SockmapPeer>>,
     nr_cpus: usize,
     pins: Pins,
     /// Where the sock_ops program is attached.
@@ -328,7 +332,13 @@ impl LoadedBpf {
                 .map_err(|e| program_error(format!("pin at {}", pin.display()), &e))?;
             pins.files.push(pin);
         }
-        for name in [MAP_STATS, MAP_LISTENER_PORTS, MAP_LISTENER_NAMES] {
+        for name in [
+            MAP_STATS,
+            MAP_LISTENER_PORTS,
+            MAP_LISTENER_NAMES,
+            MAP_SOCKS,
+            MAP_PEERS,
+        ] {
             let map = ebpf.map(name).ok_or(BpfError::Missing("counter map"))?;
             let pin = settings.pin_path.join(name);
             if let Err(e) = map.pin(&pin) {
@@ -341,6 +351,43 @@ impl LoadedBpf {
             }
             pins.files.push(pin);
         }
+        let socks = ebpf
+            .take_map(MAP_SOCKS)
+            .ok_or(BpfError::Missing("sock hash"))?;
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(socks).map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
+        {
+            let verdict_error = |action: String, e: &dyn std::error::Error| {
+                let detail = chain(e);
+                BpfError::Program {
+                    program: PROG_VERDICT,
+                    action,
+                    hint: hint_for(&detail),
+                    detail,
+                }
+            };
+            let program: &mut SkSkb = ebpf
+                .program_mut(PROG_VERDICT)
+                .ok_or(BpfError::Missing("stream verdict program"))?
+                .try_into()
+                .map_err(|e| verdict_error("type".into(), &e))?;
+            program
+                .load()
+                .map_err(|e| verdict_error("load".into(), &e))?;
+            program
+                .attach(socks.fd())
+                .map_err(|e| verdict_error("attach to the sock hash".into(), &e))?;
+            let pin = settings.pin_path.join(PROG_VERDICT);
+            program
+                .pin(&pin)
+                .map_err(|e| verdict_error(format!("pin at {}", pin.display()), &e))?;
+            pins.files.push(pin);
+        }
+        let peers = ebpf
+            .take_map(MAP_PEERS)
+            .ok_or(BpfError::Missing("peer map"))?;
+        let peers: BpfHashMap<MapData, u64, SockmapPeer> =
+            BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
         let stats = ebpf
             .take_map(MAP_STATS)
             .ok_or(BpfError::Missing("counter map"))?;
@@ -353,6 +400,8 @@ impl LoadedBpf {
         Ok(Self {
             _ebpf: ebpf,
             stats: Mutex::new(stats),
+            socks: Mutex::new(socks),
+            peers: Mutex::new(peers),
             nr_cpus,
             pins,
             cgroup,
@@ -384,11 +433,213 @@ impl LoadedBpf {
             .map_err(|e| map_error("TLSPLICE_STATS", &e))
     }
 
+    /// Gives a client leg and an upstream leg each other as peers and puts the upstream leg
+    /// into the sock hash; [`SockmapPair::admit_client`] adds the client leg. The returned pair
+    /// takes both out again when dropped.
+    pub fn sockmap_pair(
+        &self,
+        listener: u16,
+        client: BorrowedFd<'_>,
+        upstream: BorrowedFd<'_>,
+    ) -> Result<SockmapPair<'_>, BpfError> {
+        let client_cookie = socket_cookie(client).map_err(|e| BpfError::Map {
+            map: "TLSPLICE_SOCKS",
+            detail: format!("getsockopt(SO_COOKIE) on the client leg: {e}"),
+            hint: "",
+        })?;
+        let upstream_cookie = socket_cookie(upstream).map_err(|e| BpfError::Map {
+            map: "TLSPLICE_SOCKS",
+            detail: format!("getsockopt(SO_COOKIE) on the upstream leg: {e}"),
+            hint: "",
+        })?;
+        let pair = SockmapPair {
+            bpf: self,
+            cookies: [client_cookie, upstream_cookie],
+        };
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            for (me, peer) in [
+                (client_cookie, upstream_cookie),
+                (upstream_cookie, client_cookie),
+            ] {
+                let entry = SockmapPeer {
+                    peer,
+                    listener,
+                    ..SockmapPeer::default()
+                };
+                peers
+                    .insert(me, entry, 0)
+                    .map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
+            }
+        }
+        let mut socks = self.socks.lock().unwrap_or_else(|p| p.into_inner());
+        socks
+            .insert(upstream_cookie, upstream.as_raw_fd(), 0)
+            .map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
+        Ok(pair)
+    }
+
+    /// Bytes the verdict program has redirected from the socket `cookie` to its peer.
+    fn redirected(&self, cookie: u64) -> u64 {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&cookie, 0).map_or(0, |p| p.bytes)
+    }
+
+    /// Sockets with a peer entry (two per relayed connection).
+    pub fn sockmap_peers(&self) -> u64 {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.keys().count() as u64
+    }
+
     /// Every counter, summed over CPUs.
     pub fn snapshot(&self) -> Result<BTreeMap<StatKey, u64>, BpfError> {
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         sum_entries(&stats)
     }
+}
+
+/// A connection's two legs in the sock hash. Dropping it removes both sockets and their peer
+/// entries (a closed socket leaves the sock hash by itself; its peer entry does not).
+pub struct SockmapPair<'a> {
+    bpf: &'a LoadedBpf,
+    /// Client leg, upstream leg.
+    cookies: [u64; 2],
+}
+
+impl SockmapPair<'_> {
+    /// Puts the client leg into the sock hash, then has the verdict run over anything already
+    /// in its receive queue: bytes queued before a socket enters the map are otherwise only
+    /// seen when more arrive. Raising SO_RCVLOWAT (to its default, 1) re-runs the socket's
+    /// data-ready callback, which is the verdict now.
+    pub fn admit_client(&self, client: BorrowedFd<'_>) -> Result<(), BpfError> {
+        {
+            let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
+            socks
+                .insert(self.cookies[0], client.as_raw_fd(), 0)
+                .map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: `client` is a live socket; SO_RCVLOWAT reads one int from `one`.
+        let rc = unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVLOWAT,
+                (&raw const one).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(BpfError::Map {
+                map: "TLSPLICE_SOCKS",
+                detail: format!(
+                    "setsockopt(SO_RCVLOWAT) on the client leg: {}",
+                    io::Error::last_os_error()
+                ),
+                hint: "",
+            });
+        }
+        Ok(())
+    }
+
+    /// Bytes redirected in the kernel so far: (client to upstream, upstream to client).
+    pub fn redirected(&self) -> (u64, u64) {
+        (
+            self.bpf.redirected(self.cookies[0]),
+            self.bpf.redirected(self.cookies[1]),
+        )
+    }
+}
+
+impl Drop for SockmapPair<'_> {
+    fn drop(&mut self) {
+        {
+            let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
+            for cookie in &self.cookies {
+                // Absent already when the socket was closed: nothing to do then.
+                let _ = socks.remove(cookie);
+            }
+        }
+        let mut peers = self.bpf.peers.lock().unwrap_or_else(|p| p.into_inner());
+        for cookie in &self.cookies {
+            if let Err(e) = peers.remove(cookie) {
+                tracing::warn!(cookie, error = %e, "could not remove a sockmap peer entry");
+            }
+        }
+    }
+}
+
+/// The kernel's cookie for a socket (the sock hash key).
+fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket for the call; `cookie` and `len` are valid, writable and
+    // sized for SO_COOKIE's u64.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The head of the kernel's `struct tcp_info` up to `tcpi_bytes_acked` (libc's glibc version
+/// stops before it). Layout from include/uapi/linux/tcp.h, stable since 4.x.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfoHead {
+    bytes8: [u8; 8],
+    words: [u32; 24],
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+}
+
+/// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT` from include/net/tcp_states.h: the states in which
+/// a socket can still send.
+const TCP_SENDING_STATES: [u8; 2] = [1, 8];
+
+/// Every byte ever queued for sending on a TCP socket (acknowledged plus still in the send
+/// queue), and whether the socket can still send. The sockmap relay waits for this to cover
+/// what was redirected into the socket before it sends the FIN after it.
+pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
+    let mut info = TcpInfoHead::default();
+    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+    // SAFETY: `fd` is a live socket; `info` is writable for `len` bytes and the kernel writes
+    // at most `len`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
+        return Err(io::Error::other(
+            "kernel's tcp_info has no tcpi_bytes_acked",
+        ));
+    }
+    let mut outq: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int (bytes not yet acknowledged) into `outq`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let sending = TCP_SENDING_STATES.contains(&info.bytes8[0]);
+    Ok((info.bytes_acked + u64::try_from(outq).unwrap_or(0), sending))
 }
 
 /// Pinned files, removed on drop: when the agent stops, or when loading fails half way.
@@ -428,6 +679,8 @@ pub struct PinnedSnapshot {
     pub counters: BTreeMap<StatKey, u64>,
     /// Listener names by index.
     pub listeners: BTreeMap<u16, String>,
+    /// Sockets in the sockmap relay right now (two per connection); `None` without eBPF.
+    pub sockmap_sockets: Option<u64>,
 }
 
 /// Reads a running agent's counters from the maps pinned under `pin_dir`.
@@ -466,8 +719,12 @@ pub fn read_pinned(pin_dir: &Path) -> Result<PinnedSnapshot, BpfError> {
             String::from_utf8_lossy(&name.bytes[..end]).into_owned(),
         );
     }
+    let peers = aya::maps::Map::HashMap(open(MAP_PEERS)?);
+    let peers: BpfHashMap<_, u64, SockmapPeer> =
+        BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
     Ok(PinnedSnapshot {
         counters,
         listeners,
+        sockmap_sockets: Some(peers.keys().count() as u64),
     })
 }

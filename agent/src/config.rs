@@ -162,6 +162,19 @@ pub enum EbpfMode {
     Off,
 }
 
+/// How passthrough listeners move bytes between their two plain legs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PassthroughPath {
+    /// splice(2) through a pipe per direction, driven by the agent (measured faster on the
+    /// kernels tried so far: see benches/).
+    #[default]
+    Splice,
+    /// The eBPF sock hash and stream verdict program: the kernel redirects each segment to the
+    /// peer socket; the agent only waits for the ends. Needs the eBPF programs loaded.
+    Sockmap,
+}
+
 /// The `[ebpf]` section.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -175,6 +188,9 @@ pub struct EbpfConfig {
     /// cgroup v2 directory whose sockets the sock_ops program sees (default: the cgroup2 root).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
+    /// Data path of passthrough listeners.
+    #[serde(default)]
+    pub passthrough: PassthroughPath,
 }
 
 fn default_pin_path() -> PathBuf {
@@ -187,6 +203,7 @@ impl Default for EbpfConfig {
             mode: EbpfMode::default(),
             pin_path: default_pin_path(),
             cgroup: None,
+            passthrough: PassthroughPath::default(),
         }
     }
 }

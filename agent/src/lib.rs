@@ -13,7 +13,8 @@
 //! - [`probe`]: what the running kernel and process can do;
 //! - [`bpf`]: the eBPF programs and counter maps (the only module that calls BPF);
 //! - [`metrics`]: connection counters, Prometheus and `tlsplice stats` output;
-//! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`).
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`);
+//! - [`limits`]: process resource limits.
 
 pub mod admin;
 pub mod bpf;
@@ -22,6 +23,7 @@ pub mod config;
 pub mod handoff;
 pub mod identity;
 pub mod ktls;
+pub mod limits;
 pub mod metrics;
 pub mod probe;
 pub mod proxy;

@@ -40,6 +40,10 @@ enum Command {
         /// bpffs directory for the pinned maps and programs. Overrides `ebpf.pin_path`.
         #[arg(long, env = "TLSPLICE_BPF_PIN_PATH")]
         bpf_pin_path: Option<PathBuf>,
+        /// Data path of passthrough listeners: splice or sockmap. Overrides
+        /// `ebpf.passthrough`.
+        #[arg(long, env = "TLSPLICE_PASSTHROUGH_PATH", value_enum)]
+        passthrough_path: Option<tlsplice::config::PassthroughPath>,
         /// Admin server address (/metrics, /healthz). Overrides `admin.listen`.
         #[arg(long, env = "TLSPLICE_ADMIN_ADDR")]
         admin_addr: Option<std::net::SocketAddr>,
@@ -115,6 +119,7 @@ fn main() -> Result<()> {
             config,
             ebpf,
             bpf_pin_path,
+            passthrough_path,
             admin_addr,
         } => {
             let mut c = tlsplice::config::Config::load(&config)?;
@@ -123,6 +128,9 @@ fn main() -> Result<()> {
             }
             if let Some(path) = bpf_pin_path {
                 c.ebpf.pin_path = path;
+            }
+            if let Some(path) = passthrough_path {
+                c.ebpf.passthrough = path;
             }
             if let Some(addr) = admin_addr {
                 c.admin.listen = addr;
@@ -184,6 +192,10 @@ fn load_bpf(
 }
 
 fn run(config: &tlsplice::config::Config) -> Result<()> {
+    match tlsplice::limits::raise_open_files() {
+        Ok(n) => tracing::info!(open_files = n, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
     let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

@@ -50,6 +50,7 @@ fn path_code(p: DataPath) -> u16 {
         DataPath::Ktls => path::KTLS,
         DataPath::Splice => path::SPLICE,
         DataPath::Userspace => path::USERSPACE,
+        DataPath::Sockmap => path::SOCKMAP,
     }
 }
 
@@ -79,6 +80,14 @@ impl Telemetry {
     /// `Ok` when the eBPF programs are loaded, else why not.
     pub fn ebpf(&self) -> Result<(), &str> {
         self.ebpf.as_ref().map(|_| ()).map_err(String::as_str)
+    }
+
+    /// The loaded eBPF programs and maps, when eBPF is on.
+    pub fn bpf(&self) -> Option<&LoadedBpf> {
+        match &self.store {
+            Store::Bpf(b) => Some(b),
+            Store::Memory(_) => None,
+        }
     }
 
     /// The pin directory, when eBPF is on.
@@ -158,6 +167,7 @@ impl Telemetry {
         PinnedSnapshot {
             counters,
             listeners: self.listeners.clone(),
+            sockmap_sockets: self.bpf().map(LoadedBpf::sockmap_peers),
         }
     }
 }
@@ -197,7 +207,7 @@ pub struct Sample {
 }
 
 /// The metric families, in output order: name, help, and whether the kernel writes it.
-const FAMILIES: [(&str, &str); 7] = [
+const FAMILIES: [(&str, &str); 8] = [
     (
         "tlsplice_connections_accepted",
         "TCP connections accepted on a listener's port (sock_ops)",
@@ -225,6 +235,10 @@ const FAMILIES: [(&str, &str); 7] = [
     (
         "tlsplice_key_updates",
         "TLS 1.3 key updates followed or made under kTLS",
+    ),
+    (
+        "tlsplice_sockmap_redirect_failed_bytes",
+        "Bytes the sockmap verdict could not redirect (no peer entry) and passed to the agent, which forwarded them",
     ),
 ];
 
@@ -287,6 +301,7 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
                 FAMILIES[5].0
             }
             metric::KEY_UPDATES => FAMILIES[6].0,
+            metric::REDIRECT_FAILED => FAMILIES[7].0,
             _ => continue,
         };
         out.push(Sample {
@@ -306,7 +321,8 @@ struct TelemetryCollector(Arc<Telemetry>);
 
 impl Collector for TelemetryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let samples = samples(&self.0.snapshot());
+        let snapshot = self.0.snapshot();
+        let samples = samples(&snapshot);
         for (name, help) in FAMILIES {
             let family: Vec<&Sample> = samples.iter().filter(|s| s.name == name).collect();
             if family.is_empty() {
@@ -330,6 +346,16 @@ impl Collector for TelemetryCollector {
                 MetricType::Gauge,
             )?
             .encode_gauge(&loaded)?;
+        if let Some(sockets) = snapshot.sockmap_sockets {
+            encoder
+                .encode_descriptor(
+                    "tlsplice_sockmap_sockets",
+                    "Sockets relayed by the sockmap verdict program right now (two per connection)",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
+        }
         if let Ok(Some(stats)) = TlsStat::read() {
             let mut metric = encoder.encode_descriptor(
                 "tlsplice_kernel_tls_stat",
@@ -369,6 +395,12 @@ pub fn table(snapshot: &PinnedSnapshot) -> String {
     if samples.is_empty() {
         out.push_str("(no counters yet)\n");
     }
+    if let Some(sockets) = snapshot.sockmap_sockets {
+        out.push_str(&format!(
+            "{:32} {:>14}\n",
+            "tlsplice_sockmap_sockets", sockets
+        ));
+    }
     for s in samples {
         let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         out.push_str(&format!(
@@ -394,7 +426,11 @@ pub fn json(snapshot: &PinnedSnapshot) -> serde_json::Value {
             serde_json::json!({ "name": s.name, "labels": labels, "value": s.value })
         })
         .collect();
-    serde_json::json!({ "listeners": snapshot.listeners, "counters": samples })
+    serde_json::json!({
+        "listeners": snapshot.listeners,
+        "sockmap_sockets": snapshot.sockmap_sockets,
+        "counters": samples,
+    })
 }
 
 #[cfg(test)]
@@ -427,6 +463,7 @@ mod tests {
         let snapshot = PinnedSnapshot {
             counters,
             listeners: BTreeMap::from([(0, "web".to_owned())]),
+            sockmap_sockets: None,
         };
         let text = table(&snapshot);
         assert!(

@@ -78,7 +78,7 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &[],
     },
     MatrixTest {
-        target: "counters",
+        target: "ebpf",
         needs: &[],
         tools: &["setpriv"],
     },

@@ -30,6 +30,9 @@ pub enum DataPath {
     Splice,
     /// rustls in user space and a copy loop.
     Userspace,
+    /// Both legs plain TCP (passthrough) in the eBPF sock hash: the kernel redirects each
+    /// segment to the other leg.
+    Sockmap,
 }
 
 impl fmt::Display for DataPath {
@@ -37,6 +40,7 @@ impl fmt::Display for DataPath {
         f.write_str(match self {
             DataPath::Ktls => "ktls",
             DataPath::Splice => "splice",
+            DataPath::Sockmap => "sockmap",
             DataPath::Userspace => "userspace",
         })
     }
@@ -248,8 +252,10 @@ pub(crate) struct ListenerState {
     pub(crate) caps: Arc<KernelCaps>,
     pub(crate) reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
     /// This listener's index in counter keys.
-    index: u16,
-    telemetry: Arc<Telemetry>,
+    pub(crate) index: u16,
+    pub(crate) telemetry: Arc<Telemetry>,
+    /// Node-wide passthrough data path.
+    pub(crate) passthrough: crate::config::PassthroughPath,
 }
 
 impl ListenerState {
@@ -283,6 +289,7 @@ impl ListenerState {
             reports,
             index,
             telemetry,
+            passthrough: crate::config::PassthroughPath::default(),
         })
     }
 }
@@ -324,6 +331,8 @@ impl Proxy {
                         addr: l.listen,
                         source,
                     })?;
+            let mut state = state;
+            state.passthrough = config.ebpf.passthrough;
             bound.push((listener, state));
         }
         Ok(Self { bound })

@@ -10,11 +10,12 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::relay::{
-    RekeyPolicy, connect_upstream, linger_close, splice_relay, userspace_relay, write_proxy_header,
+    RekeyPolicy, connect_upstream, linger_close, sockmap_relay, splice_relay, userspace_relay,
+    write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
-use crate::config::DataPathPolicy;
+use crate::config::{DataPathPolicy, PassthroughPath};
 
 /// Why no ClientHello could be read.
 enum PeekFailure {
@@ -115,25 +116,48 @@ pub(crate) async fn handle(
         return report;
     }
 
-    let (path, reason) = match cfg.data_path {
-        DataPathPolicy::Userspace => (DataPath::Userspace, "listener data_path = userspace"),
-        DataPathPolicy::Auto | DataPathPolicy::Ktls => (
-            DataPath::Splice,
-            "passthrough: both legs are plain TCP to the agent",
+    let splice_reason = "passthrough: both legs are plain TCP to the agent";
+    let (path, reason) = match (cfg.data_path, state.passthrough, state.telemetry.bpf()) {
+        (DataPathPolicy::Userspace, ..) => (
+            DataPath::Userspace,
+            "listener data_path = userspace".to_owned(),
         ),
+        (_, PassthroughPath::Sockmap, Some(_)) => (
+            DataPath::Sockmap,
+            "passthrough: plain legs redirected in the kernel (ebpf.passthrough = sockmap)"
+                .to_owned(),
+        ),
+        (_, PassthroughPath::Sockmap, None) => (
+            DataPath::Splice,
+            format!(
+                "{splice_reason}; sockmap asked for but eBPF is off: {}",
+                state.telemetry.ebpf().err().unwrap_or("unknown")
+            ),
+        ),
+        (_, PassthroughPath::Splice, _) => (DataPath::Splice, splice_reason.to_owned()),
     };
     report.data_path = Some(path);
     report.reason = format!("{reason}; upstream {upstream_addr}");
-    let outcome = match path {
-        DataPath::Userspace => userspace_relay(client, None, upstream, None).await,
-        _ => {
-            // Passthrough never holds keys, so there is nothing to rekey.
-            let policy = RekeyPolicy {
-                kernel: Err("passthrough holds no keys".into()),
-                after_records: None,
-            };
-            splice_relay(&client, None, &upstream, None, &policy).await
+    // Passthrough never holds keys, so there is nothing to rekey.
+    let policy = RekeyPolicy {
+        kernel: Err("passthrough holds no keys".into()),
+        after_records: None,
+    };
+    let outcome = match (path, state.telemetry.bpf()) {
+        (DataPath::Userspace, _) => userspace_relay(client, None, upstream, None).await,
+        (DataPath::Sockmap, Some(bpf)) => {
+            match sockmap_relay(&client, &upstream, bpf, state.index).await {
+                Ok(outcome) => outcome,
+                Err(why) => {
+                    report.data_path = Some(DataPath::Splice);
+                    report.reason = format!(
+                        "{splice_reason}; sockmap refused this connection: {why}; upstream {upstream_addr}"
+                    );
+                    splice_relay(&client, None, &upstream, None, &policy).await
+                }
+            }
         }
+        _ => splice_relay(&client, None, &upstream, None, &policy).await,
     };
     report.bytes_up = outcome.up;
     report.bytes_down = outcome.down;

@@ -463,6 +463,124 @@ pub(crate) async fn splice_relay(
     }
 }
 
+/// Writes all of `data` to a socket shared by reference.
+async fn write_all_shared(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        sock.writable().await?;
+        match sock.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// How long the end of a direction waits for the kernel to queue what it redirected.
+const SOCKMAP_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// One direction of a sockmap relay: the kernel redirects `src`'s segments to `dst`; this waits
+/// for `src` to end, forwards anything the verdict passed up instead, then sends `dst` its FIN
+/// once every redirected byte is queued on `dst` ahead of it.
+async fn sockmap_direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    redirected: impl Fn() -> u64,
+    dst_start: u64,
+    user_bytes: &AtomicU64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        src.readable().await?;
+        match src.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                write_all_shared(dst, &buf[..n]).await?;
+                user_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // The verdict ran for every segment before the FIN, but the redirected bytes reach `dst`'s
+    // send queue from a kernel worker: the FIN must not overtake them.
+    let want = dst_start + user_bytes.load(Ordering::Relaxed) + redirected();
+    let deadline = tokio::time::Instant::now() + SOCKMAP_DRAIN_LIMIT;
+    loop {
+        let (queued, sending) = crate::bpf::tcp_bytes_queued(dst.as_fd())?;
+        if queued >= want {
+            break;
+        }
+        if !sending {
+            return Err(io::Error::other(format!(
+                "sockmap: the peer leg stopped sending with {} of {} bytes queued",
+                queued - dst_start.min(queued),
+                want - dst_start
+            )));
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(io::Error::other(format!(
+                "sockmap: {} redirected bytes not queued on the peer leg within {} s",
+                want - queued,
+                SOCKMAP_DRAIN_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    end_direction(dst, false)
+}
+
+/// Both plain legs in the eBPF sock hash: the kernel moves the bytes, the agent waits for the
+/// ends. `Err` when the legs could not enter the maps (nothing was moved; the caller picks
+/// another path and says why).
+pub(crate) async fn sockmap_relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    bpf: &crate::bpf::LoadedBpf,
+    listener: u16,
+) -> Result<RelayOutcome, String> {
+    let queued = |s: &TcpStream| crate::bpf::tcp_bytes_queued(s.as_fd()).map(|q| q.0);
+    let (client_start, upstream_start) = match (queued(client), queued(upstream)) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return Err(format!("reading TCP_INFO: {e}")),
+    };
+    // Both legs enter the map with the client's bytes so far (its ClientHello, only peeked)
+    // still in its receive queue: the verdict redirects them in order with everything after,
+    // and the upstream, quiet until it has the ClientHello, answers into a complete pair.
+    let pair = bpf
+        .sockmap_pair(listener, client.as_fd(), upstream.as_fd())
+        .map_err(|e| e.to_string())?;
+    pair.admit_client(client.as_fd())
+        .map_err(|e| e.to_string())?;
+    let (user_up, user_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::try_join!(
+        sockmap_direction(
+            client,
+            upstream,
+            || pair.redirected().0,
+            upstream_start,
+            &user_up
+        ),
+        sockmap_direction(
+            upstream,
+            client,
+            || pair.redirected().1,
+            client_start,
+            &user_down
+        ),
+    )
+    .map(|_| ());
+    let (up, down) = pair.redirected();
+    drop(pair);
+    Ok(RelayOutcome {
+        up: up + user_up.into_inner(),
+        down: down + user_down.into_inner(),
+        key_updates: 0,
+        tickets: 0,
+        result,
+    })
+}
+
 /// One side of a user-space relay: a socket and, for a TLS leg, its rustls connection.
 struct UserLeg {
     rd: Box<dyn AsyncRead + Unpin + Send>,

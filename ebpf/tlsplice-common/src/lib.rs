@@ -15,6 +15,28 @@ pub const MAP_LISTENER_PORTS: &str = "TLSPLICE_PORTS";
 pub const MAP_LISTENER_NAMES: &str = "TLSPLICE_LISTENERS";
 /// The sock_ops program.
 pub const PROG_SOCKOPS: &str = "tlsplice_sockops";
+/// Sock hash `u64 socket cookie -> socket`: the plain legs relayed in the kernel.
+pub const MAP_SOCKS: &str = "TLSPLICE_SOCKS";
+/// Hash map `u64 socket cookie -> SockmapPeer`: where each socket's bytes go.
+pub const MAP_PEERS: &str = "TLSPLICE_PEERS";
+/// The sk_skb stream verdict program that redirects each leg's bytes to its peer.
+pub const PROG_VERDICT: &str = "tlsplice_verdict";
+/// Capacity of the sockmap maps (sockets, so half as many connections).
+pub const SOCKMAP_MAX_ENTRIES: u32 = 65_536;
+
+/// Where a socket in [`MAP_SOCKS`] sends what it receives, and how much it sent there.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SockmapPeer {
+    /// The peer socket's cookie (key in [`MAP_SOCKS`]).
+    pub peer: u64,
+    /// Bytes redirected to the peer, written by the verdict program.
+    pub bytes: u64,
+    /// Listener index, for the redirect failure counter.
+    pub listener: u16,
+    /// Always 0.
+    pub pad: [u16; 3],
+}
 
 /// Capacity of [`MAP_STATS`].
 pub const STATS_MAX_ENTRIES: u32 = 8192;
@@ -41,6 +63,9 @@ pub mod metric {
     pub const KEY_UPDATES: u16 = 6;
     /// TLS handshakes on the upstream leg, labelled like [`HANDSHAKE`]; written by the agent.
     pub const UPSTREAM_HANDSHAKE: u16 = 7;
+    /// Bytes the verdict program could not redirect (the peer was not in the map) and passed
+    /// to the socket, where the agent forwards them; written by the kernel.
+    pub const REDIRECT_FAILED: u16 = 8;
 }
 
 /// Data path codes, in [`StatKey::a`] of path-labelled counters.
@@ -147,6 +172,9 @@ unsafe impl aya::Pod for StatKey {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for ListenerName {}
+// SAFETY: `repr(C)`: two u64, a u16 and three u16: no padding, every bit pattern valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockmapPeer {}
 
 #[cfg(test)]
 mod tests {
@@ -170,5 +198,6 @@ mod tests {
     #[test]
     fn stat_key_has_no_padding() {
         assert_eq!(core::mem::size_of::<StatKey>(), 12);
+        assert_eq!(core::mem::size_of::<SockmapPeer>(), 24);
     }
 }

@@ -3,6 +3,10 @@
 //! `tlsplice_sockops` (attached to a cgroup) counts, per listener and per CPU, the TCP
 //! connections accepted on the agent's listener ports and, by asking the kernel for state
 //! callbacks on exactly those sockets, the ones that reach TCP_CLOSE.
+//!
+//! `tlsplice_verdict` (sk_skb stream verdict on the sock hash) relays plain legs in the kernel:
+//! each segment a socket in the map receives goes to its peer's egress. A socket without a peer
+//! entry gets its bytes passed up (counted), where the agent forwards them itself.
 #![no_std]
 #![no_main]
 
@@ -10,10 +14,14 @@ use aya_ebpf::bindings::{
     BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
     BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
 };
-use aya_ebpf::macros::{map, sock_ops};
-use aya_ebpf::maps::{HashMap, PerCpuHashMap};
-use aya_ebpf::programs::SockOpsContext;
-use tlsplice_common::{LISTENERS_MAX_ENTRIES, ListenerName, STATS_MAX_ENTRIES, StatKey, metric};
+use aya_ebpf::helpers::bpf_get_socket_cookie;
+use aya_ebpf::macros::{map, sock_ops, stream_verdict};
+use aya_ebpf::maps::{HashMap, PerCpuHashMap, SockHash};
+use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
+use tlsplice_common::{
+    LISTENERS_MAX_ENTRIES, ListenerName, SOCKMAP_MAX_ENTRIES, STATS_MAX_ENTRIES, SockmapPeer,
+    StatKey, metric,
+};
 
 /// Every counter (see tlsplice-common).
 #[map(name = "TLSPLICE_STATS")]
@@ -27,21 +35,81 @@ static PORTS: HashMap<u16, u16> = HashMap::with_max_entries(LISTENERS_MAX_ENTRIE
 #[map(name = "TLSPLICE_LISTENERS")]
 static LISTENERS: HashMap<u16, ListenerName> = HashMap::with_max_entries(LISTENERS_MAX_ENTRIES, 0);
 
+/// Plain legs relayed in the kernel, by socket cookie.
+#[map(name = "TLSPLICE_SOCKS")]
+static SOCKS: SockHash<u64> = SockHash::with_max_entries(SOCKMAP_MAX_ENTRIES, 0);
+
+/// Each socket's peer, by socket cookie; the agent fills it before adding the sockets.
+#[map(name = "TLSPLICE_PEERS")]
+static PEERS: HashMap<u64, SockmapPeer> = HashMap::with_max_entries(SOCKMAP_MAX_ENTRIES, 0);
+
+/// `SK_PASS` from linux/bpf.h: the verdict that delivers (or, with a redirect set, redirects).
+const SK_PASS: u32 = 1;
+/// `SK_DROP` from linux/bpf.h.
+const SK_DROP: u32 = 0;
+
+/// Redirects what a plain leg receives to its peer's egress.
+#[stream_verdict]
+pub fn tlsplice_verdict(ctx: SkBuffContext) -> u32 {
+    // SAFETY: the helper reads the cookie of the socket this skb belongs to.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    let len = u64::from(ctx.len());
+    // A FIN without data reaches the verdict as an empty skb. It carries nothing: TCP has
+    // already marked the socket shut for reading, which is how the agent sees the end. Queued
+    // to a psock instead (redirected, or passed to itself behind redirected data), a zero-length
+    // send counts as a hard error there: EPIPE on the socket and its transmit stopped.
+    if len == 0 {
+        return SK_DROP;
+    }
+    let Some(entry) = PEERS.get_ptr_mut(&cookie) else {
+        add(
+            &StatKey {
+                metric: metric::REDIRECT_FAILED,
+                ..StatKey::default()
+            },
+            len,
+        );
+        return SK_PASS;
+    };
+    // SAFETY: a map value pointer; the verdict runs under this socket's lock, so no other
+    // program run writes this socket's entry at the same time.
+    let (mut peer, listener) = unsafe { ((*entry).peer, (*entry).listener) };
+    if SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32 == SK_PASS {
+        // SAFETY: as above.
+        unsafe { (*entry).bytes += len };
+    } else {
+        add(
+            &StatKey {
+                metric: metric::REDIRECT_FAILED,
+                listener,
+                ..StatKey::default()
+            },
+            len,
+        );
+    }
+    SK_PASS
+}
+
 /// Adds one to this CPU's cell of `key`, creating it the first time.
 fn count(key: &StatKey) {
+    add(key, 1);
+}
+
+/// Adds `n` to this CPU's cell of `key`, creating it the first time.
+fn add(key: &StatKey, n: u64) {
     if let Some(cell) = STATS.get_ptr_mut(key) {
         // SAFETY: the pointer is this CPU's value of a per-CPU hash entry; only this program,
         // on this CPU and not preempted, writes it.
-        unsafe { *cell += 1 };
+        unsafe { *cell += n };
         return;
     }
     // Another program run on this CPU cannot interleave; on EEXIST another CPU created the
     // entry first, and this CPU's value starts at 0 there.
-    if STATS.insert(key, 1u64, u64::from(BPF_NOEXIST)).is_err()
+    if STATS.insert(key, n, u64::from(BPF_NOEXIST)).is_err()
         && let Some(cell) = STATS.get_ptr_mut(key)
     {
         // SAFETY: as above.
-        unsafe { *cell += 1 };
+        unsafe { *cell += n };
     }
 }
 

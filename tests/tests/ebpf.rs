@@ -3,6 +3,10 @@
 //! connection and handshake outcomes, and bytes per data path (counted by the agent into the
 //! same map). Without CAP_BPF the agent serves anyway and says why, everywhere.
 //!
+//! Passthrough over the sockmap data path (sock hash + stream verdict): byte-identical relay
+//! of 64 MiB each way and of 1,000 concurrent short connections, exact counters, and no map
+//! entry left behind after half-closes and resets.
+//!
 //! These tests run the agent binary, as an operator would.
 
 use std::collections::BTreeMap;
@@ -12,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tlsplice_tests::{TestPki, agent_binary, expected_auto_path, skip, tls_client, tool_or_skip};
+use tlsplice_tests::{
+    TestPki, agent_binary, expect_pattern, expected_auto_path, send_pattern, skip, tls_client,
+    tool_or_skip,
+};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -598,4 +605,355 @@ fn without_cap_bpf_the_agent_serves_and_says_why() {
     assert!(!agent.pin.exists(), "pinned without eBPF");
     let status = agent.stop();
     assert!(status.success(), "{status}");
+}
+
+/// Raises this test process's open-file limit (1,000 connections hold 2,000 sockets here).
+fn raise_fd_limit() {
+    tlsplice::limits::raise_open_files().expect("raise the open file limit");
+}
+
+fn passthrough_config(port: u16, upstream: SocketAddr) -> String {
+    format!(
+        "[[listener]]\nname = \"pass\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"{upstream}\"\n"
+    )
+}
+
+/// Starts an agent whose passthrough listener uses the sockmap path, or says why not here.
+fn sockmap_agent(
+    test: &str,
+    dir: &Path,
+    upstream: SocketAddr,
+) -> Option<(AgentProcess, SocketAddr)> {
+    if let Some(why) = bpffs_missing() {
+        assert!(!tlsplice_tests::in_guest(), "{why}");
+        skip(test, &why);
+        return None;
+    }
+    let port = free_port();
+    let agent = AgentProcess::start(
+        dir,
+        &passthrough_config(port, upstream),
+        &[],
+        &["--ebpf", "required", "--passthrough-path", "sockmap"],
+    );
+    let log = agent.log_text();
+    assert!(log.contains("eBPF programs loaded"), "{log}");
+    Some((agent, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+fn sockmap_sockets(agent: &AgentProcess) -> u64 {
+    let out = Command::new(agent_binary())
+        .args(["stats", "--json", "--bpf-pin-path"])
+        .arg(&agent.pin)
+        .output()
+        .expect("tlsplice stats");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+    v["sockmap_sockets"].as_u64().expect("sockmap_sockets")
+}
+
+/// Waits until no socket is left in the sock hash, and returns how many are.
+fn sockmap_settles_empty(agent: &AgentProcess) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = sockmap_sockets(agent);
+        if n == 0 || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sockmap_relays_64_mib_each_way_byte_identical() {
+    let test = "sockmap_relays_64_mib_each_way_byte_identical";
+    const LEN: usize = 64 << 20;
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let hello = client_hello(&pki);
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let hello_len = hello.len();
+    let server = std::thread::spawn(move || {
+        let (mut sock, _) = upstream.accept().expect("accept");
+        let mut got = vec![0u8; hello_len];
+        sock.read_exact(&mut got).expect("hello");
+        let mut writer = sock.try_clone().expect("clone");
+        let sender = std::thread::spawn(move || {
+            send_pattern(&mut writer, 2, LEN).expect("send down");
+            writer.shutdown(std::net::Shutdown::Write).expect("FIN");
+        });
+        expect_pattern(&mut sock, 1, LEN).expect("64 MiB up, byte-identical");
+        let mut rest = Vec::new();
+        sock.read_to_end(&mut rest).expect("EOF");
+        sender.join().expect("sender");
+        (got, rest.len())
+    });
+    let Some((agent, addr)) = sockmap_agent(test, &dir, upstream_addr) else {
+        return;
+    };
+    let start = Instant::now();
+    let mut client = TcpStream::connect(addr).expect("connect");
+    client.write_all(&hello).expect("hello");
+    let mut writer = client.try_clone().expect("clone");
+    let sender = std::thread::spawn(move || {
+        send_pattern(&mut writer, 1, LEN).expect("send up");
+        writer.shutdown(std::net::Shutdown::Write).expect("FIN");
+    });
+    expect_pattern(&mut client, 2, LEN).expect("64 MiB down, byte-identical");
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).expect("EOF after the data");
+    assert!(rest.is_empty(), "{} bytes after the pattern", rest.len());
+    sender.join().expect("sender");
+    let (got_hello, extra) = server.join().expect("upstream");
+    assert_eq!(
+        got_hello, hello,
+        "ClientHello reached the upstream unchanged"
+    );
+    assert_eq!(extra, 0, "bytes after the pattern upstream");
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "sockmap: 2 x 64 MiB in {secs:.2}s ({:.0} MiB/s each way)",
+        64.0 / secs
+    );
+    drop(client);
+
+    let pass = ("listener", "pass");
+    let stats = settle(&agent, |s| sum(s, "tlsplice_connections", &[pass]) == 1);
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", "sockmap"), ("outcome", "ok")]
+        ),
+        1,
+        "{stats:?}"
+    );
+    let bytes = |d| {
+        sum(
+            &stats,
+            "tlsplice_bytes",
+            &[pass, ("data_path", "sockmap"), ("direction", d)],
+        )
+    };
+    assert_eq!(bytes("up"), (hello.len() + LEN) as u64);
+    assert_eq!(bytes("down"), LEN as u64);
+    assert_eq!(
+        sum(&stats, "tlsplice_sockmap_redirect_failed_bytes", &[]),
+        0
+    );
+    assert_eq!(
+        sockmap_settles_empty(&agent),
+        0,
+        "sockets left in the sock hash"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("data_path=sockmap"), "{log}");
+    assert!(agent.stop().success());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sockmap_relays_1000_concurrent_short_connections() {
+    let test = "sockmap_relays_1000_concurrent_short_connections";
+    const CONNS: usize = 1_000;
+    const UP: usize = 100;
+    const DOWN: usize = 200;
+    raise_fd_limit();
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let hello = client_hello(&pki);
+    let want_up = hello.len() + UP;
+    // Upstream: reads the ClientHello and UP bytes, answers DOWN bytes that name the
+    // connection (its first UP byte), then FIN.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for sock in upstream.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            std::thread::spawn(move || {
+                let mut got = vec![0u8; want_up];
+                if sock.read_exact(&mut got).is_err() {
+                    return;
+                }
+                let tag = got[want_up - UP];
+                let _ = sock.write_all(&[tag; DOWN]);
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = sock.read_to_end(&mut sink);
+            });
+        }
+    });
+    let Some((agent, addr)) = sockmap_agent(test, &dir, upstream_addr) else {
+        return;
+    };
+    // All 1,000 open at once, then each exchange, then each close.
+    let mut clients = Vec::with_capacity(CONNS);
+    for i in 0..CONNS {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        let mut msg = hello.clone();
+        msg.extend_from_slice(&[(i % 251) as u8; UP]);
+        s.write_all(&msg).expect("send");
+        clients.push(s);
+    }
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        let mut got = [0u8; DOWN];
+        s.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(
+            got.iter().all(|&b| b == (i % 251) as u8),
+            "connection {i} got another's bytes"
+        );
+    }
+    for (i, s) in clients.iter_mut().enumerate() {
+        s.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert!(rest.is_empty());
+    }
+    drop(clients);
+
+    let n = CONNS as u64;
+    let pass = ("listener", "pass");
+    let stats = settle(&agent, |s| {
+        sum(s, "tlsplice_connections", &[pass]) == n
+            && sum(s, "tlsplice_connections_closed", &[pass]) == n
+    });
+    assert_eq!(sum(&stats, "tlsplice_connections_accepted", &[pass]), n);
+    assert_eq!(sum(&stats, "tlsplice_connections_closed", &[pass]), n);
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", "sockmap"), ("outcome", "ok")]
+        ),
+        n,
+        "{stats:?}"
+    );
+    let bytes = |d| {
+        sum(
+            &stats,
+            "tlsplice_bytes",
+            &[pass, ("data_path", "sockmap"), ("direction", d)],
+        )
+    };
+    assert_eq!(bytes("up"), n * want_up as u64);
+    assert_eq!(bytes("down"), n * DOWN as u64);
+    assert_eq!(
+        sockmap_settles_empty(&agent),
+        0,
+        "sockets left in the sock hash"
+    );
+    assert!(agent.stop().success());
+}
+
+/// Closes `sock` with a reset (SO_LINGER 0).
+fn reset(sock: TcpStream) {
+    socket2::SockRef::from(&sock)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER");
+    drop(sock);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sockmap_leaves_no_entries_after_resets_and_half_closes() {
+    let test = "sockmap_leaves_no_entries_after_resets_and_half_closes";
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let hello = client_hello(&pki);
+    let hello_len = hello.len();
+    // Upstream behaviour by connection: 0 streams until reset by the client, 1 resets after
+    // the hello, 2 half-closes first and then reads until the client's FIN.
+    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let upstream_addr = upstream.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        for round in 0..3 {
+            let (mut sock, _) = upstream.accept().expect("accept");
+            let mut got = vec![0u8; hello_len];
+            sock.read_exact(&mut got).expect("hello");
+            match round {
+                0 => {
+                    let chunk = vec![7u8; 64 * 1024];
+                    while sock.write_all(&chunk).is_ok() {}
+                }
+                1 => reset(sock),
+                _ => {
+                    sock.write_all(b"early answer").expect("answer");
+                    sock.shutdown(std::net::Shutdown::Write).expect("FIN");
+                    let mut rest = Vec::new();
+                    sock.read_to_end(&mut rest).expect("read to FIN");
+                    assert_eq!(rest, b"late request", "half-closed leg still carried data");
+                }
+            }
+        }
+    });
+    let Some((agent, addr)) = sockmap_agent(test, &dir, upstream_addr) else {
+        return;
+    };
+    // 0: the client resets while the upstream streams at it.
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.write_all(&hello).expect("hello");
+    let mut buf = vec![0u8; 256 * 1024];
+    c.read_exact(&mut buf).expect("streamed bytes");
+    reset(c);
+    // 1: the upstream resets.
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.write_all(&hello).expect("hello");
+    let mut sink = Vec::new();
+    let r = c.read_to_end(&mut sink);
+    println!("client after the upstream reset: {r:?}");
+    drop(c);
+    // 2: the upstream half-closes first; the client still sends, then closes.
+    let mut c = TcpStream::connect(addr).expect("connect");
+    c.write_all(&hello).expect("hello");
+    let mut early = Vec::new();
+    c.read_to_end(&mut early)
+        .expect("upstream's answer and FIN");
+    assert_eq!(early, b"early answer");
+    c.write_all(b"late request")
+        .expect("send after the upstream's FIN");
+    c.shutdown(std::net::Shutdown::Write).expect("FIN");
+    server.join().expect("upstream");
+    drop(c);
+
+    let pass = ("listener", "pass");
+    let stats = settle(&agent, |s| {
+        sum(s, "tlsplice_connections", &[pass]) == 3
+            && sum(s, "tlsplice_connections_closed", &[pass]) == 3
+    });
+    for ((name, labels), value) in &stats {
+        println!("{name} {labels:?} = {value}");
+    }
+    assert_eq!(sum(&stats, "tlsplice_connections_closed", &[pass]), 3);
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", "sockmap")]
+        ),
+        3,
+        "{stats:?}"
+    );
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", "sockmap"), ("outcome", "ok")]
+        ),
+        1,
+        "only the half-closed connection ends cleanly: {stats:?}"
+    );
+    assert_eq!(
+        sockmap_settles_empty(&agent),
+        0,
+        "sockets left in the sock hash"
+    );
+    let log = agent.log_text();
+    println!("{log}");
+    assert!(agent.stop().success());
 }
