@@ -67,6 +67,8 @@ enum Task {
     },
     /// Build the eBPF programs (nightly, bpfel-unknown-none, bpf-linker).
     BuildEbpf,
+    /// Run the benchmarks (benches/) against a release build of the agent on this kernel.
+    Bench,
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -105,6 +107,7 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Task::Bench => matrix::bench(&root),
         Task::BuildEbpf => {
             bootstrap::run()?;
             ebpf::build(&root).map(|_| ())

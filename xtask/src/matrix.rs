@@ -554,3 +554,21 @@ pub fn demo(root: &Path, kernel_name: &str) -> Result<()> {
         &["tlsplice".into(), "probe".into()],
     )
 }
+
+/// `cargo xtask bench`: the benchmarks, on this kernel, with a release agent.
+pub fn bench(root: &Path) -> Result<()> {
+    bootstrap::run()?;
+    ebpf::build(root)?;
+    mount_bpffs()?;
+    cmd::run(
+        Command::new("cargo")
+            .args(["build", "--release", "-p", "tlsplice"])
+            .current_dir(root),
+    )?;
+    cmd::run(
+        Command::new("cargo")
+            .args(["bench", "-p", "tlsplice-benches"])
+            .env(AGENT_BIN_ENV, root.join("target/release/tlsplice"))
+            .current_dir(root),
+    )
+}
