@@ -14,11 +14,11 @@ use std::sync::Mutex;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, SockHash};
-use aya::programs::{CgroupAttachMode, SkSkb, SockOps};
+use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
 use tlsplice_common::{
     LISTENER_NAME_LEN, ListenerName, MAP_LISTENER_NAMES, MAP_LISTENER_PORTS, MAP_PEERS, MAP_SOCKS,
-    MAP_STATS, PROG_SOCKOPS, PROG_VERDICT, SockmapPeer, StatKey,
+    MAP_STATS, PROG_RECORDS_IN, PROG_RECORDS_OUT, PROG_SOCKOPS, PROG_VERDICT, SockmapPeer, StatKey,
 };
 
 /// The eBPF object built by `cargo xtask build-ebpf`, or empty when this binary was built
@@ -90,8 +90,25 @@ pub enum BpfError {
     },
 }
 
-/// An error and its sources, one line.
+/// Verifier logs run to hundreds of lines: the last ones say why.
+const VERIFIER_TAIL: usize = 600;
+
+/// An error and its sources, one line (a verifier log cut to its end).
 fn chain(e: &dyn std::error::Error) -> String {
+    let text = chain_full(e);
+    match text.split_once("Verifier output:") {
+        Some((head, log)) if log.len() > VERIFIER_TAIL => {
+            let mut cut = log.len() - VERIFIER_TAIL;
+            while !log.is_char_boundary(cut) {
+                cut += 1;
+            }
+            format!("{head}Verifier output (end): ...{}", &log[cut..])
+        }
+        _ => text,
+    }
+}
+
+fn chain_full(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -107,7 +124,9 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// The privilege a permission error most likely lacks.
 fn hint_for(detail: &str) -> &'static str {
-    if detail.contains("Operation not permitted") || detail.contains("os error 1)") {
+    if detail.contains("Verifier output") {
+        " (the kernel's verifier rejected the program)"
+    } else if detail.contains("Operation not permitted") || detail.contains("os error 1)") {
         " (missing CAP_BPF and CAP_NET_ADMIN, or CAP_SYS_ADMIN)"
     } else if detail.contains("Permission denied") {
         " (permission denied: missing CAP_BPF or blocked by a security module)"
@@ -330,6 +349,36 @@ impl LoadedBpf {
             program
                 .pin(&pin)
                 .map_err(|e| program_error(format!("pin at {}", pin.display()), &e))?;
+            pins.files.push(pin);
+        }
+        for (name, attach) in [
+            (PROG_RECORDS_IN, CgroupSkbAttachType::Ingress),
+            (PROG_RECORDS_OUT, CgroupSkbAttachType::Egress),
+        ] {
+            let records_error = |action: String, e: &dyn std::error::Error| {
+                let detail = chain(e);
+                BpfError::Program {
+                    program: name,
+                    action,
+                    hint: hint_for(&detail),
+                    detail,
+                }
+            };
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .ok_or(BpfError::Missing("cgroup_skb program"))?
+                .try_into()
+                .map_err(|e| records_error("type".into(), &e))?;
+            program
+                .load()
+                .map_err(|e| records_error("load".into(), &e))?;
+            program
+                .attach(&cgroup_file, attach, CgroupAttachMode::Single)
+                .map_err(|e| records_error(format!("attach to cgroup {}", cgroup.display()), &e))?;
+            let pin = settings.pin_path.join(name);
+            program
+                .pin(&pin)
+                .map_err(|e| records_error(format!("pin at {}", pin.display()), &e))?;
             pins.files.push(pin);
         }
         for name in [

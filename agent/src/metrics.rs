@@ -132,7 +132,6 @@ impl Telemetry {
             (Some(_), Some(_)) => reason_index("relay error"),
             (None, _) => reason_index(&r.reason),
         };
-        self.add(key(metric::CONN_OUTCOME, data_path, outcome, 0), 1);
         for (m, h) in [
             (metric::HANDSHAKE, &r.client_handshake),
             (metric::UPSTREAM_HANDSHAKE, &r.upstream_handshake),
@@ -153,6 +152,8 @@ impl Telemetry {
             );
         }
         self.add(key(metric::KEY_UPDATES, 0, 0, 0), r.key_updates);
+        // Last: a reader that sees the connection counted sees all of its other counts.
+        self.add(key(metric::CONN_OUTCOME, data_path, outcome, 0), 1);
     }
 
     /// Every counter, with the listener names.
@@ -207,7 +208,7 @@ pub struct Sample {
 }
 
 /// The metric families, in output order: name, help, and whether the kernel writes it.
-const FAMILIES: [(&str, &str); 8] = [
+const FAMILIES: [(&str, &str); 10] = [
     (
         "tlsplice_connections_accepted",
         "TCP connections accepted on a listener's port (sock_ops)",
@@ -237,6 +238,14 @@ const FAMILIES: [(&str, &str); 8] = [
         "TLS 1.3 key updates followed or made under kTLS",
     ),
     (
+        "tlsplice_tls_handshake_records",
+        "Cleartext ClientHello and ServerHello records seen in the kernel on listener sockets, by direction (up = from the client)",
+    ),
+    (
+        "tlsplice_tls_alerts",
+        "Cleartext TLS alerts seen in the kernel on listener sockets, by direction, level and description",
+    ),
+    (
         "tlsplice_sockmap_redirect_failed_bytes",
         "Bytes the sockmap verdict could not redirect (no peer entry) and passed to the agent, which forwarded them",
     ),
@@ -259,6 +268,41 @@ fn suite_name(s: u16) -> String {
         Some(name) => name.to_owned(),
         None => format!("0x{s:04x}"),
     }
+}
+
+/// RFC 8446 / RFC 5246 alert description names.
+fn alert_name(code: u16) -> String {
+    match code {
+        0 => "close_notify",
+        10 => "unexpected_message",
+        20 => "bad_record_mac",
+        22 => "record_overflow",
+        40 => "handshake_failure",
+        42 => "bad_certificate",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        47 => "illegal_parameter",
+        48 => "unknown_ca",
+        49 => "access_denied",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        70 => "protocol_version",
+        71 => "insufficient_security",
+        80 => "internal_error",
+        86 => "inappropriate_fallback",
+        90 => "user_canceled",
+        109 => "missing_extension",
+        110 => "unsupported_extension",
+        112 => "unrecognized_name",
+        113 => "bad_certificate_status_response",
+        115 => "unknown_psk_identity",
+        116 => "certificate_required",
+        120 => "no_application_protocol",
+        other => return other.to_string(),
+    }
+    .to_owned()
 }
 
 fn label(table: &[&str], code: u16) -> String {
@@ -301,7 +345,33 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
                 FAMILIES[5].0
             }
             metric::KEY_UPDATES => FAMILIES[6].0,
-            metric::REDIRECT_FAILED => FAMILIES[7].0,
+            metric::TLS_RECORD => {
+                labels.push(("direction", label(&direction::NAMES, key.a)));
+                if key.b == 22 {
+                    labels.push((
+                        "message",
+                        match key.c {
+                            1 => "ClientHello".to_owned(),
+                            2 => "ServerHello".to_owned(),
+                            other => other.to_string(),
+                        },
+                    ));
+                    FAMILIES[7].0
+                } else {
+                    let level = key.c >> 8;
+                    labels.push((
+                        "level",
+                        match level {
+                            1 => "warning".to_owned(),
+                            2 => "fatal".to_owned(),
+                            other => other.to_string(),
+                        },
+                    ));
+                    labels.push(("description", alert_name(key.c & 0xff)));
+                    FAMILIES[8].0
+                }
+            }
+            metric::REDIRECT_FAILED => FAMILIES[9].0,
             _ => continue,
         };
         out.push(Sample {

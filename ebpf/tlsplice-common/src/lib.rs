@@ -15,6 +15,10 @@ pub const MAP_LISTENER_PORTS: &str = "TLSPLICE_PORTS";
 pub const MAP_LISTENER_NAMES: &str = "TLSPLICE_LISTENERS";
 /// The sock_ops program.
 pub const PROG_SOCKOPS: &str = "tlsplice_sockops";
+/// The cgroup_skb programs that count cleartext TLS records on listener sockets.
+pub const PROG_RECORDS_IN: &str = "tlsplice_records_in";
+/// See [`PROG_RECORDS_IN`].
+pub const PROG_RECORDS_OUT: &str = "tlsplice_records_out";
 /// Sock hash `u64 socket cookie -> socket`: the plain legs relayed in the kernel.
 pub const MAP_SOCKS: &str = "TLSPLICE_SOCKS";
 /// Hash map `u64 socket cookie -> SockmapPeer`: where each socket's bytes go.
@@ -66,6 +70,11 @@ pub mod metric {
     /// Bytes the verdict program could not redirect (the peer was not in the map) and passed
     /// to the socket, where the agent forwards them; written by the kernel.
     pub const REDIRECT_FAILED: u16 = 8;
+    /// Cleartext TLS records seen in the kernel on a listener's sockets, where a TCP segment
+    /// starts with one: `a` direction ([`super::direction`]: UP = received from the client,
+    /// DOWN = sent to it), `b` content type (22 handshake, 21 alert), `c` the handshake type
+    /// (1 ClientHello, 2 ServerHello) or, for an alert, level << 8 | description.
+    pub const TLS_RECORD: u16 = 9;
 }
 
 /// Data path codes, in [`StatKey::a`] of path-labelled counters.

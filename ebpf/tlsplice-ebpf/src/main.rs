@@ -4,6 +4,11 @@
 //! connections accepted on the agent's listener ports and, by asking the kernel for state
 //! callbacks on exactly those sockets, the ones that reach TCP_CLOSE.
 //!
+//! `tlsplice_records_in` / `_out` (cgroup_skb, ingress and egress) count, per listener, the
+//! cleartext TLS records a listener socket receives or sends where a TCP segment starts with
+//! one: ClientHello, ServerHello and alerts (level, description). Every mode is seen,
+//! passthrough included; records after the handshake are encrypted and not looked at.
+//!
 //! `tlsplice_verdict` (sk_skb stream verdict on the sock hash) relays plain legs in the kernel:
 //! each segment a socket in the map receives goes to its peer's egress. A socket without a peer
 //! entry gets its bytes passed up (counted), where the agent forwards them itself.
@@ -15,12 +20,12 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
 };
 use aya_ebpf::helpers::bpf_get_socket_cookie;
-use aya_ebpf::macros::{map, sock_ops, stream_verdict};
+use aya_ebpf::macros::{cgroup_skb, map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, PerCpuHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
 use tlsplice_common::{
     LISTENERS_MAX_ENTRIES, ListenerName, SOCKMAP_MAX_ENTRIES, STATS_MAX_ENTRIES, SockmapPeer,
-    StatKey, metric,
+    StatKey, direction, metric,
 };
 
 /// Every counter (see tlsplice-common).
@@ -149,6 +154,74 @@ pub fn tlsplice_sockops(ctx: SockOpsContext) -> u32 {
         }
         _ => {}
     }
+    1
+}
+
+/// Counts the cleartext TLS record a segment of a listener socket starts with, if any.
+/// `listener_port_at` is the offset in the TCP header of the port that must be a listener's:
+/// the destination (2) on ingress, the source (0) on egress.
+fn count_record(ctx: &SkBuffContext, listener_port_at: usize, dir: u16) {
+    let Ok(first) = ctx.load::<u8>(0) else { return };
+    let (ip_len, proto) = match first >> 4 {
+        4 => (
+            usize::from(first & 0x0f) * 4,
+            ctx.load::<u8>(9).unwrap_or(0),
+        ),
+        6 => (40, ctx.load::<u8>(6).unwrap_or(0)),
+        _ => return,
+    };
+    // IPPROTO_TCP; IPv6 extension headers are not followed.
+    if proto != 6 {
+        return;
+    }
+    let Ok(port) = ctx.load::<u16>(ip_len + listener_port_at) else {
+        return;
+    };
+    // SAFETY: a plain u16 read from a map value.
+    let Some(listener) = (unsafe { PORTS.get(u16::from_be(port)) }).copied() else {
+        return;
+    };
+    let Ok(doff) = ctx.load::<u8>(ip_len + 12) else {
+        return;
+    };
+    let payload = ip_len + usize::from(doff >> 4) * 4;
+    // Record header (type, version, length) and the first two bytes of its body.
+    let Ok(head) = ctx.load::<[u8; 7]>(payload) else {
+        return;
+    };
+    let record_len = u16::from_be_bytes([head[3], head[4]]);
+    if head[1] != 3 || head[2] > 4 || record_len > 16_384 + 256 {
+        return;
+    }
+    let label = match head[0] {
+        // A handshake record whose first message is a ClientHello or ServerHello (under 64 KiB:
+        // the top byte of its 24-bit length is 0).
+        22 if (head[5] == 1 || head[5] == 2) && head[6] == 0 => u16::from(head[5]),
+        // A cleartext alert is exactly two bytes: level, description.
+        21 if record_len == 2 => (u16::from(head[5]) << 8) | u16::from(head[6]),
+        _ => return,
+    };
+    count(&StatKey {
+        metric: metric::TLS_RECORD,
+        listener,
+        a: dir,
+        b: u16::from(head[0]),
+        c: label,
+        pad: 0,
+    });
+}
+
+/// Records received by listener sockets.
+#[cgroup_skb(ingress)]
+pub fn tlsplice_records_in(ctx: SkBuffContext) -> i32 {
+    count_record(&ctx, 2, direction::UP);
+    1
+}
+
+/// Records sent by listener sockets.
+#[cgroup_skb(egress)]
+pub fn tlsplice_records_out(ctx: SkBuffContext) -> i32 {
+    count_record(&ctx, 0, direction::DOWN);
     1
 }
 
