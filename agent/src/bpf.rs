@@ -60,7 +60,7 @@ pub enum BpfError {
         hint: &'static str,
     },
     /// The object lacks a program or map this agent needs.
-    #[error("the eBPF object has no {0}")]
+    #[error("the eBPF object has no program or map named {0}")]
     Missing(&'static str),
     /// No cgroup v2 hierarchy to attach the sock_ops program to.
     #[error("no cgroup v2 mount found in /proc/self/mounts (set ebpf.cgroup)")]
@@ -75,6 +75,11 @@ pub enum BpfError {
         /// Why.
         source: io::Error,
     },
+    /// Another running agent holds the pin directory.
+    #[error(
+        "{0} is in use by another running tlsplice agent (set ebpf.pin_path or --bpf-pin-path per agent)"
+    )]
+    PinDirBusy(PathBuf),
     /// The pin directory is not on a BPF filesystem.
     #[error("{0} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
@@ -154,6 +159,16 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     })
 }
 
+/// This process's cgroup v2 directory: its sockets, accepted ones included, belong to it, so
+/// programs attached there see the agent's traffic and not the rest of the node's.
+pub fn own_cgroup() -> Option<PathBuf> {
+    let mount = cgroup2_mount()?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let dir = mount.join(relative.trim_start_matches('/'));
+    Some(if dir.is_dir() { dir } else { mount })
+}
+
 fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
     use std::os::unix::ffi::OsStrExt as _;
     let c_path =
@@ -178,44 +193,80 @@ fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
     Ok(buf.f_type as i64 == BPF_FS_MAGIC)
 }
 
-/// Loads the object and its programs without attaching or pinning anything: what
-/// `tlsplice probe` reports as the eBPF state.
+/// Loads the object and every program (each through the verifier) without attaching or
+/// pinning anything: what `tlsplice probe` reports as the eBPF state.
 pub fn probe_load() -> Result<(), BpfError> {
-    if OBJECT.is_empty() {
-        return Err(BpfError::NoObject);
-    }
-    let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-        let detail = chain(&e);
-        BpfError::Load {
-            hint: hint_for(&detail),
-            detail,
-        }
-    })?;
-    let program: &mut SockOps = ebpf
-        .program_mut(PROG_SOCKOPS)
-        .ok_or(BpfError::Missing("sock_ops program"))?
-        .try_into()
-        .map_err(|e| program_error("type".into(), &e))?;
-    program.load().map_err(|e| program_error("load".into(), &e))
+    let mut ebpf = load_object()?;
+    load_program::<SockOps>(&mut ebpf, PROG_SOCKOPS)?;
+    load_program::<CgroupSkb>(&mut ebpf, PROG_RECORDS_IN)?;
+    load_program::<CgroupSkb>(&mut ebpf, PROG_RECORDS_OUT)?;
+    load_program::<SkSkb>(&mut ebpf, PROG_VERDICT)?;
+    Ok(())
 }
 
-fn program_error(action: String, e: &dyn std::error::Error) -> BpfError {
+fn program_error(program: &'static str, action: String, e: &dyn std::error::Error) -> BpfError {
     let detail = chain(e);
     BpfError::Program {
-        program: PROG_SOCKOPS,
+        program,
         action,
         hint: hint_for(&detail),
         detail,
     }
 }
 
+/// Parses the embedded object and creates its maps (no program is loaded yet).
+fn load_object() -> Result<Ebpf, BpfError> {
+    if OBJECT.is_empty() {
+        return Err(BpfError::NoObject);
+    }
+    EbpfLoader::new().load(OBJECT).map_err(|e| {
+        let detail = chain(&e);
+        BpfError::Load {
+            hint: hint_for(&detail),
+            detail,
+        }
+    })
+}
+
+/// A program of the object, as its type, loaded into the kernel (through the verifier).
+fn load_program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    P: LoadableProgram + 'a,
+{
+    let program: &mut P = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::Missing(name))?
+        .try_into()
+        .map_err(|e| program_error(name, "type".into(), &e))?;
+    program
+        .load_program()
+        .map_err(|e| program_error(name, "load".into(), &e))?;
+    Ok(program)
+}
+
+/// The programs this object holds, loadable the same way.
+trait LoadableProgram {
+    fn load_program(&mut self) -> Result<(), aya::programs::ProgramError>;
+}
+
+macro_rules! loadable {
+    ($($t:ty),*) => {
+        $(impl LoadableProgram for $t {
+            fn load_program(&mut self) -> Result<(), aya::programs::ProgramError> {
+                self.load()
+            }
+        })*
+    };
+}
+loadable!(SockOps, CgroupSkb, SkSkb);
+
 /// Where to attach and pin.
 #[derive(Debug, Clone)]
 pub struct BpfSettings {
     /// bpffs directory for the pins (created; must be on a bpf filesystem).
     pub pin_path: PathBuf,
-    /// cgroup v2 directory whose sockets the sock_ops program sees (default: the root of the
-    /// first cgroup2 mount, i.e. every socket on the node).
+    /// cgroup v2 directory whose sockets the programs see (default: the agent's own cgroup).
     pub cgroup: Option<PathBuf>,
 }
 
@@ -230,17 +281,20 @@ pub struct ListenerEntry {
     pub port: u16,
 }
 
-/// The loaded object: the attached sock_ops program (detached when this is dropped), the counter
-/// map, and the pins (removed when this is dropped).
+/// The loaded object: the sock_ops and cgroup_skb programs attached to the cgroup and the
+/// verdict program attached to the sock hash (detached when this is dropped), the maps, and the
+/// pins (removed when this is dropped).
 pub struct LoadedBpf {
     /// Keeps the programs loaded and the cgroup link alive.
     _ebpf: Ebpf,
     stats: Mutex<PerCpuHashMap<MapData, StatKey, u64>>,
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<BpfHashMap<MapData, u64, SockmapPeer>>,
+    /// Sockets of live [`SockmapPair`]s.
+    sockmap_sockets: std::sync::atomic::AtomicU64,
     nr_cpus: usize,
     pins: Pins,
-    /// Where the sock_ops program is attached.
+    /// The cgroup the programs are attached to.
     pub cgroup: PathBuf,
 }
 
@@ -253,26 +307,6 @@ impl std::fmt::Debug for LoadedBpf {
     }
 }
 
-/// Creates the pin directory and removes pins a crashed agent left there.
-fn prepare_pin_dir(dir: &Path) -> Result<(), BpfError> {
-    let parent = dir.parent().unwrap_or(dir);
-    if !is_bpffs(parent)? {
-        return Err(BpfError::NotBpffs(parent.to_owned()));
-    }
-    let path_err = |what, source| BpfError::Path {
-        what,
-        path: dir.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(|e| path_err("creating", e))?;
-    for entry in std::fs::read_dir(dir).map_err(|e| path_err("reading", e))? {
-        let entry = entry.map_err(|e| path_err("reading", e))?;
-        tracing::warn!(pin = %entry.path().display(), "removing a stale pin from an earlier agent");
-        std::fs::remove_file(entry.path()).map_err(|e| path_err("removing a stale pin in", e))?;
-    }
-    Ok(())
-}
-
 impl LoadedBpf {
     /// Loads the object, fills the listener maps, attaches the sock_ops program and pins the
     /// maps and the program.
@@ -280,27 +314,26 @@ impl LoadedBpf {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
-        prepare_pin_dir(&settings.pin_path)?;
         // Removes what was pinned if anything below fails.
-        let mut pins = Pins {
-            dir: settings.pin_path.clone(),
-            files: Vec::new(),
-        };
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(|e| {
-            let detail = chain(&e);
-            BpfError::Load {
-                hint: hint_for(&detail),
-                detail,
-            }
-        })?;
+        let mut pins = Pins::prepare(&settings.pin_path)?;
+        let mut ebpf = load_object()?;
 
         {
             let ports = ebpf
                 .map_mut(MAP_LISTENER_PORTS)
-                .ok_or(BpfError::Missing("listener port map"))?;
+                .ok_or(BpfError::Missing(MAP_LISTENER_PORTS))?;
             let mut ports: BpfHashMap<_, u16, u16> =
                 BpfHashMap::try_from(ports).map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+            let mut seen = std::collections::BTreeMap::new();
             for l in listeners {
+                if l.port == 0 {
+                    tracing::warn!(listener = %l.name, "listener has no bound port: its kernel-side counts are off");
+                    continue;
+                }
+                if let Some(first) = seen.insert(l.port, l.name.as_str()) {
+                    tracing::warn!(listener = %l.name, other = %first, port = l.port,
+                        "two listeners share a port: the kernel counts their connections and records under the last one");
+                }
                 ports
                     .insert(l.port, l.index, 0)
                     .map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
@@ -309,7 +342,7 @@ impl LoadedBpf {
         {
             let names = ebpf
                 .map_mut(MAP_LISTENER_NAMES)
-                .ok_or(BpfError::Missing("listener name map"))?;
+                .ok_or(BpfError::Missing(MAP_LISTENER_NAMES))?;
             let mut names: BpfHashMap<_, u16, ListenerName> =
                 BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
             for l in listeners {
@@ -324,7 +357,7 @@ impl LoadedBpf {
 
         let cgroup = match &settings.cgroup {
             Some(c) => c.clone(),
-            None => cgroup2_mount().ok_or(BpfError::NoCgroup2)?,
+            None => own_cgroup().ok_or(BpfError::NoCgroup2)?,
         };
         let cgroup_file = std::fs::File::open(&cgroup).map_err(|source| BpfError::Path {
             what: "opening cgroup",
@@ -332,54 +365,31 @@ impl LoadedBpf {
             source,
         })?;
         {
-            let program: &mut SockOps = ebpf
-                .program_mut(PROG_SOCKOPS)
-                .ok_or(BpfError::Missing("sock_ops program"))?
-                .try_into()
-                .map_err(|e| program_error("type".into(), &e))?;
-            program
-                .load()
-                .map_err(|e| program_error("load".into(), &e))?;
+            let program = load_program::<SockOps>(&mut ebpf, PROG_SOCKOPS)?;
             // Attached through a BPF link (kernel >= 5.7), which takes no attach flags and
             // coexists with other programs on the cgroup.
             program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
-                .map_err(|e| program_error(format!("attach to cgroup {}", cgroup.display()), &e))?;
-            let pin = settings.pin_path.join(PROG_SOCKOPS);
-            program
-                .pin(&pin)
-                .map_err(|e| program_error(format!("pin at {}", pin.display()), &e))?;
-            pins.files.push(pin);
+                .map_err(|e| {
+                    program_error(
+                        PROG_SOCKOPS,
+                        format!("attach to cgroup {}", cgroup.display()),
+                        &e,
+                    )
+                })?;
+            pins.program(PROG_SOCKOPS, |pin| program.pin(pin))?;
         }
         for (name, attach) in [
             (PROG_RECORDS_IN, CgroupSkbAttachType::Ingress),
             (PROG_RECORDS_OUT, CgroupSkbAttachType::Egress),
         ] {
-            let records_error = |action: String, e: &dyn std::error::Error| {
-                let detail = chain(e);
-                BpfError::Program {
-                    program: name,
-                    action,
-                    hint: hint_for(&detail),
-                    detail,
-                }
-            };
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Missing("cgroup_skb program"))?
-                .try_into()
-                .map_err(|e| records_error("type".into(), &e))?;
-            program
-                .load()
-                .map_err(|e| records_error("load".into(), &e))?;
+            let program = load_program::<CgroupSkb>(&mut ebpf, name)?;
             program
                 .attach(&cgroup_file, attach, CgroupAttachMode::Single)
-                .map_err(|e| records_error(format!("attach to cgroup {}", cgroup.display()), &e))?;
-            let pin = settings.pin_path.join(name);
-            program
-                .pin(&pin)
-                .map_err(|e| records_error(format!("pin at {}", pin.display()), &e))?;
-            pins.files.push(pin);
+                .map_err(|e| {
+                    program_error(name, format!("attach to cgroup {}", cgroup.display()), &e)
+                })?;
+            pins.program(name, |pin| program.pin(pin))?;
         }
         for name in [
             MAP_STATS,
@@ -388,58 +398,29 @@ impl LoadedBpf {
             MAP_SOCKS,
             MAP_PEERS,
         ] {
-            let map = ebpf.map(name).ok_or(BpfError::Missing("counter map"))?;
-            let pin = settings.pin_path.join(name);
-            if let Err(e) = map.pin(&pin) {
-                let detail = chain(&e);
-                return Err(BpfError::Map {
-                    map: "pin",
-                    hint: hint_for(&detail),
-                    detail: format!("{}: {detail}", pin.display()),
-                });
-            }
-            pins.files.push(pin);
+            let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
+            pins.map(name, |pin| map.pin(pin))?;
         }
         let socks = ebpf
             .take_map(MAP_SOCKS)
-            .ok_or(BpfError::Missing("sock hash"))?;
+            .ok_or(BpfError::Missing(MAP_SOCKS))?;
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(socks).map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
         {
-            let verdict_error = |action: String, e: &dyn std::error::Error| {
-                let detail = chain(e);
-                BpfError::Program {
-                    program: PROG_VERDICT,
-                    action,
-                    hint: hint_for(&detail),
-                    detail,
-                }
-            };
-            let program: &mut SkSkb = ebpf
-                .program_mut(PROG_VERDICT)
-                .ok_or(BpfError::Missing("stream verdict program"))?
-                .try_into()
-                .map_err(|e| verdict_error("type".into(), &e))?;
-            program
-                .load()
-                .map_err(|e| verdict_error("load".into(), &e))?;
+            let program = load_program::<SkSkb>(&mut ebpf, PROG_VERDICT)?;
             program
                 .attach(socks.fd())
-                .map_err(|e| verdict_error("attach to the sock hash".into(), &e))?;
-            let pin = settings.pin_path.join(PROG_VERDICT);
-            program
-                .pin(&pin)
-                .map_err(|e| verdict_error(format!("pin at {}", pin.display()), &e))?;
-            pins.files.push(pin);
+                .map_err(|e| program_error(PROG_VERDICT, "attach to the sock hash".into(), &e))?;
+            pins.program(PROG_VERDICT, |pin| program.pin(pin))?;
         }
         let peers = ebpf
             .take_map(MAP_PEERS)
-            .ok_or(BpfError::Missing("peer map"))?;
+            .ok_or(BpfError::Missing(MAP_PEERS))?;
         let peers: BpfHashMap<MapData, u64, SockmapPeer> =
             BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
         let stats = ebpf
             .take_map(MAP_STATS)
-            .ok_or(BpfError::Missing("counter map"))?;
+            .ok_or(BpfError::Missing(MAP_STATS))?;
         let stats = PerCpuHashMap::try_from(stats).map_err(|e| map_error("TLSPLICE_STATS", &e))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, source)| BpfError::Path {
             what: "counting CPUs in",
@@ -451,6 +432,7 @@ impl LoadedBpf {
             stats: Mutex::new(stats),
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
+            sockmap_sockets: std::sync::atomic::AtomicU64::new(0),
             nr_cpus,
             pins,
             cgroup,
@@ -462,9 +444,21 @@ impl LoadedBpf {
         &self.pins.dir
     }
 
-    /// Adds `n` to a counter the agent owns (kept in CPU 0's slot).
-    pub fn add(&self, key: &StatKey, n: u64) -> Result<(), BpfError> {
+    /// Adds to counters the agent owns (kept in CPU 0's slot), under one lock.
+    pub fn add_all(&self, counts: &[(StatKey, u64)]) -> Result<(), BpfError> {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        for (key, n) in counts {
+            self.add_locked(&mut stats, key, *n)?;
+        }
+        Ok(())
+    }
+
+    fn add_locked(
+        &self,
+        stats: &mut PerCpuHashMap<MapData, StatKey, u64>,
+        key: &StatKey,
+        n: u64,
+    ) -> Result<(), BpfError> {
         let mut values = match stats.get(key, 0) {
             Ok(v) => v.iter().copied().collect::<Vec<u64>>(),
             Err(MapError::KeyNotFound) => vec![0; self.nr_cpus],
@@ -501,6 +495,8 @@ impl LoadedBpf {
             detail: format!("getsockopt(SO_COOKIE) on the upstream leg: {e}"),
             hint: "",
         })?;
+        self.sockmap_sockets
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
         let pair = SockmapPair {
             bpf: self,
             cookies: [client_cookie, upstream_cookie],
@@ -531,13 +527,20 @@ impl LoadedBpf {
     /// Bytes the verdict program has redirected from the socket `cookie` to its peer.
     fn redirected(&self, cookie: u64) -> u64 {
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.get(&cookie, 0).map_or(0, |p| p.bytes)
+        match peers.get(&cookie, 0) {
+            Ok(p) => p.bytes,
+            Err(e) => {
+                tracing::warn!(cookie, error = %e, "reading a sockmap byte count failed");
+                0
+            }
+        }
     }
 
-    /// Sockets with a peer entry (two per relayed connection).
-    pub fn sockmap_peers(&self) -> u64 {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        peers.keys().count() as u64
+    /// Sockets relayed through the sock hash right now (two per connection), as the agent
+    /// counts them (the pinned maps hold the kernel's view: see [`read_pinned`]).
+    pub fn sockmap_sockets(&self) -> u64 {
+        self.sockmap_sockets
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every counter, summed over CPUs.
@@ -558,7 +561,7 @@ pub struct SockmapPair<'a> {
 impl SockmapPair<'_> {
     /// Puts the client leg into the sock hash, then has the verdict run over anything already
     /// in its receive queue: bytes queued before a socket enters the map are otherwise only
-    /// seen when more arrive. Raising SO_RCVLOWAT (to its default, 1) re-runs the socket's
+    /// seen when more arrive. Setting SO_RCVLOWAT (to its default, 1) re-runs the socket's
     /// data-ready callback, which is the verdict now.
     pub fn admit_client(&self, client: BorrowedFd<'_>) -> Result<(), BpfError> {
         {
@@ -602,17 +605,28 @@ impl SockmapPair<'_> {
 
 impl Drop for SockmapPair<'_> {
     fn drop(&mut self) {
+        self.bpf
+            .sockmap_sockets
+            .fetch_sub(2, std::sync::atomic::Ordering::Relaxed);
         {
             let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
             for cookie in &self.cookies {
-                // Absent already when the socket was closed: nothing to do then.
-                let _ = socks.remove(cookie);
+                // Absent already when the socket was closed (the kernel unlinks it).
+                match socks.remove(cookie) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(e) => {
+                        tracing::warn!(cookie, error = %e, "could not remove a socket from the sock hash")
+                    }
+                }
             }
         }
         let mut peers = self.bpf.peers.lock().unwrap_or_else(|p| p.into_inner());
         for cookie in &self.cookies {
-            if let Err(e) = peers.remove(cookie) {
-                tracing::warn!(cookie, error = %e, "could not remove a sockmap peer entry");
+            match peers.remove(cookie) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => {
+                    tracing::warn!(cookie, error = %e, "could not remove a sockmap peer entry")
+                }
             }
         }
     }
@@ -652,12 +666,18 @@ struct TcpInfoHead {
     bytes_acked: u64,
 }
 
+const _: () = assert!(
+    std::mem::size_of::<TcpInfoHead>() == 128
+        && std::mem::offset_of!(TcpInfoHead, bytes_acked) == 120
+);
+
 /// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT` from include/net/tcp_states.h: the states in which
 /// a socket can still send.
 const TCP_SENDING_STATES: [u8; 2] = [1, 8];
 
-/// Every byte ever queued for sending on a TCP socket (acknowledged plus still in the send
-/// queue), and whether the socket can still send. The sockmap relay waits for this to cover
+/// The send sequence consumed on a TCP socket so far (acknowledged plus still queued: the bytes
+/// written, plus the SYN and a FIN), and whether the socket can still send. Differences of this
+/// value count bytes queued. The sockmap relay waits for this to cover
 /// what was redirected into the socket before it sends the FIN after it.
 pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
     let mut info = TcpInfoHead::default();
@@ -682,7 +702,8 @@ pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
         ));
     }
     let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int (bytes not yet acknowledged) into `outq`.
+    // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int, the bytes not yet acknowledged,
+    // into `outq`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -691,10 +712,94 @@ pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
     Ok((info.bytes_acked + u64::try_from(outq).unwrap_or(0), sending))
 }
 
-/// Pinned files, removed on drop: when the agent stops, or when loading fails half way.
+/// Every name this agent pins.
+const PIN_NAMES: [&str; 9] = [
+    PROG_SOCKOPS,
+    PROG_RECORDS_IN,
+    PROG_RECORDS_OUT,
+    PROG_VERDICT,
+    MAP_STATS,
+    MAP_LISTENER_PORTS,
+    MAP_LISTENER_NAMES,
+    MAP_SOCKS,
+    MAP_PEERS,
+];
+
+/// The pin directory, held with an exclusive flock while this agent uses it, and what this agent
+/// pinned there (removed on drop: when the agent stops, or when loading fails half way).
 struct Pins {
     dir: PathBuf,
     files: Vec<PathBuf>,
+    /// Holds the lock.
+    _lock: std::fs::File,
+}
+
+impl Pins {
+    /// Creates the directory, takes its lock (another live agent holding it is an error, not
+    /// something to overwrite) and removes this agent's names left by one that crashed.
+    fn prepare(dir: &Path) -> Result<Self, BpfError> {
+        let parent = dir.parent().unwrap_or(dir);
+        if !is_bpffs(parent)? {
+            return Err(BpfError::NotBpffs(parent.to_owned()));
+        }
+        let path_err = |what, source| BpfError::Path {
+            what,
+            path: dir.to_owned(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| path_err("creating", e))?;
+        let lock = std::fs::File::open(dir).map_err(|e| path_err("opening", e))?;
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                BpfError::PinDirBusy(dir.to_owned())
+            } else {
+                path_err("locking", e)
+            });
+        }
+        for name in PIN_NAMES {
+            let stale = dir.join(name);
+            if stale.exists() {
+                tracing::warn!(pin = %stale.display(), "removing a stale pin from an earlier agent");
+                std::fs::remove_file(&stale).map_err(|e| path_err("removing a stale pin in", e))?;
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    fn program(
+        &mut self,
+        name: &'static str,
+        pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+    ) -> Result<(), BpfError> {
+        let path = self.dir.join(name);
+        pin(&path).map_err(|e| program_error(name, format!("pin at {}", path.display()), &e))?;
+        self.files.push(path);
+        Ok(())
+    }
+
+    fn map(
+        &mut self,
+        name: &'static str,
+        pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
+    ) -> Result<(), BpfError> {
+        let path = self.dir.join(name);
+        pin(&path).map_err(|e| {
+            let detail = chain(&e);
+            BpfError::Map {
+                map: name,
+                hint: hint_for(&detail),
+                detail: format!("pin at {}: {detail}", path.display()),
+            }
+        })?;
+        self.files.push(path);
+        Ok(())
+    }
 }
 
 impl Drop for Pins {
@@ -704,7 +809,7 @@ impl Drop for Pins {
                 tracing::warn!(pin = %pin.display(), error = %e, "could not remove pin");
             }
         }
-        // Only removes the directory when nothing else was pinned there.
+        // Only removes the directory when nothing else is pinned there.
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
@@ -730,6 +835,8 @@ pub struct PinnedSnapshot {
     pub listeners: BTreeMap<u16, String>,
     /// Sockets in the sockmap relay right now (two per connection); `None` without eBPF.
     pub sockmap_sockets: Option<u64>,
+    /// Peer entries in the sockmap relay right now (read from the pins only).
+    pub sockmap_peers: Option<u64>,
 }
 
 /// Reads a running agent's counters from the maps pinned under `pin_dir`.
@@ -771,9 +878,27 @@ pub fn read_pinned(pin_dir: &Path) -> Result<PinnedSnapshot, BpfError> {
     let peers = aya::maps::Map::HashMap(open(MAP_PEERS)?);
     let peers: BpfHashMap<_, u64, SockmapPeer> =
         BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
+    let peer_entries = count_keys(peers.keys(), MAP_PEERS)?;
+    let socks = aya::maps::Map::SockHash(open(MAP_SOCKS)?);
+    let socks: SockHash<_, u64> =
+        SockHash::try_from(socks).map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
+    let sock_entries = count_keys(socks.keys(), MAP_SOCKS)?;
     Ok(PinnedSnapshot {
         counters,
         listeners,
-        sockmap_sockets: Some(peers.keys().count() as u64),
+        sockmap_sockets: Some(sock_entries),
+        sockmap_peers: Some(peer_entries),
     })
+}
+
+fn count_keys(
+    keys: impl Iterator<Item = Result<u64, MapError>>,
+    map: &'static str,
+) -> Result<u64, BpfError> {
+    let mut n = 0;
+    for key in keys {
+        key.map_err(|e| map_error(map, &e))?;
+        n += 1;
+    }
+    Ok(n)
 }

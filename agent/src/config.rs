@@ -193,8 +193,11 @@ pub struct EbpfConfig {
     pub passthrough: PassthroughPath,
 }
 
+/// Where the agent pins its maps and programs unless told otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/tlsplice";
+
 fn default_pin_path() -> PathBuf {
-    PathBuf::from("/sys/fs/bpf/tlsplice")
+    PathBuf::from(DEFAULT_PIN_PATH)
 }
 
 impl Default for EbpfConfig {

@@ -98,20 +98,19 @@ impl Telemetry {
         }
     }
 
-    fn add(&self, key: StatKey, n: u64) {
-        if n == 0 {
-            return;
-        }
+    fn add_all(&self, counts: &[(StatKey, u64)]) {
         match &self.store {
             Store::Bpf(b) => {
-                if let Err(e) = b.add(&key, n) {
-                    tracing::warn!(error = %e, ?key, "counter update failed");
+                if let Err(e) = b.add_all(counts) {
+                    tracing::warn!(error = %e, "counter update failed");
                 }
             }
             Store::Memory(m) => {
                 let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                let cell = m.entry(key).or_default();
-                *cell = cell.wrapping_add(n);
+                for (key, n) in counts {
+                    let cell = m.entry(*key).or_default();
+                    *cell = cell.wrapping_add(*n);
+                }
             }
         }
     }
@@ -132,6 +131,7 @@ impl Telemetry {
             (Some(_), Some(_)) => reason_index("relay error"),
             (None, _) => reason_index(&r.reason),
         };
+        let mut counts = Vec::with_capacity(6);
         for (m, h) in [
             (metric::HANDSHAKE, &r.client_handshake),
             (metric::UPSTREAM_HANDSHAKE, &r.upstream_handshake),
@@ -141,35 +141,36 @@ impl Telemetry {
                     None => 0,
                     Some(reason) => reason_index(reason),
                 };
-                self.add(key(m, outcome, h.version, h.suite), 1);
+                counts.push((key(m, outcome, h.version, h.suite), 1));
             }
         }
         if r.data_path.is_some() {
-            self.add(key(metric::BYTES, data_path, direction::UP, 0), r.bytes_up);
-            self.add(
+            counts.push((key(metric::BYTES, data_path, direction::UP, 0), r.bytes_up));
+            counts.push((
                 key(metric::BYTES, data_path, direction::DOWN, 0),
                 r.bytes_down,
-            );
+            ));
         }
-        self.add(key(metric::KEY_UPDATES, 0, 0, 0), r.key_updates);
-        // Last: a reader that sees the connection counted sees all of its other counts.
-        self.add(key(metric::CONN_OUTCOME, data_path, outcome, 0), 1);
+        counts.push((key(metric::KEY_UPDATES, 0, 0, 0), r.key_updates));
+        // Last, so a reader that waits until the connection is counted and then reads once
+        // more sees all of its counts.
+        counts.push((key(metric::CONN_OUTCOME, data_path, outcome, 0), 1));
+        counts.retain(|(_, n)| *n > 0);
+        self.add_all(&counts);
     }
 
     /// Every counter, with the listener names.
-    pub fn snapshot(&self) -> PinnedSnapshot {
+    pub fn snapshot(&self) -> Result<PinnedSnapshot, BpfError> {
         let counters = match &self.store {
-            Store::Bpf(b) => b.snapshot().unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "reading counters failed");
-                BTreeMap::new()
-            }),
+            Store::Bpf(b) => b.snapshot()?,
             Store::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         };
-        PinnedSnapshot {
+        Ok(PinnedSnapshot {
             counters,
             listeners: self.listeners.clone(),
-            sockmap_sockets: self.bpf().map(LoadedBpf::sockmap_peers),
-        }
+            sockmap_sockets: self.bpf().map(LoadedBpf::sockmap_sockets),
+            sockmap_peers: None,
+        })
     }
 }
 
@@ -207,7 +208,7 @@ pub struct Sample {
     pub value: u64,
 }
 
-/// The metric families, in output order: name, help, and whether the kernel writes it.
+/// The counter families, in output order: name and help.
 const FAMILIES: [(&str, &str); 10] = [
     (
         "tlsplice_connections_accepted",
@@ -315,11 +316,11 @@ fn label(table: &[&str], code: u16) -> String {
 pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
     let mut out = Vec::new();
     for (key, &value) in &snapshot.counters {
-        let listener = snapshot
-            .listeners
-            .get(&key.listener)
-            .cloned()
-            .unwrap_or_else(|| format!("#{}", key.listener));
+        let listener = match snapshot.listeners.get(&key.listener) {
+            Some(name) => name.clone(),
+            None if key.listener == tlsplice_common::NO_LISTENER => "none".to_owned(),
+            None => format!("#{}", key.listener),
+        };
         let mut labels = vec![("listener", listener)];
         let name = match key.metric {
             metric::CONN_ACCEPTED => FAMILIES[0].0,
@@ -391,7 +392,11 @@ struct TelemetryCollector(Arc<Telemetry>);
 
 impl Collector for TelemetryCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let snapshot = self.0.snapshot();
+        // A failed read fails the scrape (HTTP 500) rather than looking like no traffic.
+        let snapshot = self.0.snapshot().map_err(|e| {
+            tracing::warn!(error = %e, "reading counters for /metrics failed");
+            fmt::Error
+        })?;
         let samples = samples(&snapshot);
         for (name, help) in FAMILIES {
             let family: Vec<&Sample> = samples.iter().filter(|s| s.name == name).collect();
@@ -420,7 +425,7 @@ impl Collector for TelemetryCollector {
             encoder
                 .encode_descriptor(
                     "tlsplice_sockmap_sockets",
-                    "Sockets relayed by the sockmap verdict program right now (two per connection)",
+                    "Sockets in the sockmap relay right now (two per connection)",
                     None,
                     MetricType::Gauge,
                 )?
@@ -499,6 +504,7 @@ pub fn json(snapshot: &PinnedSnapshot) -> serde_json::Value {
     serde_json::json!({
         "listeners": snapshot.listeners,
         "sockmap_sockets": snapshot.sockmap_sockets,
+        "sockmap_peers": snapshot.sockmap_peers,
         "counters": samples,
     })
 }
@@ -521,6 +527,15 @@ mod tests {
         counters.insert(key(metric::CONN_ACCEPTED, 0, 0, 0), 5);
         counters.insert(key(metric::HANDSHAKE, 0, 0x0304, 0x1301), 4);
         counters.insert(key(metric::BYTES, path::KTLS, direction::DOWN, 0), 99);
+        counters.insert(key(metric::TLS_RECORD, direction::UP, 22, 1), 7);
+        counters.insert(
+            key(metric::TLS_RECORD, direction::DOWN, 21, (2 << 8) | 50),
+            2,
+        );
+        let refused = reason_index("upstream certificate refused");
+        counters.insert(key(metric::UPSTREAM_HANDSHAKE, refused, 0, 0), 1);
+        counters.insert(key(metric::REDIRECT_FAILED, 0, 0, 0), 10);
+        counters.insert(key(metric::CONN_CLOSED, 0, 0, 0), 5);
         counters.insert(
             key(
                 metric::CONN_OUTCOME,
@@ -534,6 +549,7 @@ mod tests {
             counters,
             listeners: BTreeMap::from([(0, "web".to_owned())]),
             sockmap_sockets: None,
+            sockmap_peers: None,
         };
         let text = table(&snapshot);
         assert!(
@@ -545,6 +561,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("data_path=ktls direction=down"), "{text}");
+        assert!(text.contains("direction=up message=ClientHello"), "{text}");
+        assert!(
+            text.contains("direction=down level=fatal description=decode_error"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outcome=upstream certificate refused"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tlsplice_sockmap_redirect_failed_bytes"),
+            "{text}"
+        );
+        assert!(text.contains("tlsplice_connections_closed"), "{text}");
         let registry = registry(Arc::new(Telemetry::memory(
             snapshot.listeners.clone(),
             "test".into(),

@@ -74,6 +74,17 @@ struct Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // SIGTERM, so the agent removes its pins; kill only if it does not stop.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

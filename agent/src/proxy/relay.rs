@@ -4,6 +4,8 @@
 //!   into the pipe and encrypts out of it in the kernel; payload never enters user space.
 //! - [`userspace_relay`]: rustls keeps the record layer of every TLS leg; a copy loop moves the
 //!   plaintext.
+//! - [`sockmap_relay`]: both legs plain (passthrough) in the eBPF sock hash; the kernel
+//!   redirects each segment to the other leg and the agent only handles the ends.
 //!
 //! Either way a clean end of one direction (close_notify or FIN) becomes a half-close of the
 //! other leg (close_notify then FIN on a TLS leg), and the relay ends when both directions have.
@@ -476,12 +478,46 @@ async fn write_all_shared(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// How long the end of a direction waits for the kernel to queue what it redirected.
-const SOCKMAP_DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long the sockmap relay waits for the kernel to queue redirected bytes on a leg without
+/// seeing any progress (a reader that stopped reading, a peer that vanished).
+const SOCKMAP_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until `dst` has `want` of its send sequence queued (see
+/// [`crate::bpf::tcp_bytes_queued`]): every byte redirected into it has left the kernel's
+/// redirect queue and is ordered ahead of what is written next.
+async fn sockmap_flushed(dst: &TcpStream, want: u64) -> io::Result<()> {
+    let mut last = 0;
+    let mut since = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let (queued, sending) = crate::bpf::tcp_bytes_queued(dst.as_fd())?;
+        if queued >= want {
+            return Ok(());
+        }
+        if !sending {
+            return Err(io::Error::other(format!(
+                "sockmap: the other leg stopped sending with {} redirected bytes not queued",
+                want - queued
+            )));
+        }
+        if queued != last {
+            (last, since) = (queued, tokio::time::Instant::now());
+            pause = std::time::Duration::from_millis(1);
+        } else if since.elapsed() > SOCKMAP_STALL_LIMIT {
+            return Err(io::Error::other(format!(
+                "sockmap: {} redirected bytes not queued on the other leg, no progress for {} s",
+                want - queued,
+                SOCKMAP_STALL_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
+}
 
 /// One direction of a sockmap relay: the kernel redirects `src`'s segments to `dst`; this waits
-/// for `src` to end, forwards anything the verdict passed up instead, then sends `dst` its FIN
-/// once every redirected byte is queued on `dst` ahead of it.
+/// for `src` to end, forwards anything the verdict passed up instead (after what it redirected
+/// before), then sends `dst` its FIN once every redirected byte is queued on `dst` ahead of it.
 async fn sockmap_direction(
     src: &TcpStream,
     dst: &TcpStream,
@@ -490,11 +526,14 @@ async fn sockmap_direction(
     user_bytes: &AtomicU64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
+    let want = |user: &AtomicU64| dst_start + user.load(Ordering::Relaxed) + redirected();
     loop {
         src.readable().await?;
         match src.try_read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                // Bytes the verdict could not redirect: they follow the ones it did.
+                sockmap_flushed(dst, want(user_bytes)).await?;
                 write_all_shared(dst, &buf[..n]).await?;
                 user_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -504,35 +543,13 @@ async fn sockmap_direction(
     }
     // The verdict ran for every segment before the FIN, but the redirected bytes reach `dst`'s
     // send queue from a kernel worker: the FIN must not overtake them.
-    let want = dst_start + user_bytes.load(Ordering::Relaxed) + redirected();
-    let deadline = tokio::time::Instant::now() + SOCKMAP_DRAIN_LIMIT;
-    loop {
-        let (queued, sending) = crate::bpf::tcp_bytes_queued(dst.as_fd())?;
-        if queued >= want {
-            break;
-        }
-        if !sending {
-            return Err(io::Error::other(format!(
-                "sockmap: the peer leg stopped sending with {} of {} bytes queued",
-                queued - dst_start.min(queued),
-                want - dst_start
-            )));
-        }
-        if tokio::time::Instant::now() > deadline {
-            return Err(io::Error::other(format!(
-                "sockmap: {} redirected bytes not queued on the peer leg within {} s",
-                want - queued,
-                SOCKMAP_DRAIN_LIMIT.as_secs()
-            )));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    sockmap_flushed(dst, want(user_bytes)).await?;
     end_direction(dst, false)
 }
 
 /// Both plain legs in the eBPF sock hash: the kernel moves the bytes, the agent waits for the
-/// ends. `Err` when the legs could not enter the maps (nothing was moved; the caller picks
-/// another path and says why).
+/// ends. `Err` when the legs could not enter the maps before any byte moved (the caller picks
+/// another path and says why); a failure after that ends the connection.
 pub(crate) async fn sockmap_relay(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -550,8 +567,10 @@ pub(crate) async fn sockmap_relay(
     let pair = bpf
         .sockmap_pair(listener, client.as_fd(), upstream.as_fd())
         .map_err(|e| e.to_string())?;
-    pair.admit_client(client.as_fd())
-        .map_err(|e| e.to_string())?;
+    if let Err(e) = pair.admit_client(client.as_fd()) {
+        // The verdict may have redirected bytes already: no other path can take over.
+        return Ok(RelayOutcome::failed(io::Error::other(e.to_string())));
+    }
     let (user_up, user_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = tokio::try_join!(
         sockmap_direction(

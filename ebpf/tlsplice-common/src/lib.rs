@@ -44,6 +44,12 @@ pub struct SockmapPeer {
 
 /// Capacity of [`MAP_STATS`].
 pub const STATS_MAX_ENTRIES: u32 = 8192;
+/// Listener index of counters that belong to no listener (a socket the maps do not know).
+pub const NO_LISTENER: u16 = u16::MAX;
+/// Alert description label for descriptions no TLS version defines: keeps a client from
+/// minting counter keys.
+pub const ALERT_OTHER: u16 = 255;
+
 /// Capacity of the listener maps.
 pub const LISTENERS_MAX_ENTRIES: u32 = 1024;
 
@@ -73,7 +79,9 @@ pub mod metric {
     /// Cleartext TLS records seen in the kernel on a listener's sockets, where a TCP segment
     /// starts with one: `a` direction ([`super::direction`]: UP = received from the client,
     /// DOWN = sent to it), `b` content type (22 handshake, 21 alert), `c` the handshake type
-    /// (1 ClientHello, 2 ServerHello) or, for an alert, level << 8 | description.
+    /// (1 ClientHello, 2 ServerHello) or, for an alert, level << 8 | description, with levels
+    /// other than 1 and 2 counted as 0 and descriptions no TLS version defines as
+    /// [`super::ALERT_OTHER`].
     pub const TLS_RECORD: u16 = 9;
 }
 

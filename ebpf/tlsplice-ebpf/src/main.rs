@@ -24,8 +24,8 @@ use aya_ebpf::macros::{cgroup_skb, map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, PerCpuHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
 use tlsplice_common::{
-    LISTENERS_MAX_ENTRIES, ListenerName, SOCKMAP_MAX_ENTRIES, STATS_MAX_ENTRIES, SockmapPeer,
-    StatKey, direction, metric,
+    ALERT_OTHER, LISTENERS_MAX_ENTRIES, ListenerName, NO_LISTENER, SOCKMAP_MAX_ENTRIES,
+    STATS_MAX_ENTRIES, SockmapPeer, StatKey, direction, metric,
 };
 
 /// Every counter (see tlsplice-common).
@@ -70,17 +70,18 @@ pub fn tlsplice_verdict(ctx: SkBuffContext) -> u32 {
         add(
             &StatKey {
                 metric: metric::REDIRECT_FAILED,
+                listener: NO_LISTENER,
                 ..StatKey::default()
             },
             len,
         );
         return SK_PASS;
     };
-    // SAFETY: a map value pointer; the verdict runs under this socket's lock, so no other
-    // program run writes this socket's entry at the same time.
+    // SAFETY: a map value pointer, valid for this program run; the fields are plain integers.
     let (mut peer, listener) = unsafe { ((*entry).peer, (*entry).listener) };
     if SOCKS.redirect_skb(&ctx, &mut peer, 0) as u32 == SK_PASS {
-        // SAFETY: as above.
+        // SAFETY: as above. The verdict for one socket runs under that socket's lock (softirq
+        // receive, or the agent's setsockopt), so its runs do not overlap.
         unsafe { (*entry).bytes += len };
     } else {
         add(
@@ -103,18 +104,51 @@ fn count(key: &StatKey) {
 /// Adds `n` to this CPU's cell of `key`, creating it the first time.
 fn add(key: &StatKey, n: u64) {
     if let Some(cell) = STATS.get_ptr_mut(key) {
-        // SAFETY: the pointer is this CPU's value of a per-CPU hash entry; only this program,
-        // on this CPU and not preempted, writes it.
+        // SAFETY: the pointer is this CPU's value of a per-CPU hash entry, valid for this run.
+        // The bpfel target has no atomic add in Rust: a run in softirq that interrupts one in
+        // process context on the same CPU and counts the same key (only a close racing a reset
+        // can) may lose that one count.
         unsafe { *cell += n };
         return;
     }
-    // Another program run on this CPU cannot interleave; on EEXIST another CPU created the
-    // entry first, and this CPU's value starts at 0 there.
+    // On EEXIST another run created the entry first, and this CPU's value starts at 0 there.
     if STATS.insert(key, n, u64::from(BPF_NOEXIST)).is_err()
         && let Some(cell) = STATS.get_ptr_mut(key)
     {
         // SAFETY: as above.
         unsafe { *cell += n };
+    }
+}
+
+/// An alert description as counted: the ones TLS 1.2 and 1.3 define, else [`ALERT_OTHER`].
+fn alert_description(d: u8) -> u16 {
+    match d {
+        0
+        | 10
+        | 20
+        | 21
+        | 22
+        | 30
+        | 40
+        | 41
+        | 42..=51
+        | 60
+        | 70
+        | 71
+        | 80
+        | 86
+        | 90
+        | 100
+        | 109
+        | 110
+        | 111
+        | 112
+        | 113
+        | 114
+        | 115
+        | 116
+        | 120 => u16::from(d),
+        _ => ALERT_OTHER,
     }
 }
 
@@ -198,7 +232,14 @@ fn count_record(ctx: &SkBuffContext, listener_port_at: usize, dir: u16) {
         // the top byte of its 24-bit length is 0).
         22 if (head[5] == 1 || head[5] == 2) && head[6] == 0 => u16::from(head[5]),
         // A cleartext alert is exactly two bytes: level, description.
-        21 if record_len == 2 => (u16::from(head[5]) << 8) | u16::from(head[6]),
+        21 if record_len == 2 => {
+            let level = if head[5] == 1 || head[5] == 2 {
+                u16::from(head[5])
+            } else {
+                0
+            };
+            (level << 8) | alert_description(head[6])
+        }
         _ => return,
     };
     count(&StatKey {
