@@ -18,22 +18,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tlsplice_benches::{node_busy_seconds, percentile, process_cpu_seconds};
-use tlsplice_tests::TestPki;
+use tlsplice_tests::{TestPki, free_port};
 
 const GIB: u64 = 1 << 30;
 const RUNS: usize = 3;
 const EXCHANGES: usize = 10_000;
 const MESSAGE: usize = 1024;
-
-/// A real ClientHello: passthrough routes on it.
-fn client_hello() -> Vec<u8> {
-    let pki = TestPki::generate();
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut conn = rustls::ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut hello = Vec::new();
-    conn.write_tls(&mut hello).expect("hello");
-    hello
-}
 
 /// Upstream: drains each connection to EOF (throughput) or echoes 1 KiB messages after the
 /// ClientHello (latency), depending on the first byte after the hello: 0 drain, 1 echo.
@@ -88,13 +78,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 fn start_agent(path: &str, upstream: SocketAddr, dir: &std::path::Path) -> Agent {
@@ -209,7 +192,7 @@ fn main() {
     println!("{RUNS} runs of 1 GiB one way (median), {EXCHANGES} x {MESSAGE} B request/response");
     let dir = std::env::temp_dir().join(format!("tlsplice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("bench dir");
-    let hello = client_hello();
+    let hello = TestPki::generate().client_hello();
     let up = upstream(hello.len());
 
     let (p50, p99) = latency(up, &hello);

@@ -45,6 +45,14 @@ pub fn tls_client(
     rustls::StreamOwned::new(conn, sock)
 }
 
+/// A loopback TCP port that was free a moment ago, for configurations that name their port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 /// Prints why `test` does not run here, in the line `cargo xtask test` counts as a skip.
 pub fn skip(test: &str, why: &str) {
     println!("{SKIP_MARKER} {test}: {why}");
@@ -220,6 +228,16 @@ impl TestPki {
     }
 
     /// A client configuration trusting this CA, with rustls' default suites and versions.
+    /// A real ClientHello for "localhost" from a client of this PKI, as bytes (what
+    /// passthrough routes on).
+    pub fn client_hello(&self) -> Vec<u8> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut conn = rustls::ClientConnection::new(self.client_config(), name).expect("client");
+        let mut hello = Vec::new();
+        conn.write_tls(&mut hello).expect("hello");
+        hello
+    }
+
     pub fn client_config(&self) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA into root store");

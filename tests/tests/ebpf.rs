@@ -17,16 +17,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tlsplice_tests::{
-    TestPki, agent_binary, expect_pattern, expected_auto_path, send_pattern, skip, tls_client,
-    tool_or_skip,
+    TestPki, agent_binary, expect_pattern, expected_auto_path, free_port, send_pattern, skip,
+    tls_client, tool_or_skip,
 };
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// Why the agent cannot pin here, when it cannot.
 fn bpffs_missing() -> Option<String> {
@@ -36,6 +29,19 @@ fn bpffs_missing() -> Option<String> {
         f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
     });
     (!mounted).then(|| "no bpf filesystem at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into())
+}
+
+/// `true` when the agent can pin here; otherwise prints why `test` skips (a failure in guests,
+/// which mount bpffs).
+fn bpffs_or_skip(test: &str) -> bool {
+    match bpffs_missing() {
+        None => true,
+        Some(why) => {
+            assert!(!tlsplice_tests::in_guest(), "{why}");
+            skip(test, &why);
+            false
+        }
+    }
 }
 
 /// A running `tlsplice run`, its stderr in a file.
@@ -267,15 +273,6 @@ fn drain_upstream(down: usize) -> SocketAddr {
     addr
 }
 
-/// A real ClientHello for "localhost", as bytes.
-fn client_hello(pki: &TestPki) -> Vec<u8> {
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let mut conn = rustls::ClientConnection::new(pki.client_config(), name).expect("client");
-    let mut hello = Vec::new();
-    conn.write_tls(&mut hello).expect("hello");
-    hello
-}
-
 fn config(
     dir: &Path,
     term_port: u16,
@@ -318,9 +315,7 @@ fn settle(
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn counters_in_pinned_maps_equal_the_traffic_sent() {
     let test = "counters_in_pinned_maps_equal_the_traffic_sent";
-    if let Some(why) = bpffs_missing() {
-        assert!(!tlsplice_tests::in_guest(), "{why}");
-        skip(test, &why);
+    if !bpffs_or_skip(test) {
         return;
     }
     let pki = TestPki::generate();
@@ -376,7 +371,7 @@ fn counters_in_pinned_maps_equal_the_traffic_sent() {
         let _ = s.read_to_end(&mut sink);
     }
     // 5 passthrough connections: a real ClientHello plus filler, half-closed.
-    let hello = client_hello(&pki);
+    let hello = pki.client_hello();
     const PASS_CONNS: u64 = 5;
     let mut pass_up_bytes = 0u64;
     for i in 0..PASS_CONNS {
@@ -688,9 +683,7 @@ fn sockmap_agent(
     dir: &Path,
     upstream: SocketAddr,
 ) -> Option<(AgentProcess, SocketAddr)> {
-    if let Some(why) = bpffs_missing() {
-        assert!(!tlsplice_tests::in_guest(), "{why}");
-        skip(test, &why);
+    if !bpffs_or_skip(test) {
         return None;
     }
     let port = free_port();
@@ -703,6 +696,31 @@ fn sockmap_agent(
     let log = agent.log_text();
     assert!(log.contains("eBPF programs loaded"), "{log}");
     Some((agent, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
+/// Asserts the sockmap listener "pass" counted `conns` clean connections and exactly `up` and
+/// `down` bytes, with nothing passed up for lack of a peer.
+fn assert_sockmap_counts(
+    stats: &BTreeMap<(String, BTreeMap<String, String>), u64>,
+    conns: u64,
+    up: u64,
+    down: u64,
+) {
+    let pass = ("listener", "pass");
+    let sockmap = ("data_path", "sockmap");
+    assert_eq!(
+        sum(
+            stats,
+            "tlsplice_connections",
+            &[pass, sockmap, ("outcome", "ok")]
+        ),
+        conns,
+        "{stats:?}"
+    );
+    let bytes = |d| sum(stats, "tlsplice_bytes", &[pass, sockmap, ("direction", d)]);
+    assert_eq!(bytes("up"), up, "{stats:?}");
+    assert_eq!(bytes("down"), down, "{stats:?}");
+    assert_eq!(sum(stats, "tlsplice_sockmap_redirect_failed_bytes", &[]), 0);
 }
 
 /// Sockets in the sock hash plus peer entries, read from the pinned maps.
@@ -736,7 +754,7 @@ fn sockmap_relays_64_mib_each_way_byte_identical() {
     const LEN: usize = 64 << 20;
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    let hello = client_hello(&pki);
+    let hello = pki.client_hello();
     let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
     let upstream_addr = upstream.local_addr().expect("addr");
     let hello_len = hello.len();
@@ -786,28 +804,7 @@ fn sockmap_relays_64_mib_each_way_byte_identical() {
 
     let pass = ("listener", "pass");
     let stats = settle(&agent, |s| sum(s, "tlsplice_connections", &[pass]) == 1);
-    assert_eq!(
-        sum(
-            &stats,
-            "tlsplice_connections",
-            &[pass, ("data_path", "sockmap"), ("outcome", "ok")]
-        ),
-        1,
-        "{stats:?}"
-    );
-    let bytes = |d| {
-        sum(
-            &stats,
-            "tlsplice_bytes",
-            &[pass, ("data_path", "sockmap"), ("direction", d)],
-        )
-    };
-    assert_eq!(bytes("up"), (hello.len() + LEN) as u64);
-    assert_eq!(bytes("down"), LEN as u64);
-    assert_eq!(
-        sum(&stats, "tlsplice_sockmap_redirect_failed_bytes", &[]),
-        0
-    );
+    assert_sockmap_counts(&stats, 1, (hello.len() + LEN) as u64, LEN as u64);
     assert_eq!(
         sockmap_settles_empty(&agent),
         0,
@@ -828,7 +825,7 @@ fn sockmap_relays_1000_concurrent_short_connections() {
     raise_fd_limit();
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    let hello = client_hello(&pki);
+    let hello = pki.client_hello();
     let want_up = hello.len() + UP;
     // Upstream: reads the ClientHello and UP bytes, answers DOWN bytes that name the
     // connection (its first UP byte), then FIN.
@@ -890,31 +887,7 @@ fn sockmap_relays_1000_concurrent_short_connections() {
     });
     assert_eq!(sum(&stats, "tlsplice_connections_accepted", &[pass]), n);
     assert_eq!(sum(&stats, "tlsplice_connections_closed", &[pass]), n);
-    assert_eq!(
-        sum(
-            &stats,
-            "tlsplice_connections",
-            &[pass, ("data_path", "sockmap"), ("outcome", "ok")]
-        ),
-        n,
-        "{stats:?}"
-    );
-    let bytes = |d| {
-        sum(
-            &stats,
-            "tlsplice_bytes",
-            &[pass, ("data_path", "sockmap"), ("direction", d)],
-        )
-    };
-    // Connections whose own count is off, to tell a lost count from lost bytes.
-    let odd: Vec<String> = agent
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("connection") && !l.contains(&format!("bytes_down={DOWN} ")))
-        .map(str::to_owned)
-        .collect();
-    assert_eq!(bytes("up"), n * want_up as u64, "{odd:#?}");
-    assert_eq!(bytes("down"), n * DOWN as u64, "{odd:#?}");
+    assert_sockmap_counts(&stats, n, n * want_up as u64, n * DOWN as u64);
     assert_eq!(
         sockmap_settles_empty(&agent),
         0,
@@ -937,7 +910,7 @@ fn sockmap_leaves_no_entries_after_resets_and_half_closes() {
     let test = "sockmap_leaves_no_entries_after_resets_and_half_closes";
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    let hello = client_hello(&pki);
+    let hello = pki.client_hello();
     let hello_len = hello.len();
     // Upstream behaviour by connection: 0 streams until reset by the client, 1 resets after
     // the hello, 2 half-closes first and then reads until the client's FIN.
@@ -1034,9 +1007,7 @@ fn sockmap_leaves_no_entries_after_resets_and_half_closes() {
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn a_second_agent_on_the_same_pins_runs_without_ebpf_and_says_why() {
     let test = "a_second_agent_on_the_same_pins_runs_without_ebpf_and_says_why";
-    if let Some(why) = bpffs_missing() {
-        assert!(!tlsplice_tests::in_guest(), "{why}");
-        skip(test, &why);
+    if !bpffs_or_skip(test) {
         return;
     }
     let pki = TestPki::generate();
