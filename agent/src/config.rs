@@ -173,6 +173,9 @@ pub enum PassthroughPath {
     /// The eBPF sock hash and stream verdict program: the kernel redirects each segment to the
     /// peer socket; the agent only waits for the ends. Needs the eBPF programs loaded.
     Sockmap,
+    /// Measure both on this kernel when the agent starts (loopback, about a second) and use the
+    /// one that costs the node less CPU per byte; splice when the eBPF programs are off.
+    Auto,
 }
 
 /// The `[ebpf]` section.

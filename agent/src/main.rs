@@ -40,8 +40,8 @@ enum Command {
         /// bpffs directory for the pinned maps and programs. Overrides `ebpf.pin_path`.
         #[arg(long, env = "TLSPLICE_BPF_PIN_PATH")]
         bpf_pin_path: Option<PathBuf>,
-        /// Data path of passthrough listeners: splice or sockmap. Overrides
-        /// `ebpf.passthrough`.
+        /// Data path of passthrough listeners: splice, sockmap, or auto (measure both at start).
+        /// Overrides `ebpf.passthrough`.
         #[arg(long, env = "TLSPLICE_PASSTHROUGH_PATH", value_enum)]
         passthrough_path: Option<tlsplice::config::PassthroughPath>,
         /// Admin server address (/metrics, /healthz). Overrides `admin.listen`.
@@ -211,6 +211,20 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
             load_bpf(config, &proxy)?,
         ));
         proxy.set_telemetry(&telemetry);
+        if proxy.has_passthrough() {
+            let plain = tlsplice::proxy::passthrough::PlainPath::decide(
+                config.ebpf.passthrough,
+                telemetry.bpf(),
+                telemetry.ebpf().err(),
+            )
+            .await;
+            tracing::info!(
+                sockmap = plain.is_sockmap(),
+                why = plain.why(),
+                "passthrough data path"
+            );
+            proxy.set_passthrough(&plain);
+        }
         let admin = tlsplice::admin::Admin::bind(config.admin.listen, telemetry.clone()).await?;
         tracing::info!(addr = ?admin.local_addr(), "admin server listening");
         for l in &config.listeners {

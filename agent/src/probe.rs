@@ -305,6 +305,29 @@ impl fmt::Display for ProbeReport {
     }
 }
 
+/// Busy CPU seconds of the whole node since boot (every CPU, every process and kernel thread:
+/// everything but idle and iowait), from the `cpu` line of /proc/stat. Kernel work no process
+/// is charged for, such as sockmap redirects in kernel workers, is in it.
+pub fn node_busy_seconds() -> io::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| io::Error::other("/proc/stat has no cpu line"))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal; guest time is already in user.
+    let busy: f64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| ticks.get(i))
+        .sum();
+    // USER_HZ: the kernel ABI fixes /proc tick units at 100 per second.
+    Ok(busy / 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,5 @@
 //! Shared pieces of the benchmarks: CPU accounting for a process and for the whole node.
 
-use std::path::Path;
-
 /// Clock ticks per second of /proc CPU times: USER_HZ, which the kernel ABI fixes at 100.
 pub fn clock_ticks() -> f64 {
     100.0
@@ -21,21 +19,9 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     ticks / clock_ticks()
 }
 
-/// Busy CPU seconds of the whole node (every CPU, every process and kernel thread), from the
-/// `cpu` line of /proc/stat: everything but idle and iowait.
+/// Busy CPU seconds of the whole node (see [`tlsplice::probe::node_busy_seconds`]).
 pub fn node_busy_seconds() -> f64 {
-    let stat = std::fs::read_to_string(Path::new("/proc/stat")).unwrap_or_default();
-    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0.0;
-    };
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| v.get(i)).sum();
-    busy / clock_ticks()
+    tlsplice::probe::node_busy_seconds().unwrap_or(0.0)
 }
 
 /// The value at `q` (0..=1) of sorted samples.

@@ -1045,3 +1045,76 @@ fn a_second_agent_on_the_same_pins_runs_without_ebpf_and_says_why() {
     assert!(first.stop().success());
     assert!(!pin.exists());
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn passthrough_auto_measures_both_paths_and_says_which() {
+    let test = "passthrough_auto_measures_both_paths_and_says_which";
+    if !bpffs_or_skip(test) {
+        return;
+    }
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    const DOWN: usize = 5_000;
+    let upstream = drain_upstream(DOWN);
+    let port = free_port();
+    let agent = AgentProcess::start(
+        &dir,
+        &passthrough_config(port, upstream),
+        &[],
+        &["--ebpf", "required", "--passthrough-path", "auto"],
+    );
+    let log = agent.log_text();
+    let measured = log
+        .lines()
+        .find(|l| {
+            l.contains("passthrough data path")
+                && l.contains("ebpf.passthrough = auto: measured splice")
+        })
+        .unwrap_or_else(|| panic!("no measurement logged:\n{log}"));
+    println!("{measured}");
+    let chosen = if measured.contains("sockmap=true") {
+        "sockmap"
+    } else {
+        "splice"
+    };
+    // A connection takes the measured path and says why.
+    let hello = pki.client_hello();
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
+    s.write_all(&hello).expect("hello");
+    s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).expect("answer");
+    assert_eq!(got.len(), DOWN);
+    let pass = ("listener", "pass");
+    let stats = settle(&agent, |st| sum(st, "tlsplice_connections", &[pass]) == 1);
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", chosen), ("outcome", "ok")]
+        ),
+        1,
+        "{stats:?}"
+    );
+    let bytes = |d| {
+        sum(
+            &stats,
+            "tlsplice_bytes",
+            &[pass, ("data_path", chosen), ("direction", d)],
+        )
+    };
+    assert_eq!(bytes("up"), hello.len() as u64);
+    assert_eq!(bytes("down"), DOWN as u64);
+    let log = agent.log_text();
+    assert!(
+        log.lines().any(|l| l.contains("connection closed")
+            && l.contains(&format!("data_path={chosen}"))
+            && l.contains("ebpf.passthrough = auto: measured")),
+        "{log}"
+    );
+    // The measurement's own connections are not counted as the listener's.
+    assert_eq!(sum(&stats, "tlsplice_connections_accepted", &[pass]), 1);
+    assert_eq!(sockmap_settles_empty(&agent), 0);
+    assert!(agent.stop().success());
+}

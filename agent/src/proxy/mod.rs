@@ -254,8 +254,8 @@ pub(crate) struct ListenerState {
     /// This listener's index in counter keys.
     pub(crate) index: u16,
     pub(crate) telemetry: Arc<Telemetry>,
-    /// Node-wide passthrough data path.
-    pub(crate) passthrough: crate::config::PassthroughPath,
+    /// Node-wide passthrough data path, as decided at start, and why.
+    pub(crate) passthrough: passthrough::PlainPath,
 }
 
 impl ListenerState {
@@ -289,7 +289,7 @@ impl ListenerState {
             reports,
             index,
             telemetry,
-            passthrough: crate::config::PassthroughPath::default(),
+            passthrough: passthrough::PlainPath::default(),
         })
     }
 }
@@ -331,8 +331,6 @@ impl Proxy {
                         addr: l.listen,
                         source,
                     })?;
-            let mut state = state;
-            state.passthrough = config.ebpf.passthrough;
             bound.push((listener, state));
         }
         Ok(Self { bound })
@@ -348,6 +346,20 @@ impl Proxy {
                 port: l.local_addr().map_or(0, |a| a.port()),
             })
             .collect()
+    }
+
+    /// How passthrough listeners relay from now on.
+    pub fn set_passthrough(&mut self, path: &passthrough::PlainPath) {
+        for (_, state) in &mut self.bound {
+            state.passthrough = path.clone();
+        }
+    }
+
+    /// Whether any listener is a passthrough listener.
+    pub fn has_passthrough(&self) -> bool {
+        self.bound
+            .iter()
+            .any(|(_, s)| s.config.mode == Mode::Passthrough)
     }
 
     /// Where every listener counts its connections from now on.

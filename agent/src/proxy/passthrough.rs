@@ -1,13 +1,17 @@
 //! passthrough: the client's TLS goes to the upstream untouched. The agent peeks at the
 //! ClientHello (without consuming it) for the server name, picks the upstream by it, and moves
-//! the bytes between two plain TCP sockets: spliced in the kernel (data path `splice`), or with
-//! a user-space copy loop when the listener sets `data_path = "userspace"`.
+//! the bytes between two plain TCP sockets: spliced in the kernel (data path `splice`),
+//! redirected by the eBPF sock hash (`sockmap`, when the node asks for it or measures it
+//! cheaper: see [`PlainPath::decide`]), or with a user-space copy loop when the listener sets
+//! `data_path = "userspace"`.
 
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 
 use super::relay::{
     RekeyPolicy, connect_upstream, linger_close, sockmap_relay, splice_relay, userspace_relay,
@@ -16,6 +20,179 @@ use super::relay::{
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
 use crate::config::{DataPathPolicy, PassthroughPath};
+
+/// How passthrough listeners relay, decided once for the node, and why.
+#[derive(Debug, Clone)]
+pub struct PlainPath {
+    /// `true`: the sockmap; `false`: splice.
+    sockmap: bool,
+    /// Why, for every connection's reason.
+    why: Arc<str>,
+}
+
+impl Default for PlainPath {
+    fn default() -> Self {
+        Self {
+            sockmap: false,
+            why: Arc::from("ebpf.passthrough = splice"),
+        }
+    }
+}
+
+/// What one plain-leg path cost on this kernel.
+#[derive(Debug, Clone, Copy)]
+pub struct PathCost {
+    /// Node CPU seconds (every CPU, kernel workers included) per GiB moved.
+    pub cpu_seconds_per_gib: f64,
+    /// Throughput in MiB/s.
+    pub mib_per_second: f64,
+}
+
+/// How long each path is measured for by `passthrough = "auto"`.
+const MEASURE_FOR: Duration = Duration::from_millis(400);
+
+impl PlainPath {
+    /// The node's choice: as configured, or for `auto` by measuring both paths here. Without
+    /// the eBPF programs it is splice, and says so.
+    pub async fn decide(
+        wanted: PassthroughPath,
+        bpf: Option<&crate::bpf::LoadedBpf>,
+        ebpf_off: Option<&str>,
+    ) -> Self {
+        let splice = |why: String| Self {
+            sockmap: false,
+            why: Arc::from(why),
+        };
+        match (wanted, bpf) {
+            (PassthroughPath::Splice, _) => Self::default(),
+            (PassthroughPath::Sockmap, Some(_)) => Self {
+                sockmap: true,
+                why: Arc::from("ebpf.passthrough = sockmap"),
+            },
+            (PassthroughPath::Sockmap | PassthroughPath::Auto, None) => splice(format!(
+                "ebpf.passthrough = {} but eBPF is off: {}",
+                if wanted == PassthroughPath::Auto {
+                    "auto"
+                } else {
+                    "sockmap"
+                },
+                ebpf_off.unwrap_or("not loaded")
+            )),
+            (PassthroughPath::Auto, Some(bpf)) => {
+                let measured = async {
+                    Ok::<_, io::Error>((measure(false, bpf).await?, measure(true, bpf).await?))
+                };
+                match measured.await {
+                    Ok((s, m)) => {
+                        let sockmap = m.cpu_seconds_per_gib < s.cpu_seconds_per_gib;
+                        let why = format!(
+                            "ebpf.passthrough = auto: measured splice {:.2} CPU s/GiB ({:.0} MiB/s), sockmap {:.2} CPU s/GiB ({:.0} MiB/s)",
+                            s.cpu_seconds_per_gib,
+                            s.mib_per_second,
+                            m.cpu_seconds_per_gib,
+                            m.mib_per_second
+                        );
+                        tracing::info!(
+                            chosen = if sockmap { "sockmap" } else { "splice" },
+                            "{why}"
+                        );
+                        Self {
+                            sockmap,
+                            why: Arc::from(why),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "measuring the passthrough paths failed: splice");
+                        splice(format!("ebpf.passthrough = auto, measuring failed: {e}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether the sockmap path is chosen.
+    pub fn is_sockmap(&self) -> bool {
+        self.sockmap
+    }
+
+    /// Why this path.
+    pub fn why(&self) -> &str {
+        &self.why
+    }
+}
+
+/// Relays loopback traffic for [`MEASURE_FOR`] over one plain-leg path, the way a passthrough
+/// connection is relayed, and returns what it cost the node.
+async fn measure(sockmap: bool, bpf: &crate::bpf::LoadedBpf) -> io::Result<PathCost> {
+    let front = TcpListener::bind("127.0.0.1:0").await?;
+    let back = TcpListener::bind("127.0.0.1:0").await?;
+    let (front_addr, back_addr) = (front.local_addr()?, back.local_addr()?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sender_stop = stop.clone();
+    let sender = std::thread::spawn(move || -> io::Result<()> {
+        let mut sock = std::net::TcpStream::connect(front_addr)?;
+        let chunk = vec![0u8; 256 * 1024];
+        while !sender_stop.load(Ordering::Relaxed) {
+            sock.write_all(&chunk)?;
+        }
+        sock.shutdown(std::net::Shutdown::Write)?;
+        let mut rest = Vec::new();
+        sock.read_to_end(&mut rest)?;
+        Ok(())
+    });
+    let sink = std::thread::spawn(move || -> io::Result<u64> {
+        let listener = back.into_std()?;
+        listener.set_nonblocking(false)?;
+        let (mut sock, _) = listener.accept()?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut total = 0u64;
+        loop {
+            match sock.read(&mut buf)? {
+                0 => return Ok(total),
+                n => total += n as u64,
+            }
+        }
+    });
+    let (client, _) = front.accept().await?;
+    let upstream = TcpStream::connect(back_addr).await?;
+    let cpu_before = crate::probe::node_busy_seconds()?;
+    let started = Instant::now();
+    let timer_stop = stop.clone();
+    let timer = tokio::spawn(async move {
+        tokio::time::sleep(MEASURE_FOR).await;
+        timer_stop.store(true, Ordering::Relaxed);
+    });
+    let outcome = if sockmap {
+        sockmap_relay(&client, &upstream, bpf, tlsplice_common::NO_LISTENER)
+            .await
+            .map_err(io::Error::other)?
+    } else {
+        let policy = RekeyPolicy {
+            kernel: Err("measurement".into()),
+            after_records: None,
+        };
+        splice_relay(&client, None, &upstream, None, &policy).await
+    };
+    stop.store(true, Ordering::Relaxed);
+    timer.abort();
+    outcome.result?;
+    drop((client, upstream));
+    let joined = |r: std::thread::Result<io::Result<u64>>| {
+        r.map_err(|_| io::Error::other("measurement thread panicked"))?
+    };
+    let moved = joined(sink.join())?;
+    joined(sender.join().map(|r| r.map(|()| 0)))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = crate::probe::node_busy_seconds()? - cpu_before;
+    if moved == 0 {
+        return Err(io::Error::other("no bytes moved"));
+    }
+    let gib = moved as f64 / f64::from(1u32 << 30);
+    Ok(PathCost {
+        cpu_seconds_per_gib: cpu / gib,
+        mib_per_second: moved as f64 / f64::from(1u32 << 20) / seconds,
+    })
+}
 
 /// Why no ClientHello could be read.
 enum PeekFailure {
@@ -117,24 +294,23 @@ pub(crate) async fn handle(
     }
 
     let splice_reason = "passthrough: both legs are plain TCP to the agent";
-    let (path, reason) = match (cfg.data_path, state.passthrough, state.telemetry.bpf()) {
+    let plain = &state.passthrough;
+    let (path, reason) = match (cfg.data_path, plain.is_sockmap(), state.telemetry.bpf()) {
         (DataPathPolicy::Userspace, ..) => (
             DataPath::Userspace,
             "listener data_path = userspace".to_owned(),
         ),
-        (_, PassthroughPath::Sockmap, Some(_)) => (
+        (_, true, Some(_)) => (
             DataPath::Sockmap,
-            "passthrough: plain legs redirected in the kernel (ebpf.passthrough = sockmap)"
-                .to_owned(),
-        ),
-        (_, PassthroughPath::Sockmap, None) => (
-            DataPath::Splice,
             format!(
-                "{splice_reason}; sockmap asked for but eBPF is off: {}",
-                state.telemetry.ebpf().err().unwrap_or("unknown")
+                "passthrough: plain legs redirected in the kernel ({})",
+                plain.why()
             ),
         ),
-        (_, PassthroughPath::Splice, _) => (DataPath::Splice, splice_reason.to_owned()),
+        _ => (
+            DataPath::Splice,
+            format!("{splice_reason} ({})", plain.why()),
+        ),
     };
     report.data_path = Some(path);
     report.reason = format!("{reason}; upstream {upstream_addr}");
