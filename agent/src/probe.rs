@@ -285,7 +285,10 @@ impl fmt::Display for ProbeReport {
         }
         writeln!(f, "btf: {}", if self.btf { "yes" } else { "no" })?;
         match &self.ebpf {
-            None => writeln!(f, "ebpf: programs load (sock_ops counters)")?,
+            None => writeln!(
+                f,
+                "ebpf: programs load (sock_ops and cgroup_skb counters, sockmap verdict)"
+            )?,
             Some(why) => writeln!(f, "ebpf: off: {why}")?,
         }
         match &self.capabilities {
