@@ -550,6 +550,19 @@ impl LoadedBpf {
     }
 }
 
+/// Why the client leg did not join the sockmap relay.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The sock hash refused it (e.g. it had already received a FIN: only established sockets
+    /// may enter); nothing was redirected from it.
+    #[error("the client leg could not enter the sock hash: {0}")]
+    NotAdmitted(BpfError),
+    /// It entered, but the verdict could not be made to run over what it had already
+    /// received.
+    #[error("setsockopt(SO_RCVLOWAT) on the client leg: {0}")]
+    NotKicked(io::Error),
+}
+
 /// A connection's two legs in the sock hash. Dropping it removes both sockets and their peer
 /// entries (a closed socket leaves the sock hash by itself; its peer entry does not).
 pub struct SockmapPair<'a> {
@@ -563,12 +576,12 @@ impl SockmapPair<'_> {
     /// in its receive queue: bytes queued before a socket enters the map are otherwise only
     /// seen when more arrive. Setting SO_RCVLOWAT (to its default, 1) re-runs the socket's
     /// data-ready callback, which is the verdict now.
-    pub fn admit_client(&self, client: BorrowedFd<'_>) -> Result<(), BpfError> {
+    pub fn admit_client(&self, client: BorrowedFd<'_>) -> Result<(), AdmitError> {
         {
             let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
             socks
                 .insert(self.cookies[0], client.as_raw_fd(), 0)
-                .map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
+                .map_err(|e| AdmitError::NotAdmitted(map_error("TLSPLICE_SOCKS", &e)))?;
         }
         let one: libc::c_int = 1;
         // SAFETY: `client` is a live socket; SO_RCVLOWAT reads one int from `one`.
@@ -582,14 +595,7 @@ impl SockmapPair<'_> {
             )
         };
         if rc != 0 {
-            return Err(BpfError::Map {
-                map: "TLSPLICE_SOCKS",
-                detail: format!(
-                    "setsockopt(SO_RCVLOWAT) on the client leg: {}",
-                    io::Error::last_os_error()
-                ),
-                hint: "",
-            });
+            return Err(AdmitError::NotKicked(io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -613,7 +619,8 @@ impl Drop for SockmapPair<'_> {
             for cookie in &self.cookies {
                 // Absent already when the socket was closed (the kernel unlinks it).
                 match socks.remove(cookie) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Ok(()) => {}
+                    Err(e) if not_found(&e) => {}
                     Err(e) => {
                         tracing::warn!(cookie, error = %e, "could not remove a socket from the sock hash")
                     }
@@ -623,12 +630,22 @@ impl Drop for SockmapPair<'_> {
         let mut peers = self.bpf.peers.lock().unwrap_or_else(|p| p.into_inner());
         for cookie in &self.cookies {
             match peers.remove(cookie) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(e) if not_found(&e) => {}
                 Err(e) => {
                     tracing::warn!(cookie, error = %e, "could not remove a sockmap peer entry")
                 }
             }
         }
+    }
+}
+
+/// A map operation failed because the key was not there.
+fn not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }
 
@@ -671,15 +688,12 @@ const _: () = assert!(
         && std::mem::offset_of!(TcpInfoHead, bytes_acked) == 120
 );
 
-/// `TCP_ESTABLISHED` and `TCP_CLOSE_WAIT` from include/net/tcp_states.h: the states in which
-/// a socket can still send.
-const TCP_SENDING_STATES: [u8; 2] = [1, 8];
+/// `TCP_ESTABLISHED` from include/net/tcp_states.h.
+const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_CLOSE_WAIT`: the peer has sent its FIN; this side can still send.
+const TCP_CLOSE_WAIT: u8 = 8;
 
-/// The send sequence consumed on a TCP socket so far (acknowledged plus still queued: the bytes
-/// written, plus the SYN and a FIN), and whether the socket can still send. Differences of this
-/// value count bytes queued. The sockmap relay waits for this to cover
-/// what was redirected into the socket before it sends the FIN after it.
-pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
     let mut info = TcpInfoHead::default();
     let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
     // SAFETY: `fd` is a live socket; `info` is writable for `len` bytes and the kernel writes
@@ -701,6 +715,20 @@ pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
             "kernel's tcp_info has no tcpi_bytes_acked",
         ));
     }
+    Ok(info)
+}
+
+/// Whether a TCP socket is established and has not received a FIN: the only state in which
+/// it may enter a sock hash.
+pub fn tcp_established(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(tcp_info(fd)?.bytes8[0] == TCP_ESTABLISHED)
+}
+
+/// The send sequence consumed on a TCP socket so far (acknowledged plus still queued: the bytes
+/// written, plus the SYN and a FIN), and whether the socket can still send. Differences of this
+/// value count bytes queued.
+pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
+    let info = tcp_info(fd)?;
     let mut outq: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int, the bytes not yet acknowledged,
     // into `outq`.
@@ -708,7 +736,7 @@ pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let sending = TCP_SENDING_STATES.contains(&info.bytes8[0]);
+    let sending = matches!(info.bytes8[0], TCP_ESTABLISHED | TCP_CLOSE_WAIT);
     Ok((info.bytes_acked + u64::try_from(outq).unwrap_or(0), sending))
 }
 

@@ -256,6 +256,29 @@ fn sized_upstream() -> SocketAddr {
     addr
 }
 
+/// Upstream that answers a ClientHello: reads `hello_len` bytes, sends `down` bytes and its
+/// FIN, then reads to the client's FIN.
+fn hello_upstream(hello_len: usize, down: usize) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { continue };
+            std::thread::spawn(move || {
+                let mut hello = vec![0u8; hello_len];
+                if sock.read_exact(&mut hello).is_err() {
+                    return;
+                }
+                let _ = sock.write_all(&vec![0x3c; down]);
+                let _ = sock.shutdown(std::net::Shutdown::Write);
+                let mut rest = Vec::new();
+                let _ = sock.read_to_end(&mut rest);
+            });
+        }
+    });
+    addr
+}
+
 /// Upstream for the passthrough listener: reads to EOF, then answers `down` bytes and closes.
 fn drain_upstream(down: usize) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
@@ -1056,7 +1079,8 @@ fn passthrough_auto_measures_both_paths_and_says_which() {
     let pki = TestPki::generate();
     let dir = pki.write_files();
     const DOWN: usize = 5_000;
-    let upstream = drain_upstream(DOWN);
+    let hello = pki.client_hello();
+    let upstream = hello_upstream(hello.len(), DOWN);
     let port = free_port();
     let agent = AgentProcess::start(
         &dir,
@@ -1079,13 +1103,13 @@ fn passthrough_auto_measures_both_paths_and_says_which() {
         "splice"
     };
     // A connection takes the measured path and says why.
-    let hello = pki.client_hello();
     let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
     s.write_all(&hello).expect("hello");
-    s.shutdown(std::net::Shutdown::Write).expect("FIN");
     let mut got = Vec::new();
-    s.read_to_end(&mut got).expect("answer");
+    s.read_to_end(&mut got).expect("answer and FIN");
     assert_eq!(got.len(), DOWN);
+    s.shutdown(std::net::Shutdown::Write).expect("FIN");
+    drop(s);
     let pass = ("listener", "pass");
     let stats = settle(&agent, |st| sum(st, "tlsplice_connections", &[pass]) == 1);
     assert_eq!(
@@ -1115,6 +1139,57 @@ fn passthrough_auto_measures_both_paths_and_says_which() {
     );
     // The measurement's own connections are not counted as the listener's.
     assert_eq!(sum(&stats, "tlsplice_connections_accepted", &[pass]), 1);
+    assert_eq!(sockmap_settles_empty(&agent), 0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sockmap_takes_splice_for_a_client_that_half_closed_first_and_says_why() {
+    let test = "sockmap_takes_splice_for_a_client_that_half_closed_first_and_says_why";
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    const DOWN: usize = 3_000;
+    let upstream = drain_upstream(DOWN);
+    let Some((agent, addr)) = sockmap_agent(test, &dir, upstream) else {
+        return;
+    };
+    // A ClientHello and the FIN right behind it: the client socket is no longer established
+    // when the agent would put it into the sock hash, which the kernel refuses.
+    let hello = pki.client_hello();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(&hello).expect("hello");
+        s.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("answer");
+        assert_eq!(got.len(), DOWN);
+    }
+    let pass = ("listener", "pass");
+    let stats = settle(&agent, |st| sum(st, "tlsplice_connections", &[pass]) == 5);
+    // Each connection went over splice or, if the agent was quicker than the FIN, sockmap;
+    // all of them cleanly and with every byte counted.
+    let ok = |p| {
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[pass, ("data_path", p), ("outcome", "ok")],
+        )
+    };
+    assert_eq!(ok("splice") + ok("sockmap"), 5, "{stats:?}");
+    let down = sum(&stats, "tlsplice_bytes", &[pass, ("direction", "down")]);
+    assert_eq!(down, 5 * DOWN as u64);
+    let log = agent.log_text();
+    let refused = log
+        .lines()
+        .filter(|l| {
+            l.contains("data_path=splice")
+                && l.contains(
+                    "sockmap refused this connection: the client leg has already received a FIN",
+                )
+        })
+        .count();
+    assert_eq!(refused as u64, ok("splice"), "{log}");
     assert_eq!(sockmap_settles_empty(&agent), 0);
     assert!(agent.stop().success());
 }

@@ -564,12 +564,23 @@ pub(crate) async fn sockmap_relay(
     // Both legs enter the map with the client's bytes so far (its ClientHello, only peeked)
     // still in its receive queue: the verdict redirects them in order with everything after,
     // and the upstream, quiet until it has the ClientHello, answers into a complete pair.
+    // Only an established socket may enter a sock hash: a client that has already sent its
+    // FIN (a ClientHello and a half-close) is relayed another way.
+    match crate::bpf::tcp_established(client.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => return Err("the client leg has already received a FIN".into()),
+        Err(e) => return Err(format!("reading TCP_INFO: {e}")),
+    }
     let pair = bpf
         .sockmap_pair(listener, client.as_fd(), upstream.as_fd())
         .map_err(|e| e.to_string())?;
-    if let Err(e) = pair.admit_client(client.as_fd()) {
+    match pair.admit_client(client.as_fd()) {
+        Ok(()) => {}
+        // Nothing left the client leg, and the upstream, which only answers a ClientHello, has
+        // had none: the caller can take another path.
+        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => return Err(e.to_string()),
         // The verdict may have redirected bytes already: no other path can take over.
-        return Ok(RelayOutcome::failed(io::Error::other(e.to_string())));
+        Err(e) => return Ok(RelayOutcome::failed(io::Error::other(e.to_string()))),
     }
     let (user_up, user_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = tokio::try_join!(
