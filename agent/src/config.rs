@@ -162,19 +162,24 @@ pub enum EbpfMode {
     Off,
 }
 
+/// How much cheaper in node CPU per byte sockmap must measure than splice for
+/// [`PassthroughPath::Auto`] to pick it: measurements this short are noisy, and a choice that
+/// flips between restarts on noise is worse than either path.
+pub const SOCKMAP_MARGIN: f64 = 0.10;
+
 /// How passthrough listeners move bytes between their two plain legs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PassthroughPath {
-    /// splice(2) through a pipe per direction, driven by the agent (measured faster on the
-    /// kernels tried so far: see benches/).
-    #[default]
+    /// splice(2) through a pipe per direction, driven by the agent.
     Splice,
     /// The eBPF sock hash and stream verdict program: the kernel redirects each segment to the
     /// peer socket; the agent only waits for the ends. Needs the eBPF programs loaded.
     Sockmap,
-    /// Measure both on this kernel when the agent starts (loopback, about a second) and use the
-    /// one that costs the node less CPU per byte; splice when the eBPF programs are off.
+    /// Measure both on this kernel when the agent starts (loopback, under a second each) and
+    /// use sockmap only when it costs the node clearly less CPU per byte (by
+    /// [`SOCKMAP_MARGIN`]); splice otherwise, and when the eBPF programs are off.
+    #[default]
     Auto,
 }
 

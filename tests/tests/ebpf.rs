@@ -351,7 +351,7 @@ fn counters_in_pinned_maps_equal_the_traffic_sent() {
         &dir,
         &config(&dir, term_port, term_up, pass_port, pass_up),
         &[],
-        &["--ebpf", "required"],
+        &["--ebpf", "required", "--passthrough-path", "splice"],
     );
     let log = agent.log_text();
     assert!(log.contains("eBPF programs loaded"), "{log}");

@@ -31,6 +31,7 @@ pub struct PlainPath {
 }
 
 impl Default for PlainPath {
+    /// Splice, until the agent has decided (in-process proxies that never decide keep it).
     fn default() -> Self {
         Self {
             sockmap: false,
@@ -84,13 +85,15 @@ impl PlainPath {
                 };
                 match measured.await {
                     Ok((s, m)) => {
-                        let sockmap = m.cpu_seconds_per_gib < s.cpu_seconds_per_gib;
+                        let sockmap = m.cpu_seconds_per_gib
+                            < s.cpu_seconds_per_gib * (1.0 - crate::config::SOCKMAP_MARGIN);
                         let why = format!(
-                            "ebpf.passthrough = auto: measured splice {:.2} CPU s/GiB ({:.0} MiB/s), sockmap {:.2} CPU s/GiB ({:.0} MiB/s)",
+                            "ebpf.passthrough = auto: measured splice {:.2} CPU s/GiB ({:.0} MiB/s), sockmap {:.2} CPU s/GiB ({:.0} MiB/s); sockmap needs {:.0}% less",
                             s.cpu_seconds_per_gib,
                             s.mib_per_second,
                             m.cpu_seconds_per_gib,
-                            m.mib_per_second
+                            m.mib_per_second,
+                            crate::config::SOCKMAP_MARGIN * 100.0
                         );
                         tracing::info!(
                             chosen = if sockmap { "sockmap" } else { "splice" },
