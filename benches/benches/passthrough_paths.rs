@@ -13,12 +13,12 @@
 //! them). Numbers come from loopback on one machine: compare paths within one run only.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tlsplice_benches::{node_busy_seconds, percentile, process_cpu_seconds};
-use tlsplice_tests::{TestPki, free_port};
+use tlsplice_tests::{TestPki, free_port, serve};
 
 const GIB: u64 = 1 << 30;
 const RUNS: usize = 3;
@@ -28,33 +28,25 @@ const MESSAGE: usize = 1024;
 /// Upstream: drains each connection to EOF (throughput) or echoes 1 KiB messages after the
 /// ClientHello (latency), depending on the first byte after the hello: 0 drain, 1 echo.
 fn upstream(hello_len: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for sock in listener.incoming() {
-            let Ok(mut sock) = sock else { continue };
-            std::thread::spawn(move || {
-                let mut head = vec![0u8; hello_len + 1];
-                if sock.read_exact(&mut head).is_err() {
-                    return;
-                }
-                let mut buf = vec![0u8; 1 << 20];
-                if head[hello_len] == 0 {
-                    while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
-                } else {
-                    let _ = sock.set_nodelay(true);
-                    let msg = &mut buf[..MESSAGE];
-                    while sock.read_exact(msg).is_ok() {
-                        if sock.write_all(msg).is_err() {
-                            break;
-                        }
-                    }
-                }
-                let _ = sock.shutdown(Shutdown::Write);
-            });
+    serve(move |mut sock| {
+        let mut head = vec![0u8; hello_len + 1];
+        if sock.read_exact(&mut head).is_err() {
+            return;
         }
-    });
-    addr
+        let mut buf = vec![0u8; 1 << 20];
+        if head[hello_len] == 0 {
+            while matches!(sock.read(&mut buf), Ok(n) if n > 0) {}
+        } else {
+            let _ = sock.set_nodelay(true);
+            let msg = &mut buf[..MESSAGE];
+            while sock.read_exact(msg).is_ok() {
+                if sock.write_all(msg).is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = sock.shutdown(Shutdown::Write);
+    })
 }
 
 struct Agent {

@@ -53,6 +53,23 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A loopback TCP server that runs `handle` on its own thread for every connection; returns
+/// its address. The tests' upstreams are these.
+pub fn serve(
+    handle: impl Fn(std::net::TcpStream) + Send + Sync + Clone + 'static,
+) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(sock) = sock else { continue };
+            let handle = handle.clone();
+            std::thread::spawn(move || handle(sock));
+        }
+    });
+    addr
+}
+
 /// Prints why `test` does not run here, in the line `cargo xtask test` counts as a skip.
 pub fn skip(test: &str, why: &str) {
     println!("{SKIP_MARKER} {test}: {why}");

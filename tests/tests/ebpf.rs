@@ -17,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tlsplice_tests::{
-    TestPki, agent_binary, expect_pattern, expected_auto_path, free_port, send_pattern, skip,
-    tls_client, tool_or_skip,
+    TestPki, agent_binary, expect_pattern, expected_auto_path, free_port, send_pattern, serve,
+    skip, tls_client, tool_or_skip,
 };
 
 /// Why the agent cannot pin here, when it cannot.
@@ -230,70 +230,47 @@ fn sum(
 /// down length, both u32 big-endian, the header counted in "up"), the rest of "up", then reads
 /// "down" bytes until EOF.
 fn sized_upstream() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for sock in listener.incoming() {
-            let Ok(mut sock) = sock else { continue };
-            std::thread::spawn(move || {
-                let mut header = [0u8; 8];
-                if sock.read_exact(&mut header).is_err() {
-                    return;
-                }
-                let up = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
-                let down = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-                let mut rest = vec![0u8; up as usize - 8];
-                if sock.read_exact(&mut rest).is_err() {
-                    return;
-                }
-                let _ = sock.write_all(&vec![0x5a; down as usize]);
-                let _ = sock.shutdown(std::net::Shutdown::Write);
-                let mut sink = Vec::new();
-                let _ = sock.read_to_end(&mut sink);
-            });
+    serve(|mut sock| {
+        let mut header = [0u8; 8];
+        if sock.read_exact(&mut header).is_err() {
+            return;
         }
-    });
-    addr
+        let up = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let down = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+        let mut rest = vec![0u8; up as usize - 8];
+        if sock.read_exact(&mut rest).is_err() {
+            return;
+        }
+        answer_and_finish(&mut sock, &vec![0x5a; down as usize]);
+    })
+}
+
+/// Sends `answer` and a FIN, then reads to the client's FIN.
+fn answer_and_finish(sock: &mut TcpStream, answer: &[u8]) {
+    let _ = sock.write_all(answer);
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = sock.read_to_end(&mut rest);
 }
 
 /// Upstream that answers a ClientHello: reads `hello_len` bytes, sends `down` bytes and its
 /// FIN, then reads to the client's FIN.
 fn hello_upstream(hello_len: usize, down: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for sock in listener.incoming() {
-            let Ok(mut sock) = sock else { continue };
-            std::thread::spawn(move || {
-                let mut hello = vec![0u8; hello_len];
-                if sock.read_exact(&mut hello).is_err() {
-                    return;
-                }
-                let _ = sock.write_all(&vec![0x3c; down]);
-                let _ = sock.shutdown(std::net::Shutdown::Write);
-                let mut rest = Vec::new();
-                let _ = sock.read_to_end(&mut rest);
-            });
+    serve(move |mut sock| {
+        let mut hello = vec![0u8; hello_len];
+        if sock.read_exact(&mut hello).is_ok() {
+            answer_and_finish(&mut sock, &vec![0x3c; down]);
         }
-    });
-    addr
+    })
 }
 
 /// Upstream for the passthrough listener: reads to EOF, then answers `down` bytes and closes.
 fn drain_upstream(down: usize) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for sock in listener.incoming() {
-            let Ok(mut sock) = sock else { continue };
-            std::thread::spawn(move || {
-                let mut sink = Vec::new();
-                let _ = sock.read_to_end(&mut sink);
-                let _ = sock.write_all(&vec![0xa5; down]);
-            });
-        }
-    });
-    addr
+    serve(move |mut sock| {
+        let mut sink = Vec::new();
+        let _ = sock.read_to_end(&mut sink);
+        let _ = sock.write_all(&vec![0xa5; down]);
+    })
 }
 
 fn config(
@@ -852,22 +829,11 @@ fn sockmap_relays_1000_concurrent_short_connections() {
     let want_up = hello.len() + UP;
     // Upstream: reads the ClientHello and UP bytes, answers DOWN bytes that name the
     // connection (its first UP byte), then FIN.
-    let upstream = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let upstream_addr = upstream.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for sock in upstream.incoming() {
-            let Ok(mut sock) = sock else { continue };
-            std::thread::spawn(move || {
-                let mut got = vec![0u8; want_up];
-                if sock.read_exact(&mut got).is_err() {
-                    return;
-                }
-                let tag = got[want_up - UP];
-                let _ = sock.write_all(&[tag; DOWN]);
-                let _ = sock.shutdown(std::net::Shutdown::Write);
-                let mut sink = Vec::new();
-                let _ = sock.read_to_end(&mut sink);
-            });
+    let upstream_addr = serve(move |mut sock| {
+        let mut got = vec![0u8; want_up];
+        if sock.read_exact(&mut got).is_ok() {
+            let tag = got[want_up - UP];
+            answer_and_finish(&mut sock, &[tag; DOWN]);
         }
     });
     let Some((agent, addr)) = sockmap_agent(test, &dir, upstream_addr) else {
