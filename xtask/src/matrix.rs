@@ -258,8 +258,9 @@ fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Out
     Ok(results)
 }
 
-/// The agent binary, built for the guest.
+/// The agent binary, built for the guest, with the eBPF object embedded.
 fn build_agent(root: &Path) -> Result<PathBuf> {
+    ebpf::build(root)?;
     cmd::run(
         Command::new("cargo")
             .args(["build", "-p", "tlsplice"])
