@@ -1,5 +1,6 @@
-//! The admin HTTP server: `/metrics` (Prometheus text, read from the counters at scrape time)
-//! and `/healthz`.
+//! The admin HTTP server: `/metrics` (Prometheus text, read from the counters at scrape time),
+//! `/healthz` (the process answers), `/readyz` (listeners bound and the eBPF decision made; 503
+//! while starting and draining) and `/config` (the effective configuration as JSON).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,22 +38,89 @@ async fn scrape(registry: Arc<Registry>) -> impl IntoResponse {
     }
 }
 
+/// Where the agent is in its life, for `/readyz`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Binding listeners, loading eBPF, measuring data paths.
+    Starting,
+    /// Serving; the text says what (listeners, eBPF state).
+    Ready(String),
+    /// SIGTERM received: listeners closed, connections draining.
+    Draining,
+}
+
+/// What the admin server reports besides the counters.
+#[derive(Debug)]
+pub struct AdminState {
+    readiness: std::sync::Mutex<Readiness>,
+    /// The effective configuration, rendered once.
+    config_json: String,
+}
+
+impl AdminState {
+    /// Starting, with the effective configuration (file, flags and environment merged).
+    pub fn new(config: &crate::config::Config) -> Self {
+        let config_json = serde_json::to_string_pretty(config)
+            .unwrap_or_else(|e| format!("{{\"error\": \"rendering the configuration: {e}\"}}"));
+        Self {
+            readiness: std::sync::Mutex::new(Readiness::Starting),
+            config_json: config_json + "\n",
+        }
+    }
+
+    /// Moves to `r`.
+    pub fn set(&self, r: Readiness) {
+        *self.readiness.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    fn get(&self) -> Readiness {
+        self.readiness
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+async fn readyz(state: Arc<AdminState>) -> impl IntoResponse {
+    match state.get() {
+        Readiness::Ready(what) => (StatusCode::OK, format!("ready: {what}\n")),
+        Readiness::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned()),
+        Readiness::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".to_owned()),
+    }
+}
+
 /// A bound admin server.
 pub struct Admin {
-    listener: TcpListener,
+    /// Bound, not yet registered with a runtime (see [`crate::privileges`]).
+    listener: std::net::TcpListener,
     router: Router,
 }
 
 impl Admin {
     /// Binds the admin address.
-    pub async fn bind(addr: SocketAddr, telemetry: Arc<Telemetry>) -> Result<Self, AdminError> {
-        let listener = TcpListener::bind(addr)
-            .await
+    pub async fn bind(
+        addr: SocketAddr,
+        telemetry: Arc<Telemetry>,
+        state: Arc<AdminState>,
+    ) -> Result<Self, AdminError> {
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
             .map_err(|source| AdminError { addr, source })?;
         let registry = Arc::new(metrics::registry(telemetry));
         let router = Router::new()
             .route("/metrics", get(move || scrape(registry.clone())))
-            .route("/healthz", get(|| async { "ok\n" }));
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", {
+                let state = state.clone();
+                get(move || readyz(state.clone()))
+            })
+            .route(
+                "/config",
+                get(move || {
+                    let text = state.config_json.clone();
+                    async move { ([(header::CONTENT_TYPE, "application/json")], text) }
+                }),
+            );
         Ok(Self { listener, router })
     }
 
@@ -63,7 +131,14 @@ impl Admin {
 
     /// Serves until the task is dropped.
     pub async fn run(self) {
-        if let Err(e) = axum::serve(self.listener, self.router).await {
+        let listener = match TcpListener::from_std(self.listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin server: registering its socket failed");
+                return;
+            }
+        };
+        if let Err(e) = axum::serve(listener, self.router).await {
             tracing::warn!(error = %e, "admin server stopped");
         }
     }

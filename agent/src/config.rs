@@ -1,14 +1,15 @@
 //! The agent's TOML configuration: listeners, their mode, upstream and TLS material.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How a listener treats its connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Client TLS, plaintext to the upstream.
@@ -34,7 +35,7 @@ impl Mode {
 }
 
 /// How the agent connects to a TLS upstream (reencrypt, originate).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// Name the upstream certificate must carry; sent as SNI.
@@ -50,7 +51,7 @@ pub struct UpstreamTls {
 }
 
 /// Which PROXY protocol header the agent writes first on each upstream connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ProxyProtocol {
     /// The text header: client and listener addresses only.
@@ -61,7 +62,7 @@ pub enum ProxyProtocol {
 }
 
 /// Which data path a listener may use after the handshake.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DataPathPolicy {
     /// kTLS + splice when the kernel can offload the negotiated version and cipher, otherwise
@@ -75,7 +76,7 @@ pub enum DataPathPolicy {
 }
 
 /// One listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Name used in logs and metrics.
@@ -100,6 +101,10 @@ pub struct ListenerConfig {
     /// PEM private key: PKCS#8, SEC1 or PKCS#1 (terminate, reencrypt).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// More certificates, each chosen when the client's server name (SNI) matches one of its
+    /// names; `cert`/`key` serve every other name and clients that send none.
+    #[serde(default)]
+    pub certs: Vec<SniCertificate>,
     /// PEM bundle of CAs for client certificates (terminate, reencrypt). When set, every client
     /// must present a certificate that chains to one of them (mTLS).
     #[serde(default)]
@@ -127,6 +132,24 @@ pub struct ListenerConfig {
     /// confidentiality limit (2^23 records for AES-GCM).
     #[serde(default)]
     pub rekey_after_records: Option<u64>,
+    /// Connections this listener holds at once; over it new ones are closed at once and counted
+    /// (reason `listener connection limit`). No limit of its own by default.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+}
+
+/// A listener certificate chosen by the client's server name.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCertificate {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key: PKCS#8, SEC1 or PKCS#1.
+    pub key: PathBuf,
+    /// Server names it serves (`*.example.com` matches one label); default: the DNS names in
+    /// the certificate's subject alternative names.
+    #[serde(default)]
+    pub server_names: Vec<String>,
 }
 
 fn default_handshake_timeout_ms() -> u64 {
@@ -150,7 +173,7 @@ impl ListenerConfig {
 }
 
 /// Whether the agent loads its eBPF programs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum EbpfMode {
     /// Load them; when the kernel or the privileges refuse, serve without them and say why.
@@ -168,7 +191,7 @@ pub enum EbpfMode {
 pub const SOCKMAP_MARGIN: f64 = 0.10;
 
 /// How passthrough listeners move bytes between their two plain legs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum PassthroughPath {
     /// splice(2) through a pipe per direction, driven by the agent.
@@ -184,7 +207,7 @@ pub enum PassthroughPath {
 }
 
 /// The `[ebpf]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EbpfConfig {
     /// Load the programs or not.
@@ -220,7 +243,7 @@ impl Default for EbpfConfig {
 }
 
 /// The `[admin]` section.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin server (`/metrics`, `/healthz`).
@@ -240,8 +263,98 @@ impl Default for AdminConfig {
     }
 }
 
+/// The `[limits]` section: node-wide limits and the drain deadline.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Connections held at once over all listeners; over it new ones are closed at once and
+    /// counted (reason `connection limit`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once over all listeners (they cost the CPU); over it new
+    /// connections are closed before their handshake and counted (reason `handshake limit`).
+    #[serde(default = "default_max_handshakes")]
+    pub max_handshakes: usize,
+    /// On SIGTERM: milliseconds established connections may go on after the listeners close;
+    /// those still open then are closed (reason `drain deadline`).
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+fn default_max_connections() -> usize {
+    100_000
+}
+
+fn default_max_handshakes() -> usize {
+    4_096
+}
+
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_handshakes: default_max_handshakes(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+/// The `[certs]` section: how certificate files are watched.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertsConfig {
+    /// Milliseconds between checks of every certificate, key and CA file for new contents
+    /// (symlink swaps included: the contents are compared). SIGHUP checks at once.
+    #[serde(default = "default_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+    /// A certificate closer than this many days to its expiry is logged as a warning (at load,
+    /// and once when the time passes).
+    #[serde(default = "default_expiry_warning_days")]
+    pub expiry_warning_days: u64,
+}
+
+fn default_reload_interval_ms() -> u64 {
+    2_000
+}
+
+fn default_expiry_warning_days() -> u64 {
+    14
+}
+
+impl Default for CertsConfig {
+    fn default() -> Self {
+        Self {
+            reload_interval_ms: default_reload_interval_ms(),
+            expiry_warning_days: default_expiry_warning_days(),
+        }
+    }
+}
+
+impl CertsConfig {
+    /// Time between file checks.
+    pub fn reload_interval(&self) -> Duration {
+        Duration::from_millis(self.reload_interval_ms)
+    }
+
+    /// The expiry warning threshold.
+    pub fn expiry_warning(&self) -> Duration {
+        Duration::from_secs(self.expiry_warning_days.saturating_mul(86_400))
+    }
+}
+
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners, each with its own mode.
@@ -253,6 +366,32 @@ pub struct Config {
     /// The admin server.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Node-wide limits and the drain deadline.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Certificate reloading and expiry warnings.
+    #[serde(default)]
+    pub certs: CertsConfig,
+}
+
+/// One thing wrong in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The listener it concerns, by name (`None`: a top-level section).
+    pub listener: Option<String>,
+    /// The key, e.g. `cert`, `upstream_tls.client_key`, `limits.max_connections`.
+    pub key: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.listener {
+            Some(l) => write!(f, "listener {l:?}: {}: {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
+    }
 }
 
 /// A configuration that could not be loaded, with where.
@@ -274,16 +413,22 @@ pub enum ConfigError {
         /// Why, with line and column.
         source: Box<toml::de::Error>,
     },
-    /// A value is wrong.
-    #[error("{path}: listener {listener:?}: {message}")]
+    /// Values are wrong: every problem found, one per line.
+    #[error("{}", render_problems(path, problems))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// The listener's name.
-        listener: String,
-        /// What is wrong.
-        message: String,
+        /// Everything wrong, in file order.
+        problems: Vec<Problem>,
     },
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("{}: {p}", path.display()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl Config {
@@ -296,129 +441,19 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    /// Parses and validates configuration text; `path` is used in messages.
+    /// Parses and validates configuration text; `path` is used in messages. Every problem is
+    /// reported, not only the first.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
-        let invalid = |listener: &ListenerConfig, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            listener: listener.name.clone(),
-            message,
-        };
-        let mut names = std::collections::BTreeSet::new();
-        for l in &config.listeners {
-            if !names.insert(l.name.as_str()) {
-                return Err(invalid(l, "duplicate listener name".into()));
-            }
-            if names.len() > tlsplice_common::LISTENERS_MAX_ENTRIES as usize {
-                return Err(invalid(
-                    l,
-                    format!(
-                        "more than {} listeners",
-                        tlsplice_common::LISTENERS_MAX_ENTRIES
-                    ),
-                ));
-            }
-            if l.rekey_after_records.is_some_and(|n| n < 16) {
-                return Err(invalid(l, "rekey_after_records must be at least 16".into()));
-            }
-            if l.handshake_timeout_ms == 0 {
-                return Err(invalid(l, "handshake_timeout_ms must be above 0".into()));
-            }
-            let mode = format!("{:?}", l.mode).to_lowercase();
-            if l.mode == Mode::Passthrough {
-                if l.upstream_unix.is_some() {
-                    return Err(invalid(
-                        l,
-                        "mode passthrough routes to TCP upstreams: upstream_unix is for terminate"
-                            .into(),
-                    ));
-                }
-                if l.upstream.is_none() && l.sni.is_empty() {
-                    return Err(invalid(
-                        l,
-                        "mode passthrough needs sni routes or an upstream".into(),
-                    ));
-                }
-                if l.data_path == DataPathPolicy::Ktls {
-                    return Err(invalid(
-                        l,
-                        "mode passthrough never holds keys: data_path = \"ktls\" cannot apply"
-                            .into(),
-                    ));
-                }
-                if !l.alpn.is_empty() {
-                    return Err(invalid(
-                        l,
-                        "mode passthrough leaves ALPN to the endpoints: remove alpn".into(),
-                    ));
-                }
-            } else {
-                match (&l.upstream, &l.upstream_unix) {
-                    (None, None) => {
-                        return Err(invalid(l, format!("mode {mode} needs an upstream")));
-                    }
-                    (Some(_), Some(_)) => {
-                        return Err(invalid(
-                            l,
-                            "upstream and upstream_unix are exclusive: pick one".into(),
-                        ));
-                    }
-                    (None, Some(_)) if l.mode != Mode::Terminate => {
-                        return Err(invalid(
-                            l,
-                            format!(
-                                "mode {mode} needs a TCP upstream: upstream_unix is for terminate"
-                            ),
-                        ));
-                    }
-                    _ => {}
-                }
-                if !l.sni.is_empty() {
-                    return Err(invalid(
-                        l,
-                        format!("mode {mode} does not route by SNI: remove the sni table"),
-                    ));
-                }
-            }
-            if l.mode.client_tls() && (l.cert.is_none() || l.key.is_none()) {
-                return Err(invalid(l, format!("mode {mode} needs cert and key")));
-            }
-            if !l.mode.client_tls() && l.client_ca.is_some() {
-                return Err(invalid(
-                    l,
-                    format!("mode {mode} does not terminate client TLS: remove client_ca"),
-                ));
-            }
-            if !l.mode.client_tls() && (l.cert.is_some() || l.key.is_some()) {
-                return Err(invalid(
-                    l,
-                    format!("mode {mode} takes no cert or key: its clients speak plaintext"),
-                ));
-            }
-            match (&l.upstream_tls, l.mode.upstream_tls()) {
-                (None, true) => {
-                    return Err(invalid(
-                        l,
-                        format!("mode {mode} needs an [listener.upstream_tls] table"),
-                    ));
-                }
-                (Some(_), false) => {
-                    return Err(invalid(
-                        l,
-                        format!("mode {mode} sends plaintext upstream: remove upstream_tls"),
-                    ));
-                }
-                (Some(u), true) if u.client_cert.is_some() != u.client_key.is_some() => {
-                    return Err(invalid(
-                        l,
-                        "upstream_tls needs both client_cert and client_key, or neither".into(),
-                    ));
-                }
-                _ => {}
-            }
+        let problems = config.problems();
+        if !problems.is_empty() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            });
         }
         for l in &mut config.listeners {
             l.sni = std::mem::take(&mut l.sni)
@@ -427,6 +462,179 @@ impl Config {
                 .collect();
         }
         Ok(config)
+    }
+
+    /// Everything wrong with the values (the types are checked by the parser).
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut top = |key: &str, message: &str| {
+            out.push(Problem {
+                listener: None,
+                key: key.to_owned(),
+                message: message.to_owned(),
+            });
+        };
+        if self.limits.max_connections == 0 {
+            top("limits.max_connections", "must be above 0");
+        }
+        if self.limits.max_handshakes == 0 {
+            top("limits.max_handshakes", "must be above 0");
+        }
+        if self.certs.reload_interval_ms < 100 {
+            top(
+                "certs.reload_interval_ms",
+                "must be at least 100 (files are read at each check)",
+            );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let mut bad = |key: &str, message: String| {
+                out.push(Problem {
+                    listener: Some(l.name.clone()),
+                    key: key.to_owned(),
+                    message,
+                });
+            };
+            if !names.insert(l.name.as_str()) {
+                bad("name", "duplicate listener name".into());
+            }
+            if i == tlsplice_common::LISTENERS_MAX_ENTRIES as usize {
+                bad(
+                    "name",
+                    format!(
+                        "more than {} listeners",
+                        tlsplice_common::LISTENERS_MAX_ENTRIES
+                    ),
+                );
+            }
+            l.check(&mut bad);
+        }
+        out
+    }
+}
+
+impl ListenerConfig {
+    /// Reports every problem of this listener to `bad(key, message)`.
+    fn check(&self, bad: &mut impl FnMut(&str, String)) {
+        let l = self;
+        let mode = format!("{:?}", l.mode).to_lowercase();
+        if l.rekey_after_records.is_some_and(|n| n < 16) {
+            bad("rekey_after_records", "must be at least 16".into());
+        }
+        if l.handshake_timeout_ms == 0 {
+            bad("handshake_timeout_ms", "must be above 0".into());
+        }
+        if l.max_connections == Some(0) {
+            bad("max_connections", "must be above 0".into());
+        }
+        if l.mode == Mode::Passthrough {
+            if l.upstream_unix.is_some() {
+                bad(
+                    "upstream_unix",
+                    "mode passthrough routes to TCP upstreams: upstream_unix is for terminate"
+                        .into(),
+                );
+            }
+            if l.upstream.is_none() && l.sni.is_empty() {
+                bad(
+                    "upstream",
+                    "mode passthrough needs sni routes or an upstream".into(),
+                );
+            }
+            if l.data_path == DataPathPolicy::Ktls {
+                bad(
+                    "data_path",
+                    "mode passthrough never holds keys: data_path = \"ktls\" cannot apply".into(),
+                );
+            }
+            if !l.alpn.is_empty() {
+                bad(
+                    "alpn",
+                    "mode passthrough leaves ALPN to the endpoints: remove alpn".into(),
+                );
+            }
+        } else {
+            match (&l.upstream, &l.upstream_unix) {
+                (None, None) => bad("upstream", format!("mode {mode} needs an upstream")),
+                (Some(_), Some(_)) => bad(
+                    "upstream_unix",
+                    "upstream and upstream_unix are exclusive: pick one".into(),
+                ),
+                (None, Some(_)) if l.mode != Mode::Terminate => bad(
+                    "upstream_unix",
+                    format!("mode {mode} needs a TCP upstream: upstream_unix is for terminate"),
+                ),
+                _ => {}
+            }
+            if !l.sni.is_empty() {
+                bad(
+                    "sni",
+                    format!("mode {mode} does not route by SNI: remove the sni table"),
+                );
+            }
+        }
+        if l.mode.client_tls() {
+            if l.cert.is_none() {
+                bad("cert", format!("mode {mode} needs a certificate chain"));
+            }
+            if l.key.is_none() {
+                bad(
+                    "key",
+                    format!("mode {mode} needs the certificate's private key"),
+                );
+            }
+        } else {
+            if l.client_ca.is_some() {
+                bad(
+                    "client_ca",
+                    format!("mode {mode} does not terminate client TLS: remove client_ca"),
+                );
+            }
+            if l.cert.is_some() || l.key.is_some() || !l.certs.is_empty() {
+                bad(
+                    if l.cert.is_some() {
+                        "cert"
+                    } else if l.key.is_some() {
+                        "key"
+                    } else {
+                        "certs"
+                    },
+                    format!(
+                        "mode {mode} takes no certificates: its clients do not speak TLS to the agent"
+                    ),
+                );
+            }
+        }
+        for (i, c) in l.certs.iter().enumerate() {
+            for name in &c.server_names {
+                let plain = name.strip_prefix("*.").unwrap_or(name);
+                if plain.is_empty() || plain.contains('*') || plain.contains(' ') {
+                    bad(
+                        &format!("certs[{i}].server_names"),
+                        format!("{name:?} is not a server name (a wildcard is only \"*.\" first)"),
+                    );
+                }
+            }
+        }
+        match (&l.upstream_tls, l.mode.upstream_tls()) {
+            (None, true) => bad(
+                "upstream_tls",
+                format!("mode {mode} needs an [listener.upstream_tls] table"),
+            ),
+            (Some(_), false) => bad(
+                "upstream_tls",
+                format!("mode {mode} sends plaintext upstream: remove upstream_tls"),
+            ),
+            (Some(u), true) if u.client_cert.is_some() != u.client_key.is_some() => bad(
+                if u.client_cert.is_some() {
+                    "upstream_tls.client_key"
+                } else {
+                    "upstream_tls.client_cert"
+                },
+                "upstream_tls needs both client_cert and client_key, or neither".into(),
+            ),
+            _ => {}
+        }
     }
 }
 
@@ -485,6 +693,7 @@ mod tests {
                 "originate",
                 include_str!("../../deploy/examples/originate.toml"),
             ),
+            ("terminate", include_str!("../../deploy/examples/node.toml")),
         ] {
             let c = Config::parse(text, Path::new(name)).unwrap();
             assert_eq!(format!("{:?}", c.listeners[0].mode).to_lowercase(), name);
@@ -505,36 +714,36 @@ mod tests {
         };
         assert_eq!(
             err(base("terminate", "")),
-            "c.toml: listener \"l\": mode terminate needs cert and key"
+            "c.toml: listener \"l\": cert: mode terminate needs a certificate chain\nc.toml: listener \"l\": key: mode terminate needs the certificate's private key"
         );
         assert_eq!(
             err(base("originate", "cert = \"c\"\nkey = \"k\"\n")),
-            "c.toml: listener \"l\": mode originate takes no cert or key: its clients speak plaintext"
+            "c.toml: listener \"l\": cert: mode originate takes no certificates: its clients do not speak TLS to the agent\nc.toml: listener \"l\": upstream_tls: mode originate needs an [listener.upstream_tls] table"
         );
         assert_eq!(
             err(base("reencrypt", "cert = \"c\"\nkey = \"k\"\n")),
-            "c.toml: listener \"l\": mode reencrypt needs an [listener.upstream_tls] table"
+            "c.toml: listener \"l\": upstream_tls: mode reencrypt needs an [listener.upstream_tls] table"
         );
         assert_eq!(
             err(base(
                 "originate",
                 "[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\nclient_cert = \"x\"\n"
             )),
-            "c.toml: listener \"l\": upstream_tls needs both client_cert and client_key, or neither"
+            "c.toml: listener \"l\": upstream_tls.client_key: upstream_tls needs both client_cert and client_key, or neither"
         );
         assert_eq!(
             err(base(
                 "originate",
                 "client_ca = \"ca.pem\"\n[listener.upstream_tls]\nserver_name = \"s\"\nca = \"a\"\n"
             )),
-            "c.toml: listener \"l\": mode originate does not terminate client TLS: remove client_ca"
+            "c.toml: listener \"l\": client_ca: mode originate does not terminate client TLS: remove client_ca"
         );
         assert_eq!(
             err(base(
                 "terminate",
                 "cert = \"c\"\nkey = \"k\"\nupstream_unix = \"/run/app.sock\"\n"
             )),
-            "c.toml: listener \"l\": upstream and upstream_unix are exclusive: pick one"
+            "c.toml: listener \"l\": upstream_unix: upstream and upstream_unix are exclusive: pick one"
         );
         assert!(
             Config::parse(
@@ -576,10 +785,50 @@ mod tests {
         let e = Config::parse(dup, Path::new("f.toml"))
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "f.toml: listener \"a\": duplicate listener name");
+        assert_eq!(e, "f.toml: listener \"a\": name: duplicate listener name");
         let e = Config::parse("[[listener]]\nname = 1\n", Path::new("g.toml"))
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("g.toml: ") && e.contains("line 2"), "{e}");
+    }
+
+    /// `tlsplice check` prints every problem, each with its listener and key, not the first.
+    #[test]
+    fn every_problem_is_reported_with_its_location() {
+        let text = r#"
+            [limits]
+            max_connections = 0
+            [[listener]]
+            name = "web"
+            mode = "terminate"
+            listen = "127.0.0.1:1"
+            upstream = "127.0.0.1:2"
+            key = "k"
+            handshake_timeout_ms = 0
+            [[listener.certs]]
+            cert = "a.pem"
+            key = "a.key"
+            server_names = ["*.*.example"]
+            [[listener]]
+            name = "pt"
+            mode = "passthrough"
+            listen = "127.0.0.1:3"
+            alpn = ["h2"]
+        "#;
+        let e = Config::parse(text, Path::new("node.toml"))
+            .unwrap_err()
+            .to_string();
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "node.toml: limits.max_connections: must be above 0",
+                "node.toml: listener \"web\": handshake_timeout_ms: must be above 0",
+                "node.toml: listener \"web\": cert: mode terminate needs a certificate chain",
+                "node.toml: listener \"web\": certs[0].server_names: \"*.*.example\" is not a server name (a wildcard is only \"*.\" first)",
+                "node.toml: listener \"pt\": upstream: mode passthrough needs sni routes or an upstream",
+                "node.toml: listener \"pt\": alpn: mode passthrough leaves ALPN to the endpoints: remove alpn",
+            ]
+        );
     }
 }

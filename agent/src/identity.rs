@@ -1,15 +1,17 @@
 //! TLS identity and trust: PEM certificate chains, private keys and CA bundles, turned into
 //! rustls server and client configurations.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
-use crate::config::UpstreamTls;
+use crate::config::{ListenerConfig, UpstreamTls};
 
 /// TLS material that could not be loaded or used, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -65,20 +67,123 @@ fn load_roots(path: &Path) -> Result<RootCertStore, MaterialError> {
     Ok(roots)
 }
 
-/// A server configuration for a listener's own certificate, with secret extraction enabled
-/// for the kTLS handoff. With `client_ca`, clients must present a certificate chaining to it.
-pub fn server_config(
+/// What the agent serves or presents from one certificate file, for the expiry gauge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// The certificate file.
+    pub path: PathBuf,
+    /// The leaf's subject, e.g. `CN=web.internal`.
+    pub subject: String,
+    /// The leaf's notAfter, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+/// Reads a chain and its key into a rustls certified key, refusing a key that does not match
+/// the leaf certificate; also returns the leaf's names and expiry.
+fn certified_key(
     cert: &Path,
     key: &Path,
-    client_ca: Option<&Path>,
-    alpn: &[String],
-) -> Result<Arc<ServerConfig>, MaterialError> {
+) -> Result<(Arc<CertifiedKey>, CertInfo, Vec<String>), MaterialError> {
     let chain = load_chain(cert)?;
-    let key_der = load_key(key)?;
+    let info = leaf_info(cert, &chain[0])?;
+    let names = dns_names(&chain[0]);
+    let certified = CertifiedKey::from_der(chain, load_key(key)?, &provider())
+        .map_err(|e| error("key", key, format!("does not fit {}: {e}", cert.display())))?;
+    Ok((Arc::new(certified), info, names))
+}
+
+fn leaf_info(path: &Path, leaf: &CertificateDer<'_>) -> Result<CertInfo, MaterialError> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| error("certificate", path, e))?;
+    Ok(CertInfo {
+        path: path.to_owned(),
+        subject: parsed.subject().to_string(),
+        not_after: parsed.validity().not_after.timestamp(),
+    })
+}
+
+fn dns_names(leaf: &CertificateDer<'_>) -> Vec<String> {
+    peer_identity(leaf)
+        .map(|id| {
+            id.sans
+                .iter()
+                .filter_map(|s| s.strip_prefix("DNS:"))
+                .map(str::to_ascii_lowercase)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A listener's server configuration and the certificates in it.
+pub type ServerMaterial = (Arc<ServerConfig>, Vec<CertInfo>);
+
+/// Picks a listener's certificate by the client's server name: an exact name, then a
+/// one-label wildcard (`*.example.com`), then the listener's default certificate.
+#[derive(Debug)]
+pub struct SniResolver {
+    default: Arc<CertifiedKey>,
+    by_name: BTreeMap<String, Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    /// The certificate for `server_name` (`None`: the client sent no SNI).
+    pub fn pick(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = server_name.map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        if let Some(k) = self.by_name.get(&name) {
+            return k.clone();
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}")))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// A listener's TLS server configuration: its default certificate, its SNI certificates, its
+/// client CA (mTLS) and ALPN, with secret extraction enabled for the kTLS handoff. Also
+/// returns every certificate's expiry. `None` when the listener's clients do not speak TLS.
+pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, MaterialError> {
+    let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+        return Ok(None);
+    };
+    let (default, info, _) = certified_key(cert, key)?;
+    let mut infos = vec![info];
+    let mut by_name = BTreeMap::new();
+    for extra in &l.certs {
+        let (k, info, sans) = certified_key(&extra.cert, &extra.key)?;
+        let names = if extra.server_names.is_empty() {
+            sans
+        } else {
+            extra
+                .server_names
+                .iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect()
+        };
+        if names.is_empty() {
+            return Err(error(
+                "certificate",
+                &extra.cert,
+                "no server_names given and no DNS names in the certificate",
+            ));
+        }
+        for name in names {
+            by_name.insert(name, k.clone());
+        }
+        infos.push(info);
+    }
     let builder = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| error("certificate", cert, e))?;
-    let builder = match client_ca {
+    let builder = match &l.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let verifier =
@@ -88,34 +193,57 @@ pub fn server_config(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key_der)
-        .map_err(|e| error("key", key, e))?;
-    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
+    config.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // The kTLS path needs the traffic secrets; they are zeroized right after the handoff.
     config.enable_secret_extraction = true;
-    Ok(Arc::new(config))
+    Ok(Some((Arc::new(config), infos)))
 }
 
-/// A client configuration and server name for connecting to a TLS upstream.
+/// Every file a listener's TLS material is read from (watched for changes).
+pub fn material_files(l: &ListenerConfig) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = [&l.cert, &l.key, &l.client_ca]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    for c in &l.certs {
+        files.push(c.cert.clone());
+        files.push(c.key.clone());
+    }
+    if let Some(u) = &l.upstream_tls {
+        files.push(u.ca.clone());
+        files.extend(u.client_cert.iter().cloned());
+        files.extend(u.client_key.iter().cloned());
+    }
+    files
+}
+
+/// A client configuration and server name for connecting to a TLS upstream, and the expiry of
+/// the client certificate when there is one.
 pub fn upstream_client(
     u: &UpstreamTls,
-) -> Result<(Arc<ClientConfig>, ServerName<'static>), MaterialError> {
+) -> Result<(Arc<ClientConfig>, ServerName<'static>, Vec<CertInfo>), MaterialError> {
     let roots = load_roots(&u.ca)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| error("CA bundle", &u.ca, e))?
         .with_root_certificates(roots);
+    let mut infos = Vec::new();
     let mut config = match (&u.client_cert, &u.client_key) {
-        (Some(cert), Some(key)) => builder
-            .with_client_auth_cert(load_chain(cert)?, load_key(key)?)
-            .map_err(|e| error("key", key, e))?,
+        (Some(cert), Some(key)) => {
+            let (certified, info, _) = certified_key(cert, key)?;
+            infos.push(info);
+            builder
+                .with_client_auth_cert(certified.cert.clone(), load_key(key)?)
+                .map_err(|e| error("key", key, e))?
+        }
         _ => builder.with_no_client_auth(),
     };
     config.enable_secret_extraction = true;
     let name = ServerName::try_from(u.server_name.clone())
         .map_err(|e| error("server name", &PathBuf::from(&u.server_name), e))?;
-    Ok((Arc::new(config), name))
+    Ok((Arc::new(config), name, infos))
 }
 
 /// Who a peer certificate names: its subject common name and subject alternative names.

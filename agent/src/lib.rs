@@ -18,6 +18,7 @@
 
 pub mod admin;
 pub mod bpf;
+pub mod certs;
 pub mod client_hello;
 pub mod config;
 pub mod handoff;
@@ -25,6 +26,7 @@ pub mod identity;
 pub mod ktls;
 pub mod limits;
 pub mod metrics;
+pub mod privileges;
 pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;

@@ -5,13 +5,23 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
 
 /// tlsplice: cheap TLS between hops with kTLS and in-kernel splicing.
 #[derive(Debug, Parser)]
 #[command(name = "tlsplice", version, about)]
 struct Cli {
+    /// Log format: text (for a terminal) or json (one object per line, for log shippers).
+    #[arg(long, global = true, env = "TLSPLICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,9 +54,19 @@ enum Command {
         /// Overrides `ebpf.passthrough`.
         #[arg(long, env = "TLSPLICE_PASSTHROUGH_PATH", value_enum)]
         passthrough_path: Option<tlsplice::config::PassthroughPath>,
-        /// Admin server address (/metrics, /healthz). Overrides `admin.listen`.
+        /// Admin server address (/metrics, /healthz, /readyz, /config). Overrides
+        /// `admin.listen`.
         #[arg(long, env = "TLSPLICE_ADMIN_ADDR")]
         admin_addr: Option<std::net::SocketAddr>,
+        /// Connections held at once over all listeners. Overrides `limits.max_connections`.
+        #[arg(long, env = "TLSPLICE_MAX_CONNECTIONS")]
+        max_connections: Option<usize>,
+        /// TLS handshakes in progress at once. Overrides `limits.max_handshakes`.
+        #[arg(long, env = "TLSPLICE_MAX_HANDSHAKES")]
+        max_handshakes: Option<usize>,
+        /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
+        #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
+        drain_timeout_ms: Option<u64>,
     },
     /// Print a running agent's counters, read from its pinned BPF maps.
     Stats {
@@ -73,14 +93,16 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TLSPLICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TLSPLICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     match cli.command {
         Command::Probe {
             require_ktls,
@@ -108,9 +130,9 @@ fn main() -> Result<()> {
             }
         }
         Command::Check { config } => {
-            let c = tlsplice::config::Config::load(&config)?;
+            let c = valid_config(&config)?;
             println!(
-                "{}: {} listener(s), valid",
+                "{}: {} listener(s), valid (configuration and every certificate, key and CA file)",
                 config.display(),
                 c.listeners.len()
             );
@@ -121,8 +143,20 @@ fn main() -> Result<()> {
             bpf_pin_path,
             passthrough_path,
             admin_addr,
+            max_connections,
+            max_handshakes,
+            drain_timeout_ms,
         } => {
-            let mut c = tlsplice::config::Config::load(&config)?;
+            let mut c = valid_config(&config)?;
+            if let Some(n) = max_connections {
+                c.limits.max_connections = n;
+            }
+            if let Some(n) = max_handshakes {
+                c.limits.max_handshakes = n;
+            }
+            if let Some(ms) = drain_timeout_ms {
+                c.limits.drain_timeout_ms = ms;
+            }
             if let Some(mode) = ebpf {
                 c.ebpf.mode = mode;
             }
@@ -144,6 +178,36 @@ fn main() -> Result<()> {
         } => stats(&bpf_pin_path, json, watch)?,
     }
     Ok(())
+}
+
+/// Loads a configuration and every listener's TLS material; on any problem prints each one
+/// (file, listener, key or file) to stderr and exits with status 1.
+fn valid_config(path: &std::path::Path) -> Result<tlsplice::config::Config> {
+    let mut problems = Vec::new();
+    let config = match tlsplice::config::Config::load(path) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            problems.extend(e.to_string().lines().map(str::to_owned));
+            None
+        }
+    };
+    if let Some(c) = &config {
+        problems.extend(
+            tlsplice::proxy::check_material(c)
+                .into_iter()
+                .map(|p| format!("{}: {p}", path.display())),
+        );
+    }
+    match config {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => {
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            eprintln!("{}: invalid: {} problem(s)", path.display(), problems.len());
+            std::process::exit(1);
+        }
+    }
 }
 
 fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<()> {
@@ -198,8 +262,17 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
     }
     let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-    runtime.block_on(async {
+
+    // The privileged start, on this thread alone: bind, load eBPF, measure. Then the
+    // capabilities that are no longer needed go, before any other thread exists.
+    let setup = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the setup runtime")?;
+    let (proxy, telemetry, admin, admin_state) = setup.block_on(async {
+        // SIGHUP's default action would kill the agent: take it over before anything slow.
+        // (The handler stays installed for the life of the process; this stream does not.)
+        let _hangups = signal(SignalKind::hangup())?;
         let mut proxy = tlsplice::proxy::Proxy::bind(config, caps, None).await?;
         let names = proxy
             .listener_entries()
@@ -211,6 +284,13 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
             load_bpf(config, &proxy)?,
         ));
         proxy.set_telemetry(&telemetry);
+        let admin_state = Arc::new(tlsplice::admin::AdminState::new(config));
+        let admin = tlsplice::admin::Admin::bind(
+            config.admin.listen,
+            telemetry.clone(),
+            admin_state.clone(),
+        )
+        .await?;
         if proxy.has_passthrough() {
             let plain = tlsplice::proxy::passthrough::PlainPath::decide(
                 config.ebpf.passthrough,
@@ -225,28 +305,71 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
             );
             proxy.set_passthrough(&plain);
         }
-        let admin = tlsplice::admin::Admin::bind(config.admin.listen, telemetry.clone()).await?;
-        tracing::info!(addr = ?admin.local_addr(), "admin server listening");
+        anyhow::Ok((proxy, telemetry, admin, admin_state))
+    })?;
+    setup.shutdown_timeout(std::time::Duration::from_secs(2));
+    let keep = tlsplice::privileges::needed(telemetry.ebpf().is_ok());
+    match tlsplice::privileges::drop_all_but(&keep) {
+        Ok(d) => {
+            let why: Vec<String> = keep
+                .iter()
+                .filter(|(c, _)| d.kept.contains(&c.to_string()))
+                .map(|(c, why)| format!("{c}: {why}"))
+                .collect();
+            tracing::info!(kept = ?d.kept, why = ?why, dropped = ?d.dropped,
+                bounding_set_reduced = d.bounding, "capabilities dropped after start");
+        }
+        Err(e) => tracing::warn!(error = %e, "capabilities not dropped"),
+    }
+
+    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    runtime.block_on(async {
+        let mut hangups = signal(SignalKind::hangup())?;
+        let mut terms = signal(SignalKind::terminate())?;
+        let mut interrupts = signal(SignalKind::interrupt())?;
+        let hup = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(tlsplice::certs::watch(
+            proxy.tls_watchers(),
+            telemetry.clone(),
+            config.certs.clone(),
+            hup.clone(),
+        ));
         for l in &config.listeners {
             tracing::info!(listener = %l.name, mode = ?l.mode, addr = ?proxy.local_addr(&l.name),
                 upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
         }
-        tokio::select! {
-            () = proxy.run() => {}
-            () = admin.run() => {}
-            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; }
-            () = sigterm() => {}
-        }
-        tracing::info!("stopping");
+        let ebpf = match telemetry.ebpf() {
+            Ok(()) => "eBPF loaded".to_owned(),
+            Err(why) => format!("eBPF off ({why})"),
+        };
+        admin_state.set(tlsplice::admin::Readiness::Ready(format!(
+            "{} listener(s) bound; {ebpf}",
+            config.listeners.len()
+        )));
+        tracing::info!(addr = ?admin.local_addr(), "admin server listening");
+        tokio::spawn(admin.run());
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let drain = config.limits.drain_timeout();
+        let serving = tokio::spawn(proxy.serve(async move { stop_rx.await.unwrap_or(drain) }));
+        let why = loop {
+            tokio::select! {
+                _ = hangups.recv() => {
+                    tracing::info!("SIGHUP: checking certificate files now");
+                    hup.notify_one();
+                }
+                _ = terms.recv() => break "SIGTERM",
+                _ = interrupts.recv() => break "SIGINT",
+            }
+        };
+        tracing::info!(
+            signal = why,
+            drain_timeout_ms = drain.as_millis(),
+            "stopping: listeners closed, draining connections"
+        );
+        admin_state.set(tlsplice::admin::Readiness::Draining);
+        let _ = stop_tx.send(drain);
+        serving.await.context("the proxy task failed")?;
+        tracing::info!("stopped");
         anyhow::Ok(())
     })
-}
-
-async fn sigterm() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut s) => {
-            s.recv().await;
-        }
-        Err(_) => std::future::pending().await,
-    }
 }

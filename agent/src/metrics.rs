@@ -34,6 +34,18 @@ pub struct Telemetry {
     store: Store,
     /// `Err` says why eBPF is off.
     ebpf: Result<(), String>,
+    /// Certificates and their reloads, per listener index (user-space state, not counters of
+    /// the data plane, so not in the BPF map).
+    certs: Mutex<BTreeMap<u16, CertState>>,
+}
+
+/// One listener's certificates as now served, and its reloads.
+#[derive(Debug, Default, Clone)]
+struct CertState {
+    serving: Vec<crate::identity::CertInfo>,
+    reloads_ok: u64,
+    reloads_failed: u64,
+    failing: bool,
 }
 
 impl fmt::Debug for Telemetry {
@@ -61,6 +73,7 @@ impl Telemetry {
             listeners,
             store: Store::Memory(Mutex::new(BTreeMap::new())),
             ebpf: Err(why),
+            certs: Mutex::default(),
         }
     }
 
@@ -72,6 +85,7 @@ impl Telemetry {
                 listeners,
                 store: Store::Bpf(Box::new(bpf)),
                 ebpf: Ok(()),
+                certs: Mutex::default(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -113,6 +127,32 @@ impl Telemetry {
                 }
             }
         }
+    }
+
+    fn with_certs(&self, listener: u16, f: impl FnOnce(&mut CertState)) {
+        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        f(certs.entry(listener).or_default());
+    }
+
+    /// The certificates listener `listener` now serves (for the expiry gauge).
+    pub fn set_certificates(&self, listener: u16, serving: Vec<crate::identity::CertInfo>) {
+        self.with_certs(listener, |c| c.serving = serving);
+    }
+
+    /// Counts one reload of a listener's TLS material, loaded or refused.
+    pub fn count_reload(&self, listener: u16, loaded: bool) {
+        self.with_certs(listener, |c| {
+            if loaded {
+                c.reloads_ok += 1;
+            } else {
+                c.reloads_failed += 1;
+            }
+        });
+    }
+
+    /// Whether the newest files of a listener's TLS material fail to load (the old serve).
+    pub fn set_reload_failing(&self, listener: u16, failing: bool) {
+        self.with_certs(listener, |c| c.failing = failing);
     }
 
     /// Counts one finished connection of listener `listener`.
@@ -431,6 +471,7 @@ impl Collector for TelemetryCollector {
                 )?
                 .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
         }
+        self.encode_certs(&mut encoder)?;
         if let Ok(Some(stats)) = TlsStat::read() {
             let mut metric = encoder.encode_descriptor(
                 "tlsplice_kernel_tls_stat",
@@ -444,6 +485,69 @@ impl Collector for TelemetryCollector {
                     .encode_family(&[("stat", name.as_str())])?
                     .encode_gauge(&value)?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl TelemetryCollector {
+    fn encode_certs(&self, encoder: &mut DescriptorEncoder) -> Result<(), fmt::Error> {
+        let certs = self
+            .0
+            .certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if certs.is_empty() {
+            return Ok(());
+        }
+        let name = |i: &u16| self.0.listeners.get(i).cloned().unwrap_or_default();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let mut expiry = encoder.encode_descriptor(
+            "tlsplice_certificate_expiry_seconds",
+            "Seconds until each served certificate expires (negative: expired), by listener and file",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, c) in &certs {
+            let listener = name(i);
+            for cert in &c.serving {
+                let path = cert.path.display().to_string();
+                expiry
+                    .encode_family(&[
+                        ("listener", listener.as_str()),
+                        ("cert", path.as_str()),
+                        ("subject", cert.subject.as_str()),
+                    ])?
+                    .encode_gauge(&cert.not_after.saturating_sub(now))?;
+            }
+        }
+        let mut reloads = encoder.encode_descriptor(
+            "tlsplice_certificate_reloads",
+            "Changes of a listener's certificate, key or CA files, by whether they loaded",
+            None,
+            MetricType::Counter,
+        )?;
+        for (i, c) in &certs {
+            let listener = name(i);
+            for (outcome, n) in [("loaded", c.reloads_ok), ("failed", c.reloads_failed)] {
+                reloads
+                    .encode_family(&[("listener", listener.as_str()), ("outcome", outcome)])?
+                    .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+            }
+        }
+        let mut failing = encoder.encode_descriptor(
+            "tlsplice_certificate_reload_failing",
+            "1 while a listener's newest TLS files do not load and the previous material serves",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, c) in &certs {
+            failing
+                .encode_family(&[("listener", name(i).as_str())])?
+                .encode_gauge(&i64::from(c.failing))?;
         }
         Ok(())
     }

@@ -2,8 +2,13 @@
 //! to one cipher suite, a deterministic data pattern, and the kernel-requirement gate that makes
 //! a test skip visibly (or fail, inside the VM matrix) when the kernel lacks what it needs.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rustls::crypto::{CryptoProvider, ring};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -549,6 +554,8 @@ pub fn listener(
         connect_timeout_ms: 5_000,
         data_path,
         rekey_after_records: None,
+        certs: vec![],
+        max_connections: None,
     }
 }
 
@@ -564,6 +571,8 @@ impl Agent {
             listeners: vec![listener],
             ebpf: tlsplice::config::EbpfConfig::default(),
             admin: tlsplice::config::AdminConfig::default(),
+            limits: tlsplice::config::LimitsConfig::default(),
+            certs: tlsplice::config::CertsConfig::default(),
         };
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
@@ -605,6 +614,258 @@ pub fn expected_auto_path() -> (tlsplice::proxy::DataPath, Option<String>) {
                 tlsplice::proxy::DataPath::Userspace,
                 Some("kernel has no kTLS".to_owned()),
             )
+        }
+    }
+}
+
+/// A running `tlsplice run`, its stderr in a file.
+pub struct AgentProcess {
+    /// The process.
+    pub child: Child,
+    /// Its stderr.
+    pub log: PathBuf,
+    /// Its admin server.
+    pub admin: SocketAddr,
+    /// Its BPF pin directory.
+    pub pin: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent (under `wrapper`, e.g. setpriv) and waits until its admin server
+    /// listens, or until it exits.
+    pub fn start(dir: &Path, config: &str, wrapper: &[&str], extra: &[&str]) -> Self {
+        Self::start_pinned(dir, config, wrapper, extra, None)
+    }
+
+    /// As [`AgentProcess::start`], pinning under `pin` when given.
+    pub fn start_pinned(
+        dir: &Path,
+        config: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        pin: Option<&Path>,
+    ) -> Self {
+        Self::launch(dir, config, wrapper, extra, pin, &[])
+    }
+
+    /// As [`AgentProcess::start`] with no wrapper, and `env` set for the agent.
+    pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)], extra: &[&str]) -> Self {
+        Self::launch(dir, config, &[], extra, None, env)
+    }
+
+    /// Every thread's effective, permitted and bounding capability sets (from
+    /// /proc/PID/task/*/status), as bit masks.
+    pub fn thread_capabilities(&self) -> Vec<(u64, u64, u64)> {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(&tasks)
+            .expect("task directory")
+            .map(|t| {
+                let status = std::fs::read_to_string(t.expect("task").path().join("status"))
+                    .expect("status");
+                let mask = |field: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(field))
+                        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+                        .unwrap_or_else(|| panic!("{field} in {status}"))
+                };
+                (mask("CapEff:"), mask("CapPrm:"), mask("CapBnd:"))
+            })
+            .collect()
+    }
+
+    /// Asserts every thread of the agent holds no capability outside `allowed` (bit numbers) in
+    /// its effective, permitted and bounding sets, and that the log says which it kept.
+    pub fn assert_capabilities_within(&self, allowed: &[u32]) {
+        let mask: u64 = allowed.iter().map(|b| 1u64 << b).sum();
+        let threads = self.thread_capabilities();
+        assert!(threads.len() > 1, "the agent runs worker threads");
+        for (eff, prm, bnd) in &threads {
+            assert_eq!(eff & !mask, 0, "effective {eff:#x} beyond {mask:#x}");
+            assert_eq!(prm & !mask, 0, "permitted {prm:#x} beyond {mask:#x}");
+            assert_eq!(bnd & !mask, 0, "bounding {bnd:#x} beyond {mask:#x}");
+        }
+        assert!(
+            self.log_text().contains("capabilities dropped after start"),
+            "{}",
+            self.log_text()
+        );
+    }
+
+    /// Whether the agent process is still running.
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn launch(
+        dir: &Path,
+        config: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        pin: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pin = pin.map_or_else(
+            || {
+                PathBuf::from(format!(
+                    "/sys/fs/bpf/tlsplice-test-{}-{n}",
+                    std::process::id()
+                ))
+            },
+            Path::to_path_buf,
+        );
+        let path = dir.join(format!("agent-{n}.toml"));
+        std::fs::write(&path, config).expect("write config");
+        let log = dir.join(format!("agent-{n}.log"));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let bin = agent_binary();
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&path)
+            .arg("--admin-addr")
+            .arg(admin.to_string())
+            .arg("--bpf-pin-path")
+            .arg(&pin)
+            .args(extra)
+            .env("TLSPLICE_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+        let mut agent = Self {
+            child,
+            log,
+            admin,
+            pin,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !agent.log_text().contains("admin server listening") {
+            if let Ok(Some(status)) = agent.child.try_wait() {
+                println!("agent exited with {status}");
+                return agent;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start:\n{}",
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `tlsplice stats --json` as (family, labels) -> value.
+    pub fn stats(&self) -> BTreeMap<(String, BTreeMap<String, String>), u64> {
+        let out = Command::new(agent_binary())
+            .args(["stats", "--json", "--bpf-pin-path"])
+            .arg(&self.pin)
+            .output()
+            .expect("tlsplice stats");
+        assert!(
+            out.status.success(),
+            "tlsplice stats: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
+        let mut map = BTreeMap::new();
+        for c in v["counters"].as_array().expect("counters") {
+            let labels = c["labels"]
+                .as_object()
+                .expect("labels")
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect();
+            let name = c["name"].as_str().expect("name").to_owned();
+            map.insert((name, labels), c["value"].as_u64().expect("value"));
+        }
+        map
+    }
+
+    /// GET /metrics from the admin server.
+    pub fn metrics(&self) -> String {
+        let (status, text) = self.get("/metrics");
+        assert_eq!(status, 200, "{text}");
+        text
+    }
+
+    /// GET `path` from the admin server: the status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let mut s = TcpStream::connect(self.admin).expect("connect admin");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) with a pid this test spawned and has not reaped.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let status = self.terminate();
+        assert!(status.is_some(), "agent ignored SIGTERM");
+        status.unwrap_or_default()
+    }
+
+    /// SIGTERM, then up to 10 s for the agent to exit (and remove its pins).
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        self.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // A failing test still stops the agent cleanly, so no pins stay behind.
+        if self.terminate().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

@@ -12,13 +12,13 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tlsplice_tests::{
-    TestPki, agent_binary, expect_pattern, expected_auto_path, free_port, send_pattern, serve,
-    skip, tls_client, tool_or_skip,
+    AgentProcess, TestPki, agent_binary, expect_pattern, expected_auto_path, free_port,
+    send_pattern, serve, skip, tls_client, tool_or_skip,
 };
 
 /// Why the agent cannot pin here, when it cannot.
@@ -40,170 +40,6 @@ fn bpffs_or_skip(test: &str) -> bool {
             assert!(!tlsplice_tests::in_guest(), "{why}");
             skip(test, &why);
             false
-        }
-    }
-}
-
-/// A running `tlsplice run`, its stderr in a file.
-struct AgentProcess {
-    child: Child,
-    log: PathBuf,
-    admin: SocketAddr,
-    pin: PathBuf,
-}
-
-impl AgentProcess {
-    /// Starts the agent (under `wrapper`, e.g. setpriv) and waits until its admin server
-    /// listens, or until it exits.
-    fn start(dir: &Path, config: &str, wrapper: &[&str], extra: &[&str]) -> Self {
-        Self::start_pinned(dir, config, wrapper, extra, None)
-    }
-
-    /// As [`AgentProcess::start`], pinning under `pin` when given.
-    fn start_pinned(
-        dir: &Path,
-        config: &str,
-        wrapper: &[&str],
-        extra: &[&str],
-        pin: Option<&Path>,
-    ) -> Self {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pin = pin.map_or_else(
-            || {
-                PathBuf::from(format!(
-                    "/sys/fs/bpf/tlsplice-test-{}-{n}",
-                    std::process::id()
-                ))
-            },
-            Path::to_path_buf,
-        );
-        let path = dir.join(format!("agent-{n}.toml"));
-        std::fs::write(&path, config).expect("write config");
-        let log = dir.join(format!("agent-{n}.log"));
-        let stderr = std::fs::File::create(&log).expect("log file");
-        let bin = agent_binary();
-        let mut cmd = match wrapper.split_first() {
-            Some((first, rest)) => {
-                let mut c = Command::new(first);
-                c.args(rest).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        cmd.arg("run")
-            .arg("--config")
-            .arg(&path)
-            .arg("--admin-addr")
-            .arg(admin.to_string())
-            .arg("--bpf-pin-path")
-            .arg(&pin)
-            .args(extra)
-            .env("TLSPLICE_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let mut agent = Self {
-            child,
-            log,
-            admin,
-            pin,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent.log_text().contains("admin server listening") {
-            if let Ok(Some(status)) = agent.child.try_wait() {
-                println!("agent exited with {status}");
-                return agent;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start:\n{}",
-                agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        agent
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `tlsplice stats --json` as (family, labels) -> value.
-    fn stats(&self) -> BTreeMap<(String, BTreeMap<String, String>), u64> {
-        let out = Command::new(agent_binary())
-            .args(["stats", "--json", "--bpf-pin-path"])
-            .arg(&self.pin)
-            .output()
-            .expect("tlsplice stats");
-        assert!(
-            out.status.success(),
-            "tlsplice stats: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats json");
-        let mut map = BTreeMap::new();
-        for c in v["counters"].as_array().expect("counters") {
-            let labels = c["labels"]
-                .as_object()
-                .expect("labels")
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                .collect();
-            let name = c["name"].as_str().expect("name").to_owned();
-            map.insert((name, labels), c["value"].as_u64().expect("value"));
-        }
-        map
-    }
-
-    /// GET /metrics from the admin server.
-    fn metrics(&self) -> String {
-        let mut s = TcpStream::connect(self.admin).expect("connect admin");
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .expect("request");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("response");
-        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
-        text
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let status = self.terminate();
-        assert!(status.is_some(), "agent ignored SIGTERM");
-        status.unwrap_or_default()
-    }
-
-    /// SIGTERM, then up to 10 s for the agent to exit (and remove its pins).
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            return Some(status);
-        }
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) with a pid this test spawned and has not reaped.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        // A failing test still stops the agent cleanly, so no pins stay behind.
-        if self.terminate().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
@@ -677,6 +513,9 @@ fn passthrough_config(port: u16, upstream: SocketAddr) -> String {
     )
 }
 
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const CAP_BPF: u32 = 39;
+
 /// Starts an agent whose passthrough listener uses the sockmap path, or says why not here.
 fn sockmap_agent(
     test: &str,
@@ -695,6 +534,9 @@ fn sockmap_agent(
     );
     let log = agent.log_text();
     assert!(log.contains("eBPF programs loaded"), "{log}");
+    // Serving sockmap connections needs only CAP_BPF (map updates) once started; the agent
+    // also keeps CAP_NET_BIND_SERVICE (listeners added by a reload), and nothing else.
+    agent.assert_capabilities_within(&[CAP_BPF, CAP_NET_BIND_SERVICE]);
     Some((agent, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 

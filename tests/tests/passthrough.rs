@@ -60,6 +60,8 @@ fn passthrough_listener(
         connect_timeout_ms: 5_000,
         data_path,
         rekey_after_records: None,
+        certs: vec![],
+        max_connections: None,
     }
 }
 

@@ -82,6 +82,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &["setpriv"],
     },
+    MatrixTest {
+        target: "operations",
+        needs: &[],
+        tools: &[],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
@@ -414,6 +419,8 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     };
     let binaries = build_test_binaries(root)?;
     let agent = build_agent(root)?;
+    // The deployment files, offline: Kubernetes schemas, systemd-analyze, config drift.
+    cmd::run(Command::new("bash").arg(root.join("deploy/validate.sh")).arg(&agent))?;
     mount_bpffs()?;
     let mut table: Vec<(String, Vec<(String, Outcome)>)> = Vec::new();
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")

@@ -5,21 +5,20 @@ pub mod passthrough;
 mod relay;
 pub mod tls;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::bpf::ListenerEntry;
-use crate::config::{Config, DataPathPolicy, ListenerConfig, Mode};
+use crate::certs::WatchedTls;
+use crate::config::{Config, DataPathPolicy, LimitsConfig, ListenerConfig, Mode};
 use crate::ktls::{Cipher, TlsVersion};
 use crate::metrics::Telemetry;
-use crate::{identity, probe};
+use crate::probe;
 
 /// How a connection's bytes move after the handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,7 +122,9 @@ impl KernelCaps {
 /// offload). Used by `tlsplice probe --config`.
 pub fn readiness(l: &ListenerConfig, caps: &KernelCaps) -> Result<String, String> {
     let telemetry = Arc::new(Telemetry::memory(BTreeMap::new(), "readiness check".into()));
-    ListenerState::new(l, Arc::new(caps.clone()), None, 0, telemetry).map_err(|e| e.to_string())?;
+    let limits = SharedLimits::new(&LimitsConfig::default());
+    ListenerState::new(l, Arc::new(caps.clone()), None, 0, telemetry, limits)
+        .map_err(|e| e.to_string())?;
     if l.mode == Mode::Passthrough {
         return Ok(match l.data_path {
             DataPathPolicy::Userspace => "data path userspace (listener data_path = userspace)",
@@ -242,13 +243,33 @@ pub enum ProxyError {
     },
 }
 
+/// The node-wide limits every listener shares.
+#[derive(Debug, Clone)]
+pub(crate) struct SharedLimits {
+    /// Connections held at once, over all listeners.
+    pub(crate) connections: Arc<Semaphore>,
+    /// TLS handshakes in progress at once, over all listeners.
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) max_connections: usize,
+    pub(crate) max_handshakes: usize,
+}
+
+impl SharedLimits {
+    fn new(limits: &LimitsConfig) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            max_connections: limits.max_connections,
+            max_handshakes: limits.max_handshakes,
+        }
+    }
+}
+
 /// A listener ready to accept, with everything its connections share.
 pub(crate) struct ListenerState {
     pub(crate) config: ListenerConfig,
-    /// This listener's certificate, when clients speak TLS to it.
-    pub(crate) server_tls: Option<Arc<ServerConfig>>,
-    /// How to reach a TLS upstream.
-    pub(crate) upstream_tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// This listener's TLS material (certificates, trust), swapped when its files change.
+    pub(crate) tls: Arc<WatchedTls>,
     pub(crate) caps: Arc<KernelCaps>,
     pub(crate) reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
     /// This listener's index in counter keys.
@@ -256,6 +277,9 @@ pub(crate) struct ListenerState {
     pub(crate) telemetry: Arc<Telemetry>,
     /// Node-wide passthrough data path, as decided at start, and why.
     pub(crate) passthrough: passthrough::PlainPath,
+    pub(crate) limits: SharedLimits,
+    /// This listener's own connection limit.
+    connections: Option<Arc<Semaphore>>,
 }
 
 impl ListenerState {
@@ -265,38 +289,105 @@ impl ListenerState {
         reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
         index: u16,
         telemetry: Arc<Telemetry>,
+        limits: SharedLimits,
     ) -> Result<Self, ProxyError> {
-        let material = |source| ProxyError::Material {
+        let tls = WatchedTls::load(l).map_err(|source| ProxyError::Material {
             listener: l.name.clone(),
             source,
-        };
-        let server_tls = match (&l.cert, &l.key) {
-            (Some(cert), Some(key)) => Some(
-                identity::server_config(cert, key, l.client_ca.as_deref(), &l.alpn)
-                    .map_err(material)?,
-            ),
-            _ => None,
-        };
-        let upstream_tls = match &l.upstream_tls {
-            Some(u) => Some(identity::upstream_client(u).map_err(material)?),
-            None => None,
-        };
+        })?;
         Ok(Self {
             config: l.clone(),
-            server_tls,
-            upstream_tls,
+            tls: Arc::new(tls),
             caps,
             reports,
             index,
             telemetry,
             passthrough: passthrough::PlainPath::default(),
+            limits,
+            connections: l.max_connections.map(|n| Arc::new(Semaphore::new(n))),
         })
     }
+
+    /// Takes this connection's places under the node-wide and the listener's limits, or says
+    /// which limit refuses it.
+    fn admit(&self) -> Result<Admission, (&'static str, String)> {
+        let node = self
+            .limits
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                (
+                    "connection limit",
+                    format!(
+                        "{} connections held (limits.max_connections)",
+                        self.limits.max_connections
+                    ),
+                )
+            })?;
+        let own = match &self.connections {
+            None => None,
+            Some(sem) => Some(sem.clone().try_acquire_owned().map_err(|_| {
+                (
+                    "listener connection limit",
+                    format!(
+                        "{} connections held on this listener (max_connections)",
+                        self.config.max_connections.unwrap_or_default()
+                    ),
+                )
+            })?),
+        };
+        Ok(Admission {
+            _node: node,
+            _own: own,
+        })
+    }
+
+    /// A place under the handshake limit for one connection's TLS handshakes, or why not.
+    pub(crate) fn handshake_permit(
+        &self,
+    ) -> Result<tokio::sync::OwnedSemaphorePermit, (&'static str, String)> {
+        self.limits
+            .handshakes
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                (
+                    "handshake limit",
+                    format!(
+                        "{} TLS handshakes in progress (limits.max_handshakes)",
+                        self.limits.max_handshakes
+                    ),
+                )
+            })
+    }
+}
+
+/// A connection's places under the connection limits, given back when it ends.
+struct Admission {
+    _node: tokio::sync::OwnedSemaphorePermit,
+    _own: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Every listener's TLS material loaded from `config`, or every listener problem with it
+/// (`tlsplice check`, and the agent before it binds anything).
+pub fn check_material(config: &Config) -> Vec<String> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            WatchedTls::load(l)
+                .err()
+                .map(|e| format!("listener {:?}: {e}", l.name))
+        })
+        .collect()
 }
 
 /// Bound listeners, ready to serve.
 pub struct Proxy {
-    bound: Vec<(TcpListener, ListenerState)>,
+    /// Bound and listening, not yet registered with a runtime: the agent binds before it
+    /// drops its capabilities and starts its worker threads.
+    bound: Vec<(std::net::TcpListener, ListenerState)>,
 }
 
 impl Proxy {
@@ -314,6 +405,7 @@ impl Proxy {
             .map(|(i, l)| (listener_index(i), l.name.clone()))
             .collect();
         let telemetry = Arc::new(Telemetry::memory(names, "not loaded".into()));
+        let limits = SharedLimits::new(&config.limits);
         let mut bound = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let state = ListenerState::new(
@@ -322,15 +414,13 @@ impl Proxy {
                 reports.clone(),
                 listener_index(i),
                 telemetry.clone(),
+                limits.clone(),
             )?;
-            let listener =
-                TcpListener::bind(l.listen)
-                    .await
-                    .map_err(|source| ProxyError::Bind {
-                        listener: l.name.clone(),
-                        addr: l.listen,
-                        source,
-                    })?;
+            let listener = listen(l.listen).map_err(|source| ProxyError::Bind {
+                listener: l.name.clone(),
+                addr: l.listen,
+                source,
+            })?;
             bound.push((listener, state));
         }
         Ok(Self { bound })
@@ -377,14 +467,61 @@ impl Proxy {
             .and_then(|(l, _)| l.local_addr().ok())
     }
 
+    /// Every listener's index and TLS material, for the certificate watcher.
+    pub fn tls_watchers(&self) -> Vec<(u16, Arc<WatchedTls>)> {
+        self.bound
+            .iter()
+            .map(|(_, s)| (s.index, s.tls.clone()))
+            .collect()
+    }
+
     /// Accepts on every listener until the task is dropped.
     pub async fn run(self) {
+        self.serve(std::future::pending()).await;
+    }
+
+    /// Accepts on every listener until `stop` yields a drain deadline; then every listener
+    /// closes at once, established connections get until the deadline to finish, and those
+    /// still open are closed (each reported with the reason `drain deadline`). Returns when
+    /// every connection has ended.
+    pub async fn serve(self, stop: impl std::future::Future<Output = std::time::Duration>) {
+        let (tx, rx) = watch::channel(None);
         let mut tasks = tokio::task::JoinSet::new();
         for (listener, state) in self.bound {
-            tasks.spawn(accept_loop(listener, Arc::new(state)));
+            match TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tasks.spawn(accept_loop(listener, Arc::new(state), rx.clone()));
+                }
+                Err(e) => {
+                    tracing::error!(listener = %state.config.name, error = %e,
+                        "cannot accept: registering the listener with the runtime failed");
+                }
+            }
+        }
+        tokio::select! {
+            deadline = stop => {
+                let _ = tx.send(Some(deadline));
+            }
+            // Accept loops end only when told to; keep polling so a panic is not left unseen.
+            () = async { while tasks.join_next().await.is_some() {} } => {}
         }
         while tasks.join_next().await.is_some() {}
     }
+}
+
+/// A non-blocking listening socket on `addr`, with SO_REUSEADDR so a restarted agent can bind
+/// while the old one's connections are in TIME_WAIT.
+fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Counter keys carry listener indexes as u16; configurations never get near that many.
@@ -392,31 +529,113 @@ fn listener_index(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<ListenerState>) {
+/// Waits for the drain deadline sent by [`Proxy::serve`] (forever when none will come).
+async fn drain_deadline(
+    stop: &mut watch::Receiver<Option<std::time::Duration>>,
+) -> std::time::Duration {
     loop {
-        match listener.accept().await {
-            Ok((sock, peer)) => {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let report = match state.config.mode {
-                        Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
-                            tls::handle(&state, sock, peer).await
-                        }
-                        Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
-                    };
-                    log_report(&report);
-                    state.telemetry.record(state.index, &report);
-                    if let Some(tx) = &state.reports {
-                        let _ = tx.send(report);
-                    }
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        if let Some(deadline) = *stop.borrow_and_update() {
+            return deadline;
         }
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// Reports, logs and counts one connection's end.
+fn finish(state: &ListenerState, report: ConnectionReport) {
+    log_report(&report);
+    state.telemetry.record(state.index, &report);
+    if let Some(tx) = &state.reports {
+        let _ = tx.send(report);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<ListenerState>,
+    mut stop: watch::Receiver<Option<std::time::Duration>>,
+) {
+    // Every connection task, so a drain can wait for them and close what is left.
+    let mut connections = tokio::task::JoinSet::new();
+    let mut peers: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
+    let stopped = drain_deadline(&mut stop);
+    tokio::pin!(stopped);
+    let deadline = loop {
+        tokio::select! {
+            biased;
+            deadline = &mut stopped => break deadline,
+            Some(done) = connections.join_next_with_id(), if !connections.is_empty() => {
+                let id = match done {
+                    Ok((id, ())) => id,
+                    Err(e) => {
+                        if e.is_panic() {
+                            tracing::error!(listener = %state.config.name, error = %e, "connection task panicked");
+                        }
+                        e.id()
+                    }
+                };
+                peers.remove(&id);
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((sock, peer)) => match state.admit() {
+                    Ok(admission) => {
+                        let state = state.clone();
+                        let task = connections.spawn(async move {
+                            let report = match state.config.mode {
+                                Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
+                                    tls::handle(&state, sock, peer).await
+                                }
+                                Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
+                            };
+                            // The places are free before the report says the connection ended.
+                            drop(admission);
+                            finish(&state, report);
+                        });
+                        peers.insert(task.id(), peer);
+                    }
+                    Err((reason, error)) => {
+                        let mut report = ConnectionReport::new(&state.config.name, peer);
+                        reason.clone_into(&mut report.reason);
+                        report.error = Some(error);
+                        finish(&state, report);
+                        // A FIN, and whatever the client already sent read away, rather than
+                        // a reset; bounded in time by linger_close.
+                        connections.spawn(relay::linger_close(sock));
+                    }
+                },
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+        }
+    };
+    drop(listener);
+    if !peers.is_empty() {
+        tracing::info!(listener = %state.config.name, connections = peers.len(),
+            deadline_ms = deadline.as_millis(), "listener closed; draining its connections");
+    }
+    let drained = tokio::time::timeout(deadline, async {
+        while let Some(done) = connections.join_next_with_id().await {
+            peers.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
+        }
+    })
+    .await;
+    if drained.is_err() {
+        connections.abort_all();
+        for peer in peers.into_values() {
+            let mut report = ConnectionReport::new(&state.config.name, peer);
+            report.reason = "drain deadline".into();
+            report.error = Some(format!(
+                "still open at the drain deadline ({} ms): closed",
+                deadline.as_millis()
+            ));
+            finish(&state, report);
+        }
+        while connections.join_next().await.is_some() {}
     }
 }
 

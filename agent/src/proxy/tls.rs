@@ -15,6 +15,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::UnbufferedClientConnection;
@@ -28,6 +29,7 @@ use super::relay::{
     linger_close, splice_relay, userspace_relay, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, HandshakeOutcome, ListenerState};
+use crate::certs::ListenerTls;
 use crate::config::DataPathPolicy;
 use crate::handoff::{self, KernelBound, complete_handshake_async};
 use crate::identity;
@@ -200,8 +202,20 @@ pub(crate) async fn handle(
     };
     let for_kernel = userspace_reason.is_none();
 
+    // One place under the handshake limit, held until the handshakes are done.
+    let handshake_permit = match state.handshake_permit() {
+        Ok(permit) => permit,
+        Err((reason, error)) => {
+            reason.clone_into(&mut report.reason);
+            report.error = Some(error);
+            linger_close(client).await;
+            return report;
+        }
+    };
+    // The material as it is now: a reload swaps it for later handshakes only.
+    let material = state.tls.current();
     let mut client_sni = None;
-    let client_tls = match &state.server_tls {
+    let client_tls = match &material.server {
         None => None,
         Some(server_config) => {
             let leg = if for_kernel {
@@ -258,6 +272,8 @@ pub(crate) async fn handle(
         info: client_info,
         peer,
         userspace_reason,
+        material,
+        handshake_permit: Some(handshake_permit),
     };
     match target {
         Target::Tcp(addr) => tcp_upstream(state, report, client_side, addr).await,
@@ -320,6 +336,10 @@ struct ClientSide {
     peer: SocketAddr,
     /// Why this connection stays in user space, when it does.
     userspace_reason: Option<String>,
+    /// The TLS material this connection's handshakes use.
+    material: Arc<ListenerTls>,
+    /// Its place under the handshake limit, given back once the handshakes are done.
+    handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Connects to a TCP upstream, sends the PROXY header, runs the upstream TLS handshake when
@@ -336,7 +356,7 @@ async fn tcp_upstream(
         Ok(upstream) => upstream,
         Err(failure) => return fail_early(report, failure, client).await,
     };
-    let upstream_tls = match &state.upstream_tls {
+    let upstream_tls = match &client.material.upstream {
         None => None,
         Some((client_config, name)) => {
             let leg = if client.userspace_reason.is_none() {
@@ -395,7 +415,10 @@ async fn relay(
         info: client_info,
         peer,
         userspace_reason,
+        material: _,
+        handshake_permit,
     } = client;
+    drop(handshake_permit);
     // Every TLS leg must be offloadable for the kernel path.
     let mut sessions = Vec::new();
     let mut offload = Ok(());

@@ -113,7 +113,7 @@ pub mod direction {
 
 /// Connection and handshake outcomes by index: 0 is success, the last is the catch-all. The
 /// agent's connection reports carry these texts as their failure reason.
-pub const REASONS: [&str; 19] = [
+pub const REASONS: [&str; 23] = [
     "ok",
     "handshake failed",
     "certificate refused",
@@ -132,6 +132,10 @@ pub const REASONS: [&str; 19] = [
     "proxy header failed",
     "listener requires ktls",
     "relay error",
+    "connection limit",
+    "listener connection limit",
+    "handshake limit",
+    "drain deadline",
     "other",
 ];
 

@@ -1,0 +1,758 @@
+//! Operating the agent: configuration errors with their location, flags and environment over
+//! the file, the admin endpoints, certificates chosen by SNI and reloaded while connections
+//! stream, a certificate that does not load, limits, and the drain on SIGTERM.
+//!
+//! These tests run the agent binary, as an operator would, on the host and in every guest
+//! (where the terminate listeners take the kTLS data path).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use tlsplice_tests::{AgentProcess, TestPki, agent_binary, free_port, serve};
+
+/// An upstream that echoes every byte back until the client closes.
+fn echo_upstream() -> SocketAddr {
+    serve(|sock| {
+        let _ = std::io::copy(&mut &sock, &mut &sock);
+    })
+}
+
+/// A fresh directory for one test's files.
+fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tlsplice-ops-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("test dir");
+    dir
+}
+
+/// A client configuration trusting the CAs of `pkis`.
+fn trusting(pkis: &[&TestPki]) -> Arc<ClientConfig> {
+    let mut roots = RootCertStore::empty();
+    for p in pkis {
+        roots.add(p.ca.clone()).expect("CA");
+    }
+    Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+type Client = StreamOwned<ClientConnection, TcpStream>;
+
+/// A completed TLS session to `addr` for server name `sni`, or the handshake error.
+fn connect(addr: SocketAddr, config: Arc<ClientConfig>, sni: &str) -> Result<Client, String> {
+    let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let name = ServerName::try_from(sni.to_owned()).expect("name");
+    let mut conn = ClientConnection::new(config, name).expect("client");
+    let mut s = sock;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut s).map_err(|e| e.to_string())?;
+    }
+    Ok(StreamOwned::new(conn, s))
+}
+
+/// Ends a session cleanly: close_notify, then the agent's close_notify and FIN.
+fn finish(mut c: Client) {
+    c.conn.send_close_notify();
+    let _ = c.flush();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+}
+
+/// The leaf certificate a new session gets, the session closed cleanly; `None` when the
+/// handshake fails.
+fn served_leaf(addr: SocketAddr, config: Arc<ClientConfig>) -> Option<CertificateDer<'static>> {
+    let c = connect(addr, config, "localhost").ok()?;
+    let cert = leaf(&c);
+    finish(c);
+    Some(cert)
+}
+
+/// The leaf certificate the agent presented.
+fn leaf(c: &Client) -> CertificateDer<'static> {
+    c.conn.peer_certificates().expect("server certificate")[0].clone()
+}
+
+/// One round trip through the echo upstream.
+fn echo(c: &mut Client, payload: &[u8]) -> std::io::Result<()> {
+    c.write_all(payload)?;
+    let mut back = vec![0u8; payload.len()];
+    c.read_exact(&mut back)?;
+    if back != payload {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+/// A terminate listener's TOML.
+fn terminate_listener(name: &str, port: u16, upstream: SocketAddr, pki: &Path) -> String {
+    format!(
+        "[[listener]]\nname = \"{name}\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:{port}\"\n\
+         upstream = \"{upstream}\"\ncert = \"{}\"\nkey = \"{}\"\nhandshake_timeout_ms = 5000\n",
+        pki.join("server.pem").display(),
+        pki.join("server.key").display()
+    )
+}
+
+/// Sum of the samples of `family` (with `with` in their labels) in a /metrics text.
+fn metric(text: &str, family: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits up to `limit` for `ok`, polling.
+fn eventually(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn pin_args() -> [&'static str; 2] {
+    // These tests are about operations, not eBPF: keep them independent of bpffs.
+    ["--ebpf", "off"]
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn check_and_run_report_every_problem_with_its_location() {
+    let dir = test_dir("check");
+    let pki_dir = TestPki::generate().write_files();
+    let other = TestPki::generate().write_files();
+    let text = format!(
+        "[limits]\nmax_handshakes = 0\n\
+         [[listener]]\nname = \"web\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:1\"\n\
+         upstream = \"127.0.0.1:2\"\nhandshake_timeout_ms = 0\ncert = \"{cert}\"\n\
+         [[listener]]\nname = \"api\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:3\"\n\
+         upstream = \"127.0.0.1:4\"\ncert = \"{cert}\"\nkey = \"{wrong_key}\"\n\
+         [[listener]]\nname = \"files\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:5\"\n\
+         upstream = \"127.0.0.1:6\"\ncert = \"{missing}\"\nkey = \"{key}\"\n",
+        cert = pki_dir.join("server.pem").display(),
+        key = pki_dir.join("server.key").display(),
+        wrong_key = other.join("server.key").display(),
+        missing = dir.join("absent.pem").display(),
+    );
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, &text).expect("config");
+    let p = path.display().to_string();
+
+    // Values first: every one reported, each with file, listener and key.
+    let out = Command::new(agent_binary())
+        .args(["check", "--config", &p])
+        .output()
+        .expect("tlsplice check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for line in [
+        format!("{p}: limits.max_handshakes: must be above 0"),
+        format!("{p}: listener \"web\": handshake_timeout_ms: must be above 0"),
+        format!("{p}: listener \"web\": key: mode terminate needs the certificate's private key"),
+        format!("{p}: invalid: 3 problem(s)"),
+    ] {
+        assert!(stderr.lines().any(|l| l == line), "missing {line:?}");
+    }
+
+    // Once the values are right, the files: every listener's material is loaded and checked.
+    let fixed = text
+        .replace("max_handshakes = 0", "max_handshakes = 10")
+        .replace("handshake_timeout_ms = 0\n", "handshake_timeout_ms = 10\n")
+        .replace(
+            "listen = \"127.0.0.1:1\"\n",
+            &format!(
+                "listen = \"127.0.0.1:1\"\nkey = \"{}\"\n",
+                pki_dir.join("server.key").display()
+            ),
+        );
+    std::fs::write(&path, &fixed).expect("config");
+    let out = Command::new(agent_binary())
+        .args(["check", "--config", &p])
+        .output()
+        .expect("tlsplice check");
+    let check_err = String::from_utf8_lossy(&out.stderr).to_string();
+    println!("{check_err}");
+    assert_eq!(out.status.code(), Some(1), "{check_err}");
+    let api = check_err
+        .lines()
+        .find(|l| l.starts_with(&format!("{p}: listener \"api\": key ")))
+        .unwrap_or_else(|| panic!("no line for the mismatched key:\n{check_err}"));
+    assert!(api.contains("does not fit"), "{api}");
+    assert!(
+        check_err.lines().any(
+            |l| l.starts_with(&format!("{p}: listener \"files\": certificate "))
+                && l.contains("absent.pem")
+        ),
+        "{check_err}"
+    );
+    assert!(check_err.contains("invalid: 2 problem(s)"), "{check_err}");
+
+    // The agent refuses to start with the same lines, before binding anything.
+    let out = Command::new(agent_binary())
+        .args(["run", "--ebpf", "off", "--config", &p])
+        .output()
+        .expect("tlsplice run");
+    let run_err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{run_err}");
+    for line in check_err.lines() {
+        assert!(
+            run_err.contains(line),
+            "run does not say {line:?}:\n{run_err}"
+        );
+    }
+
+    // A valid configuration passes.
+    let good = terminate_listener("web", 1, "127.0.0.1:2".parse().expect("addr"), &pki_dir);
+    std::fs::write(&path, good).expect("config");
+    let out = Command::new(agent_binary())
+        .args(["check", "--config", &p])
+        .output()
+        .expect("tlsplice check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 listener(s), valid"));
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn flags_and_environment_override_the_file_and_admin_endpoints_answer() {
+    let dir = test_dir("flags");
+    let pki = TestPki::generate();
+    let pki_dir = pki.write_files();
+    let port = free_port();
+    let config = format!(
+        "[limits]\nmax_connections = 5\nmax_handshakes = 6\ndrain_timeout_ms = 7000\n\
+         [admin]\nlisten = \"127.0.0.1:1\"\n{}",
+        terminate_listener("web", port, echo_upstream(), &pki_dir)
+    );
+    // The admin address comes from --admin-addr (AgentProcess), which beats the file's;
+    // TLSPLICE_MAX_HANDSHAKES beats the file; --max-handshakes would beat both, so
+    // TLSPLICE_DRAIN_TIMEOUT_MS (env) loses to --drain-timeout-ms (flag).
+    let agent = AgentProcess::start_with_env(
+        &dir,
+        &config,
+        &[
+            ("TLSPLICE_MAX_HANDSHAKES", "8"),
+            ("TLSPLICE_DRAIN_TIMEOUT_MS", "9000"),
+            ("TLSPLICE_LOG_FORMAT", "json"),
+        ],
+        &["--ebpf", "off", "--drain-timeout-ms", "1500"],
+    );
+    let (status, body) = agent.get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    // Without eBPF, only CAP_NET_BIND_SERVICE (bit 10) is left, on every thread.
+    agent.assert_capabilities_within(&[10]);
+    assert!(
+        body.starts_with("ready: 1 listener(s) bound; eBPF off"),
+        "{body}"
+    );
+    let (status, body) = agent.get("/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+
+    let (status, body) = agent.get("/config");
+    assert_eq!(status, 200, "{body}");
+    let effective: serde_json::Value = serde_json::from_str(&body).expect("/config is JSON");
+    assert_eq!(effective["limits"]["max_connections"], 5, "file");
+    assert_eq!(
+        effective["limits"]["max_handshakes"], 8,
+        "environment over file"
+    );
+    assert_eq!(
+        effective["limits"]["drain_timeout_ms"], 1500,
+        "flag over environment"
+    );
+    assert_eq!(
+        effective["admin"]["listen"],
+        agent.admin.to_string(),
+        "flag over file"
+    );
+    assert_eq!(effective["ebpf"]["mode"], "off");
+    assert_eq!(effective["listener"][0]["name"], "web");
+
+    // A session through it, then: no key material in /config or in the logs.
+    let mut c = connect(agent_addr(port), trusting(&[&pki]), "localhost").expect("handshake");
+    echo(&mut c, b"hello").expect("echo");
+    finish(c);
+    eventually(Duration::from_secs(10), "the connection's log line", || {
+        agent.log_text().contains("connection closed")
+    });
+    let key_body: String = pki
+        .server_key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let log = agent.log_text();
+    for (what, text) in [("/config", body.as_str()), ("the log", log.as_str())] {
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{what} holds a PEM key block"
+        );
+        for chunk in key_body.as_bytes().chunks(24) {
+            let chunk = std::str::from_utf8(chunk).expect("base64");
+            assert!(!text.contains(chunk), "{what} holds part of the key");
+        }
+    }
+    // --log-format json (here from TLSPLICE_LOG_FORMAT): every line is one JSON object.
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"message\":\"connection closed\"")
+                && l.contains("\"listener\":\"web\"")),
+        "{log}"
+    );
+}
+
+fn agent_addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn certificates_are_chosen_by_sni_and_their_expiry_is_exported() {
+    let dir = test_dir("sni");
+    let default = TestPki::generate_for(&["localhost", "other.test", "a.b.apps.test"]);
+    let exact = TestPki::generate_for(&["api.test"]);
+    let wild = TestPki::generate_for(&["*.apps.test"]);
+    let (d, e, w) = (
+        default.write_files(),
+        exact.write_files(),
+        wild.write_files(),
+    );
+    let port = free_port();
+    let config = format!(
+        "{}[[listener.certs]]\ncert = \"{}\"\nkey = \"{}\"\nserver_names = [\"API.test\"]\n\
+         [[listener.certs]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        terminate_listener("web", port, echo_upstream(), &d),
+        e.join("server.pem").display(),
+        e.join("server.key").display(),
+        w.join("server.pem").display(),
+        w.join("server.key").display(),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let all = trusting(&[&default, &exact, &wild]);
+    for (sni, want) in [
+        ("api.test", &exact),
+        ("one.apps.test", &wild),
+        ("localhost", &default),
+        ("other.test", &default),
+    ] {
+        let mut c = connect(agent_addr(port), all.clone(), sni).expect("handshake");
+        assert_eq!(leaf(&c), want.server_cert, "certificate for {sni}");
+        echo(&mut c, sni.as_bytes()).expect("echo");
+        finish(c);
+    }
+    // A second label under the wildcard is not covered by it.
+    let c = connect(agent_addr(port), all, "a.b.apps.test").expect("handshake");
+    assert_eq!(leaf(&c), default.server_cert);
+    finish(c);
+
+    let metrics = agent.metrics();
+    let mut files = 0;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("tlsplice_certificate_expiry_seconds{"))
+    {
+        files += 1;
+        let left: f64 = line
+            .rsplit(' ')
+            .next()
+            .expect("value")
+            .parse()
+            .expect("number");
+        // rcgen's certificates are valid until 4096-01-01: about 2,070 years from now.
+        let years = left / (365.25 * 86_400.0);
+        assert!((2_000.0..2_100.0).contains(&years), "{line}");
+        assert!(line.contains("listener=\"web\""), "{line}");
+    }
+    assert_eq!(files, 3, "{metrics}");
+    assert_eq!(
+        metric(&metrics, "tlsplice_certificate_reload_failing", &["web"]),
+        0.0
+    );
+}
+
+/// A Kubernetes Secret volume: the files are links through `..data`, a link to a timestamped
+/// directory that the kubelet swaps atomically.
+struct SecretVolume {
+    dir: PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path, pki: &TestPki) -> Self {
+        std::fs::create_dir_all(dir).expect("volume");
+        let mut v = Self {
+            dir: dir.to_owned(),
+            generation: 0,
+        };
+        v.publish(&pki.server_cert_pem, &pki.server_key_pem);
+        for f in ["tls.crt", "tls.key"] {
+            std::os::unix::fs::symlink(format!("..data/{f}"), dir.join(f)).expect("link");
+        }
+        v
+    }
+
+    /// Writes a new generation and swaps `..data` to it with one rename, as the kubelet does.
+    fn publish(&mut self, cert: &str, key: &str) {
+        self.generation += 1;
+        let name = format!("..2026_11_26_{}", self.generation);
+        let generation = self.dir.join(&name);
+        std::fs::create_dir_all(&generation).expect("generation");
+        std::fs::write(generation.join("tls.crt"), cert).expect("cert");
+        std::fs::write(generation.join("tls.key"), key).expect("key");
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&name, &tmp).expect("link");
+        std::fs::rename(&tmp, self.dir.join("..data")).expect("swap ..data");
+    }
+
+    fn listener(&self, name: &str, port: u16, upstream: SocketAddr) -> String {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:{port}\"\n\
+             upstream = \"{upstream}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.dir.join("tls.crt").display(),
+            self.dir.join("tls.key").display()
+        )
+    }
+}
+
+const STREAMS: usize = 200;
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn certificate_reload_while_200_connections_stream() {
+    let dir = test_dir("reload");
+    let old = TestPki::generate();
+    let new = TestPki::generate();
+    let mut volume = SecretVolume::new(&dir.join("certs"), &old);
+    let port = free_port();
+    let config = format!(
+        "[certs]\nreload_interval_ms = 200\n{}",
+        volume.listener("web", port, echo_upstream())
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let addr = agent_addr(port);
+
+    // 200 sessions on the old certificate, each echoing 1 KiB round trips until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let trips: Arc<Vec<AtomicU64>> = Arc::new((0..STREAMS).map(|_| AtomicU64::new(0)).collect());
+    let old_trust = trusting(&[&old]);
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (stop, trips, trust) = (stop.clone(), trips.clone(), old_trust.clone());
+            std::thread::spawn(move || -> Result<u64, String> {
+                let mut c = connect(addr, trust, "localhost")?;
+                let payload: Vec<u8> = (0..1024).map(|b| (b as u8) ^ (i as u8)).collect();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    echo(&mut c, &payload).map_err(|e| format!("stream {i} trip {n}: {e}"))?;
+                    n += 1;
+                    trips[i].store(n, Ordering::Relaxed);
+                }
+                finish(c);
+                Ok(n)
+            })
+        })
+        .collect();
+    eventually(Duration::from_secs(120), "200 sessions streaming", || {
+        trips.iter().all(|t| t.load(Ordering::Relaxed) > 0)
+    });
+
+    // The kubelet swaps the Secret's files.
+    volume.publish(&new.server_cert_pem, &new.server_key_pem);
+    // Probes trust both CAs: a probe refusing the old certificate would be a failed handshake.
+    let both = trusting(&[&old, &new]);
+    eventually(
+        Duration::from_secs(20),
+        "the new certificate on new handshakes",
+        || served_leaf(addr, both.clone()) == Some(new.server_cert.clone()),
+    );
+    // Established sessions go on after the swap.
+    let before: Vec<u64> = trips.iter().map(|t| t.load(Ordering::Relaxed)).collect();
+    eventually(
+        Duration::from_secs(60),
+        "every session to move after the swap",
+        || {
+            trips
+                .iter()
+                .zip(&before)
+                .all(|(t, b)| t.load(Ordering::Relaxed) > *b)
+        },
+    );
+
+    // A certificate that does not fit its key: the new one keeps serving, and it is reported.
+    volume.publish(&old.server_cert_pem, &new.server_key_pem);
+    eventually(
+        Duration::from_secs(20),
+        "the reload failure to show",
+        || {
+            metric(
+                &agent.metrics(),
+                "tlsplice_certificate_reload_failing",
+                &["listener=\"web\""],
+            ) == 1.0
+        },
+    );
+    assert_eq!(
+        served_leaf(addr, both.clone()),
+        Some(new.server_cert.clone()),
+        "the previous certificate serves"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for s in streams {
+        total += s.join().expect("stream thread").expect("stream unbroken");
+    }
+    println!("{STREAMS} sessions, {total} round trips, unbroken across the reload");
+
+    // Every one of the 200 closed cleanly; no handshake failed; one reload loaded, one failed
+    // and was logged once.
+    eventually(
+        Duration::from_secs(30),
+        "the 200 connections' reports",
+        || agent.log_text().matches("connection closed").count() >= STREAMS,
+    );
+    let log = agent.log_text();
+    assert_eq!(log.matches("connection failed").count(), 0, "{log}");
+    assert_eq!(
+        log.matches("changed but does not load").count(),
+        1,
+        "one line for the bad certificate:\n{log}"
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        metric(&m, "tlsplice_handshakes_total", &["listener=\"web\""]),
+        metric(
+            &m,
+            "tlsplice_handshakes_total",
+            &["listener=\"web\"", "outcome=\"ok\""]
+        ),
+        "a handshake failed:\n{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tlsplice_certificate_reloads_total",
+            &["outcome=\"loaded\""]
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tlsplice_certificate_reloads_total",
+            &["outcome=\"failed\""]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sighup_reloads_certificates_at_once() {
+    let dir = test_dir("sighup");
+    let old = TestPki::generate();
+    let new = TestPki::generate();
+    let files = old.write_files();
+    let port = free_port();
+    // Files are checked hourly here: only SIGHUP can make the change visible in time.
+    let config = format!(
+        "[certs]\nreload_interval_ms = 3600000\n{}",
+        terminate_listener("web", port, echo_upstream(), &files)
+    );
+    let mut agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let addr = agent_addr(port);
+    let both = trusting(&[&old, &new]);
+    std::fs::write(files.join("server.pem"), &new.server_cert_pem).expect("cert");
+    std::fs::write(files.join("server.key"), &new.server_key_pem).expect("key");
+    assert_eq!(
+        served_leaf(addr, both.clone()),
+        Some(old.server_cert.clone()),
+        "reloaded without SIGHUP"
+    );
+    agent.signal(libc::SIGHUP);
+    eventually(
+        Duration::from_secs(10),
+        "the certificate after SIGHUP",
+        || served_leaf(addr, both.clone()) == Some(new.server_cert.clone()),
+    );
+    assert!(
+        agent.log_text().contains("trigger=SIGHUP"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.child_running(), "SIGHUP stopped the agent");
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn limits_refuse_cleanly_and_count() {
+    let dir = test_dir("limits");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let (a, b) = (free_port(), free_port());
+    let upstream = echo_upstream();
+    let config = format!(
+        "[limits]\nmax_connections = 3\nmax_handshakes = 1\n{}max_connections = 2\n{}",
+        terminate_listener("a", a, upstream, &files),
+        terminate_listener("b", b, upstream, &files)
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let trust = trusting(&[&pki]);
+
+    // The handshake limit: a client that connects and says nothing holds the only place.
+    let silent = TcpStream::connect(agent_addr(b)).expect("connect");
+    std::thread::sleep(Duration::from_millis(300));
+    let refused = connect(agent_addr(a), trust.clone(), "localhost");
+    assert!(refused.is_err(), "a second handshake was let in");
+    drop(silent);
+    eventually(Duration::from_secs(10), "the handshake place back", || {
+        agent.log_text().contains("handshake failed")
+            || agent.log_text().contains("handshake timeout")
+    });
+
+    // The listener limit: a third session on "a" is closed at once (a FIN: read gives EOF).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut c = connect(agent_addr(a), trust.clone(), "localhost").expect("session on a");
+        echo(&mut c, b"x").expect("echo");
+        held.push(c);
+    }
+    let mut third = TcpStream::connect(agent_addr(a)).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut buf = [0u8; 16];
+    assert_eq!(third.read(&mut buf).expect("a FIN, not a reset"), 0);
+
+    // The node limit: 2 on "a" and 1 on "b" fill the 3 places; the next on "b" is refused.
+    let mut c = connect(agent_addr(b), trust.clone(), "localhost").expect("session on b");
+    echo(&mut c, b"y").expect("echo");
+    held.push(c);
+    let refused = connect(agent_addr(b), trust.clone(), "localhost");
+    assert!(refused.is_err(), "a fourth connection was let in");
+
+    // Places come back when connections end.
+    for c in held {
+        finish(c);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the three sessions' reports",
+        || {
+            metric(
+                &agent.metrics(),
+                "tlsplice_connections_total",
+                &["outcome=\"ok\""],
+            ) == 3.0
+        },
+    );
+    let mut c = connect(agent_addr(b), trust.clone(), "localhost").expect("a place again");
+    echo(&mut c, b"z").expect("echo");
+    finish(c);
+
+    let m = agent.metrics();
+    for (listener, reason) in [
+        ("a", "handshake limit"),
+        ("a", "listener connection limit"),
+        ("b", "connection limit"),
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                "tlsplice_connections_total",
+                &[
+                    &format!("listener=\"{listener}\""),
+                    &format!("outcome=\"{reason}\"")
+                ]
+            ),
+            1.0,
+            "{listener} {reason}:\n{m}"
+        );
+    }
+    let log = agent.log_text();
+    for reason in ["handshake limit", "listener connection limit"] {
+        assert_eq!(
+            log.matches(&format!("reason={reason} ")).count(),
+            1,
+            "one log line for {reason}:\n{log}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sigterm_drains_then_closes_what_is_left() {
+    let dir = test_dir("drain");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let port = free_port();
+    let config = format!(
+        "[limits]\ndrain_timeout_ms = 3000\n{}",
+        terminate_listener("web", port, echo_upstream(), &files)
+    );
+    let mut agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let trust = trusting(&[&pki]);
+    let mut busy = connect(agent_addr(port), trust.clone(), "localhost").expect("busy");
+    let mut idle = connect(agent_addr(port), trust.clone(), "localhost").expect("idle");
+    echo(&mut busy, b"before").expect("echo");
+    echo(&mut idle, b"before").expect("echo");
+
+    let signalled = Instant::now();
+    agent.signal(libc::SIGTERM);
+    eventually(Duration::from_secs(5), "/readyz to say draining", || {
+        agent.get("/readyz") == (503, "draining\n".to_owned())
+    });
+    // No new connections: the listener is closed.
+    eventually(Duration::from_secs(5), "the listener to close", || {
+        agent.log_text().contains("listener closed; draining its connections")
+    });
+    let err = TcpStream::connect(agent_addr(port)).expect_err("the listener still accepts");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    // An established connection keeps working during the drain and ends on its own.
+    for _ in 0..5 {
+        echo(&mut busy, b"during the drain").expect("echo while draining");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    finish(busy);
+    // The idle one is closed at the deadline.
+    let mut buf = [0u8; 16];
+    let closed = idle.sock.read(&mut buf);
+    let waited = signalled.elapsed();
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    let status = agent.terminate().expect("the agent exits after the drain");
+    assert!(status.success(), "{status}");
+    let log = agent.log_text();
+    assert_eq!(log.matches("reason=drain deadline").count(), 1, "{log}");
+    assert_eq!(log.matches("connection closed").count(), 1, "{log}");
+    assert!(log.contains("stopped"), "{log}");
+}
