@@ -53,19 +53,28 @@ pub enum Readiness {
 #[derive(Debug)]
 pub struct AdminState {
     readiness: std::sync::Mutex<Readiness>,
-    /// The effective configuration, rendered once.
-    config_json: String,
+    /// The effective configuration, rendered at start and after each reload.
+    config_json: std::sync::Mutex<String>,
+}
+
+fn render(config: &crate::config::Config) -> String {
+    serde_json::to_string_pretty(config)
+        .unwrap_or_else(|e| format!("{{\"error\": \"rendering the configuration: {e}\"}}"))
+        + "\n"
 }
 
 impl AdminState {
     /// Starting, with the effective configuration (file, flags and environment merged).
     pub fn new(config: &crate::config::Config) -> Self {
-        let config_json = serde_json::to_string_pretty(config)
-            .unwrap_or_else(|e| format!("{{\"error\": \"rendering the configuration: {e}\"}}"));
         Self {
             readiness: std::sync::Mutex::new(Readiness::Starting),
-            config_json: config_json + "\n",
+            config_json: std::sync::Mutex::new(render(config)),
         }
+    }
+
+    /// The effective configuration after a reload.
+    pub fn set_config(&self, config: &crate::config::Config) {
+        *self.config_json.lock().unwrap_or_else(|p| p.into_inner()) = render(config);
     }
 
     /// Moves to `r`.
@@ -117,7 +126,11 @@ impl Admin {
             .route(
                 "/config",
                 get(move || {
-                    let text = state.config_json.clone();
+                    let text = state
+                        .config_json
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
                     async move { ([(header::CONTENT_TYPE, "application/json")], text) }
                 }),
             );

@@ -270,6 +270,42 @@ pub struct BpfSettings {
     pub cgroup: Option<PathBuf>,
 }
 
+fn fill_ports<T: std::borrow::BorrowMut<MapData>>(
+    ports: &mut BpfHashMap<T, u16, u16>,
+    listeners: &[ListenerEntry],
+) -> Result<(), BpfError> {
+    let mut seen = std::collections::BTreeMap::new();
+    for l in listeners {
+        if l.port == 0 {
+            tracing::warn!(listener = %l.name, "listener has no bound port: its kernel-side counts are off");
+            continue;
+        }
+        if let Some(first) = seen.insert(l.port, l.name.as_str()) {
+            tracing::warn!(listener = %l.name, other = %first, port = l.port,
+                "two listeners share a port: the kernel counts their connections and records under the last one");
+        }
+        ports
+            .insert(l.port, l.index, 0)
+            .map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+    }
+    Ok(())
+}
+
+fn fill_names<T: std::borrow::BorrowMut<MapData>>(
+    names: &mut BpfHashMap<T, u16, ListenerName>,
+    listeners: &[ListenerEntry],
+) -> Result<(), BpfError> {
+    for l in listeners {
+        let mut bytes = [0u8; LISTENER_NAME_LEN];
+        let len = l.name.len().min(LISTENER_NAME_LEN);
+        bytes[..len].copy_from_slice(&l.name.as_bytes()[..len]);
+        names
+            .insert(l.index, ListenerName { bytes }, 0)
+            .map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
+    }
+    Ok(())
+}
+
 /// A listener as the maps know it.
 #[derive(Debug, Clone)]
 pub struct ListenerEntry {
@@ -290,6 +326,10 @@ pub struct LoadedBpf {
     stats: Mutex<PerCpuHashMap<MapData, StatKey, u64>>,
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<BpfHashMap<MapData, u64, SockmapPeer>>,
+    /// Listener port -> counter index, for the kernel-side counts.
+    ports: Mutex<BpfHashMap<MapData, u16, u16>>,
+    /// Counter index -> listener name, for `tlsplice stats`.
+    names: Mutex<BpfHashMap<MapData, u16, ListenerName>>,
     /// Sockets of live [`SockmapPair`]s.
     sockmap_sockets: std::sync::atomic::AtomicU64,
     nr_cpus: usize,
@@ -324,20 +364,7 @@ impl LoadedBpf {
                 .ok_or(BpfError::Missing(MAP_LISTENER_PORTS))?;
             let mut ports: BpfHashMap<_, u16, u16> =
                 BpfHashMap::try_from(ports).map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
-            let mut seen = std::collections::BTreeMap::new();
-            for l in listeners {
-                if l.port == 0 {
-                    tracing::warn!(listener = %l.name, "listener has no bound port: its kernel-side counts are off");
-                    continue;
-                }
-                if let Some(first) = seen.insert(l.port, l.name.as_str()) {
-                    tracing::warn!(listener = %l.name, other = %first, port = l.port,
-                        "two listeners share a port: the kernel counts their connections and records under the last one");
-                }
-                ports
-                    .insert(l.port, l.index, 0)
-                    .map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
-            }
+            fill_ports(&mut ports, listeners)?;
         }
         {
             let names = ebpf
@@ -345,14 +372,7 @@ impl LoadedBpf {
                 .ok_or(BpfError::Missing(MAP_LISTENER_NAMES))?;
             let mut names: BpfHashMap<_, u16, ListenerName> =
                 BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
-            for l in listeners {
-                let mut bytes = [0u8; LISTENER_NAME_LEN];
-                let len = l.name.len().min(LISTENER_NAME_LEN);
-                bytes[..len].copy_from_slice(&l.name.as_bytes()[..len]);
-                names
-                    .insert(l.index, ListenerName { bytes }, 0)
-                    .map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
-            }
+            fill_names(&mut names, listeners)?;
         }
 
         let cgroup = match &settings.cgroup {
@@ -418,6 +438,14 @@ impl LoadedBpf {
             .ok_or(BpfError::Missing(MAP_PEERS))?;
         let peers: BpfHashMap<MapData, u64, SockmapPeer> =
             BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
+        let ports = ebpf
+            .take_map(MAP_LISTENER_PORTS)
+            .ok_or(BpfError::Missing(MAP_LISTENER_PORTS))?;
+        let ports = BpfHashMap::try_from(ports).map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+        let names = ebpf
+            .take_map(MAP_LISTENER_NAMES)
+            .ok_or(BpfError::Missing(MAP_LISTENER_NAMES))?;
+        let names = BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
         let stats = ebpf
             .take_map(MAP_STATS)
             .ok_or(BpfError::Missing(MAP_STATS))?;
@@ -432,11 +460,34 @@ impl LoadedBpf {
             stats: Mutex::new(stats),
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
+            ports: Mutex::new(ports),
+            names: Mutex::new(names),
             sockmap_sockets: std::sync::atomic::AtomicU64::new(0),
             nr_cpus,
             pins,
             cgroup,
         })
+    }
+
+    /// Makes the listener maps say `listeners` (after a reload added or removed some): ports
+    /// of listeners that are gone stop being counted; names stay, so their counters keep a name.
+    pub fn set_listeners(&self, listeners: &[ListenerEntry]) -> Result<(), BpfError> {
+        {
+            let mut ports = self.ports.lock().unwrap_or_else(|p| p.into_inner());
+            let stale: Vec<u16> = ports
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|port| !listeners.iter().any(|l| l.port == *port))
+                .collect();
+            for port in stale {
+                ports
+                    .remove(&port)
+                    .map_err(|e| map_error("TLSPLICE_PORTS", &e))?;
+            }
+            fill_ports(&mut ports, listeners)?;
+        }
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        fill_names(&mut names, listeners)
     }
 
     /// The bpffs directory holding the pins.

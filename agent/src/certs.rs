@@ -222,70 +222,100 @@ fn warn_expiring(
     }
 }
 
+/// Every listener's TLS material by counter index, as the proxy keeps it across reloads.
+pub type Registry = Arc<Mutex<BTreeMap<u16, Arc<WatchedTls>>>>;
+
 /// Publishes every listener's certificates, then checks their files every
-/// `config.reload_interval` and whenever `hup` is notified (SIGHUP), until dropped.
+/// `config.reload_interval` and whenever `hup` is notified (SIGHUP), until dropped. Listeners
+/// added or changed by a reload are picked up from `registry`.
 pub async fn watch(
-    listeners: Vec<(u16, Arc<WatchedTls>)>,
+    registry: Registry,
     telemetry: Arc<Telemetry>,
     config: CertsConfig,
     hup: Arc<tokio::sync::Notify>,
 ) {
     let mut warned = BTreeSet::new();
-    for (index, tls) in &listeners {
-        let certs = tls.current().certs.clone();
-        warn_expiring(
-            &tls.listener.name,
-            &certs,
-            config.expiry_warning(),
-            &mut warned,
-        );
-        telemetry.set_certificates(*index, certs);
-    }
+    // Which material each index's certificates were last published from.
+    let mut published: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut why = "start";
     loop {
-        let why = tokio::select! {
+        let listeners: Vec<(u16, Arc<WatchedTls>)> = registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(i, t)| (*i, t.clone()))
+            .collect();
+        for (index, tls) in &listeners {
+            let id = Arc::as_ptr(tls) as usize;
+            if published.insert(*index, id) != Some(id) {
+                let certs = tls.current().certs.clone();
+                warn_expiring(
+                    &tls.listener.name,
+                    &certs,
+                    config.expiry_warning(),
+                    &mut warned,
+                );
+                telemetry.set_certificates(*index, certs);
+            }
+        }
+        if why != "start" {
+            check(listeners, &telemetry, &config, why, &mut warned).await;
+        }
+        why = tokio::select! {
             () = tokio::time::sleep(config.reload_interval()) => "interval",
             () = hup.notified() => "SIGHUP",
         };
-        let checked = listeners.clone();
-        let outcomes = match tokio::task::spawn_blocking(move || {
-            checked
-                .iter()
-                .map(|(index, tls)| (*index, tls.clone(), tls.check()))
-                .collect::<Vec<_>>()
-        })
-        .await
-        {
-            Ok(outcomes) => outcomes,
-            Err(e) => {
-                tracing::error!(error = %e, "certificate check failed to run");
-                continue;
-            }
-        };
-        let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
-        for (index, tls, outcome) in outcomes {
-            let name = &tls.listener.name;
-            match &outcome {
-                Reload::Unchanged => *summary.entry("unchanged").or_default() += 1,
-                Reload::StillFailing => *summary.entry("still failing").or_default() += 1,
-                Reload::Reloaded => {
-                    let certs = tls.current().certs.clone();
-                    tracing::info!(listener = %name, trigger = %why,
-                        certificates = certs.len(), "TLS material reloaded: new handshakes use it");
-                    telemetry.set_certificates(index, certs);
-                    telemetry.count_reload(index, true);
-                }
-                Reload::Failed(e) => {
-                    tracing::error!(listener = %name, trigger = %why, error = %e,
-                        "TLS material changed but does not load: the previous material keeps serving");
-                    telemetry.count_reload(index, false);
-                }
-            }
-            telemetry.set_reload_failing(index, tls.failing().is_some());
-            let certs = tls.current().certs.clone();
-            warn_expiring(name, &certs, config.expiry_warning(), &mut warned);
+    }
+}
+
+/// One check of every listener's files.
+async fn check(
+    listeners: Vec<(u16, Arc<WatchedTls>)>,
+    telemetry: &Telemetry,
+    config: &CertsConfig,
+    why: &str,
+    warned: &mut BTreeSet<(PathBuf, i64)>,
+) {
+    let outcomes = match tokio::task::spawn_blocking(move || {
+        listeners
+            .iter()
+            .map(|(index, tls)| (*index, tls.clone(), tls.check()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::error!(error = %e, "certificate check failed to run");
+            return;
         }
-        if why == "SIGHUP" {
-            tracing::info!(?summary, "SIGHUP: certificate files checked");
+    };
+    let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
+    for (index, tls, outcome) in outcomes {
+        let name = &tls.listener.name;
+        match &outcome {
+            Reload::Unchanged => *summary.entry("unchanged").or_default() += 1,
+            Reload::StillFailing => *summary.entry("still failing").or_default() += 1,
+            Reload::Reloaded => {
+                *summary.entry("reloaded").or_default() += 1;
+                let certs = tls.current().certs.clone();
+                tracing::info!(listener = %name, trigger = %why,
+                    certificates = certs.len(), "TLS material reloaded: new handshakes use it");
+                telemetry.set_certificates(index, certs);
+                telemetry.count_reload(index, true);
+            }
+            Reload::Failed(e) => {
+                *summary.entry("failed").or_default() += 1;
+                tracing::error!(listener = %name, trigger = %why, error = %e,
+                    "TLS material changed but does not load: the previous material keeps serving");
+                telemetry.count_reload(index, false);
+            }
         }
+        telemetry.set_reload_failing(index, tls.failing().is_some());
+        let certs = tls.current().certs.clone();
+        warn_expiring(name, &certs, config.expiry_warning(), warned);
+    }
+    if why == "SIGHUP" {
+        tracing::info!(?summary, "SIGHUP: certificate files checked");
     }
 }

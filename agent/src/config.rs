@@ -35,7 +35,7 @@ impl Mode {
 }
 
 /// How the agent connects to a TLS upstream (reencrypt, originate).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTls {
     /// Name the upstream certificate must carry; sent as SNI.
@@ -76,7 +76,7 @@ pub enum DataPathPolicy {
 }
 
 /// One listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Name used in logs and metrics.
@@ -139,7 +139,7 @@ pub struct ListenerConfig {
 }
 
 /// A listener certificate chosen by the client's server name.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SniCertificate {
     /// PEM certificate chain, leaf first.
@@ -207,7 +207,7 @@ pub enum PassthroughPath {
 }
 
 /// The `[ebpf]` section.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EbpfConfig {
     /// Load the programs or not.
@@ -243,7 +243,7 @@ impl Default for EbpfConfig {
 }
 
 /// The `[admin]` section.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin server (`/metrics`, `/healthz`).
@@ -264,7 +264,7 @@ impl Default for AdminConfig {
 }
 
 /// The `[limits]` section: node-wide limits and the drain deadline.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Connections held at once over all listeners; over it new ones are closed at once and
@@ -311,7 +311,7 @@ impl LimitsConfig {
 }
 
 /// The `[certs]` section: how certificate files are watched.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertsConfig {
     /// Milliseconds between checks of every certificate, key and CA file for new contents
@@ -354,7 +354,7 @@ impl CertsConfig {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listeners, each with its own mode.

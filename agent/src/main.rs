@@ -38,35 +38,14 @@ enum Command {
         #[arg(long, env = "TLSPLICE_CONFIG")]
         config: Option<PathBuf>,
     },
-    /// Serve the listeners of a configuration file until SIGTERM or Ctrl-C.
+    /// Serve the listeners of a configuration file until SIGTERM or Ctrl-C; SIGHUP reads it
+    /// again (listeners added, changed, removed) and checks the certificate files.
     Run {
         /// The TOML configuration.
         #[arg(long, env = "TLSPLICE_CONFIG")]
         config: PathBuf,
-        /// Load the eBPF programs: auto (serve without them when they cannot load, and say
-        /// why), required, off. Overrides `ebpf.mode`.
-        #[arg(long, env = "TLSPLICE_EBPF", value_enum)]
-        ebpf: Option<tlsplice::config::EbpfMode>,
-        /// bpffs directory for the pinned maps and programs. Overrides `ebpf.pin_path`.
-        #[arg(long, env = "TLSPLICE_BPF_PIN_PATH")]
-        bpf_pin_path: Option<PathBuf>,
-        /// Data path of passthrough listeners: splice, sockmap, or auto (measure both at start).
-        /// Overrides `ebpf.passthrough`.
-        #[arg(long, env = "TLSPLICE_PASSTHROUGH_PATH", value_enum)]
-        passthrough_path: Option<tlsplice::config::PassthroughPath>,
-        /// Admin server address (/metrics, /healthz, /readyz, /config). Overrides
-        /// `admin.listen`.
-        #[arg(long, env = "TLSPLICE_ADMIN_ADDR")]
-        admin_addr: Option<std::net::SocketAddr>,
-        /// Connections held at once over all listeners. Overrides `limits.max_connections`.
-        #[arg(long, env = "TLSPLICE_MAX_CONNECTIONS")]
-        max_connections: Option<usize>,
-        /// TLS handshakes in progress at once. Overrides `limits.max_handshakes`.
-        #[arg(long, env = "TLSPLICE_MAX_HANDSHAKES")]
-        max_handshakes: Option<usize>,
-        /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
-        #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
-        drain_timeout_ms: Option<u64>,
+        #[command(flatten)]
+        flags: NodeFlags,
     },
     /// Print a running agent's counters, read from its pinned BPF maps.
     Stats {
@@ -90,6 +69,63 @@ enum Command {
         #[arg(long, env = "TLSPLICE_CONFIG")]
         config: PathBuf,
     },
+}
+
+/// Node flags: each overrides its key in the file, and each is also read from a TLSPLICE_*
+/// environment variable (the DaemonSet way).
+#[derive(Debug, Clone, clap::Args)]
+struct NodeFlags {
+    /// Load the eBPF programs: auto (serve without them when they cannot load, and say
+    /// why), required, off. Overrides `ebpf.mode`.
+    #[arg(long, env = "TLSPLICE_EBPF", value_enum)]
+    ebpf: Option<tlsplice::config::EbpfMode>,
+    /// bpffs directory for the pinned maps and programs. Overrides `ebpf.pin_path`.
+    #[arg(long, env = "TLSPLICE_BPF_PIN_PATH")]
+    bpf_pin_path: Option<PathBuf>,
+    /// Data path of passthrough listeners: splice, sockmap, or auto (measure both at start).
+    /// Overrides `ebpf.passthrough`.
+    #[arg(long, env = "TLSPLICE_PASSTHROUGH_PATH", value_enum)]
+    passthrough_path: Option<tlsplice::config::PassthroughPath>,
+    /// Admin server address (/metrics, /healthz, /readyz, /config). Overrides
+    /// `admin.listen`.
+    #[arg(long, env = "TLSPLICE_ADMIN_ADDR")]
+    admin_addr: Option<std::net::SocketAddr>,
+    /// Connections held at once over all listeners. Overrides `limits.max_connections`.
+    #[arg(long, env = "TLSPLICE_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// TLS handshakes in progress at once. Overrides `limits.max_handshakes`.
+    #[arg(long, env = "TLSPLICE_MAX_HANDSHAKES")]
+    max_handshakes: Option<usize>,
+    /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
+    #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
+    drain_timeout_ms: Option<u64>,
+}
+
+impl NodeFlags {
+    /// The file's configuration with these flags over it.
+    fn apply(&self, c: &mut tlsplice::config::Config) {
+        if let Some(n) = self.max_connections {
+            c.limits.max_connections = n;
+        }
+        if let Some(n) = self.max_handshakes {
+            c.limits.max_handshakes = n;
+        }
+        if let Some(ms) = self.drain_timeout_ms {
+            c.limits.drain_timeout_ms = ms;
+        }
+        if let Some(mode) = self.ebpf {
+            c.ebpf.mode = mode;
+        }
+        if let Some(path) = &self.bpf_pin_path {
+            c.ebpf.pin_path.clone_from(path);
+        }
+        if let Some(path) = self.passthrough_path {
+            c.ebpf.passthrough = path;
+        }
+        if let Some(addr) = self.admin_addr {
+            c.admin.listen = addr;
+        }
+    }
 }
 
 fn main() -> Result<()> {
@@ -137,39 +173,10 @@ fn main() -> Result<()> {
                 c.listeners.len()
             );
         }
-        Command::Run {
-            config,
-            ebpf,
-            bpf_pin_path,
-            passthrough_path,
-            admin_addr,
-            max_connections,
-            max_handshakes,
-            drain_timeout_ms,
-        } => {
+        Command::Run { config, flags } => {
             let mut c = valid_config(&config)?;
-            if let Some(n) = max_connections {
-                c.limits.max_connections = n;
-            }
-            if let Some(n) = max_handshakes {
-                c.limits.max_handshakes = n;
-            }
-            if let Some(ms) = drain_timeout_ms {
-                c.limits.drain_timeout_ms = ms;
-            }
-            if let Some(mode) = ebpf {
-                c.ebpf.mode = mode;
-            }
-            if let Some(path) = bpf_pin_path {
-                c.ebpf.pin_path = path;
-            }
-            if let Some(path) = passthrough_path {
-                c.ebpf.passthrough = path;
-            }
-            if let Some(addr) = admin_addr {
-                c.admin.listen = addr;
-            }
-            run(&c)?;
+            flags.apply(&mut c);
+            run(&c, &config, &flags)?;
         }
         Command::Stats {
             bpf_pin_path,
@@ -180,34 +187,104 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Loads a configuration and every listener's TLS material; on any problem prints each one
-/// (file, listener, key or file) to stderr and exits with status 1.
+/// A configuration and every listener's TLS material, or every problem with either (file,
+/// listener, key or file).
+fn checked_config(path: &std::path::Path) -> Result<tlsplice::config::Config, Vec<String>> {
+    let config = tlsplice::config::Config::load(path)
+        .map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
+    let problems: Vec<String> = tlsplice::proxy::check_material(&config)
+        .into_iter()
+        .map(|p| format!("{}: {p}", path.display()))
+        .collect();
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(problems)
+    }
+}
+
+/// [`checked_config`], or every problem printed to stderr and exit status 1.
 fn valid_config(path: &std::path::Path) -> Result<tlsplice::config::Config> {
-    let mut problems = Vec::new();
-    let config = match tlsplice::config::Config::load(path) {
-        Ok(c) => Some(c),
+    checked_config(path).or_else(|problems| {
+        for p in &problems {
+            eprintln!("{p}");
+        }
+        eprintln!("{}: invalid: {} problem(s)", path.display(), problems.len());
+        std::process::exit(1)
+    })
+}
+
+/// SIGHUP: reads the file again (with the same flags over it) and applies its listeners.
+/// Sections other than the listeners take effect at the next start, and the log says so.
+async fn reload(
+    path: &std::path::Path,
+    flags: &NodeFlags,
+    current: &mut tlsplice::config::Config,
+    control: &tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
+    admin: &tlsplice::admin::AdminState,
+    telemetry: &tlsplice::metrics::Telemetry,
+) {
+    let path_owned = path.to_owned();
+    let loaded = tokio::task::spawn_blocking(move || checked_config(&path_owned)).await;
+    let mut next = match loaded {
+        Ok(Ok(c)) => c,
+        Ok(Err(problems)) => {
+            tracing::error!(config = %path.display(), ?problems,
+                "SIGHUP: the configuration does not load: nothing changed");
+            telemetry.count_config_reload(false);
+            return;
+        }
         Err(e) => {
-            problems.extend(e.to_string().lines().map(str::to_owned));
-            None
+            tracing::error!(error = %e, "SIGHUP: reading the configuration failed to run");
+            telemetry.count_config_reload(false);
+            return;
         }
     };
-    if let Some(c) = &config {
-        problems.extend(
-            tlsplice::proxy::check_material(c)
-                .into_iter()
-                .map(|p| format!("{}: {p}", path.display())),
-        );
-    }
-    match config {
-        Some(c) if problems.is_empty() => Ok(c),
-        _ => {
-            for p in &problems {
-                eprintln!("{p}");
-            }
-            eprintln!("{}: invalid: {} problem(s)", path.display(), problems.len());
-            std::process::exit(1);
+    flags.apply(&mut next);
+    for (section, same) in [
+        ("ebpf", section_eq(&current.ebpf, &next.ebpf)),
+        ("admin", section_eq(&current.admin, &next.admin)),
+        ("limits", section_eq(&current.limits, &next.limits)),
+        ("certs", section_eq(&current.certs, &next.certs)),
+    ] {
+        if !same {
+            tracing::warn!(
+                section,
+                "SIGHUP: [{section}] changed: it takes effect at the next start"
+            );
         }
     }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let applied = match control
+        .send(tlsplice::proxy::Control::Reload(
+            Box::new(next.clone()),
+            reply,
+        ))
+        .await
+    {
+        Ok(()) => answer
+            .await
+            .unwrap_or_else(|_| Err("the proxy has stopped".into())),
+        Err(_) => Err("the proxy has stopped".into()),
+    };
+    match applied {
+        Ok(summary) => {
+            current.listeners = next.listeners;
+            admin.set_config(current);
+            telemetry.count_config_reload(true);
+            tracing::info!(added = ?summary.added, removed = ?summary.removed,
+                changed = ?summary.changed, unchanged = ?summary.unchanged,
+                "SIGHUP: configuration reloaded");
+        }
+        Err(e) => {
+            telemetry.count_config_reload(false);
+            tracing::error!(error = %e, "SIGHUP: the new listeners could not be set up: nothing changed");
+        }
+    }
+}
+
+fn section_eq<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
 }
 
 fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<()> {
@@ -255,7 +332,7 @@ fn load_bpf(
     Ok(loaded)
 }
 
-fn run(config: &tlsplice::config::Config) -> Result<()> {
+fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFlags) -> Result<()> {
     match tlsplice::limits::raise_open_files() {
         Ok(n) => tracing::info!(open_files = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
@@ -334,10 +411,6 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
             config.certs.clone(),
             hup.clone(),
         ));
-        for l in &config.listeners {
-            tracing::info!(listener = %l.name, mode = ?l.mode, addr = ?proxy.local_addr(&l.name),
-                upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
-        }
         let ebpf = match telemetry.ebpf() {
             Ok(()) => "eBPF loaded".to_owned(),
             Err(why) => format!("eBPF off ({why})"),
@@ -348,13 +421,15 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
         )));
         tracing::info!(addr = ?admin.local_addr(), "admin server listening");
         tokio::spawn(admin.run());
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let (control, control_rx) = tokio::sync::mpsc::channel(4);
         let drain = config.limits.drain_timeout();
-        let serving = tokio::spawn(proxy.serve(async move { stop_rx.await.unwrap_or(drain) }));
+        let serving = tokio::spawn(proxy.serve(control_rx));
+        let mut current = config.clone();
         let why = loop {
             tokio::select! {
                 _ = hangups.recv() => {
-                    tracing::info!("SIGHUP: checking certificate files now");
+                    tracing::info!("SIGHUP: reading the configuration and checking certificate files");
+                    reload(path, flags, &mut current, &control, &admin_state, &telemetry).await;
                     hup.notify_one();
                 }
                 _ = terms.recv() => break "SIGTERM",
@@ -367,7 +442,7 @@ fn run(config: &tlsplice::config::Config) -> Result<()> {
             "stopping: listeners closed, draining connections"
         );
         admin_state.set(tlsplice::admin::Readiness::Draining);
-        let _ = stop_tx.send(drain);
+        let _ = control.send(tlsplice::proxy::Control::Stop(drain)).await;
         serving.await.context("the proxy task failed")?;
         tracing::info!("stopped");
         anyhow::Ok(())

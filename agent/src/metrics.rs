@@ -30,13 +30,15 @@ enum Store {
 
 /// The agent's counters and the state of its eBPF programs.
 pub struct Telemetry {
-    listeners: BTreeMap<u16, String>,
+    listeners: Mutex<BTreeMap<u16, String>>,
     store: Store,
     /// `Err` says why eBPF is off.
     ebpf: Result<(), String>,
     /// Certificates and their reloads, per listener index (user-space state, not counters of
     /// the data plane, so not in the BPF map).
     certs: Mutex<BTreeMap<u16, CertState>>,
+    /// SIGHUP configuration reloads: applied, refused.
+    config_reloads: Mutex<(u64, u64)>,
 }
 
 /// One listener's certificates as now served, and its reloads.
@@ -70,10 +72,11 @@ impl Telemetry {
     /// Counters in memory; `why` says why eBPF is off.
     pub fn memory(listeners: BTreeMap<u16, String>, why: String) -> Self {
         Self {
-            listeners,
+            listeners: Mutex::new(listeners),
             store: Store::Memory(Mutex::new(BTreeMap::new())),
             ebpf: Err(why),
             certs: Mutex::default(),
+            config_reloads: Mutex::default(),
         }
     }
 
@@ -82,10 +85,11 @@ impl Telemetry {
     pub fn new(listeners: BTreeMap<u16, String>, bpf: Result<LoadedBpf, BpfError>) -> Self {
         match bpf {
             Ok(bpf) => Self {
-                listeners,
+                listeners: Mutex::new(listeners),
                 store: Store::Bpf(Box::new(bpf)),
                 ebpf: Ok(()),
                 certs: Mutex::default(),
+                config_reloads: Mutex::default(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -126,6 +130,35 @@ impl Telemetry {
                     *cell = cell.wrapping_add(*n);
                 }
             }
+        }
+    }
+
+    /// Every listener's name by counter index, those removed by a reload included.
+    pub fn listener_names(&self) -> BTreeMap<u16, String> {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Names a listener added by a reload; in the BPF maps too when eBPF is on.
+    pub fn add_listener(&self, index: u16, name: &str) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, name.to_owned());
+    }
+
+    /// Counts one configuration reload, applied or refused.
+    pub fn count_config_reload(&self, applied: bool) {
+        let mut n = self
+            .config_reloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if applied {
+            n.0 += 1;
+        } else {
+            n.1 += 1;
         }
     }
 
@@ -207,7 +240,7 @@ impl Telemetry {
         };
         Ok(PinnedSnapshot {
             counters,
-            listeners: self.listeners.clone(),
+            listeners: self.listener_names(),
             sockmap_sockets: self.bpf().map(LoadedBpf::sockmap_sockets),
             sockmap_peers: None,
         })
@@ -472,6 +505,22 @@ impl Collector for TelemetryCollector {
                 .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
         }
         self.encode_certs(&mut encoder)?;
+        let (applied, refused) = *self
+            .0
+            .config_reloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut reloads = encoder.encode_descriptor(
+            "tlsplice_config_reloads",
+            "Configuration reloads on SIGHUP, by whether they were applied",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in [("applied", applied), ("refused", refused)] {
+            reloads
+                .encode_family(&[("outcome", outcome)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
         if let Ok(Some(stats)) = TlsStat::read() {
             let mut metric = encoder.encode_descriptor(
                 "tlsplice_kernel_tls_stat",
@@ -501,7 +550,8 @@ impl TelemetryCollector {
         if certs.is_empty() {
             return Ok(());
         }
-        let name = |i: &u16| self.0.listeners.get(i).cloned().unwrap_or_default();
+        let names = self.0.listener_names();
+        let name = |i: &u16| names.get(i).cloned().unwrap_or_default();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));

@@ -628,6 +628,8 @@ pub struct AgentProcess {
     pub admin: SocketAddr,
     /// Its BPF pin directory.
     pub pin: PathBuf,
+    /// Its configuration file (rewrite it and send SIGHUP to reload).
+    pub config: PathBuf,
 }
 
 impl AgentProcess {
@@ -752,6 +754,7 @@ impl AgentProcess {
             log,
             admin,
             pin,
+            config: path,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !agent.log_text().contains("admin server listening") {

@@ -730,7 +730,9 @@ fn sigterm_drains_then_closes_what_is_left() {
     });
     // No new connections: the listener is closed.
     eventually(Duration::from_secs(5), "the listener to close", || {
-        agent.log_text().contains("listener closed; draining its connections")
+        agent
+            .log_text()
+            .contains("listener closed; draining its connections")
     });
     let err = TcpStream::connect(agent_addr(port)).expect_err("the listener still accepts");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
@@ -755,4 +757,154 @@ fn sigterm_drains_then_closes_what_is_left() {
     assert_eq!(log.matches("reason=drain deadline").count(), 1, "{log}");
     assert_eq!(log.matches("connection closed").count(), 1, "{log}");
     assert!(log.contains("stopped"), "{log}");
+}
+
+/// An upstream that greets each connection with `tag` and a newline, then echoes.
+fn tagged_upstream(tag: &'static str) -> SocketAddr {
+    serve(move |mut sock| {
+        if writeln!(sock, "{tag}").is_ok() {
+            let _ = std::io::copy(&mut &sock, &mut &sock);
+        }
+    })
+}
+
+/// Reads the upstream's greeting line through a session.
+fn greeting(c: &mut Client) -> String {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while byte[0] != b'\n' {
+        c.read_exact(&mut byte).expect("greeting");
+        line.push(byte[0]);
+    }
+    String::from_utf8_lossy(&line).trim().to_owned()
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sighup_adds_changes_and_removes_listeners_without_dropping_connections() {
+    let dir = test_dir("hup-listeners");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let (keep, gone, change, new) = (free_port(), free_port(), free_port(), free_port());
+    let (one, two) = (tagged_upstream("upstream-1"), tagged_upstream("upstream-2"));
+    let v1 = format!(
+        "[limits]\ndrain_timeout_ms = 60000\n{}{}{}",
+        terminate_listener("keep", keep, one, &files),
+        terminate_listener("gone", gone, one, &files),
+        terminate_listener("change", change, one, &files),
+    );
+    let mut agent = AgentProcess::start(&dir, &v1, &[], &pin_args());
+    let config_path = agent.config.clone();
+    let trust = trusting(&[&pki]);
+    let session = |port: u16| {
+        let mut c = connect(agent_addr(port), trust.clone(), "localhost").expect("session");
+        let tag = greeting(&mut c);
+        (c, tag)
+    };
+    let (mut on_keep, _) = session(keep);
+    let (mut on_gone, _) = session(gone);
+    let (mut on_change, tag) = session(change);
+    assert_eq!(tag, "upstream-1");
+
+    // A configuration that does not load changes nothing, and says so.
+    std::fs::write(&config_path, format!("{v1}[[listener]]\nname = \"keep\"\n")).expect("write");
+    agent.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(10), "the refusal", || {
+        agent
+            .log_text()
+            .contains("the configuration does not load: nothing changed")
+    });
+    // A listener that cannot bind (its port is taken) changes nothing either.
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = squatter.local_addr().expect("addr").port();
+    std::fs::write(
+        &config_path,
+        format!("{v1}{}", terminate_listener("squat", taken, one, &files)),
+    )
+    .expect("write");
+    agent.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(10), "the bind failure", || {
+        agent
+            .log_text()
+            .contains("the new listeners could not be set up: nothing changed")
+    });
+    drop(squatter);
+
+    // keep as it was, gone removed, change pointed at upstream 2, new added.
+    let v2 = format!(
+        "[limits]\ndrain_timeout_ms = 60000\n{}{}{}",
+        terminate_listener("keep", keep, one, &files),
+        terminate_listener("change", change, two, &files),
+        terminate_listener("new", new, two, &files),
+    );
+    std::fs::write(&config_path, &v2).expect("write");
+    agent.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(10), "the reload", || {
+        agent.log_text().contains("SIGHUP: configuration reloaded")
+    });
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("SIGHUP: configuration reloaded"))
+        .expect("reload line");
+    assert!(
+        line.contains("added=[\"new\"]")
+            && line.contains("removed=[\"gone\"]")
+            && line.contains("changed=[\"change\"]")
+            && line.contains("unchanged=[\"keep\"]"),
+        "{line}"
+    );
+
+    // Every established connection goes on, the removed listener's included (it drains).
+    for c in [&mut on_keep, &mut on_gone, &mut on_change] {
+        echo(c, b"after the reload").expect("established connection after the reload");
+    }
+    // New connections: refused on the removed listener, the new settings on the changed one,
+    // served on the new one.
+    let err = TcpStream::connect(agent_addr(gone)).expect_err("the removed listener accepts");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    let (c, tag) = session(change);
+    assert_eq!(
+        tag, "upstream-2",
+        "a new connection on the changed listener"
+    );
+    finish(c);
+    let (c, tag) = session(new);
+    assert_eq!(tag, "upstream-2");
+    finish(c);
+    for c in [on_keep, on_gone, on_change] {
+        finish(c);
+    }
+
+    let (_, body) = agent.get("/config");
+    let effective: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let names: Vec<&str> = effective["listener"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .filter_map(|l| l["name"].as_str())
+        .collect();
+    assert_eq!(names, ["keep", "change", "new"]);
+    let m = agent.metrics();
+    assert_eq!(
+        metric(
+            &m,
+            "tlsplice_config_reloads_total",
+            &["outcome=\"applied\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "tlsplice_config_reloads_total",
+            &["outcome=\"refused\""]
+        ),
+        2.0
+    );
+    eventually(Duration::from_secs(10), "every connection's report", || {
+        agent.log_text().matches("connection closed").count() == 5
+    });
+    assert_eq!(agent.log_text().matches("connection failed").count(), 0);
+    assert!(agent.child_running());
 }

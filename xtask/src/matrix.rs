@@ -420,7 +420,11 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     let binaries = build_test_binaries(root)?;
     let agent = build_agent(root)?;
     // The deployment files, offline: Kubernetes schemas, systemd-analyze, config drift.
-    cmd::run(Command::new("bash").arg(root.join("deploy/validate.sh")).arg(&agent))?;
+    cmd::run(
+        Command::new("bash")
+            .arg(root.join("deploy/validate.sh"))
+            .arg(&agent),
+    )?;
     mount_bpffs()?;
     let mut table: Vec<(String, Vec<(String, Outcome)>)> = Vec::new();
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")

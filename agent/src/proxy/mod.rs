@@ -383,11 +383,60 @@ pub fn check_material(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// What a serving proxy can be told.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply a new configuration's listeners (SIGHUP); the reply says what changed, or why
+    /// nothing did.
+    Reload(
+        Box<Config>,
+        tokio::sync::oneshot::Sender<Result<ReloadSummary, String>>,
+    ),
+    /// Stop accepting on every listener and drain for up to this long (SIGTERM).
+    Stop(std::time::Duration),
+}
+
+/// What a reload did, by listener name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// New listeners, bound and accepting.
+    pub added: Vec<String>,
+    /// Listeners closed; their connections drain.
+    pub removed: Vec<String>,
+    /// Listeners whose settings changed: new connections get the new settings, established
+    /// ones keep theirs (a changed address is a close and a new bind).
+    pub changed: Vec<String>,
+    /// Listeners left as they were.
+    pub unchanged: Vec<String>,
+}
+
+/// A listener being served.
+struct Running {
+    index: u16,
+    addr: SocketAddr,
+    state: watch::Sender<Arc<ListenerState>>,
+    stop: watch::Sender<Option<std::time::Duration>>,
+}
+
 /// Bound listeners, ready to serve.
 pub struct Proxy {
     /// Bound and listening, not yet registered with a runtime: the agent binds before it
     /// drops its capabilities and starts its worker threads.
     bound: Vec<(std::net::TcpListener, ListenerState)>,
+    caps: Arc<KernelCaps>,
+    reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+    limits: SharedLimits,
+    telemetry: Arc<Telemetry>,
+    passthrough: passthrough::PlainPath,
+    /// Every listener's TLS material by counter index, for the certificate watcher.
+    tls: Arc<std::sync::Mutex<BTreeMap<u16, Arc<WatchedTls>>>>,
+    /// The index the next new listener name gets (indexes are never reused, so the counters
+    /// of a removed listener keep its name).
+    next_index: u16,
+    /// Counter index by listener name, for every name seen.
+    indexes: BTreeMap<String, u16>,
+    /// How long a listener removed by a reload lets its connections finish.
+    drain: std::time::Duration,
 }
 
 impl Proxy {
@@ -405,25 +454,62 @@ impl Proxy {
             .map(|(i, l)| (listener_index(i), l.name.clone()))
             .collect();
         let telemetry = Arc::new(Telemetry::memory(names, "not loaded".into()));
-        let limits = SharedLimits::new(&config.limits);
-        let mut bound = Vec::new();
-        for (i, l) in config.listeners.iter().enumerate() {
-            let state = ListenerState::new(
-                l,
-                caps.clone(),
-                reports.clone(),
-                listener_index(i),
-                telemetry.clone(),
-                limits.clone(),
-            )?;
-            let listener = listen(l.listen).map_err(|source| ProxyError::Bind {
-                listener: l.name.clone(),
-                addr: l.listen,
-                source,
-            })?;
-            bound.push((listener, state));
+        let mut proxy = Self {
+            bound: Vec::new(),
+            caps,
+            reports,
+            limits: SharedLimits::new(&config.limits),
+            telemetry,
+            passthrough: passthrough::PlainPath::default(),
+            tls: Arc::default(),
+            next_index: 0,
+            indexes: BTreeMap::new(),
+            drain: config.limits.drain_timeout(),
+        };
+        for l in &config.listeners {
+            let index = proxy.index_of(&l.name);
+            let (listener, state) = proxy.prepare(l, index)?;
+            proxy.bound.push((listener, state));
         }
-        Ok(Self { bound })
+        Ok(proxy)
+    }
+
+    fn index_of(&mut self, name: &str) -> u16 {
+        if let Some(i) = self.indexes.get(name) {
+            return *i;
+        }
+        let i = self.next_index;
+        self.next_index = self.next_index.saturating_add(1);
+        self.indexes.insert(name.to_owned(), i);
+        i
+    }
+
+    fn state(&self, l: &ListenerConfig, index: u16) -> Result<ListenerState, ProxyError> {
+        let mut state = ListenerState::new(
+            l,
+            self.caps.clone(),
+            self.reports.clone(),
+            index,
+            self.telemetry.clone(),
+            self.limits.clone(),
+        )?;
+        state.passthrough = self.passthrough.clone();
+        Ok(state)
+    }
+
+    /// Loads a listener's material and binds its address.
+    fn prepare(
+        &self,
+        l: &ListenerConfig,
+        index: u16,
+    ) -> Result<(std::net::TcpListener, ListenerState), ProxyError> {
+        let state = self.state(l, index)?;
+        let listener = listen(l.listen).map_err(|source| ProxyError::Bind {
+            listener: l.name.clone(),
+            addr: l.listen,
+            source,
+        })?;
+        Ok((listener, state))
     }
 
     /// Every bound listener with its counter index and port, for the BPF maps.
@@ -440,6 +526,7 @@ impl Proxy {
 
     /// How passthrough listeners relay from now on.
     pub fn set_passthrough(&mut self, path: &passthrough::PlainPath) {
+        self.passthrough = path.clone();
         for (_, state) in &mut self.bound {
             state.passthrough = path.clone();
         }
@@ -454,6 +541,7 @@ impl Proxy {
 
     /// Where every listener counts its connections from now on.
     pub fn set_telemetry(&mut self, telemetry: &Arc<Telemetry>) {
+        self.telemetry = telemetry.clone();
         for (_, state) in &mut self.bound {
             state.telemetry = telemetry.clone();
         }
@@ -467,45 +555,180 @@ impl Proxy {
             .and_then(|(l, _)| l.local_addr().ok())
     }
 
-    /// Every listener's index and TLS material, for the certificate watcher.
-    pub fn tls_watchers(&self) -> Vec<(u16, Arc<WatchedTls>)> {
-        self.bound
-            .iter()
-            .map(|(_, s)| (s.index, s.tls.clone()))
-            .collect()
+    /// Every listener's TLS material by counter index, kept current across reloads, for the
+    /// certificate watcher.
+    pub fn tls_watchers(&self) -> Arc<std::sync::Mutex<BTreeMap<u16, Arc<WatchedTls>>>> {
+        {
+            let mut tls = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, s) in &self.bound {
+                tls.insert(s.index, s.tls.clone());
+            }
+        }
+        self.tls.clone()
     }
 
     /// Accepts on every listener until the task is dropped.
     pub async fn run(self) {
-        self.serve(std::future::pending()).await;
+        let (control, rx) = mpsc::channel(1);
+        self.serve(rx).await;
+        drop(control);
     }
 
-    /// Accepts on every listener until `stop` yields a drain deadline; then every listener
+    /// Starts accepting on a bound listener.
+    fn start(
+        &self,
+        loops: &mut tokio::task::JoinSet<()>,
+        running: &mut BTreeMap<String, Running>,
+        listener: std::net::TcpListener,
+        state: ListenerState,
+    ) {
+        let name = state.config.name.clone();
+        let addr = listener.local_addr().unwrap_or(state.config.listen);
+        let index = state.index;
+        self.tls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(index, state.tls.clone());
+        match TcpListener::from_std(listener) {
+            Ok(listener) => {
+                let l = &state.config;
+                tracing::info!(listener = %name, mode = ?l.mode, addr = %addr,
+                    upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
+                let (state_tx, state_rx) = watch::channel(Arc::new(state));
+                let (stop_tx, stop_rx) = watch::channel(None);
+                loops.spawn(accept_loop(listener, state_rx, stop_rx));
+                running.insert(
+                    name,
+                    Running {
+                        index,
+                        addr,
+                        state: state_tx,
+                        stop: stop_tx,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e,
+                    "cannot accept: registering the listener with the runtime failed");
+            }
+        }
+    }
+
+    /// Accepts on every listener, applying reloads, until told to stop; then every listener
     /// closes at once, established connections get until the deadline to finish, and those
     /// still open are closed (each reported with the reason `drain deadline`). Returns when
     /// every connection has ended.
-    pub async fn serve(self, stop: impl std::future::Future<Output = std::time::Duration>) {
-        let (tx, rx) = watch::channel(None);
-        let mut tasks = tokio::task::JoinSet::new();
-        for (listener, state) in self.bound {
-            match TcpListener::from_std(listener) {
-                Ok(listener) => {
-                    tasks.spawn(accept_loop(listener, Arc::new(state), rx.clone()));
+    pub async fn serve(mut self, mut control: mpsc::Receiver<Control>) {
+        let mut loops = tokio::task::JoinSet::new();
+        let mut running = BTreeMap::new();
+        for (listener, state) in std::mem::take(&mut self.bound) {
+            self.start(&mut loops, &mut running, listener, state);
+        }
+        let mut open = true;
+        loop {
+            tokio::select! {
+                message = control.recv(), if open => match message {
+                    None => open = false,
+                    Some(Control::Stop(deadline)) => {
+                        for r in running.values() {
+                            let _ = r.stop.send(Some(deadline));
+                        }
+                        break;
+                    }
+                    Some(Control::Reload(config, reply)) => {
+                        let result = self.reload(&config, &mut loops, &mut running);
+                        let _ = reply.send(result);
+                    }
+                },
+                // Accept loops end when their listener is removed (after its drain).
+                Some(_) = loops.join_next(), if !loops.is_empty() => {}
+                else => std::future::pending::<()>().await,
+            }
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    /// Applies `config`'s listeners: everything is loaded and bound first, so a reload that
+    /// fails anywhere changes nothing.
+    fn reload(
+        &mut self,
+        config: &Config,
+        loops: &mut tokio::task::JoinSet<()>,
+        running: &mut BTreeMap<String, Running>,
+    ) -> Result<ReloadSummary, String> {
+        let mut summary = ReloadSummary::default();
+        let mut changed_states = Vec::new();
+        let mut fresh = Vec::new();
+        let mut moved = Vec::new();
+        for l in &config.listeners {
+            let current = running.get(&l.name);
+            match current {
+                Some(r) if r.state.borrow().config == *l => summary.unchanged.push(l.name.clone()),
+                Some(r) if r.state.borrow().config.listen == l.listen => {
+                    let state = self.state(l, r.index).map_err(|e| e.to_string())?;
+                    changed_states.push(state);
+                    summary.changed.push(l.name.clone());
                 }
-                Err(e) => {
-                    tracing::error!(listener = %state.config.name, error = %e,
-                        "cannot accept: registering the listener with the runtime failed");
+                Some(r) => {
+                    // A new address: bind it before the old one closes.
+                    let prepared = self.prepare(l, r.index).map_err(|e| e.to_string())?;
+                    moved.push(prepared);
+                    summary.changed.push(l.name.clone());
+                }
+                None => {
+                    let index = self.index_of(&l.name);
+                    let prepared = self.prepare(l, index).map_err(|e| e.to_string())?;
+                    fresh.push(prepared);
+                    summary.added.push(l.name.clone());
                 }
             }
         }
-        tokio::select! {
-            deadline = stop => {
-                let _ = tx.send(Some(deadline));
+        // Everything loaded and bound: apply.
+        for state in changed_states {
+            if let Some(r) = running.get(&state.config.name) {
+                self.tls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(state.index, state.tls.clone());
+                let _ = r.state.send(Arc::new(state));
             }
-            // Accept loops end only when told to; keep polling so a panic is not left unseen.
-            () = async { while tasks.join_next().await.is_some() {} } => {}
         }
-        while tasks.join_next().await.is_some() {}
+        let gone: Vec<String> = running
+            .keys()
+            .filter(|name| !config.listeners.iter().any(|l| &l.name == *name))
+            .cloned()
+            .collect();
+        for name in gone.iter().chain(moved.iter().map(|(_, s)| &s.config.name)) {
+            if let Some(r) = running.remove(name) {
+                let _ = r.stop.send(Some(self.drain));
+                self.tls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&r.index);
+            }
+        }
+        summary.removed = gone;
+        for (listener, state) in fresh {
+            self.telemetry.add_listener(state.index, &state.config.name);
+            self.start(loops, running, listener, state);
+        }
+        for (listener, state) in moved {
+            self.start(loops, running, listener, state);
+        }
+        if let Some(bpf) = self.telemetry.bpf() {
+            let entries: Vec<ListenerEntry> = running
+                .iter()
+                .map(|(name, r)| ListenerEntry {
+                    index: r.index,
+                    name: name.clone(),
+                    port: r.addr.port(),
+                })
+                .collect();
+            if let Err(e) = bpf.set_listeners(&entries) {
+                tracing::warn!(error = %e, "the BPF listener maps were not updated: kernel-side counts of new listeners are off");
+            }
+        }
+        Ok(summary)
     }
 }
 
@@ -552,11 +775,51 @@ fn finish(state: &ListenerState, report: ConnectionReport) {
     }
 }
 
+/// Starts serving one accepted connection, or refuses it (cleanly, counted, logged) when a
+/// connection limit is reached.
+fn admit(
+    state: &Arc<ListenerState>,
+    connections: &mut tokio::task::JoinSet<()>,
+    peers: &mut HashMap<tokio::task::Id, SocketAddr>,
+    sock: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    match state.admit() {
+        Ok(admission) => {
+            let state = state.clone();
+            let task = connections.spawn(async move {
+                let report = match state.config.mode {
+                    Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
+                        tls::handle(&state, sock, peer).await
+                    }
+                    Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
+                };
+                // The places are free before the report says the connection ended.
+                drop(admission);
+                finish(&state, report);
+            });
+            peers.insert(task.id(), peer);
+        }
+        Err((reason, error)) => {
+            let mut report = ConnectionReport::new(&state.config.name, peer);
+            reason.clone_into(&mut report.reason);
+            report.error = Some(error);
+            finish(state, report);
+            // A FIN, and whatever the client already sent read away, rather than a reset;
+            // bounded in time by linger_close.
+            connections.spawn(relay::linger_close(sock));
+        }
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    state: Arc<ListenerState>,
+    states: watch::Receiver<Arc<ListenerState>>,
     mut stop: watch::Receiver<Option<std::time::Duration>>,
 ) {
+    // The settings as they are when each connection arrives (a reload may change them).
+    let current = || states.borrow().clone();
+    let mut state = current();
     // Every connection task, so a drain can wait for them and close what is left.
     let mut connections = tokio::task::JoinSet::new();
     let mut peers: HashMap<tokio::task::Id, SocketAddr> = HashMap::new();
@@ -579,32 +842,10 @@ async fn accept_loop(
                 peers.remove(&id);
             }
             accepted = listener.accept() => match accepted {
-                Ok((sock, peer)) => match state.admit() {
-                    Ok(admission) => {
-                        let state = state.clone();
-                        let task = connections.spawn(async move {
-                            let report = match state.config.mode {
-                                Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
-                                    tls::handle(&state, sock, peer).await
-                                }
-                                Mode::Passthrough => passthrough::handle(&state, sock, peer).await,
-                            };
-                            // The places are free before the report says the connection ended.
-                            drop(admission);
-                            finish(&state, report);
-                        });
-                        peers.insert(task.id(), peer);
-                    }
-                    Err((reason, error)) => {
-                        let mut report = ConnectionReport::new(&state.config.name, peer);
-                        reason.clone_into(&mut report.reason);
-                        report.error = Some(error);
-                        finish(&state, report);
-                        // A FIN, and whatever the client already sent read away, rather than
-                        // a reset; bounded in time by linger_close.
-                        connections.spawn(relay::linger_close(sock));
-                    }
-                },
+                Ok((sock, peer)) => {
+                    state = current();
+                    admit(&state, &mut connections, &mut peers, sock, peer);
+                }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
