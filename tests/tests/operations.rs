@@ -537,6 +537,12 @@ fn certificate_reload_while_200_connections_stream() {
     );
     let log = agent.log_text();
     assert_eq!(log.matches("connection failed").count(), 0, "{log}");
+    // On the data path this kernel gives terminate: kTLS in the guests.
+    let (path, _) = tlsplice_tests::expected_auto_path();
+    assert!(
+        log.matches(&format!("data_path={path} ")).count() >= STREAMS,
+        "{log}"
+    );
     assert_eq!(
         log.matches("changed but does not load").count(),
         1,

@@ -35,11 +35,15 @@ enum Task {
         #[arg(long)]
         no_lint: bool,
     },
-    /// The main job: probe the host, then boot a kernel with kTLS and run the agent there.
+    /// The main job: the agent terminating, re-encrypting and passing TLS through on this host,
+    /// then the same in a guest kernel with kTLS, with what each connection took and why.
     Demo {
         /// Guest kernel (6.1, 6.12, sid).
         #[arg(long, default_value = "sid")]
         kernel: String,
+        /// Only this host: no guest kernel (and no kTLS, on hosts without it).
+        #[arg(long)]
+        host_only: bool,
     },
     /// Run a command, or a test binary, inside a guest kernel with kTLS modules loaded.
     Vm {
@@ -91,7 +95,7 @@ fn run() -> Result<()> {
     match cli.task {
         Task::Bootstrap => bootstrap::run(),
         Task::Test { kernels, no_lint } => matrix::test(&root, &kernels, !no_lint),
-        Task::Demo { kernel } => matrix::demo(&root, &kernel),
+        Task::Demo { kernel, host_only } => matrix::demo(&root, &kernel, host_only),
         Task::Vm {
             kernel,
             test,

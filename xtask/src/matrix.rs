@@ -87,6 +87,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         needs: &[],
         tools: &[],
     },
+    MatrixTest {
+        target: "demo",
+        needs: &[],
+        tools: &[],
+    },
 ];
 
 /// Marker a skipped test prints (tests/src/lib.rs `SKIP_MARKER`).
@@ -551,19 +556,48 @@ fn shell_join(words: &[String]) -> String {
         .join(" ")
 }
 
-/// `cargo xtask demo`.
-pub fn demo(root: &Path, kernel_name: &str) -> Result<()> {
+/// `cargo xtask demo`: the agent doing its job here, then (unless `host_only`) inside a guest
+/// kernel with kTLS; each step says what it is doing first.
+pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
+    let steps = if host_only { 3 } else { 4 };
+    println!("== [1/{steps}] set-up: toolchains, QEMU, bpf-linker (installed once) ==");
     bootstrap::run()?;
+    println!("== [2/{steps}] building the agent (with its eBPF object) and the demo ==");
     let agent = build_agent(root)?;
-    println!("\n== tlsplice probe on this host ==");
-    cmd::run(Command::new(&agent).arg("probe"))?;
+    let binaries = build_test_binaries(root)?;
+    let demo = binaries
+        .iter()
+        .find(|b| b.target == "demo")
+        .context("the demo test binary")?;
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
     println!(
-        "\n== guest kernel {kernel_name} (QEMU/TCG, tls.ko loaded): terminate mode end to end, then tlsplice probe =="
+        "== [3/{steps}] on this host (kernel {release}): what it can offload, then terminate, reencrypt and passthrough end to end =="
+    );
+    cmd::run(Command::new(&agent).arg("probe"))?;
+    mount_bpffs()?;
+    cmd::run(
+        Command::new(&demo.path)
+            .args([
+                "--ignored",
+                "--exact",
+                "demo",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(AGENT_BIN_ENV, &agent),
+    )?;
+    if host_only {
+        return Ok(());
+    }
+    println!(
+        "== [4/{steps}] in a guest: Debian's {kernel_name} kernel under QEMU/TCG with kTLS (downloaded once; boots in seconds, runs slower: the CPU is emulated) =="
     );
     vm(
         root,
         kernel_name,
-        Some("terminate"),
+        Some("demo"),
         &[],
         900,
         &["tlsplice".into(), "probe".into()],
