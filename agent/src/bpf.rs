@@ -732,11 +732,13 @@ struct TcpInfoHead {
     pacing_rate: u64,
     max_pacing_rate: u64,
     bytes_acked: u64,
+    bytes_received: u64,
 }
 
 const _: () = assert!(
-    std::mem::size_of::<TcpInfoHead>() == 128
+    std::mem::size_of::<TcpInfoHead>() == 136
         && std::mem::offset_of!(TcpInfoHead, bytes_acked) == 120
+        && std::mem::offset_of!(TcpInfoHead, bytes_received) == 128
 );
 
 /// `TCP_ESTABLISHED` from include/net/tcp_states.h.
@@ -763,7 +765,7 @@ fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
     }
     if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
         return Err(io::Error::other(
-            "kernel's tcp_info has no tcpi_bytes_acked",
+            "kernel's tcp_info has no tcpi_bytes_received",
         ));
     }
     Ok(info)
@@ -789,6 +791,13 @@ pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
     }
     let sending = matches!(info.bytes8[0], TCP_ESTABLISHED | TCP_CLOSE_WAIT);
     Ok((info.bytes_acked + u64::try_from(outq).unwrap_or(0), sending))
+}
+
+/// Bytes a TCP socket has received plus bytes its peer has acknowledged: it grows whenever
+/// anything moves either way, whoever moves it (the agent, splice, kTLS, a sockmap redirect).
+pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let info = tcp_info(fd)?;
+    Ok(info.bytes_acked.wrapping_add(info.bytes_received))
 }
 
 /// Every name this agent pins.

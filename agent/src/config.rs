@@ -132,6 +132,10 @@ pub struct ListenerConfig {
     /// confidentiality limit (2^23 records for AES-GCM).
     #[serde(default)]
     pub rekey_after_records: Option<u64>,
+    /// Milliseconds a connection may move no byte either way before it is closed (reason
+    /// `idle timeout`), whatever its data path: progress is read from the kernel's TCP counters.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
     /// Connections this listener holds at once; over it new ones are closed at once and counted
     /// (reason `listener connection limit`). No limit of its own by default.
     #[serde(default)]
@@ -160,6 +164,10 @@ fn default_connect_timeout_ms() -> u64 {
     5_000
 }
 
+fn default_idle_timeout_ms() -> u64 {
+    3_600_000
+}
+
 impl ListenerConfig {
     /// The handshake deadline.
     pub fn handshake_timeout(&self) -> Duration {
@@ -169,6 +177,11 @@ impl ListenerConfig {
     /// The upstream connect deadline.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+
+    /// How long a connection may stay idle.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
     }
 }
 
@@ -523,6 +536,9 @@ impl ListenerConfig {
         }
         if l.handshake_timeout_ms == 0 {
             bad("handshake_timeout_ms", "must be above 0".into());
+        }
+        if l.idle_timeout_ms < 100 {
+            bad("idle_timeout_ms", "must be at least 100".into());
         }
         if l.max_connections == Some(0) {
             bad("max_connections", "must be above 0".into());

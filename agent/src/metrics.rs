@@ -201,6 +201,9 @@ impl Telemetry {
         let data_path = r.data_path.map_or(path::NONE, path_code);
         let outcome = match (r.data_path, &r.error) {
             (Some(_), None) => 0,
+            // A relay the agent ended on purpose counts under why; any other error mid-relay
+            // is a relay error.
+            (Some(_), Some(_)) if r.reason.starts_with("idle timeout") => reason_index(&r.reason),
             (Some(_), Some(_)) => reason_index("relay error"),
             (None, _) => reason_index(&r.reason),
         };

@@ -556,6 +556,7 @@ pub fn listener(
         rekey_after_records: None,
         certs: vec![],
         max_connections: None,
+        idle_timeout_ms: 3_600_000,
     }
 }
 

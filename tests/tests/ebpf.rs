@@ -1001,3 +1001,68 @@ fn sockmap_takes_splice_for_a_client_that_half_closed_first_and_says_why() {
     assert_eq!(sockmap_settles_empty(&agent), 0);
     assert!(agent.stop().success());
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sockmap_connections_idle_out_though_the_agent_moves_no_byte() {
+    let test = "sockmap_connections_idle_out_though_the_agent_moves_no_byte";
+    if !bpffs_or_skip(test) {
+        return;
+    }
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let upstream = serve(|sock| {
+        let _ = std::io::copy(&mut &sock, &mut &sock);
+    });
+    let port = free_port();
+    let agent = AgentProcess::start(
+        &dir,
+        &format!(
+            "{}idle_timeout_ms = 500\n",
+            passthrough_config(port, upstream)
+        ),
+        &[],
+        &["--ebpf", "required", "--passthrough-path", "sockmap"],
+    );
+    let mut s = TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let hello = pki.client_hello();
+    s.write_all(&hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    s.read_exact(&mut back).expect("hello echoed");
+    // Busy for 1.5 s: the kernel redirects every byte, and the connection stays open.
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"tick").expect("open while busy");
+        let mut tick = [0u8; 4];
+        s.read_exact(&mut tick).expect("tick echoed");
+    }
+    let quiet = Instant::now();
+    let mut buf = [0u8; 16];
+    let closed = s.read(&mut buf);
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let quiet = quiet.elapsed();
+    assert!(
+        quiet >= Duration::from_millis(400) && quiet < Duration::from_secs(5),
+        "{quiet:?}"
+    );
+    let stats = settle(&agent, |st| sum(st, "tlsplice_connections", &[]) == 1);
+    assert_eq!(
+        sum(
+            &stats,
+            "tlsplice_connections",
+            &[("data_path", "sockmap"), ("outcome", "idle timeout")]
+        ),
+        1,
+        "{stats:?}"
+    );
+    // The redirected bytes are counted: the ClientHello and 4-byte ticks, each way.
+    let up = sum(&stats, "tlsplice_bytes", &[("direction", "up")]);
+    assert!(
+        up > hello.len() as u64 && (up - hello.len() as u64).is_multiple_of(4),
+        "{up}"
+    );
+    assert_eq!(sockmap_settles_empty(&agent), 0);
+}

@@ -914,3 +914,117 @@ fn sighup_adds_changes_and_removes_listeners_without_dropping_connections() {
     assert_eq!(agent.log_text().matches("connection failed").count(), 0);
     assert!(agent.child_running());
 }
+
+/// Sends a few bytes every 100 ms for `busy`, each echoed back, then waits for the agent to
+/// close the idle connection; returns how long that took after the last byte.
+fn busy_then_idle(mut s: TcpStream, first: &[u8], busy: Duration) -> Duration {
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    s.write_all(first).expect("first flight");
+    let mut back = vec![0u8; first.len()];
+    s.read_exact(&mut back).expect("first flight echoed");
+    let until = Instant::now() + busy;
+    while Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"tick").expect("still open while busy");
+        let mut tick = [0u8; 4];
+        s.read_exact(&mut tick).expect("tick echoed");
+    }
+    let quiet = Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = s.read(&mut buf);
+    assert!(
+        matches!(closed, Ok(0) | Err(_)),
+        "the idle connection was not closed: {closed:?}"
+    );
+    quiet.elapsed()
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn idle_connections_are_closed_on_every_data_path() {
+    let dir = test_dir("idle");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let upstream = echo_upstream();
+    let (auto, user, pass) = (free_port(), free_port(), free_port());
+    let config = format!(
+        "{}idle_timeout_ms = 500\n{}idle_timeout_ms = 500\ndata_path = \"userspace\"\n\
+         [[listener]]\nname = \"pass\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:{pass}\"\n\
+         upstream = \"{upstream}\"\nidle_timeout_ms = 500\n",
+        terminate_listener("auto", auto, upstream, &files),
+        terminate_listener("user", user, upstream, &files),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let busy = Duration::from_millis(1500);
+    let threads: Vec<_> = [("auto", auto), ("user", user)]
+        .into_iter()
+        .map(|(name, port)| {
+            let trust = trusting(&[&pki]);
+            std::thread::spawn(move || {
+                let mut c = connect(agent_addr(port), trust, "localhost").expect("session");
+                echo(&mut c, b"first").expect("echo");
+                let until = Instant::now() + busy;
+                while Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(100));
+                    echo(&mut c, b"tick").expect("still open while busy");
+                }
+                let quiet = Instant::now();
+                let mut buf = [0u8; 64];
+                let closed = c.read(&mut buf);
+                assert!(
+                    matches!(closed, Ok(0) | Err(_)),
+                    "{name}: the idle connection was not closed: {closed:?}"
+                );
+                quiet.elapsed()
+            })
+        })
+        .collect();
+    let hello = pki.client_hello();
+    let plain = TcpStream::connect(agent_addr(pass)).expect("connect");
+    let quiet = busy_then_idle(plain, &hello, busy);
+    println!("pass: closed {quiet:?} after the last byte");
+    assert!(
+        quiet >= Duration::from_millis(400) && quiet < Duration::from_secs(5),
+        "{quiet:?}"
+    );
+    for (t, name) in threads.into_iter().zip(["auto", "user"]) {
+        let quiet = t.join().expect("client");
+        println!("{name}: closed {quiet:?} after the last byte");
+        assert!(
+            quiet >= Duration::from_millis(400) && quiet < Duration::from_secs(5),
+            "{quiet:?}"
+        );
+    }
+    eventually(Duration::from_secs(10), "three reports", || {
+        metric(&agent.metrics(), "tlsplice_connections_total", &[]) == 3.0
+    });
+    let m = agent.metrics();
+    let (tls_path, _) = tlsplice_tests::expected_auto_path();
+    for (listener, path) in [
+        ("auto", tls_path.to_string()),
+        ("user", "userspace".to_owned()),
+        ("pass", "splice".to_owned()),
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                "tlsplice_connections_total",
+                &[
+                    &format!("listener=\"{listener}\""),
+                    &format!("data_path=\"{path}\""),
+                    "outcome=\"idle timeout\""
+                ]
+            ),
+            1.0,
+            "{listener}:\n{m}"
+        );
+    }
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("reason=idle timeout: no byte either way for 500 ms")
+            .count(),
+        3,
+        "{log}"
+    );
+}

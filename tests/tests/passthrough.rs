@@ -62,6 +62,7 @@ fn passthrough_listener(
         rekey_after_records: None,
         certs: vec![],
         max_connections: None,
+        idle_timeout_ms: 3_600_000,
     }
 }
 

@@ -209,6 +209,19 @@ impl ConnectionReport {
     }
 }
 
+/// Marks a report as closed by the idle timeout (its data path stays, and says how it ran).
+pub(crate) fn idled(report: &mut ConnectionReport, timeout: std::time::Duration) {
+    report.reason = format!(
+        "idle timeout: no byte either way for {} ms ({})",
+        timeout.as_millis(),
+        report.reason
+    );
+    report.error = Some(format!(
+        "idle for {} ms (idle_timeout_ms): closed",
+        timeout.as_millis()
+    ));
+}
+
 /// How one TLS handshake ended, as counted by [`crate::metrics`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandshakeOutcome {

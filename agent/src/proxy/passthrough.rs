@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::relay::{
-    RekeyPolicy, connect_upstream, linger_close, sockmap_relay, splice_relay, userspace_relay,
-    write_proxy_header,
+    RekeyPolicy, connect_upstream, idle_watch, linger_close, sockmap_relay, splice_relay,
+    userspace_relay, with_idle_timeout, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, ListenerState};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
@@ -322,24 +322,33 @@ pub(crate) async fn handle(
         kernel: Err("passthrough holds no keys".into()),
         after_records: None,
     };
-    let outcome = match (path, state.telemetry.bpf()) {
-        (DataPath::Userspace, _) => userspace_relay(client, None, upstream, None).await,
-        (DataPath::Sockmap, Some(bpf)) => {
-            match sockmap_relay(&client, &upstream, bpf, state.index).await {
-                Ok(outcome) => outcome,
-                Err(why) => {
-                    report.data_path = Some(DataPath::Splice);
-                    report.reason = format!(
-                        "{splice_reason}; sockmap refused this connection: {why}; upstream {upstream_addr}"
-                    );
-                    splice_relay(&client, None, &upstream, None, &policy).await
+    let watch = idle_watch(&client, &upstream);
+    let relay = async {
+        match (path, state.telemetry.bpf()) {
+            (DataPath::Userspace, _) => userspace_relay(client, None, upstream, None).await,
+            (DataPath::Sockmap, Some(bpf)) => {
+                match sockmap_relay(&client, &upstream, bpf, state.index).await {
+                    Ok(outcome) => outcome,
+                    Err(why) => {
+                        report.data_path = Some(DataPath::Splice);
+                        report.reason = format!(
+                            "{splice_reason}; sockmap refused this connection: {why}; upstream {upstream_addr}"
+                        );
+                        splice_relay(&client, None, &upstream, None, &policy).await
+                    }
                 }
             }
+            _ => splice_relay(&client, None, &upstream, None, &policy).await,
         }
-        _ => splice_relay(&client, None, &upstream, None, &policy).await,
     };
+    let (outcome, idled) = with_idle_timeout(relay, watch, cfg.idle_timeout()).await;
+    if idled {
+        super::idled(&mut report, cfg.idle_timeout());
+    }
     report.bytes_up = outcome.up;
     report.bytes_down = outcome.down;
-    report.error = outcome.result.err().map(|e| e.to_string());
+    if !idled {
+        report.error = outcome.result.err().map(|e| e.to_string());
+    }
     report
 }

@@ -878,3 +878,55 @@ pub(crate) async fn close_leg(mut sock: impl AsyncWrite + Unpin, tls: Option<Con
     }
     let _ = sock.shutdown().await;
 }
+
+/// Copies of a connection's two descriptors for [`with_idle_timeout`], taken before the relay
+/// owns the sockets; `None` when the process has no descriptor to spare.
+pub(crate) fn idle_watch(
+    client: &impl AsFd,
+    upstream: &impl AsFd,
+) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Some((
+        client.as_fd().try_clone_to_owned().ok()?,
+        upstream.as_fd().try_clone_to_owned().ok()?,
+    ))
+}
+
+/// Runs `relay` to its end, closing the connection when nothing has moved either way on the
+/// client leg for `timeout` (read from the kernel's TCP counters, so every data path is seen
+/// the same, in-kernel ones included). Closing is a shutdown of both legs, so the relay ends
+/// on its own and still reports its bytes. Returns its outcome, and whether it idled out.
+/// Without descriptors to watch (see [`idle_watch`]) the relay runs unwatched.
+pub(crate) async fn with_idle_timeout<F: std::future::Future>(
+    relay: F,
+    watch: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    timeout: std::time::Duration,
+) -> (F::Output, bool) {
+    let Some((client, upstream)) = watch else {
+        return (relay.await, false);
+    };
+    let poll = (timeout / 4).clamp(
+        std::time::Duration::from_millis(25),
+        std::time::Duration::from_secs(5),
+    );
+    tokio::pin!(relay);
+    let mut last = crate::bpf::tcp_progress(client.as_fd()).ok();
+    let mut since = tokio::time::Instant::now();
+    let mut idled = false;
+    loop {
+        tokio::select! {
+            out = &mut relay => return (out, idled),
+            () = tokio::time::sleep(poll), if !idled => {
+                let now = crate::bpf::tcp_progress(client.as_fd()).ok();
+                if now != last {
+                    last = now;
+                    since = tokio::time::Instant::now();
+                } else if since.elapsed() >= timeout {
+                    idled = true;
+                    for fd in [&client, &upstream] {
+                        let _ = socket2::SockRef::from(fd).shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{
     KtlsLeg, RekeyPolicy, RelayOutcome, StreamSocket, close_leg, connect_unix, connect_upstream,
-    linger_close, splice_relay, userspace_relay, write_proxy_header,
+    idle_watch, linger_close, splice_relay, userspace_relay, with_idle_timeout, write_proxy_header,
 };
 use super::{ConnectionReport, DataPath, HandshakeOutcome, ListenerState};
 use crate::certs::ListenerTls;
@@ -461,33 +461,40 @@ async fn relay(
     tracing::debug!(listener = %cfg.name, peer = %peer, data_path = %path, reason = %report.reason,
         session = %report.session, "data path chosen");
 
-    let outcome = match (client_tls, upstream_tls) {
-        (Some(Leg::User(c)), Some(Leg::User(u))) => {
-            userspace_relay(client, Some(c), upstream, Some(u)).await
-        }
-        (Some(Leg::User(c)), None) => userspace_relay(client, Some(c), upstream, None).await,
-        (None, Some(Leg::User(u))) => userspace_relay(client, None, upstream, Some(u)).await,
-        (client_tls, upstream_tls) => {
-            let policy = RekeyPolicy {
-                kernel: state.caps.rekey.clone(),
-                after_records: cfg.rekey_after_records,
-            };
-            kernel_relay(
-                &client,
-                client_tls,
-                &upstream,
-                upstream_tls,
-                (&peer.to_string(), upstream_name),
-                &policy,
-            )
-            .await
+    let watch = idle_watch(&client, &upstream);
+    let relay = async {
+        match (client_tls, upstream_tls) {
+            (Some(Leg::User(c)), Some(Leg::User(u))) => {
+                userspace_relay(client, Some(c), upstream, Some(u)).await
+            }
+            (Some(Leg::User(c)), None) => userspace_relay(client, Some(c), upstream, None).await,
+            (None, Some(Leg::User(u))) => userspace_relay(client, None, upstream, Some(u)).await,
+            (client_tls, upstream_tls) => {
+                let policy = RekeyPolicy {
+                    kernel: state.caps.rekey.clone(),
+                    after_records: cfg.rekey_after_records,
+                };
+                kernel_relay(
+                    &client,
+                    client_tls,
+                    &upstream,
+                    upstream_tls,
+                    (&peer.to_string(), upstream_name),
+                    &policy,
+                )
+                .await
+            }
         }
     };
+    let (outcome, idled) = with_idle_timeout(relay, watch, cfg.idle_timeout()).await;
     report.bytes_up = outcome.up;
     report.bytes_down = outcome.down;
     report.key_updates = outcome.key_updates;
     report.tickets = outcome.tickets;
     report.error = outcome.result.err().map(|e| e.to_string());
+    if idled {
+        super::idled(&mut report, cfg.idle_timeout());
+    }
     report
 }
 

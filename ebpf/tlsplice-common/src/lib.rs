@@ -113,7 +113,7 @@ pub mod direction {
 
 /// Connection and handshake outcomes by index: 0 is success, the last is the catch-all. The
 /// agent's connection reports carry these texts as their failure reason.
-pub const REASONS: [&str; 23] = [
+pub const REASONS: [&str; 24] = [
     "ok",
     "handshake failed",
     "certificate refused",
@@ -136,6 +136,7 @@ pub const REASONS: [&str; 23] = [
     "listener connection limit",
     "handshake limit",
     "drain deadline",
+    "idle timeout",
     "other",
 ];
 
