@@ -215,7 +215,7 @@ fn warn_expiring(
     for c in certs {
         let left = c.not_after.saturating_sub(now);
         if left < threshold && warned.insert((c.path.clone(), c.not_after)) {
-            tracing::warn!(listener, cert = %c.path.display(), subject = %c.subject,
+            tracing::warn!(listener = %listener, cert = %c.path.display(), subject = %c.subject,
                 seconds_left = left, days_left = left / 86_400,
                 "certificate expires soon (or has expired)");
         }

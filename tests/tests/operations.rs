@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use tlsplice_tests::{AgentProcess, TestPki, agent_binary, free_port, serve};
@@ -1027,4 +1028,138 @@ fn idle_connections_are_closed_on_every_data_path() {
         3,
         "{log}"
     );
+}
+
+/// Runs openssl with `args` in `dir`, or panics with its output. Its configuration is a
+/// minimal one written there (the guests have no /usr/lib/ssl/openssl.cnf).
+fn openssl(openssl: &Path, dir: &Path, args: &[&str]) {
+    let conf = dir.join("openssl.cnf");
+    std::fs::write(&conf, "[req]\ndistinguished_name = dn\n[dn]\n").expect("openssl.cnf");
+    let out = Command::new(openssl)
+        .args(args)
+        .current_dir(dir)
+        .env("OPENSSL_CONF", &conf)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn keys_in_sec1_pkcs1_and_pkcs8_serve_and_a_near_expiry_warns() {
+    let test = "keys_in_sec1_pkcs1_and_pkcs8_serve_and_a_near_expiry_warns";
+    let Some(openssl_bin) = tlsplice_tests::tool_or_skip(test, "openssl") else {
+        return;
+    };
+    let dir = test_dir("keys");
+    // Three keys as operators get them from openssl: SEC1 ("EC PRIVATE KEY"), PKCS#1 ("RSA
+    // PRIVATE KEY") and PKCS#8 ("PRIVATE KEY"), each with a self-signed certificate for
+    // localhost valid for two days.
+    let keys = [
+        (
+            "sec1",
+            "EC PRIVATE KEY",
+            vec![
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "sec1.key",
+            ],
+        ),
+        (
+            "pkcs1",
+            "RSA PRIVATE KEY",
+            vec!["genrsa", "-traditional", "-out", "pkcs1.key", "2048"],
+        ),
+        (
+            "pkcs8",
+            "BEGIN PRIVATE KEY",
+            vec!["genpkey", "-algorithm", "ed25519", "-out", "pkcs8.key"],
+        ),
+    ];
+    let mut config = String::from("[certs]\nexpiry_warning_days = 14\n");
+    let upstream = echo_upstream();
+    let mut ports = Vec::new();
+    for (name, marker, genkey) in &keys {
+        openssl(&openssl_bin, &dir, genkey);
+        let key = std::fs::read_to_string(dir.join(format!("{name}.key"))).expect("key");
+        assert!(key.contains(marker), "{name}: {key}");
+        openssl(
+            &openssl_bin,
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-key",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+                "-days",
+                "2",
+                "-subj",
+                "/CN=localhost",
+                "-addext",
+                "subjectAltName=DNS:localhost",
+                "-addext",
+                "basicConstraints=critical,CA:FALSE",
+            ],
+        );
+        let port = free_port();
+        ports.push((*name, port));
+        config.push_str(&format!(
+            "[[listener]]\nname = \"{name}\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:{port}\"\n\
+             upstream = \"{upstream}\"\ncert = \"{d}/{name}.pem\"\nkey = \"{d}/{name}.key\"\n",
+            d = dir.display()
+        ));
+    }
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    for (name, port) in &ports {
+        let mut roots = RootCertStore::empty();
+        let pem = std::fs::read(dir.join(format!("{name}.pem"))).expect("cert");
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.expect("cert")).expect("root");
+        }
+        let trust = Arc::new(
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth(),
+        );
+        let mut c = connect(agent_addr(*port), trust, "localhost")
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        echo(&mut c, name.as_bytes()).expect("echo");
+        finish(c);
+    }
+    // Two days left, under the 14-day threshold: one warning per certificate, and the gauge.
+    let log = agent.log_text();
+    for (name, _) in &ports {
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("certificate expires soon")
+                    && l.contains(&format!("listener={name} ")))
+                .count(),
+            1,
+            "{name}:\n{log}"
+        );
+    }
+    let m = agent.metrics();
+    for (name, _) in &ports {
+        let left = metric(
+            &m,
+            "tlsplice_certificate_expiry_seconds",
+            &[&format!("listener=\"{name}\"")],
+        );
+        assert!(
+            (86_400.0 * 1.9..=86_400.0 * 2.0).contains(&left),
+            "{name}: {left}"
+        );
+    }
 }

@@ -85,7 +85,7 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
     MatrixTest {
         target: "operations",
         needs: &[],
-        tools: &[],
+        tools: &["openssl"],
     },
     MatrixTest {
         target: "demo",
