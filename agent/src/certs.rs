@@ -236,7 +236,7 @@ pub async fn watch(
 ) {
     let mut warned = BTreeSet::new();
     // Which material each index's certificates were last published from.
-    let mut published: BTreeMap<u16, usize> = BTreeMap::new();
+    let mut published: BTreeMap<u16, Arc<WatchedTls>> = BTreeMap::new();
     let mut why = "start";
     loop {
         let listeners: Vec<(u16, Arc<WatchedTls>)> = registry
@@ -245,9 +245,10 @@ pub async fn watch(
             .iter()
             .map(|(i, t)| (*i, t.clone()))
             .collect();
+        published.retain(|i, _| listeners.iter().any(|(j, _)| i == j));
         for (index, tls) in &listeners {
-            let id = Arc::as_ptr(tls) as usize;
-            if published.insert(*index, id) != Some(id) {
+            if !published.get(index).is_some_and(|p| Arc::ptr_eq(p, tls)) {
+                published.insert(*index, tls.clone());
                 let certs = tls.current().certs.clone();
                 warn_expiring(
                     &tls.listener.name,
@@ -259,7 +260,7 @@ pub async fn watch(
             }
         }
         if why != "start" {
-            check(listeners, &telemetry, &config, why, &mut warned).await;
+            check(listeners, &registry, &telemetry, &config, why, &mut warned).await;
         }
         why = tokio::select! {
             () = tokio::time::sleep(config.reload_interval()) => "interval",
@@ -271,6 +272,7 @@ pub async fn watch(
 /// One check of every listener's files.
 async fn check(
     listeners: Vec<(u16, Arc<WatchedTls>)>,
+    registry: &Registry,
     telemetry: &Telemetry,
     config: &CertsConfig,
     why: &str,
@@ -292,6 +294,15 @@ async fn check(
     };
     let mut summary: BTreeMap<&str, usize> = BTreeMap::new();
     for (index, tls, outcome) in outcomes {
+        // A reload may have replaced or removed this listener while its files were read.
+        let current = registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&index)
+            .is_some_and(|t| Arc::ptr_eq(t, &tls));
+        if !current {
+            continue;
+        }
         let name = &tls.listener.name;
         match &outcome {
             Reload::Unchanged => *summary.entry("unchanged").or_default() += 1,

@@ -368,7 +368,10 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
             admin_state.clone(),
         )
         .await?;
-        if proxy.has_passthrough() {
+        // Auto measures only with a passthrough listener to serve; a fixed choice costs nothing.
+        if proxy.has_passthrough()
+            || config.ebpf.passthrough != tlsplice::config::PassthroughPath::Auto
+        {
             let plain = tlsplice::proxy::passthrough::PlainPath::decide(
                 config.ebpf.passthrough,
                 telemetry.bpf(),
@@ -381,6 +384,10 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
                 "passthrough data path"
             );
             proxy.set_passthrough(&plain);
+        } else {
+            proxy.set_passthrough(&tlsplice::proxy::passthrough::PlainPath::not_measured(
+                config.ebpf.passthrough,
+            ));
         }
         anyhow::Ok((proxy, telemetry, admin, admin_state))
     })?;

@@ -172,6 +172,14 @@ impl Telemetry {
         self.with_certs(listener, |c| c.serving = serving);
     }
 
+    /// Forgets a removed listener's certificates and reload state.
+    pub fn remove_certificates(&self, listener: u16) {
+        self.certs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&listener);
+    }
+
     /// Counts one reload of a listener's TLS material, loaded or refused.
     pub fn count_reload(&self, listener: u16, loaded: bool) {
         self.with_certs(listener, |c| {

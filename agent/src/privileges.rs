@@ -14,10 +14,16 @@ pub type Kept = (Capability, &'static str);
 
 /// What the agent still needs once it serves.
 pub fn needed(ebpf_loaded: bool) -> Vec<Kept> {
-    let mut keep = vec![(
-        Capability::CAP_NET_BIND_SERVICE,
-        "listeners added by a SIGHUP reload may bind ports below 1024",
-    )];
+    let mut keep = vec![
+        (
+            Capability::CAP_NET_BIND_SERVICE,
+            "listeners added by a SIGHUP reload may bind ports below 1024",
+        ),
+        (
+            Capability::CAP_SYS_RESOURCE,
+            "splice pipes of 256 KiB per direction past fs.pipe-user-pages-soft, which counts every pipe of the user (root) on the node",
+        ),
+    ];
     if ebpf_loaded {
         keep.push((
             Capability::CAP_BPF,
@@ -99,7 +105,9 @@ pub fn drop_all_but(keep: &[Kept]) -> Result<Dropped, PrivilegeError> {
     dropped.sort();
     // The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
     let bounding = if permitted.contains(&Capability::CAP_SETPCAP) {
-        for cap in caps::all().difference(&wanted) {
+        // Only what this kernel knows: dropping a capability it does not (e.g.
+        // CAP_CHECKPOINT_RESTORE before 5.9) is EINVAL.
+        for cap in caps::runtime::thread_all_supported().difference(&wanted) {
             caps::drop(None, CapSet::Bounding, *cap)
                 .map_err(kernel(&format!("dropping {cap} from the bounding set")))?;
         }

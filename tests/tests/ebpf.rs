@@ -515,6 +515,7 @@ fn passthrough_config(port: u16, upstream: SocketAddr) -> String {
 
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_BPF: u32 = 39;
+const CAP_SYS_RESOURCE: u32 = 24;
 
 /// Starts an agent whose passthrough listener uses the sockmap path, or says why not here.
 fn sockmap_agent(
@@ -535,8 +536,9 @@ fn sockmap_agent(
     let log = agent.log_text();
     assert!(log.contains("eBPF programs loaded"), "{log}");
     // Serving sockmap connections needs only CAP_BPF (map updates) once started; the agent
-    // also keeps CAP_NET_BIND_SERVICE (listeners added by a reload), and nothing else.
-    agent.assert_capabilities_within(&[CAP_BPF, CAP_NET_BIND_SERVICE]);
+    // also keeps CAP_NET_BIND_SERVICE (listeners added by a reload) and CAP_SYS_RESOURCE
+    // (splice pipe sizes), and nothing else.
+    agent.assert_capabilities_within(&[CAP_BPF, CAP_NET_BIND_SERVICE, CAP_SYS_RESOURCE]);
     Some((agent, SocketAddr::from(([127, 0, 0, 1], port))))
 }
 

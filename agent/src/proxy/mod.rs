@@ -265,7 +265,12 @@ pub(crate) struct SharedLimits {
     pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) max_connections: usize,
     pub(crate) max_handshakes: usize,
+    /// Refused connections being closed gently (each up to a second), over all listeners.
+    pub(crate) lingering: Arc<Semaphore>,
 }
+
+/// Refused connections closed gently at once; past it they are closed without waiting.
+const MAX_LINGERING: usize = 1024;
 
 impl SharedLimits {
     fn new(limits: &LimitsConfig) -> Self {
@@ -274,6 +279,7 @@ impl SharedLimits {
             handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
             max_connections: limits.max_connections,
             max_handshakes: limits.max_handshakes,
+            lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
         }
     }
 }
@@ -587,14 +593,14 @@ impl Proxy {
         drop(control);
     }
 
-    /// Starts accepting on a bound listener.
+    /// Starts accepting on a bound listener; `Err` says why it could not.
     fn start(
         &self,
         loops: &mut tokio::task::JoinSet<()>,
         running: &mut BTreeMap<String, Running>,
         listener: std::net::TcpListener,
         state: ListenerState,
-    ) {
+    ) -> Result<(), String> {
         let name = state.config.name.clone();
         let addr = listener.local_addr().unwrap_or(state.config.listen);
         let index = state.index;
@@ -619,10 +625,18 @@ impl Proxy {
                         stop: stop_tx,
                     },
                 );
+                Ok(())
             }
             Err(e) => {
+                self.tls
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&index);
                 tracing::error!(listener = %name, error = %e,
                     "cannot accept: registering the listener with the runtime failed");
+                Err(format!(
+                    "listener {name:?}: registering with the runtime failed: {e}"
+                ))
             }
         }
     }
@@ -635,7 +649,8 @@ impl Proxy {
         let mut loops = tokio::task::JoinSet::new();
         let mut running = BTreeMap::new();
         for (listener, state) in std::mem::take(&mut self.bound) {
-            self.start(&mut loops, &mut running, listener, state);
+            // Logged by start; the other listeners serve.
+            let _ = self.start(&mut loops, &mut running, listener, state);
         }
         let mut open = true;
         loop {
@@ -678,7 +693,12 @@ impl Proxy {
             match current {
                 Some(r) if r.state.borrow().config == *l => summary.unchanged.push(l.name.clone()),
                 Some(r) if r.state.borrow().config.listen == l.listen => {
-                    let state = self.state(l, r.index).map_err(|e| e.to_string())?;
+                    let mut state = self.state(l, r.index).map_err(|e| e.to_string())?;
+                    let old = r.state.borrow().clone();
+                    if old.config.max_connections == l.max_connections {
+                        // The connections already held count against the same limit.
+                        state.connections.clone_from(&old.connections);
+                    }
                     changed_states.push(state);
                     summary.changed.push(l.name.clone());
                 }
@@ -718,15 +738,24 @@ impl Proxy {
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&r.index);
+                if gone.contains(name) {
+                    // Its certificates are no longer served: no expiry alert for them.
+                    self.telemetry.remove_certificates(r.index);
+                }
             }
         }
         summary.removed = gone;
+        let mut failed = Vec::new();
         for (listener, state) in fresh {
             self.telemetry.add_listener(state.index, &state.config.name);
-            self.start(loops, running, listener, state);
+            if let Err(e) = self.start(loops, running, listener, state) {
+                failed.push(e);
+            }
         }
         for (listener, state) in moved {
-            self.start(loops, running, listener, state);
+            if let Err(e) = self.start(loops, running, listener, state) {
+                failed.push(e);
+            }
         }
         if let Some(bpf) = self.telemetry.bpf() {
             let entries: Vec<ListenerEntry> = running
@@ -740,6 +769,12 @@ impl Proxy {
             if let Err(e) = bpf.set_listeners(&entries) {
                 tracing::warn!(error = %e, "the BPF listener maps were not updated: kernel-side counts of new listeners are off");
             }
+        }
+        if !failed.is_empty() {
+            return Err(format!(
+                "partly applied: {} (the other changes are in place)",
+                failed.join("; ")
+            ));
         }
         Ok(summary)
     }
@@ -819,8 +854,13 @@ fn admit(
             report.error = Some(error);
             finish(state, report);
             // A FIN, and whatever the client already sent read away, rather than a reset;
-            // bounded in time by linger_close.
-            connections.spawn(relay::linger_close(sock));
+            // bounded in time by linger_close, and in number: past that, closed at once.
+            if let Ok(place) = state.limits.lingering.clone().try_acquire_owned() {
+                connections.spawn(async move {
+                    relay::linger_close(sock).await;
+                    drop(place);
+                });
+            }
         }
     }
 }

@@ -40,6 +40,24 @@ impl Default for PlainPath {
     }
 }
 
+impl PlainPath {
+    /// Splice, because the agent started without a passthrough listener and so did not
+    /// measure (a passthrough listener added later by a reload gets this, and says so).
+    pub fn not_measured(wanted: PassthroughPath) -> Self {
+        Self {
+            sockmap: false,
+            why: Arc::from(format!(
+                "ebpf.passthrough = {}: not measured, the agent started without a passthrough listener (restart it to measure)",
+                match wanted {
+                    PassthroughPath::Auto => "auto",
+                    PassthroughPath::Splice => "splice",
+                    PassthroughPath::Sockmap => "sockmap",
+                }
+            )),
+        }
+    }
+}
+
 /// What one plain-leg path cost on this kernel.
 #[derive(Debug, Clone, Copy)]
 pub struct PathCost {
@@ -323,6 +341,11 @@ pub(crate) async fn handle(
         after_records: None,
     };
     let watch = idle_watch(&client, &upstream);
+    if watch.is_none() {
+        report
+            .reason
+            .push_str("; idle timeout not enforced: no file descriptor to spare for its watch");
+    }
     let relay = async {
         match (path, state.telemetry.bpf()) {
             (DataPath::Userspace, _) => userspace_relay(client, None, upstream, None).await,

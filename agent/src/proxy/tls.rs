@@ -139,6 +139,26 @@ fn handshake_failure_reason(e: &handoff::HandoffError) -> &'static str {
     }
 }
 
+/// Waits until the client has sent its first bytes, up to the handshake deadline.
+async fn first_flight(
+    client: &TcpStream,
+    deadline: Duration,
+) -> Result<(), (&'static str, String)> {
+    // peek, not readable(): readiness may be reported before any byte is there.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(deadline, client.peek(&mut first)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err((
+            "handshake failed",
+            format!("waiting for the ClientHello: {e}"),
+        )),
+        Err(_) => Err((
+            "handshake timeout",
+            format!("no ClientHello within {} ms", deadline.as_millis()),
+        )),
+    }
+}
+
 /// Runs a handshake with a deadline; returns the leg and, for a server leg, the client's SNI.
 /// On failure says why in the returned text.
 async fn handshake(
@@ -202,16 +222,6 @@ pub(crate) async fn handle(
     };
     let for_kernel = userspace_reason.is_none();
 
-    // One place under the handshake limit, held until the handshakes are done.
-    let handshake_permit = match state.handshake_permit() {
-        Ok(permit) => permit,
-        Err((reason, error)) => {
-            reason.clone_into(&mut report.reason);
-            report.error = Some(error);
-            linger_close(client).await;
-            return report;
-        }
-    };
     // The material as it is now: a reload swaps it for later handshakes only.
     let material = state.tls.current();
     let mut client_sni = None;
@@ -231,7 +241,24 @@ pub(crate) async fn handle(
                     return report;
                 }
             };
-            match handshake(leg, &mut client, &peer_s, cfg.handshake_timeout()).await {
+            // A place under the handshake limit once the client has sent something, held for
+            // this handshake only: a client that connects and says nothing holds none.
+            let started = tokio::time::Instant::now();
+            let permit = match first_flight(&client, cfg.handshake_timeout()).await {
+                Ok(()) => state.handshake_permit(),
+                Err(e) => Err(e),
+            };
+            let _permit = match permit {
+                Ok(permit) => permit,
+                Err((reason, error)) => {
+                    reason.clone_into(&mut report.reason);
+                    report.error = Some(error);
+                    linger_close(client).await;
+                    return report;
+                }
+            };
+            let left = cfg.handshake_timeout().saturating_sub(started.elapsed());
+            match handshake(leg, &mut client, &peer_s, left).await {
                 Ok((leg, sni)) => {
                     client_sni = sni;
                     report.client_handshake = Some(HandshakeOutcome::completed(leg.common()));
@@ -273,7 +300,6 @@ pub(crate) async fn handle(
         peer,
         userspace_reason,
         material,
-        handshake_permit: Some(handshake_permit),
     };
     match target {
         Target::Tcp(addr) => tcp_upstream(state, report, client_side, addr).await,
@@ -338,8 +364,6 @@ struct ClientSide {
     userspace_reason: Option<String>,
     /// The TLS material this connection's handshakes use.
     material: Arc<ListenerTls>,
-    /// Its place under the handshake limit, given back once the handshakes are done.
-    handshake_permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Connects to a TCP upstream, sends the PROXY header, runs the upstream TLS handshake when
@@ -374,6 +398,12 @@ async fn tcp_upstream(
                 }
             };
             let upstream_s = upstream_addr.to_string();
+            let _permit = match state.handshake_permit() {
+                Ok(permit) => permit,
+                Err((reason, error)) => {
+                    return fail_early(report, (reason.to_owned(), error), client).await;
+                }
+            };
             match handshake(leg, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
                 Ok((leg, _)) => {
                     report.upstream_handshake = Some(HandshakeOutcome::completed(leg.common()));
@@ -416,9 +446,7 @@ async fn relay(
         peer,
         userspace_reason,
         material: _,
-        handshake_permit,
     } = client;
-    drop(handshake_permit);
     // Every TLS leg must be offloadable for the kernel path.
     let mut sessions = Vec::new();
     let mut offload = Ok(());
@@ -462,6 +490,11 @@ async fn relay(
         session = %report.session, "data path chosen");
 
     let watch = idle_watch(&client, &upstream);
+    if watch.is_none() {
+        report
+            .reason
+            .push_str("; idle timeout not enforced: no file descriptor to spare for its watch");
+    }
     let relay = async {
         match (client_tls, upstream_tls) {
             (Some(Leg::User(c)), Some(Leg::User(u))) => {
