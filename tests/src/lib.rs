@@ -51,11 +51,29 @@ pub fn tls_client(
 }
 
 /// A loopback TCP port that was free a moment ago, for configurations that name their port.
+/// It is taken below the kernel's ephemeral range (ip_local_port_range), so no outgoing
+/// connection's automatic port can land on it between now and the agent's bind; successive
+/// calls in a process walk through the range, so they do not hand out the same port twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let base = 10_000u32;
+    let span = ephemeral_low.saturating_sub(base).max(1_000);
+    // Different test processes start at different places in the range.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(base + offset) else {
+            continue;
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range");
 }
 
 /// A loopback TCP server that runs `handle` on its own thread for every connection; returns
