@@ -340,12 +340,7 @@ pub(crate) async fn handle(
         kernel: Err("passthrough holds no keys".into()),
         after_records: None,
     };
-    let watch = idle_watch(&client, &upstream);
-    if watch.is_none() {
-        report
-            .reason
-            .push_str("; idle timeout not enforced: no file descriptor to spare for its watch");
-    }
+    let watch = idle_watch(&client, &upstream, &mut report.reason);
     let relay = async {
         match (path, state.telemetry.bpf()) {
             (DataPath::Userspace, _) => userspace_relay(client, None, upstream, None).await,

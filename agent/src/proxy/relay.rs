@@ -880,15 +880,25 @@ pub(crate) async fn close_leg(mut sock: impl AsyncWrite + Unpin, tls: Option<Con
 }
 
 /// Copies of a connection's two descriptors for [`with_idle_timeout`], taken before the relay
-/// owns the sockets; `None` when the process has no descriptor to spare.
+/// owns the sockets; `None` when the process has no descriptor to spare, and then `reason`
+/// says the idle timeout is not enforced.
 pub(crate) fn idle_watch(
     client: &impl AsFd,
     upstream: &impl AsFd,
+    reason: &mut String,
 ) -> Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
-    Some((
-        client.as_fd().try_clone_to_owned().ok()?,
-        upstream.as_fd().try_clone_to_owned().ok()?,
-    ))
+    let copies = (
+        client.as_fd().try_clone_to_owned(),
+        upstream.as_fd().try_clone_to_owned(),
+    );
+    match copies {
+        (Ok(c), Ok(u)) => Some((c, u)),
+        _ => {
+            reason
+                .push_str("; idle timeout not enforced: no file descriptor to spare for its watch");
+            None
+        }
+    }
 }
 
 /// Runs `relay` to its end, closing the connection when nothing has moved either way on the

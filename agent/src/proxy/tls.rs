@@ -489,12 +489,7 @@ async fn relay(
     tracing::debug!(listener = %cfg.name, peer = %peer, data_path = %path, reason = %report.reason,
         session = %report.session, "data path chosen");
 
-    let watch = idle_watch(&client, &upstream);
-    if watch.is_none() {
-        report
-            .reason
-            .push_str("; idle timeout not enforced: no file descriptor to spare for its watch");
-    }
+    let watch = idle_watch(&client, &upstream, &mut report.reason);
     let relay = async {
         match (client_tls, upstream_tls) {
             (Some(Leg::User(c)), Some(Leg::User(u))) => {
