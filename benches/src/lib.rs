@@ -1,27 +1,88 @@
-//! Shared pieces of the benchmarks: CPU accounting for a process and for the whole node.
+//! Shared pieces of the benchmarks: CPU and memory accounting from /proc, percentiles, and the
+//! SVG charts of the report.
+
+pub mod svg;
 
 /// Clock ticks per second of /proc CPU times: USER_HZ, which the kernel ABI fixes at 100.
-pub fn clock_ticks() -> f64 {
-    100.0
+pub const CLOCK_TICKS: f64 = 100.0;
+
+/// The fields of /proc/<pid>/stat after the command name (which may hold spaces and parens).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
 }
 
-/// CPU seconds (user + system) a process has used, from /proc/<pid>/stat.
+/// CPU seconds (user + system, every thread, live or ended) a process has used.
 pub fn process_cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line: 12 and 13 after the name.
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<f64>().ok()))
-        .sum();
-    ticks / clock_ticks()
+    // utime and stime are fields 14 and 15 of the line: 11 and 12 after the name.
+    stat_fields(pid).map_or(0.0, |f| {
+        [11, 12]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+            / CLOCK_TICKS
+    })
 }
 
-/// Busy CPU seconds of the whole node (see [`tlsplice::probe::node_busy_seconds`]).
-pub fn node_busy_seconds() -> f64 {
-    tlsplice::probe::node_busy_seconds().unwrap_or(0.0)
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `pid` and every process below it (HAProxy and nginx run workers; socat forks per connection).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = all_pids()
+        .into_iter()
+        .filter_map(|p| {
+            let ppid = stat_fields(p)?.get(1)?.parse().ok()?;
+            Some((p, ppid))
+        })
+        .collect();
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// CPU seconds of every kernel thread (kworkers, ksoftirqd, ...): sockmap redirects and parts
+/// of kTLS run there, and no process is charged for them.
+pub fn kernel_threads_cpu_seconds() -> f64 {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    all_pids()
+        .into_iter()
+        .filter_map(|p| {
+            let f = stat_fields(p)?;
+            // flags is field 9: 6 after the name.
+            let flags: u64 = f.get(6)?.parse().ok()?;
+            (flags & PF_KTHREAD != 0).then(|| process_cpu_seconds(p))
+        })
+        .sum()
+}
+
+/// Resident memory of a process, bytes (VmRSS).
+pub fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 /// The value at `q` (0..=1) of sorted samples.
@@ -31,4 +92,53 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
     let i = ((sorted.len() - 1) as f64 * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
+}
+
+/// Raises this process's open-file limit to its hard limit (10,000 connections need more than
+/// the usual 1,024 descriptors); children inherit it.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass and keeps no pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return;
+    }
+    // As root the hard limit can go up to fs.nr_open; otherwise raise the soft one to it.
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok())
+        .unwrap_or(limit.rlim_max);
+    let wanted = libc::rlimit {
+        rlim_cur: nr_open.min(1 << 20),
+        rlim_max: nr_open.min(1 << 20),
+    };
+    // SAFETY: setrlimit reads the struct we pass; failure (not root) leaves the limit as it was.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) } != 0 {
+        limit.rlim_cur = limit.rlim_max;
+        // SAFETY: as above.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    }
+}
+
+/// The path of `program` on PATH, if it is there.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// This process's open-file limit (soft).
+pub fn open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we pass and keeps no pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 0;
+    }
+    limit.rlim_cur
 }

@@ -29,8 +29,30 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// The peers `cargo xtask bench` measures tlsplice against, from Debian's packages.
+const BENCH_PACKAGES: [(&str, &str); 5] = [
+    ("haproxy", "/usr/sbin/haproxy"),
+    ("nginx-light", "/usr/sbin/nginx"),
+    (
+        "libnginx-mod-stream",
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+    ),
+    ("stunnel4", "/usr/bin/stunnel4"),
+    ("socat", "/usr/bin/socat"),
+];
+
+/// Installs the benchmark peers that are missing (the services they ship are not used: each
+/// benchmark starts its own instance with its own configuration).
+pub fn bench_peers() -> Result<()> {
+    install_missing(&BENCH_PACKAGES)
+}
+
 fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+    install_missing(&APT_PACKAGES)
+}
+
+fn install_missing(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, file)| !Path::new(file).exists())
         .map(|(pkg, _)| *pkg)

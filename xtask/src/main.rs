@@ -1,5 +1,6 @@
 //! `cargo xtask`: bootstrap, build, VM kernel matrix, tests and the demo for tlsplice.
 
+mod bench;
 mod bootstrap;
 mod cmd;
 mod ebpf;
@@ -71,8 +72,20 @@ enum Task {
     },
     /// Build the eBPF programs (nightly, bpfel-unknown-none, bpf-linker).
     BuildEbpf,
-    /// Run the benchmarks (benches/) against a release build of the agent on this kernel.
-    Bench,
+    /// tlsplice against HAProxy, nginx, stunnel and socat: on this host, then the kTLS rows in
+    /// a guest; writes target/bench/report.md, SVG charts and raw JSON; then the criterion
+    /// micro-benchmarks.
+    Bench {
+        /// A smoke run of a few minutes (small sizes, debug builds): what CI runs.
+        #[arg(long)]
+        quick: bool,
+        /// Only this host: no guest, so no kTLS rows.
+        #[arg(long)]
+        host_only: bool,
+        /// Guest kernel for the kTLS rows (6.1, 6.12, sid).
+        #[arg(long, default_value = "sid")]
+        kernel: String,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -111,7 +124,18 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Task::Bench => matrix::bench(&root),
+        Task::Bench {
+            quick,
+            host_only,
+            kernel,
+        } => bench::run(
+            &root,
+            &bench::Options {
+                quick,
+                host_only,
+                kernel,
+            },
+        ),
         Task::BuildEbpf => {
             bootstrap::run()?;
             ebpf::build(&root).map(|_| ())

@@ -469,12 +469,22 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     if failed > 0 {
         bail!("{failed} kernel matrix tests failed");
     }
-    Ok(())
+    // The benchmark harness's smoke run, so it cannot rot: every peer and tlsplice path, the
+    // guest's kTLS rows, the report and the micro-benchmarks (each once).
+    let last = kernels::MATRIX.last().map_or("sid", |l| l.name);
+    crate::bench::run(
+        root,
+        &crate::bench::Options {
+            quick: true,
+            host_only: false,
+            kernel: last.to_owned(),
+        },
+    )
 }
 
 /// Mounts a BPF filesystem at /sys/fs/bpf when none is there (the agent pins its maps under
 /// it; systemd-based hosts mount it at boot, this machine does not).
-fn mount_bpffs() -> Result<()> {
+pub fn mount_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mounted = mounts.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -601,23 +611,5 @@ pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
         &[],
         900,
         &["tlsplice".into(), "probe".into()],
-    )
-}
-
-/// `cargo xtask bench`: the benchmarks, on this kernel, with a release agent.
-pub fn bench(root: &Path) -> Result<()> {
-    bootstrap::run()?;
-    ebpf::build(root)?;
-    mount_bpffs()?;
-    cmd::run(
-        Command::new("cargo")
-            .args(["build", "--release", "-p", "tlsplice"])
-            .current_dir(root),
-    )?;
-    cmd::run(
-        Command::new("cargo")
-            .args(["bench", "-p", "tlsplice-benches"])
-            .env(AGENT_BIN_ENV, root.join("target/release/tlsplice"))
-            .current_dir(root),
     )
 }

@@ -897,6 +897,11 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
                     state = current();
+                    // A relay must not hold back small writes (Nagle): request/response traffic
+                    // would wait for the peer's delayed ACK on every message.
+                    if let Err(e) = sock.set_nodelay(true) {
+                        tracing::debug!(listener = %state.config.name, %peer, error = %e, "TCP_NODELAY");
+                    }
                     admit(&state, &mut connections, &mut peers, sock, peer);
                 }
                 Err(e) => {

@@ -786,7 +786,13 @@ pub(crate) async fn connect_upstream(
     deadline: std::time::Duration,
 ) -> Result<TcpStream, (&'static str, String)> {
     match tokio::time::timeout(deadline, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => Ok(s),
+        Ok(Ok(s)) => {
+            // As on the client leg: no Nagle delay on relayed messages.
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::debug!(upstream = %addr, error = %e, "TCP_NODELAY");
+            }
+            Ok(s)
+        }
         Ok(Err(e)) => Err(("upstream unreachable", format!("connect {addr}: {e}"))),
         Err(_) => Err((
             "upstream connect timeout",

@@ -1,0 +1,363 @@
+//! report.md, the SVG charts and the combined raw JSON, from the results of one or more runs.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use super::{GIB, MIB, Results, Row, svg};
+
+const MODES: [&str; 3] = ["terminate", "reencrypt", "passthrough"];
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    match v {
+        Some(x) if x.is_finite() => format!("{x:.digits$}"),
+        _ => "–".into(),
+    }
+}
+
+fn find<'a>(rows: &'a [Row], mode: &str, relay: &str, workload: &str) -> Option<&'a Row> {
+    rows.iter()
+        .find(|r| r.mode == mode && r.relay == relay && r.workload == workload)
+}
+
+fn relays_of(rows: &[Row], mode: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for r in rows.iter().filter(|r| r.mode == mode) {
+        if !names.contains(&r.relay) {
+            names.push(r.relay.clone());
+        }
+    }
+    names
+}
+
+/// The best peer's value for one figure (`higher` is better or not), with its name.
+fn best_peer(
+    rows: &[Row],
+    mode: &str,
+    workload: &str,
+    figure: impl Fn(&Row) -> Option<f64>,
+    higher: bool,
+) -> Option<(String, f64)> {
+    rows.iter()
+        .filter(|r| r.mode == mode && r.peer && r.workload == workload && r.errors == 0)
+        .filter_map(|r| {
+            figure(r)
+                .filter(|v| v.is_finite())
+                .map(|v| (r.relay.clone(), v))
+        })
+        .reduce(|a, b| if (b.1 > a.1) == higher { b } else { a })
+}
+
+fn ratio(ours: Option<f64>, best: &Option<(String, f64)>) -> String {
+    match (ours, best) {
+        (Some(o), Some((name, b))) if o.is_finite() && *b > 0.0 => {
+            format!("{:.2}× ({name})", o / b)
+        }
+        _ => "–".into(),
+    }
+}
+
+/// Writes everything under `out`.
+pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out)?;
+    let mut runs = Vec::new();
+    for input in inputs {
+        let text = std::fs::read_to_string(input)
+            .with_context(|| format!("reading {}", input.display()))?;
+        let run: Results =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
+        runs.push(run);
+    }
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&runs)?,
+    )?;
+    let mut md = String::from("# tlsplice against user-space proxies\n\n");
+    md.push_str(
+        "Written by `cargo xtask bench` (raw figures: results.json beside this file). Every relay runs on the \
+         same machine in the same run, against the same traffic generator and upstream (separate \
+         processes, not counted). **CPU-s/GiB** is the relay's process tree plus every kernel thread \
+         over the same interval (sockmap and kTLS work partly runs in kernel threads that no process \
+         is charged for). Latency is measured at a fixed offered rate (open loop: a late response \
+         delays the next request's clock start to its due time, so queueing counts). Ratios compare \
+         with the best peer of the same run: above 1 means more (throughput, handshakes) or more \
+         costly (CPU, latency, memory). **Path observed**: for tlsplice, its own per-connection data \
+         path counters (a row whose connections did not all take the forced path fails the run); for \
+         peers in the guest, the kernel's kTLS counters from /proc/net/tls_stat (`TlsTxSw` alone means \
+         kTLS for sending only, decryption stayed in user space).\n\n",
+    );
+    for run in &runs {
+        section(&mut md, run, out)?;
+    }
+    std::fs::write(out.join("report.md"), md)?;
+    println!("bench: wrote {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
+    let scope = if run.simulated { "guest" } else { "host" };
+    if run.simulated {
+        let _ = writeln!(
+            md,
+            "## In a QEMU/TCG guest — simulated (emulated CPU)\n\nKernel {}, 1 emulated CPU ({}). Every figure here comes from an emulated CPU: \
+             compare ratios **inside this section only**, never with the host's figures.\n",
+            run.kernel, run.cpu
+        );
+    } else {
+        let _ = writeln!(
+            md,
+            "## On the host (real CPU)\n\nKernel {} (no kTLS), {} × {}, {:.0} GiB.\n",
+            run.kernel, run.cpus, run.cpu, run.memory_gib
+        );
+    }
+    let _ = writeln!(
+        md,
+        "Measured {}{}. Sizes: bulk {} MiB on 1 connection and {} MiB on each of 16; \
+         request/response for {} s at {} req/s (1 KiB) and {} req/s (64 KiB) over 4 connections; \
+         handshakes for {} s over 8 connections; {} idle connections (10,000 is the goal; a process \
+         may hold {} descriptors here, and the splice and kTLS paths hold 6-8 per connection).\n",
+        run.date,
+        if run.quick {
+            " (quick smoke run: sizes too small and builds unoptimised, so no conclusions)"
+        } else {
+            ""
+        },
+        run.sizes.bulk_bytes >> 20,
+        run.sizes.bulk16_bytes >> 20,
+        run.sizes.rr_secs,
+        run.sizes.rr_small_rate,
+        run.sizes.rr_large_rate,
+        run.sizes.handshake_secs,
+        run.sizes.idle_count,
+        run.open_files_limit
+    );
+    let versions: Vec<String> = run.versions.values().cloned().collect();
+    let _ = writeln!(md, "Versions: {}.\n", versions.join("; "));
+    if let Some(speed) = run.crypto_bytes_per_s {
+        let _ = writeln!(
+            md,
+            "Crypto bound (`openssl speed -evp aes-128-gcm`, 16 KiB, one core): {:.0} MiB/s, i.e. {:.2} CPU-s/GiB \
+             to decrypt (terminate); a decrypt + encrypt hop (reencrypt) is bounded at half: {:.0} MiB/s, {:.2} CPU-s/GiB.\n",
+            speed / MIB,
+            GIB / speed,
+            speed / MIB / 2.0,
+            2.0 * GIB / speed
+        );
+    }
+    for mode in MODES {
+        let relays = relays_of(&run.rows, mode);
+        if relays.is_empty() {
+            continue;
+        }
+        let rows = &run.rows;
+        let _ = writeln!(md, "### {mode}\n");
+        let _ = writeln!(
+            md,
+            "| relay | bulk ×1 MiB/s | CPU-s/GiB | bulk ×16 MiB/s | CPU-s/GiB | 1 KiB p50 / p99 / p99.9 µs | 64 KiB p50 / p99 / p99.9 µs | handshakes/s (CPU ms each) | resumed/s (% resumed) | idle RSS/conn KiB (fds/conn) | path observed |\n\
+             |---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        for relay in &relays {
+            let get = |w: &str| find(rows, mode, relay, w);
+            let bulk = |w: &str| {
+                get(w).map_or(("–".into(), "–".into()), |r| {
+                    (fmt(r.throughput_mib_s, 0), fmt(r.cpu_s_per_gib, 2))
+                })
+            };
+            let lat = |w: &str| {
+                get(w).map_or("–".into(), |r| {
+                    format!(
+                        "{} / {} / {}",
+                        fmt(r.p50_us, 0),
+                        fmt(r.p99_us, 0),
+                        fmt(r.p999_us, 0)
+                    )
+                })
+            };
+            let (b1, c1) = bulk("bulk, 1 connection");
+            let (b16, c16) = bulk("bulk, 16 connections");
+            let hs = get("handshakes, full").map_or("–".into(), |r| {
+                format!(
+                    "{} ({})",
+                    fmt(r.handshakes_per_s, 0),
+                    fmt(r.cpu_ms_per_handshake, 2)
+                )
+            });
+            let rs = get("handshakes, resumption offered").map_or("–".into(), |r| {
+                format!(
+                    "{} ({}%)",
+                    fmt(r.handshakes_per_s, 0),
+                    fmt(r.resumed_fraction.map(|f| f * 100.0), 0)
+                )
+            });
+            let idle = get("idle connections").map_or("–".into(), |r| {
+                format!(
+                    "{} ({})",
+                    fmt(r.rss_per_connection_bytes.map(|b| b / 1024.0), 1),
+                    fmt(r.fds_per_connection, 1)
+                )
+            });
+            // What carried this relay's connections over all its workloads, summed.
+            let mut totals: Vec<(String, f64)> = Vec::new();
+            for r in rows.iter().filter(|r| r.mode == mode && &r.relay == relay) {
+                for part in r.path_observed.split(", ").filter(|p| !p.is_empty()) {
+                    let (name, n) = part.rsplit_once(" +").unwrap_or((part, "0"));
+                    let n: f64 = n.parse().unwrap_or(0.0);
+                    match totals.iter_mut().find(|(k, _)| k == name) {
+                        Some((_, t)) => *t += n,
+                        None => totals.push((name.to_owned(), n)),
+                    }
+                }
+            }
+            let paths: Vec<String> = totals.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+            let errors: u64 = rows
+                .iter()
+                .filter(|r| r.mode == mode && &r.relay == relay)
+                .map(|r| r.errors)
+                .sum();
+            let path = if errors > 0 {
+                format!("{} **{errors} errors**", paths.join("; "))
+            } else {
+                paths.join("; ")
+            };
+            let _ = writeln!(
+                md,
+                "| {relay} | {b1} | {c1} | {b16} | {c16} | {} | {} | {hs} | {rs} | {idle} | {path} |",
+                lat("request/response 1 KiB"),
+                lat("request/response 64 KiB")
+            );
+        }
+        md.push('\n');
+        // Ratios of each tlsplice path against the best peer, and against the crypto bound.
+        let bound = run.crypto_bytes_per_s.and_then(|s| match mode {
+            "terminate" => Some(s),
+            "reencrypt" => Some(s / 2.0),
+            _ => None,
+        });
+        let best_tp = best_peer(
+            rows,
+            mode,
+            "bulk, 1 connection",
+            |r| r.throughput_mib_s,
+            true,
+        );
+        let best_cpu = best_peer(rows, mode, "bulk, 1 connection", |r| r.cpu_s_per_gib, false);
+        let best_p99 = best_peer(rows, mode, "request/response 1 KiB", |r| r.p99_us, false);
+        let best_hs = best_peer(rows, mode, "handshakes, full", |r| r.handshakes_per_s, true);
+        let best_idle = best_peer(
+            rows,
+            mode,
+            "idle connections",
+            |r| r.rss_per_connection_bytes,
+            false,
+        );
+        let _ = writeln!(
+            md,
+            "| tlsplice | throughput vs best peer | CPU-s/GiB vs best peer | throughput vs crypto bound | CPU-s/GiB vs crypto bound | 1 KiB p99 vs best peer | handshakes/s vs best peer | idle RSS/conn vs best peer |\n\
+             |---|---|---|---|---|---|---|---|"
+        );
+        for relay in relays.iter().filter(|r| r.starts_with("tlsplice")) {
+            let bulk = find(rows, mode, relay, "bulk, 1 connection");
+            let tp = bulk.and_then(|r| r.throughput_mib_s);
+            let cpu = bulk.and_then(|r| r.cpu_s_per_gib);
+            let (vs_bound_tp, vs_bound_cpu) = match bound {
+                Some(b) => (
+                    fmt(tp.map(|t| t * MIB / b), 2),
+                    fmt(cpu.map(|c| c / (GIB / b)), 2),
+                ),
+                None => ("– (no crypto)".into(), "– (no crypto)".into()),
+            };
+            let _ = writeln!(
+                md,
+                "| {relay} | {} | {} | {vs_bound_tp} | {vs_bound_cpu} | {} | {} | {} |",
+                ratio(tp, &best_tp),
+                ratio(cpu, &best_cpu),
+                ratio(
+                    find(rows, mode, relay, "request/response 1 KiB").and_then(|r| r.p99_us),
+                    &best_p99
+                ),
+                ratio(
+                    find(rows, mode, relay, "handshakes, full").and_then(|r| r.handshakes_per_s),
+                    &best_hs
+                ),
+                ratio(
+                    find(rows, mode, relay, "idle connections")
+                        .and_then(|r| r.rss_per_connection_bytes),
+                    &best_idle
+                ),
+            );
+        }
+        md.push('\n');
+        // Charts.
+        let series = |w: &str, figure: &dyn Fn(&Row) -> Option<f64>| -> Vec<(String, f64)> {
+            relays
+                .iter()
+                .map(|relay| {
+                    (
+                        relay.clone(),
+                        find(rows, mode, relay, w)
+                            .and_then(figure)
+                            .unwrap_or(f64::NAN),
+                    )
+                })
+                .collect()
+        };
+        let mut charts = Vec::new();
+        for (w, tag) in [
+            ("bulk, 1 connection", "x1"),
+            ("bulk, 16 connections", "x16"),
+        ] {
+            let name = format!("{scope}-{mode}-throughput-{tag}.svg");
+            std::fs::write(
+                out.join(&name),
+                svg::bars(
+                    &format!("{mode}, {w} connection(s): throughput"),
+                    "MiB/s",
+                    &series(w, &|r| r.throughput_mib_s),
+                ),
+            )?;
+            charts.push(name);
+            let name = format!("{scope}-{mode}-cpu-{tag}.svg");
+            std::fs::write(
+                out.join(&name),
+                svg::bars(
+                    &format!("{mode}, {w} connection(s): relay + kernel threads CPU"),
+                    "CPU-s/GiB, lower is better",
+                    &series(w, &|r| r.cpu_s_per_gib),
+                ),
+            )?;
+            charts.push(name);
+        }
+        for (w, tag) in [
+            ("request/response 1 KiB", "1k"),
+            ("request/response 64 KiB", "64k"),
+        ] {
+            let cdf: Vec<(String, Vec<[f64; 2]>)> = relays
+                .iter()
+                .filter_map(|relay| {
+                    find(rows, mode, relay, w)
+                        .and_then(|r| r.cdf.clone())
+                        .map(|c| (relay.clone(), c))
+                })
+                .collect();
+            let name = format!("{scope}-{mode}-latency-{tag}.svg");
+            std::fs::write(
+                out.join(&name),
+                svg::latency_cdf(&format!("{mode}: {w} KiB latency at a fixed rate"), &cdf),
+            )?;
+            charts.push(name);
+        }
+        for c in charts {
+            let _ = writeln!(md, "![{c}]({c})");
+        }
+        md.push('\n');
+    }
+    if !run.skipped.is_empty() {
+        let _ = writeln!(md, "Not run here, and why:\n");
+        for s in &run.skipped {
+            let _ = writeln!(md, "- {} / {}: {}", s.mode, s.relay, s.why);
+        }
+        md.push('\n');
+    }
+    Ok(())
+}

@@ -1,0 +1,177 @@
+//! `cargo xtask bench`: tlsplice against HAProxy, nginx, stunnel and socat on this host, then
+//! the kTLS rows inside a QEMU/TCG guest, then target/bench/report.md with SVG charts and raw
+//! JSON, then the criterion micro-benchmarks. `--quick` is the smoke run CI executes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::{bootstrap, cmd, ebpf, initramfs, kernels, matrix, vm};
+
+/// What `cargo xtask bench` was asked for.
+#[derive(Debug)]
+pub struct Options {
+    /// Small sizes, debug builds, criterion benches run once each as tests.
+    pub quick: bool,
+    /// No guest (no kTLS rows).
+    pub host_only: bool,
+    /// The guest kernel for the kTLS rows.
+    pub kernel: String,
+}
+
+/// The peers' programs the guest needs with nginx (its stream module is a loadable object).
+const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+/// Runs everything and writes target/bench.
+pub fn run(root: &Path, opts: &Options) -> Result<()> {
+    bootstrap::run()?;
+    bootstrap::bench_peers()?;
+    ebpf::build(root)?;
+    matrix::mount_bpffs()?;
+    // Quick runs check that the harness works, not how fast anything is: debug builds, which
+    // `cargo xtask test` has already compiled, save minutes of release compilation.
+    let profile = if opts.quick { "debug" } else { "release" };
+    let mut build = Command::new("cargo");
+    build.args([
+        "build",
+        "-p",
+        "tlsplice",
+        "-p",
+        "tlsplice-benches",
+        "--bins",
+    ]);
+    if !opts.quick {
+        build.arg("--release");
+    }
+    cmd::run(build.current_dir(root))?;
+    let bin = root.join("target").join(profile);
+    let out = root.join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let mut inputs = Vec::new();
+
+    println!("== bench: on this host ==");
+    let host_json = out.join("host.json");
+    let _ = std::fs::remove_file(&host_json);
+    let mut host = Command::new(bin.join("tlsplice-bench"));
+    host.args(["run", "--scope", "host"])
+        .arg("--agent")
+        .arg(bin.join("tlsplice"))
+        .arg("--loadgen")
+        .arg(bin.join("tlsplice-loadgen"))
+        .arg("--out")
+        .arg(&host_json);
+    if opts.quick {
+        host.arg("--quick");
+    }
+    let host_result = cmd::run(&mut host);
+    if host_json.exists() {
+        inputs.push(host_json);
+    }
+
+    let mut guest_result = Ok(());
+    if !opts.host_only {
+        println!(
+            "== bench: the kTLS rows in a guest ({} kernel, QEMU/TCG: emulated CPU) ==",
+            opts.kernel
+        );
+        let guest_json = out.join("guest.json");
+        let _ = std::fs::remove_file(&guest_json);
+        guest_result = guest(&bin, &out, opts);
+        if guest_json.exists() {
+            inputs.push(guest_json);
+        }
+    }
+
+    if !inputs.is_empty() {
+        let mut report = Command::new(bin.join("tlsplice-bench"));
+        report.args(["report", "--out"]).arg(&out);
+        for i in &inputs {
+            report.arg("--input").arg(i);
+        }
+        cmd::run(&mut report)?;
+    }
+
+    println!("== bench: criterion micro-benchmarks (ClientHello peek, PROXY v2, splice loop) ==");
+    let micro = micro(root, &out, opts.quick);
+    host_result.context("the host benchmark")?;
+    guest_result.context("the guest benchmark")?;
+    micro.context("the micro-benchmarks")?;
+    println!("bench: report at {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
+    let line = kernels::line(&opts.kernel)?;
+    let kernel = kernels::fetch(line, false)?;
+    let work = out.join(format!("vm-{}", kernel.release));
+    std::fs::create_dir_all(&work)?;
+    let mut contents = initramfs::Contents::default();
+    initramfs::add_kernel_modules(&mut contents, &kernel)?;
+    for (name, guest_path) in [
+        ("tlsplice", "/usr/bin/tlsplice"),
+        ("tlsplice-bench", "/usr/bin/tlsplice-bench"),
+        ("tlsplice-loadgen", "/usr/bin/tlsplice-loadgen"),
+    ] {
+        let stripped = initramfs::stripped_copy(&bin.join(name), &work.join("bin"))?;
+        contents.add_program(&stripped, guest_path)?;
+    }
+    for tool in ["openssl", "nginx"] {
+        let host = cmd::which(tool).with_context(|| format!("{tool} is not installed"))?;
+        contents.add_program(&host, &format!("/usr/bin/{tool}"))?;
+    }
+    contents.add_program(Path::new(NGINX_STREAM_MODULE), NGINX_STREAM_MODULE)?;
+    // nginx looks its worker user up even when told `user root`.
+    contents.add_bytes("/etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n".to_vec());
+    contents.add_bytes("/etc/group", b"root:x:0:\n".to_vec());
+    // openssl reads its configuration from here; without it, it still runs with defaults.
+    if Path::new("/usr/lib/ssl/openssl.cnf").exists() {
+        contents.add_bytes(
+            "/usr/lib/ssl/openssl.cnf",
+            std::fs::read("/usr/lib/ssl/openssl.cnf")?,
+        );
+    }
+    let quick = if opts.quick { " --quick" } else { "" };
+    contents.script(&format!(
+        "ulimit -n 65536\ntlsplice-bench run --scope guest{quick} --agent /usr/bin/tlsplice \
+         --loadgen /usr/bin/tlsplice-loadgen --out -\n"
+    ));
+    let image = work.join("initramfs.cpio");
+    initramfs::write(&contents, Path::new("/bin/busybox"), &image)?;
+    let timeout = if opts.quick { 1200 } else { 3600 };
+    let run = vm::boot(&kernel, &image, line.name, Duration::from_secs(timeout))?;
+    let console = out.join("guest-console.log");
+    std::fs::write(&console, run.lines.join("\n"))?;
+    // The results are on the console even when a row failed (the run then exits 1).
+    let json = out.join("guest.json");
+    let reassembled = cmd::run(
+        Command::new(bin.join("tlsplice-bench"))
+            .args(["from-console", "--log"])
+            .arg(&console)
+            .arg("--out")
+            .arg(&json),
+    );
+    match run.exit {
+        Some(0) => reassembled,
+        Some(code) => bail!("the guest benchmark exited with status {code}"),
+        None if run.timed_out => bail!("the guest timed out after {timeout}s"),
+        None => bail!("the guest stopped before the benchmark finished"),
+    }
+}
+
+/// Criterion micro-benchmarks: measured in a full run (output kept in target/bench/micro.txt);
+/// in a quick run each benchmark runs once, as a test.
+fn micro(root: &Path, out: &Path, quick: bool) -> Result<()> {
+    let mut c = Command::new("cargo");
+    if quick {
+        c.args(["test", "-p", "tlsplice-benches", "--bench", "micro"]);
+    } else {
+        c.args(["bench", "-p", "tlsplice-benches", "--bench", "micro"]);
+    }
+    let text = cmd::output(c.current_dir(root))?;
+    print!("{text}");
+    let path: PathBuf = out.join("micro.txt");
+    std::fs::write(&path, &text)?;
+    Ok(())
+}
