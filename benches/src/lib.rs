@@ -73,16 +73,31 @@ pub fn kernel_threads_cpu_seconds() -> f64 {
         .sum()
 }
 
-/// Resident memory of a process, bytes (VmRSS).
-pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// Proportional set size of a process, bytes (Pss from /proc/<pid>/smaps_rollup: shared pages
+/// divided among the processes that map them).
+pub fn pss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .find_map(|l| l.strip_prefix("Pss:"))
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .map_or(0, |kib| kib * 1024)
+}
+
+/// Busy CPU seconds of the whole machine (see [`tlsplice::probe::node_busy_seconds`]).
+pub fn node_busy_seconds() -> f64 {
+    tlsplice::probe::node_busy_seconds().unwrap_or(0.0)
+}
+
+/// Sends `signal` to every process of the group `group` leads; a group already gone is fine.
+pub fn signal_group(group: u32, signal: libc::c_int) {
+    let Ok(group) = libc::pid_t::try_from(group) else {
+        return;
+    };
+    // SAFETY: kill takes a (negated) process group id and a signal number; no memory is passed.
+    unsafe { libc::kill(-group, signal) };
 }
 
 /// The value at `q` (0..=1) of sorted samples.

@@ -73,6 +73,13 @@ pub fn latency_cdf(title: &str, series: &[(String, Vec<[f64; 2]>)]) -> String {
         .flat_map(|(_, p)| p.iter().map(|[x, _]| *x))
         .filter(|x| x.is_finite() && *x > 0.0)
         .collect();
+    if points.is_empty() {
+        return format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"400\" height=\"40\" font-family=\"sans-serif\" font-size=\"12\">\
+             <text x=\"8\" y=\"24\">{}: no samples</text></svg>\n",
+            escape(title)
+        );
+    }
     let lo = points
         .iter()
         .copied()
@@ -92,8 +99,9 @@ pub fn latency_cdf(title: &str, series: &[(String, Vec<[f64; 2]>)]) -> String {
         sh = top + h + 40.0,
         t = escape(title)
     );
-    let mut decade = llo;
-    while decade <= lhi {
+    let decades = (lhi - llo).clamp(1.0, 12.0) as i32;
+    for step in 0..=decades {
+        let decade = llo + f64::from(step);
         let x = x_of(10f64.powf(decade));
         let _ = writeln!(
             s,
@@ -103,7 +111,6 @@ pub fn latency_cdf(title: &str, series: &[(String, Vec<[f64; 2]>)]) -> String {
             ty = top + h + 16.0,
             v = short(10f64.powf(decade))
         );
-        decade += 1.0;
     }
     for (p, label) in [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9")] {
         let y = y_of(p);
@@ -161,5 +168,7 @@ mod tests {
         assert!(b.contains("n/a") && b.contains("b&lt;"));
         let c = latency_cdf("l", &[("x".into(), vec![[10.0, 0.5], [100.0, 0.999]])]);
         assert!(c.contains("<polyline") && c.contains("p99.9"));
+        let empty = latency_cdf("l", &[("x".into(), vec![[f64::NAN, 0.5]])]);
+        assert!(empty.contains("no samples"));
     }
 }

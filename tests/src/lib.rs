@@ -637,6 +637,17 @@ pub fn expected_auto_path() -> (tlsplice::proxy::DataPath, Option<String>) {
     }
 }
 
+/// One of the agent's connected TCP sockets, as read through a duplicate of its descriptor.
+#[derive(Debug)]
+pub struct AgentSocket {
+    /// Its local address.
+    pub local: SocketAddr,
+    /// The address it is connected to.
+    pub peer: SocketAddr,
+    /// Whether TCP_NODELAY is set (small writes go out at once, no Nagle delay).
+    pub nodelay: bool,
+}
+
 /// A running `tlsplice run`, its stderr in a file.
 pub struct AgentProcess {
     /// The process.
@@ -672,6 +683,58 @@ impl AgentProcess {
     /// As [`AgentProcess::start`] with no wrapper, and `env` set for the agent.
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)], extra: &[&str]) -> Self {
         Self::launch(dir, config, &[], extra, None, env)
+    }
+
+    /// The agent's connected TCP sockets (listeners and unix sockets left out), each
+    /// duplicated into this process with pidfd_getfd(2) (Linux 5.6, needs ptrace rights over
+    /// the agent: root) to read its options.
+    pub fn connected_tcp_sockets(&self) -> Vec<AgentSocket> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let pid = self.child.id();
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+        // memory is passed.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        assert!(pidfd >= 0, "pidfd_open: {}", io::Error::last_os_error());
+        // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as i32) };
+        let mut sockets = Vec::new();
+        let entries = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the agent's fd dir");
+        for entry in entries.flatten() {
+            let is_socket = std::fs::read_link(entry.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with("socket:"));
+            let number = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok());
+            let (true, Some(number)) = (is_socket, number) else {
+                continue;
+            };
+            // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that process and
+            // flags, and returns a new descriptor of ours or -1; no memory is passed.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), number, 0) };
+            if fd < 0 {
+                let e = io::Error::last_os_error();
+                // EBADF: closed since the directory was read. Anything else (EPERM) is a
+                // harness problem, not an answer.
+                assert_eq!(e.raw_os_error(), Some(libc::EBADF), "pidfd_getfd: {e}");
+                continue;
+            }
+            // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
+            let sock = socket2::Socket::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            if sock.r#type().ok() != Some(socket2::Type::STREAM) {
+                continue;
+            }
+            let local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let peer = sock.peer_addr().ok().and_then(|a| a.as_socket());
+            if let (Some(local), Some(peer)) = (local, peer) {
+                sockets.push(AgentSocket {
+                    local,
+                    peer,
+                    nodelay: sock.tcp_nodelay().unwrap_or(false),
+                });
+            }
+        }
+        sockets
     }
 
     /// Every thread's effective, permitted and bounding capability sets (from

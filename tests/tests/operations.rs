@@ -1179,3 +1179,59 @@ fn keys_in_sec1_pkcs1_and_pkcs8_serve_and_a_near_expiry_warns() {
         );
     }
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn relayed_sockets_send_small_writes_at_once() {
+    // Without TCP_NODELAY a relay holds a small write back until the previous one is
+    // acknowledged, and the peer delays that ACK by up to 40 ms: request/response traffic
+    // stalls (cargo xtask bench measured p99 in tens of milliseconds before this was set).
+    let dir = test_dir("nodelay");
+    let pki = TestPki::generate();
+    let pki_dir = pki.write_files();
+    let port = free_port();
+    let upstream = echo_upstream();
+    // And a passthrough listener in front of a TLS echo upstream.
+    let tls_upstream = {
+        let config = pki.server_config();
+        serve(move |sock| {
+            let conn = rustls::ServerConnection::new(config.clone()).expect("server");
+            let mut tls = StreamOwned::new(conn, sock);
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = tls.read(&mut buf) {
+                if n == 0 || tls.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let pass_port = free_port();
+    let config = format!(
+        "{}[[listener]]\nname = \"edge\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:{pass_port}\"\n\
+         upstream = \"{tls_upstream}\"\n",
+        terminate_listener("web", port, upstream, &pki_dir)
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    for (listen, to) in [(port, upstream), (pass_port, tls_upstream)] {
+        let mut client =
+            connect(agent_addr(listen), trusting(&[&pki]), "localhost").expect("session");
+        echo(&mut client, b"ping").expect("echo");
+        let mut relayed: Vec<_> = agent
+            .connected_tcp_sockets()
+            .into_iter()
+            .filter(|s| s.local.port() == listen || s.peer == to)
+            .collect();
+        // The idle watch holds a second descriptor of each socket.
+        relayed.sort_by_key(|s| (s.local, s.peer));
+        relayed.dedup_by_key(|s| (s.local, s.peer));
+        assert_eq!(
+            relayed.len(),
+            2,
+            "a client leg and an upstream leg through port {listen}: {relayed:?}"
+        );
+        for s in &relayed {
+            assert!(s.nodelay, "TCP_NODELAY is not set on {s:?}");
+        }
+        finish(client);
+    }
+}

@@ -148,7 +148,14 @@ impl Connector {
         })
     }
 
+    /// Connects and completes the handshake, or fails after 10 s (a stalled relay).
     async fn connect(&self) -> Result<(Box<dyn Stream>, bool)> {
+        tokio::time::timeout(Duration::from_secs(10), self.connect_now())
+            .await
+            .with_context(|| format!("no session with {} within 10 s", self.target.addr))?
+    }
+
+    async fn connect_now(&self) -> Result<(Box<dyn Stream>, bool)> {
         let tcp = TcpStream::connect(self.target.addr)
             .await
             .with_context(|| format!("connecting to {}", self.target.addr))?;
@@ -359,29 +366,35 @@ async fn handshakes(
     for _ in 0..conns {
         let (connector, done, resumed) = (connector.clone(), done.clone(), resumed.clone());
         tasks.push(tokio::spawn(async move {
-            let mut errors = Vec::new();
+            // A count and the first message: a relay that refuses fast must not fill memory.
+            let (mut count, mut first) = (0u64, None);
             while Instant::now() < deadline {
                 match one_exchange(&connector).await {
                     Ok(r) => {
                         done.fetch_add(1, Ordering::Relaxed);
                         resumed.fetch_add(u64::from(r), Ordering::Relaxed);
                     }
-                    Err(e) => errors.push(format!("{e:#}")),
+                    Err(e) => {
+                        count += 1;
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                    }
                 }
             }
-            errors
+            (count, first)
         }));
     }
-    let mut errors = Vec::new();
+    let (mut errors, mut first_error) = (0u64, None);
     for t in tasks {
-        errors.extend(t.await?);
+        let (count, first) = t.await?;
+        errors += count;
+        first_error = first_error.or(first);
     }
     let secs = start.elapsed().as_secs_f64();
     let n = done.load(Ordering::Relaxed);
     Ok(json!({
         "handshakes": n, "secs": secs, "per_sec": n as f64 / secs,
         "resumed": resumed.load(Ordering::Relaxed), "resume_offered": resume,
-        "errors": errors.len(), "first_error": errors.first(),
+        "errors": errors, "first_error": first_error,
     }))
 }
 

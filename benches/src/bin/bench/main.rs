@@ -21,8 +21,8 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tlsplice_benches::{
-    kernel_threads_cpu_seconds, process_cpu_seconds, process_tree, raise_open_files_limit,
-    rss_bytes, svg,
+    kernel_threads_cpu_seconds, node_busy_seconds, process_cpu_seconds, process_tree, pss_bytes,
+    raise_open_files_limit, svg,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -311,7 +311,12 @@ struct Row {
     relay_cpu_s: f64,
     /// Every kernel thread's CPU seconds over the workload.
     kernel_threads_cpu_s: f64,
+    /// Relay + kernel threads, per GiB moved.
     cpu_s_per_gib: Option<f64>,
+    /// Busy CPU seconds of the whole machine over the workload (/proc/stat: the traffic
+    /// generator and upstream included, which do the same work for every relay of a mode).
+    node_cpu_s: f64,
+    node_cpu_s_per_gib: Option<f64>,
     p50_us: Option<f64>,
     p99_us: Option<f64>,
     p999_us: Option<f64>,
@@ -325,7 +330,7 @@ struct Row {
     rss_per_connection_bytes: Option<f64>,
     /// Open descriptors the relay holds per idle connection.
     fds_per_connection: Option<f64>,
-    /// Relay RSS after the workload (process tree sum).
+    /// Relay memory after the workload (process tree, proportional set size).
     rss_bytes: u64,
     /// What carried the bytes, as observed: the agent's per-path connection counters, or the
     /// kernel's kTLS record counters for peers in the guest.
@@ -419,9 +424,11 @@ impl Running {
         })
     }
 
+    /// Proportional set size of the process tree: shared pages are split between the
+    /// processes that map them, so nginx's and HAProxy's workers are not counted twice.
     fn rss(&self) -> u64 {
         self.pid()
-            .map_or(0, |pid| process_tree(pid).into_iter().map(rss_bytes).sum())
+            .map_or(0, |pid| process_tree(pid).into_iter().map(pss_bytes).sum())
     }
 }
 
@@ -430,19 +437,19 @@ impl Drop for Running {
         let Some(child) = self.child.as_mut() else {
             return;
         };
-        // SIGTERM first (the agent removes its pins, nginx and HAProxy stop their workers).
-        let _ = Command::new("kill")
-            .arg(child.id().to_string())
-            .stderr(Stdio::null())
-            .status();
+        // Each relay leads its own process group (see spawn_logged): SIGTERM to the group first
+        // (the agent removes its pins, nginx and HAProxy stop their workers), then SIGKILL to
+        // whatever is left of it, socat's forks and nginx's workers included.
+        let group = child.id();
+        tlsplice_benches::signal_group(group, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
-                return;
+                break;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = child.kill();
+        tlsplice_benches::signal_group(group, libc::SIGKILL);
         let _ = child.wait();
     }
 }
@@ -451,9 +458,12 @@ fn free_port() -> u16 {
     tlsplice_tests::free_port()
 }
 
+/// Starts `cmd` as the leader of a new process group, its output into `log`.
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
     let file = std::fs::File::create(log)?;
-    cmd.stdin(Stdio::null())
+    cmd.process_group(0)
+        .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file)
         .spawn()
@@ -502,6 +512,9 @@ impl Bench {
                 );
                 if mode != Mode::Passthrough {
                     config.push_str(&format!("cert = \"{cert}\"\nkey = \"{key}\"\n"));
+                }
+                if mode == Mode::Passthrough {
+                    config.push_str(&format!("[listener.sni]\n\"localhost\" = \"{up}\"\n"));
                 }
                 if mode == Mode::Reencrypt {
                     config.push_str(&format!(
@@ -559,9 +572,16 @@ impl Bench {
                         (format!("{addr}"), format!("{up}"), "  option splice-auto\n")
                     }
                 };
+                // Passthrough routes on the ClientHello's server name, as tlsplice does.
+                let route = if mode == Mode::Passthrough {
+                    "  tcp-request inspect-delay 5s\n  tcp-request content accept if { req_ssl_hello_type 1 }\n  \
+                     use_backend be if { req_ssl_sni -i localhost }\n"
+                } else {
+                    "  default_backend be\n"
+                };
                 let config = format!(
                     "global\n  maxconn 7000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{options}\n\
-                     frontend fe\n  bind {bind}\n  default_backend be\n\nbackend be\n  server up {server}\n"
+                     frontend fe\n  bind {bind}\n{route}\nbackend be\n  server up {server}\n"
                 );
                 let file = self.dir.join(format!("{tag}.cfg"));
                 std::fs::write(&file, config)?;
@@ -579,7 +599,8 @@ impl Bench {
                     ""
                 };
                 let (listen, tls) = match mode {
-                    Mode::Passthrough => (format!("{addr}"), String::new()),
+                    // Routed on the ClientHello's server name (ssl_preread), as tlsplice does.
+                    Mode::Passthrough => (format!("{addr}"), "ssl_preread on;".to_owned()),
                     _ => (
                         format!("{addr} ssl"),
                         format!(
@@ -600,11 +621,19 @@ impl Bench {
                     .find(|m| Path::new(m).exists())
                     .map(|m| format!("load_module {m};\n"))
                     .unwrap_or_default();
+                let (map, target) = if mode == Mode::Passthrough {
+                    (
+                        format!("  map $ssl_preread_server_name $route {{ localhost {up}; }}\n"),
+                        "$route".to_owned(),
+                    )
+                } else {
+                    (String::new(), up.to_string())
+                };
                 let config = format!(
                     "{module}daemon off;\nmaster_process on;\nworker_processes auto;\nuser root;\n\
                      worker_rlimit_nofile 19000;\npid {dir}/{tag}.pid;\nerror_log {log} warn;\n\
                      events {{ worker_connections 9000; }}\n\
-                     stream {{\n  server {{\n    listen {listen};\n    {tls}\n    {upstream_tls}\n    proxy_pass {up};\n    proxy_timeout 1h;\n    proxy_half_close on;\n  }}\n}}\n",
+                     stream {{\n{map}  server {{\n    listen {listen};\n    {tls}\n    {upstream_tls}\n    proxy_pass {target};\n    proxy_timeout 1h;\n    proxy_half_close on;\n  }}\n}}\n",
                     dir = self.dir.display(),
                     log = log.display()
                 );
@@ -624,7 +653,8 @@ impl Bench {
             Relay::Stunnel => {
                 let config = format!(
                     "foreground = yes\npid =\ndebug = 3\noutput = {log}\n\n[bench]\naccept = {addr}\nconnect = {up}\n\
-                     cert = {cert}\nkey = {key}\nsslVersionMin = TLSv1.3\n",
+                     cert = {cert}\nkey = {key}\nsslVersionMin = TLSv1.3\n\
+                     socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n",
                     log = log.display()
                 );
                 let file = self.dir.join(format!("{tag}.conf"));
@@ -635,9 +665,12 @@ impl Bench {
                 )?
             }
             Relay::Socat => spawn_logged(
+                // The same socket settings the others have: no Nagle delay, 64 KiB copies.
                 Command::new("socat").args([
-                    format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096"),
-                    format!("TCP:{up}"),
+                    "-b".to_owned(),
+                    "65536".to_owned(),
+                    format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=4096,nodelay"),
+                    format!("TCP:{up},nodelay"),
                 ]),
                 &log,
             )?,
@@ -671,16 +704,41 @@ impl Bench {
         Ok(running)
     }
 
-    fn loadgen(&self, args: &[String]) -> Result<serde_json::Value> {
-        let out = Command::new(&self.loadgen)
+    /// Runs the traffic generator; a relay that stalls it is given `limit`, then it is killed
+    /// and the row fails.
+    fn loadgen(&self, args: &[String], limit: Duration) -> Result<serde_json::Value> {
+        let mut child = Command::new(&self.loadgen)
             .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .output()
+            .spawn()
             .context("running tlsplice-loadgen")?;
-        if !out.status.success() {
-            bail!("tlsplice-loadgen {args:?} failed: {}", out.status);
+        let mut stdout = child.stdout.take().context("loadgen stdout")?;
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "tlsplice-loadgen {args:?} did not finish in {} s",
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = reader.join().unwrap_or_default();
+        if !status.success() {
+            bail!("tlsplice-loadgen {args:?} failed: {status}");
         }
-        let text = String::from_utf8_lossy(&out.stdout);
         serde_json::from_str(text.trim()).with_context(|| format!("loadgen printed {text:?}"))
     }
 
@@ -701,7 +759,11 @@ impl Bench {
         let paths_before = observed_paths(running.admin);
         let rss_before = running.rss();
         let fds_before = running.fds();
-        let (cpu0, k0) = (running.cpu_seconds(), kernel_threads_cpu_seconds());
+        let (cpu0, k0, n0) = (
+            running.cpu_seconds(),
+            kernel_threads_cpu_seconds(),
+            node_busy_seconds(),
+        );
         let start = Instant::now();
         let mut row = Row::default();
         let report = if workload == Workload::Idle {
@@ -746,13 +808,21 @@ impl Bench {
                 Workload::Idle => unreachable!("handled above"),
             }
             args.extend(target);
-            self.loadgen(&args)?
+            // Generous: a relay at 1 MiB/s still finishes; one that stalls fails its row.
+            let limit = match workload {
+                Workload::Bulk1 => s.bulk_bytes >> 20,
+                Workload::Bulk16 => 16 * (s.bulk16_bytes >> 20),
+                _ => 0,
+            } + 120
+                + (s.rr_secs.max(s.handshake_secs) as u64);
+            self.loadgen(&args, Duration::from_secs(limit))?
         };
         // Let the relay finish its bookkeeping for the connections before reading its CPU.
         std::thread::sleep(Duration::from_millis(300));
         let wall = start.elapsed().as_secs_f64();
         row.relay_cpu_s = running.cpu_seconds() - cpu0;
         row.kernel_threads_cpu_s = kernel_threads_cpu_seconds() - k0;
+        row.node_cpu_s = node_busy_seconds() - n0;
         let cpu = row.relay_cpu_s + row.kernel_threads_cpu_s;
         if row.rss_bytes == 0 {
             row.rss_bytes = running.rss();
@@ -766,7 +836,9 @@ impl Bench {
                 row.secs = f("secs").unwrap_or(wall);
                 row.throughput_mib_s = Some(row.bytes as f64 / MIB / row.secs);
                 if row.bytes > 0 {
-                    row.cpu_s_per_gib = Some(cpu / (row.bytes as f64 / GIB));
+                    let gib = row.bytes as f64 / GIB;
+                    row.cpu_s_per_gib = Some(cpu / gib);
+                    row.node_cpu_s_per_gib = Some(row.node_cpu_s / gib);
                 }
             }
             Workload::Rr1k | Workload::Rr64k => {
@@ -1078,7 +1150,7 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
                 );
                 continue;
             }
-            let running = match bench.start(relay, mode) {
+            let mut running = match bench.start(relay, mode) {
                 Ok(r) => r,
                 Err(e) => {
                     println!("bench: {} {}: {e:#}", mode.name(), relay.label());
@@ -1103,6 +1175,28 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
                     });
                     continue;
                 }
+                if workload == Workload::Idle {
+                    // A fresh relay: what the earlier workloads left resident (allocator
+                    // arenas, pools) must not be mistaken for, or hide, per-connection memory.
+                    drop(running);
+                    running = match bench.start(relay, mode) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            results.rows.push(Row {
+                                mode: mode.name().into(),
+                                relay: relay.label(),
+                                peer: relay.is_peer(),
+                                workload: workload.label().into(),
+                                errors: 1,
+                                first_error: Some(format!(
+                                    "restarting for the idle workload: {e:#}"
+                                )),
+                                ..Row::default()
+                            });
+                            break;
+                        }
+                    };
+                }
                 let mut row = bench.measure(&running, workload).unwrap_or_else(|e| Row {
                     errors: 1,
                     first_error: Some(format!("{e:#}")),
@@ -1121,8 +1215,9 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
     let _ = std::fs::remove_dir_all(&dir);
     let json = serde_json::to_string(&results)?;
     if out == "-" {
-        for chunk in json.as_bytes().chunks(1000) {
-            println!("{JSON_MARKER}{}", String::from_utf8_lossy(chunk));
+        let chars: Vec<char> = json.chars().collect();
+        for chunk in chars.chunks(1000) {
+            println!("{JSON_MARKER}{}", chunk.iter().collect::<String>());
         }
     } else {
         std::fs::write(out, &json).with_context(|| format!("writing {out}"))?;
@@ -1148,8 +1243,9 @@ fn mismatched(row: &Row) -> bool {
     let Some(path) = row.relay.strip_prefix("tlsplice ") else {
         return false;
     };
-    !row.path_observed.is_empty()
-        && row
+    // Nothing observed (a failed scrape, connections never counted) fails the row too.
+    row.path_observed.is_empty()
+        || row
             .path_observed
             .split(", ")
             .any(|p| !p.starts_with(&format!("{path} connections")))
