@@ -338,7 +338,10 @@ async fn control_record(
     leg: &KtlsLeg,
     policy: &RekeyPolicy,
 ) -> io::Result<bool> {
-    let mut buf = [0u8; 16 * 1024];
+    // On the heap, and only here: an array would sit inline in every connection's future
+    // (this one is held across an await), costing each idle connection 16 KiB per direction
+    // for a record that rarely comes (cargo xtask bench, idle connections).
+    let mut buf = vec![0u8; 16 * 1024];
     let (record_type, n) = sock.try_io(Interest::READABLE, || {
         ktls::recv_record(sock.as_fd(), &mut buf)
     })?;
@@ -525,10 +528,16 @@ async fn sockmap_direction(
     dst_start: u64,
     user_bytes: &AtomicU64,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Sized at first wake-up: the verdict redirects nearly everything, and most connections
+    // never need it before their end (an idle connection would otherwise hold 64 KiB per
+    // direction).
+    let mut buf = Vec::new();
     let want = |user: &AtomicU64| dst_start + user.load(Ordering::Relaxed) + redirected();
     loop {
         src.readable().await?;
+        if buf.is_empty() {
+            buf.resize(64 * 1024, 0);
+        }
         match src.try_read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -619,6 +628,9 @@ struct UserLeg {
     /// Still reading from this leg.
     open: bool,
     scratch: Vec<u8>,
+    /// Plaintext read out of rustls on its way to the other leg; sized at first use, so a
+    /// connection that moves nothing holds none.
+    plain: Vec<u8>,
 }
 
 impl UserLeg {
@@ -630,6 +642,7 @@ impl UserLeg {
             tls,
             open: true,
             scratch: Vec::new(),
+            plain: Vec::new(),
         }
     }
 
@@ -686,6 +699,7 @@ async fn forward(
         open,
         scratch,
         wr,
+        plain,
         ..
     } = src;
     let Some(conn) = tls.as_mut() else {
@@ -704,7 +718,9 @@ async fn forward(
             "peer closed TCP without close_notify",
         ));
     }
-    let mut plain = [0u8; 16 * 1024];
+    if plain.is_empty() {
+        plain.resize(16 * 1024, 0);
+    }
     // rustls holds a bounded amount of plaintext: decrypt a piece, pass it on, then the next.
     let mut rest = input;
     while !rest.is_empty() && *open {
@@ -714,7 +730,7 @@ async fn forward(
             return Err(io::Error::new(io::ErrorKind::InvalidData, e));
         }
         loop {
-            match conn.reader().read(&mut plain) {
+            match conn.reader().read(plain) {
                 Ok(0) => {
                     *open = false;
                     dst.close_write().await?;
