@@ -25,6 +25,19 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     })
 }
 
+/// CPU seconds (user + system) of a process's children that ended and were waited for
+/// (cutime and cstime).
+pub fn reaped_children_cpu_seconds(pid: u32) -> f64 {
+    // cutime and cstime are fields 16 and 17 of the line: 13 and 14 after the name.
+    stat_fields(pid).map_or(0.0, |f| {
+        [13, 14]
+            .iter()
+            .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+            / CLOCK_TICKS
+    })
+}
+
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .map(|d| {
@@ -112,14 +125,9 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 /// Raises this process's open-file limit to its hard limit (10,000 connections need more than
 /// the usual 1,024 descriptors); children inherit it.
 pub fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we pass and keeps no pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    let Some(mut limit) = nofile_limit() else {
         return;
-    }
+    };
     // As root the hard limit can go up to fs.nr_open; otherwise raise the soft one to it.
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
@@ -147,13 +155,14 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
 
 /// This process's open-file limit (soft).
 pub fn open_files_limit() -> u64 {
+    nofile_limit().map_or(0, |l| l.rlim_cur)
+}
+
+fn nofile_limit() -> Option<libc::rlimit> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: getrlimit writes one rlimit into the struct we pass and keeps no pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
-        return 0;
-    }
-    limit.rlim_cur
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
 }

@@ -637,6 +637,29 @@ pub fn expected_auto_path() -> (tlsplice::proxy::DataPath, Option<String>) {
     }
 }
 
+/// GET `path` from an HTTP server at `addr` (the agent's admin server): the status code and the
+/// body. Connecting may take 2 s and the answer 10 s before it fails.
+pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("not an HTTP response: {text}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// One of the agent's connected TCP sockets, as read through a duplicate of its descriptor.
 #[derive(Debug)]
 pub struct AgentSocket {
@@ -894,24 +917,8 @@ impl AgentProcess {
 
     /// GET `path` from the admin server: the status code and the body.
     pub fn get(&self, path: &str) -> (u16, String) {
-        let mut s = TcpStream::connect(self.admin).expect("connect admin");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut text = String::new();
-        s.read_to_string(&mut text).expect("response");
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("not an HTTP response: {text}"));
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default();
-        (status, body)
+        http_get(self.admin, path)
+            .unwrap_or_else(|e| panic!("GET {path} from the admin server: {e}"))
     }
 
     /// Sends `signal` to the agent.

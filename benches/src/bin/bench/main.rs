@@ -11,7 +11,7 @@
 //! and the upstream run as separate processes and are not counted.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tlsplice_benches::{
     kernel_threads_cpu_seconds, node_busy_seconds, process_cpu_seconds, process_tree, pss_bytes,
-    raise_open_files_limit, svg,
+    raise_open_files_limit, reaped_children_cpu_seconds, svg,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -396,17 +396,7 @@ impl Running {
     fn cpu_seconds(&self) -> f64 {
         let Some(pid) = self.pid() else { return 0.0 };
         // Children that ended (socat's per-connection forks) are in the root's cutime/cstime.
-        let reaped = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                let rest = s.rsplit_once(')')?.1.to_owned();
-                let f: Vec<f64> = rest
-                    .split_whitespace()
-                    .map(|v| v.parse().unwrap_or(0.0))
-                    .collect();
-                Some((f.get(13)? + f.get(14)?) / tlsplice_benches::CLOCK_TICKS)
-            })
-            .unwrap_or(0.0);
+        let reaped = reaped_children_cpu_seconds(pid);
         process_tree(pid)
             .into_iter()
             .map(process_cpu_seconds)
@@ -454,10 +444,6 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    tlsplice_tests::free_port()
-}
-
 /// Starts `cmd` as the leader of a new process group, its output into `log`.
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
     use std::os::unix::process::CommandExt;
@@ -480,7 +466,7 @@ impl Bench {
     }
 
     fn start(&self, relay: Relay, mode: Mode) -> Result<Running> {
-        let port = free_port();
+        let port = tlsplice_tests::free_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let up = self.upstream_of(mode);
         let tag = format!(
@@ -523,7 +509,7 @@ impl Bench {
                 }
                 let file = self.dir.join(format!("{tag}.toml"));
                 std::fs::write(&file, config)?;
-                let admin_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+                let admin_addr = SocketAddr::from(([127, 0, 0, 1], tlsplice_tests::free_port()));
                 admin = Some(admin_addr);
                 let passthrough = if path == "sockmap" {
                     "sockmap"
@@ -683,7 +669,9 @@ impl Bench {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ready = match admin {
-                Some(a) => http_get(a, "/readyz").is_ok_and(|(code, _)| code == 200),
+                Some(a) => {
+                    tlsplice_tests::http_get(a, "/readyz").is_ok_and(|(code, _)| code == 200)
+                }
                 None => TcpStream::connect(addr).is_ok(),
             };
             if ready {
@@ -897,7 +885,7 @@ fn observed_paths(admin: Option<SocketAddr>) -> BTreeMap<String, f64> {
     let mut seen = BTreeMap::new();
     match admin {
         Some(a) => {
-            let Ok((_, body)) = http_get(a, "/metrics") else {
+            let Ok((_, body)) = tlsplice_tests::http_get(a, "/metrics") else {
                 return seen;
             };
             for line in body.lines() {
@@ -945,26 +933,6 @@ fn path_difference(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>
         })
         .collect();
     parts.join(", ")
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("HTTP status")?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, b)| b.to_owned());
-    Ok((code, body))
 }
 
 fn tail(log: &Path) -> String {
@@ -1038,8 +1006,8 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
     std::fs::write(&cert, &pki.server_cert_pem)?;
     std::fs::write(&key, &pki.server_key_pem)?;
 
-    let plain_upstream = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let tls_upstream = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let plain_upstream = SocketAddr::from(([127, 0, 0, 1], tlsplice_tests::free_port()));
+    let tls_upstream = SocketAddr::from(([127, 0, 0, 1], tlsplice_tests::free_port()));
     let mut upstreams = Vec::new();
     for (addr, tls) in [(plain_upstream, false), (tls_upstream, true)] {
         let mut c = Command::new(&loadgen);
