@@ -5,6 +5,7 @@
 //! (`setsockopt(SOL_TLS, TLS_TX | TLS_RX)`), and sends and receives records with an explicit
 //! record type (`sendmsg`/`recvmsg` with `TLS_SET_RECORD_TYPE` / `TLS_GET_RECORD_TYPE` control
 //! messages). See the kernel's Documentation/networking/tls.rst.
+#![allow(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -1,20 +1,23 @@
 //! tlsplice: TLS handshakes in user space with rustls, the record layer in the kernel (kTLS),
 //! and the bytes moved between legs inside the kernel.
 //!
-//! Modules by concern:
-//! - [`ktls`]: the kTLS kernel interface (the only module that calls it);
-//! - [`splice`]: the splice(2)/pipe kernel interface;
-//! - [`handoff`]: finishing a rustls handshake and moving the session into the kernel;
-//! - [`proxy`]: listeners, the per-connection data path decision, one file per mode;
-//! - [`client_hello`]: reading the server name from a peeked ClientHello;
-//! - [`config`]: the TOML configuration;
-//! - [`identity`]: certificates, keys and CA bundles into rustls configurations;
-//! - [`proxy_protocol`]: PROXY v1/v2 headers telling the upstream who the client is;
-//! - [`probe`]: what the running kernel and process can do;
-//! - [`bpf`]: the eBPF programs and counter maps (the only module that calls BPF);
-//! - [`metrics`]: connection counters, Prometheus and `tlsplice stats` output;
-//! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`);
-//! - [`limits`]: process resource limits.
+//! Modules by concern, from the kernel up:
+//! - kernel interfaces, the only modules that call them (and the only ones with `unsafe`):
+//!   [`ktls`] (kTLS setsockopt and record-type cmsgs), [`splice`] (splice(2) and pipes),
+//!   [`sys`] (TCP_INFO, socket options, rlimit, the bpffs mount), and [`bpf`] (the eBPF programs
+//!   and maps, through aya);
+//! - [`net`]: connected sockets as the relays drive them;
+//! - [`outcome`]: a connection's typed end ([`outcome::Reason`]) and its report;
+//! - [`path`]: which data path a connection takes and why, as pure functions;
+//! - [`handoff`]: TLS handshakes that read nothing past their end, and sessions moved into the
+//!   kernel;
+//! - [`proxy`]: listeners and connections, one file per mode, one per data path;
+//! - [`client_hello`], [`proxy_protocol`], [`identity`], [`certs`]: the ClientHello peek, PROXY
+//!   headers, certificates and trust, and their reload;
+//! - [`config`], [`probe`], [`privileges`]: the configuration, what this kernel can do, the
+//!   capabilities kept;
+//! - [`metrics`], [`admin`]: counters and their exposition, the admin HTTP server.
+#![deny(unsafe_code)]
 
 pub mod admin;
 pub mod bpf;
@@ -24,10 +27,13 @@ pub mod config;
 pub mod handoff;
 pub mod identity;
 pub mod ktls;
-pub mod limits;
 pub mod metrics;
+pub mod net;
+pub mod outcome;
+pub mod path;
 pub mod privileges;
 pub mod probe;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod splice;
+pub mod sys;

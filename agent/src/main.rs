@@ -149,10 +149,19 @@ fn main() -> Result<()> {
             let mut fail = require_ktls && report.ktls.is_some();
             if let Some(path) = config {
                 let c = tlsplice::config::Config::load(&path)?;
-                let caps = tlsplice::proxy::KernelCaps::from_report(&report);
+                let caps = tlsplice::path::KernelCaps::from_report(&report);
+                // What the node's passthrough path will be, as far as this probe can tell.
+                let ebpf_off = match c.ebpf.mode {
+                    tlsplice::config::EbpfMode::Off => Some("ebpf.mode = off".to_owned()),
+                    _ => report.ebpf.clone(),
+                };
+                let passthrough = tlsplice::path::PlainPath::plan(
+                    c.ebpf.passthrough,
+                    ebpf_off.as_deref().map_or(Ok(()), Err),
+                );
                 for l in &c.listeners {
                     let mode = format!("{:?}", l.mode).to_lowercase();
-                    match tlsplice::proxy::readiness(l, &caps) {
+                    match tlsplice::proxy::readiness(l, &caps, &passthrough) {
                         Ok(how) => println!("listener {} ({mode}): ok: {how}", l.name),
                         Err(why) => {
                             println!("listener {} ({mode}): cannot run: {why}", l.name);
@@ -333,11 +342,11 @@ fn load_bpf(
 }
 
 fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFlags) -> Result<()> {
-    match tlsplice::limits::raise_open_files() {
+    match tlsplice::sys::raise_open_files() {
         Ok(n) => tracing::info!(open_files = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
-    let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
+    let caps = Arc::new(tlsplice::path::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
 
     // The privileged start, on this thread alone: bind, load eBPF, measure. Then the
@@ -372,12 +381,12 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
         if proxy.has_passthrough()
             || config.ebpf.passthrough != tlsplice::config::PassthroughPath::Auto
         {
-            let plain = tlsplice::proxy::passthrough::PlainPath::decide(
-                config.ebpf.passthrough,
-                telemetry.bpf(),
-                telemetry.ebpf().err(),
-            )
-            .await;
+            let ebpf = telemetry
+                .bpf()
+                .ok_or_else(|| telemetry.ebpf().err().unwrap_or("not loaded"));
+            let plain = tlsplice::proxy::measure::decide(config.ebpf.passthrough, ebpf)
+                .await
+                .map_err(|why| anyhow::anyhow!("refusing to start: {why}"))?;
             tracing::info!(
                 sockmap = plain.is_sockmap(),
                 why = plain.why(),
@@ -385,7 +394,7 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
             );
             proxy.set_passthrough(&plain);
         } else {
-            proxy.set_passthrough(&tlsplice::proxy::passthrough::PlainPath::not_measured(
+            proxy.set_passthrough(&tlsplice::path::PlainPath::not_measured(
                 config.ebpf.passthrough,
             ));
         }

@@ -3,6 +3,7 @@
 //!
 //! Bytes moved this way never enter user space: from a kTLS RX socket the kernel decrypts into
 //! the pipe (`tls_sw_splice_read`), into a kTLS TX socket it encrypts from the pipe's pages.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};

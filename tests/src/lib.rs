@@ -15,6 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
 use tlsplice::ktls::{Cipher, TlsVersion};
 
+pub mod ktls_stream;
+
 /// Environment variable the VM matrix sets in guests whose kernel must have what tests need:
 /// there, a missing feature is a failure, not a skip.
 pub const REQUIRE_ENV: &str = "TLSPLICE_REQUIRE_KERNEL_FEATURES";
@@ -538,7 +540,7 @@ pub struct Agent {
     runtime: tokio::runtime::Runtime,
     /// Where clients connect.
     pub addr: std::net::SocketAddr,
-    reports: tokio::sync::mpsc::UnboundedReceiver<tlsplice::proxy::ConnectionReport>,
+    reports: tokio::sync::mpsc::UnboundedReceiver<tlsplice::outcome::ConnectionReport>,
 }
 
 /// A listener named "test" for `mode` on an ephemeral port, using the PKI files in `pki_dir`
@@ -594,7 +596,7 @@ impl Agent {
             certs: tlsplice::config::CertsConfig::default(),
         };
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
-        let caps = Arc::new(tlsplice::proxy::KernelCaps::probe());
+        let caps = Arc::new(tlsplice::path::KernelCaps::probe());
         let proxy = runtime
             .block_on(tlsplice::proxy::Proxy::bind(&config, caps, Some(tx)))
             .expect("bind");
@@ -608,7 +610,7 @@ impl Agent {
     }
 
     /// The report of the next connection to end (waits up to 120 s).
-    pub fn next_report(&mut self) -> tlsplice::proxy::ConnectionReport {
+    pub fn next_report(&mut self) -> tlsplice::outcome::ConnectionReport {
         let reports = &mut self.reports;
         self.runtime
             .block_on(async {
@@ -621,16 +623,16 @@ impl Agent {
 
 /// The data path a connection must take on this kernel when the listener allows kTLS, and a
 /// phrase its reason must contain when that is not kTLS.
-pub fn expected_auto_path() -> (tlsplice::proxy::DataPath, Option<String>) {
+pub fn expected_auto_path() -> (tlsplice::outcome::DataPath, Option<String>) {
     match tlsplice::probe::ktls_available() {
-        Ok(()) => (tlsplice::proxy::DataPath::Ktls, None),
+        Ok(()) => (tlsplice::outcome::DataPath::Ktls, None),
         Err(e) => {
             assert!(
                 std::env::var_os(REQUIRE_ENV).is_none(),
                 "this guest must have kTLS: {e}"
             );
             (
-                tlsplice::proxy::DataPath::Userspace,
+                tlsplice::outcome::DataPath::Userspace,
                 Some("kernel has no kTLS".to_owned()),
             )
         }

@@ -174,12 +174,23 @@ listen = "127.0.0.1:{edge}"
     );
     println!("demo: the agent's configuration:\n{config}");
     // eBPF when this kernel and these privileges allow it (the agent says why not otherwise),
-    // and passthrough on the sockmap path when eBPF is loaded.
+    // and passthrough on the sockmap path when the programs load here: an agent asked for
+    // sockmap without them refuses to start, so ask only when `tlsplice probe` says they load.
+    let probe = std::process::Command::new(tlsplice_tests::agent_binary())
+        .arg("probe")
+        .output()
+        .expect("tlsplice probe");
+    let probe = String::from_utf8_lossy(&probe.stdout);
+    let passthrough = if probe.contains("ebpf: programs load") {
+        "sockmap"
+    } else {
+        "splice"
+    };
     let agent = AgentProcess::start(
         &dir,
         &config,
         &[],
-        &["--ebpf", "auto", "--passthrough-path", "sockmap"],
+        &["--ebpf", "auto", "--passthrough-path", passthrough],
     );
     assert!(
         agent.get("/readyz").0 == 200,

@@ -446,6 +446,24 @@ fn without_cap_bpf_the_agent_serves_and_says_why() {
     );
     drop(agent);
 
+    // Asking for the sockmap passthrough path explicitly is asking for eBPF too: without it the
+    // agent refuses to start and says why, rather than relaying another way.
+    let mut agent = AgentProcess::start(
+        &dir,
+        &cfg,
+        &wrapper,
+        &["--ebpf", "auto", "--passthrough-path", "sockmap"],
+    );
+    let status = agent.child.wait().expect("wait");
+    let log = agent.log_text();
+    assert!(!status.success(), "started without sockmap: {log}");
+    assert!(
+        log.contains("ebpf.passthrough = sockmap needs the eBPF programs")
+            && log.contains("CAP_BPF"),
+        "{log}"
+    );
+    drop(agent);
+
     // `auto` serves, logs why eBPF is off, and /metrics says so.
     let agent = AgentProcess::start(&dir, &cfg, &wrapper, &[]);
     let log = agent.log_text();
@@ -503,7 +521,7 @@ fn without_cap_bpf_the_agent_serves_and_says_why() {
 
 /// Raises this test process's open-file limit (1,000 connections hold 2,000 sockets here).
 fn raise_fd_limit() {
-    tlsplice::limits::raise_open_files().expect("raise the open file limit");
+    tlsplice::sys::raise_open_files().expect("raise the open file limit");
 }
 
 fn passthrough_config(port: u16, upstream: SocketAddr) -> String {
@@ -1067,4 +1085,81 @@ fn sockmap_connections_idle_out_though_the_agent_moves_no_byte() {
         "{up}"
     );
     assert_eq!(sockmap_settles_empty(&agent), 0);
+}
+
+/// Whether `dir` is the mount point of a bpf filesystem.
+fn bpffs_mounted_at(dir: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let dir = dir.to_string_lossy();
+    mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&dir.as_ref()) && f.get(2) == Some(&"bpf")
+    })
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn the_agent_mounts_a_bpf_filesystem_for_its_pins_when_none_is_there() {
+    let test = "the_agent_mounts_a_bpf_filesystem_for_its_pins_when_none_is_there";
+    // Mounting needs what loading needs (root, here); the guests always have it.
+    if !bpffs_or_skip(test) {
+        return;
+    }
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let base = std::env::temp_dir().join(format!("tlsplice-bpffs-{}", std::process::id()));
+    let mount_point = base.join("bpf");
+    std::fs::create_dir_all(&mount_point).expect("an empty directory");
+    let pin = mount_point.join("tlsplice");
+    let cfg = config(
+        &dir,
+        free_port(),
+        sized_upstream(),
+        free_port(),
+        drain_upstream(10),
+    );
+    let agent = AgentProcess::start_pinned(&dir, &cfg, &[], &["--ebpf", "required"], Some(&pin));
+    let log = agent.log_text();
+    let mounted = bpffs_mounted_at(&mount_point);
+    let loaded = agent.metrics().contains("tlsplice_ebpf_loaded 1");
+    let status = agent.stop();
+    // Unmounted before any assertion, so a failure leaves no mount behind.
+    let unmount = {
+        use std::os::unix::ffi::OsStrExt as _;
+        let path = std::ffi::CString::new(mount_point.as_os_str().as_bytes()).expect("path");
+        // SAFETY: umount2 reads one NUL-terminated path, which outlives the call.
+        unsafe { libc::umount2(path.as_ptr(), 0) }
+    };
+    assert!(
+        mounted,
+        "no bpf filesystem at {}: {log}",
+        mount_point.display()
+    );
+    assert!(
+        loaded && log.contains("mounted a bpf filesystem for the pins"),
+        "{log}"
+    );
+    assert!(status.success(), "{status}");
+    assert_eq!(
+        unmount,
+        0,
+        "umount {}: {}",
+        mount_point.display(),
+        std::io::Error::last_os_error()
+    );
+
+    // A directory with something in it is never mounted over: eBPF required cannot start.
+    std::fs::write(mount_point.join("keep"), b"x").expect("a file");
+    let mut agent =
+        AgentProcess::start_pinned(&dir, &cfg, &[], &["--ebpf", "required"], Some(&pin));
+    let status = agent.child.wait().expect("wait");
+    let log = agent.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("is not empty, so the agent does not mount over it"),
+        "{log}"
+    );
+    assert!(!bpffs_mounted_at(&mount_point), "mounted over a file");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&base);
 }

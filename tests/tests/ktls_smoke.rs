@@ -14,8 +14,8 @@ use std::thread;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConnection, StreamOwned};
-use tlsplice::handoff::KtlsStream;
 use tlsplice::ktls::{TlsStat, TlsVersion};
+use tlsplice_tests::ktls_stream::KtlsStream;
 use tlsplice_tests::{SuiteUnderTest, TestPki, expect_pattern, require, send_pattern};
 
 /// Bytes each way when both ends are kTLS.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
-use tlsplice::proxy::{ConnectionReport, DataPath};
+use tlsplice::outcome::{ConnectionReport, DataPath};
 use tlsplice_tests::{
     Agent, TestPki, expect_pattern, expected_auto_path, in_guest, listener, send_pattern, skip,
 };

@@ -13,7 +13,7 @@ use std::thread;
 
 use rustls::{ClientConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode, ProxyProtocol};
-use tlsplice::proxy::ConnectionReport;
+use tlsplice::outcome::{ConnectionReport, Reason};
 use tlsplice_tests::{
     Agent, CLIENT_CN, CLIENT_SANS, TestPki, expect_pattern, expected_auto_path, listener, s_client,
     send_pattern, tls_client, tool_or_skip,
@@ -137,7 +137,7 @@ fn check_report(report: &ConnectionReport) {
     assert_eq!(report.error, None, "{report:?}");
     assert_eq!(report.data_path, Some(path), "{report:?}");
     if let Some(reason) = reason {
-        assert!(report.reason.contains(&reason), "{report:?}");
+        assert!(report.path_reason.contains(&reason), "{report:?}");
     }
     assert_eq!(report.bytes_up, LEN as u64, "{report:?}");
     assert_eq!(report.bytes_down, LEN as u64, "{report:?}");
@@ -302,7 +302,7 @@ fn missing_or_untrusted_client_certificates_are_refused() {
 
     let seen = refused_client(agent.addr, pki.client_config());
     let report = agent.next_report();
-    assert_eq!(report.reason, "certificate refused", "{report:?}");
+    assert_eq!(report.outcome, Reason::CertificateRefused, "{report:?}");
     let error = report.error.clone().unwrap_or_default();
     assert!(error.contains("peer sent no certificates"), "{report:?}");
     assert_eq!(report.data_path, None, "{report:?}");
@@ -324,7 +324,7 @@ fn missing_or_untrusted_client_certificates_are_refused() {
             .expect("stranger's certificate");
     let seen = refused_client(agent.addr, Arc::new(stranger_config));
     let report = agent.next_report();
-    assert_eq!(report.reason, "certificate refused", "{report:?}");
+    assert_eq!(report.outcome, Reason::CertificateRefused, "{report:?}");
     let error = report.error.clone().unwrap_or_default();
     // Both test CAs share a name, so webpki finds the "issuer" and rejects its signature.
     assert!(error.contains("invalid peer certificate"), "{report:?}");

@@ -649,7 +649,12 @@ fn limits_refuse_cleanly_and_count() {
     // One after the other: the silent one's end would otherwise meet the limit too.
     let ended = |n: usize| {
         let deadline = Instant::now() + Duration::from_secs(15);
-        while agent.log_text().matches("reason=handshake failed ").count() != n {
+        while agent
+            .log_text()
+            .matches("reason=handshake peer closed ")
+            .count()
+            != n
+        {
             assert!(
                 Instant::now() < deadline,
                 "{n} clients' ends:\n{}",
@@ -777,7 +782,7 @@ fn sigterm_drains_then_closes_what_is_left() {
     let status = agent.terminate().expect("the agent exits after the drain");
     assert!(status.success(), "{status}");
     let log = agent.log_text();
-    assert_eq!(log.matches("reason=drain deadline").count(), 1, "{log}");
+    assert_eq!(log.matches("outcome=drain deadline ").count(), 1, "{log}");
     assert_eq!(log.matches("connection closed").count(), 1, "{log}");
     assert!(log.contains("stopped"), "{log}");
 }
@@ -1039,7 +1044,9 @@ fn idle_connections_are_closed_on_every_data_path() {
     }
     let log = agent.log_text();
     assert_eq!(
-        log.matches("reason=idle timeout: no byte either way for 500 ms")
+        log.lines()
+            .filter(|l| l.contains("outcome=idle timeout ")
+                && l.contains("error=no byte either way for 500 ms"))
             .count(),
         3,
         "{log}"
@@ -1234,4 +1241,139 @@ fn relayed_sockets_send_small_writes_at_once() {
         }
         finish(client);
     }
+}
+
+/// Reads until the agent closes the connection (or 10 s pass), so each failure below has ended
+/// before the next starts.
+fn until_closed(mut sock: TcpStream) {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    let _ = sock.read_to_end(&mut rest);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn failures_are_counted_under_their_typed_reason() {
+    let dir = test_dir("reasons");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let upstream = echo_upstream();
+    let (web, user, dead, edge) = (free_port(), free_port(), free_port(), free_port());
+    // Nothing listens there: the upstream of "dead" refuses every connection.
+    let refused = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = format!(
+        "{}{}data_path = \"userspace\"\n{}[[listener]]\nname = \"edge\"\nmode = \"passthrough\"\n\
+         listen = \"127.0.0.1:{edge}\"\n[listener.sni]\n\"a.test\" = \"{upstream}\"\n",
+        terminate_listener("web", web, upstream, &files)
+            .replace("handshake_timeout_ms = 5000", "handshake_timeout_ms = 400"),
+        terminate_listener("user", user, upstream, &files),
+        terminate_listener("dead", dead, refused, &files),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let trust = trusting(&[&pki]);
+
+    // Client leg: not TLS at all, a ClientHello cut short, nothing within the deadline.
+    let mut plain = TcpStream::connect(agent_addr(web)).expect("connect");
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .expect("write");
+    until_closed(plain);
+    let mut cut = TcpStream::connect(agent_addr(web)).expect("connect");
+    cut.write_all(&pki.client_hello()[..20]).expect("write");
+    drop(cut);
+    until_closed(TcpStream::connect(agent_addr(web)).expect("connect"));
+    // A session whose client closes TCP without close_notify (user space, where the agent reads
+    // the records itself and must see the truncation).
+    let mut c = connect(agent_addr(user), trust.clone(), "localhost").expect("session");
+    echo(&mut c, b"before the truncation").expect("echo");
+    c.sock
+        .shutdown(std::net::Shutdown::Write)
+        .expect("FIN without close_notify");
+    let mut rest = Vec::new();
+    let _ = c.sock.read_to_end(&mut rest);
+    // A complete client session whose upstream refuses the connection: the client gets
+    // close_notify.
+    let mut c = connect(agent_addr(dead), trust.clone(), "localhost").expect("session");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    // Passthrough: not TLS, a server name with no route, a ClientHello that does not parse.
+    let mut not_tls = TcpStream::connect(agent_addr(edge)).expect("connect");
+    not_tls
+        .write_all(b"SSH-2.0-OpenSSH_9.6\r\n")
+        .expect("write");
+    until_closed(not_tls);
+    let mut unknown = TcpStream::connect(agent_addr(edge)).expect("connect");
+    unknown.write_all(&pki.client_hello()).expect("write");
+    until_closed(unknown);
+    let mut malformed = TcpStream::connect(agent_addr(edge)).expect("connect");
+    malformed
+        .write_all(&[22, 3, 1, 0, 6, 1, 0, 0, 2, 3, 3])
+        .expect("write");
+    until_closed(malformed);
+
+    let expected = [
+        ("web", "none", "handshake failed"),
+        ("web", "none", "handshake peer closed"),
+        ("web", "none", "handshake timeout"),
+        ("user", "userspace", "truncated"),
+        ("dead", "none", "upstream unreachable"),
+        ("edge", "none", "not TLS"),
+        ("edge", "none", "unknown SNI"),
+        ("edge", "none", "malformed ClientHello"),
+    ];
+    eventually(Duration::from_secs(10), "every connection counted", || {
+        metric(&agent.metrics(), "tlsplice_connections_total", &[]) == expected.len() as f64
+    });
+    let m = agent.metrics();
+    for (listener, path, outcome) in expected {
+        assert_eq!(
+            metric(
+                &m,
+                "tlsplice_connections_total",
+                &[
+                    &format!("listener=\"{listener}\""),
+                    &format!("data_path=\"{path}\""),
+                    &format!("outcome=\"{outcome}\"")
+                ]
+            ),
+            1.0,
+            "{listener} {outcome}:\n{m}"
+        );
+    }
+    // The client handshakes that ran are counted by how they ended (the silent client never
+    // started one); the upstream handshake of "dead" never ran.
+    for (outcome, n) in [
+        ("handshake failed", 1.0),
+        ("handshake peer closed", 1.0),
+        ("ok", 2.0),
+    ] {
+        assert_eq!(
+            metric(
+                &m,
+                "tlsplice_handshakes_total",
+                &[&format!("outcome=\"{outcome}\"")]
+            ),
+            n,
+            "handshakes {outcome}:\n{m}"
+        );
+    }
+    // One log line each, naming the typed outcome.
+    let log = agent.log_text();
+    for (listener, _, outcome) in expected {
+        assert_eq!(
+            log.lines()
+                .filter(|l| l.contains("connection failed")
+                    && l.contains(&format!("listener={listener} "))
+                    && l.contains(&format!("outcome={outcome} ")))
+                .count(),
+            1,
+            "{listener} {outcome}:\n{log}"
+        );
+    }
+    assert_eq!(
+        log.matches("connection failed").count(),
+        expected.len(),
+        "{log}"
+    );
 }

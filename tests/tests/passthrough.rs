@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConnection, ServerConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, ListenerConfig, Mode};
-use tlsplice::proxy::DataPath;
+use tlsplice::outcome::{DataPath, Reason};
 use tlsplice_tests::{Agent, TestPki, expect_pattern, send_pattern};
 
 const BULK: usize = 16 << 20;
@@ -98,7 +98,10 @@ fn routes_by_server_name(data_path: DataPathPolicy, expected: DataPath) {
     assert_eq!(report.error, None, "{report:?}");
     assert_eq!(report.data_path, Some(expected), "{report:?}");
     assert_eq!(report.session, "SNI b.test");
-    assert!(report.reason.contains(&addr_b.to_string()), "{report:?}");
+    assert!(
+        report.path_reason.contains(&addr_b.to_string()),
+        "{report:?}"
+    );
     // Ciphertext bytes: at least the payload, plus TLS overhead.
     assert!(
         report.bytes_up > BULK as u64 && report.bytes_down > BULK as u64,
@@ -156,20 +159,20 @@ fn bad_first_flights_are_refused_with_a_reason() {
     };
     assert!(refused(agent.addr, &hello).is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "unknown SNI", "{report:?}");
+    assert_eq!(report.outcome, Reason::UnknownSni, "{report:?}");
     assert_eq!(report.data_path, None);
     // Plaintext instead of TLS.
     assert!(refused(agent.addr, b"GET / HTTP/1.1\r\n\r\n").is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "not TLS", "{report:?}");
+    assert_eq!(report.outcome, Reason::NotTls, "{report:?}");
     // A record header announcing more than a ClientHello may be.
     assert!(refused(agent.addr, &[22, 3, 1, 0xff, 0xff, 1]).is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "oversized ClientHello", "{report:?}");
+    assert_eq!(report.outcome, Reason::OversizedClientHello, "{report:?}");
     // Half a ClientHello, then silence: the handshake timeout (2 s here) ends it.
     assert!(refused(agent.addr, &hello[..hello.len() / 2]).is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "handshake timeout", "{report:?}");
+    assert_eq!(report.outcome, Reason::HandshakeTimeout, "{report:?}");
     never.set_nonblocking(true).expect("nonblocking");
     assert!(never.accept().is_err(), "no upstream may be contacted");
 }

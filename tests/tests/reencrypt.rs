@@ -15,7 +15,7 @@ use std::thread;
 
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
-use tlsplice::proxy::ConnectionReport;
+use tlsplice::outcome::{ConnectionReport, Reason};
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
     send_pattern, tls_client, tool_or_skip,
@@ -67,7 +67,7 @@ fn check_path(report: &ConnectionReport) {
     assert_eq!(report.error, None, "{report:?}");
     assert_eq!(report.data_path, Some(path), "{report:?}");
     if let Some(reason) = reason {
-        assert!(report.reason.contains(&reason), "{report:?}");
+        assert!(report.path_reason.contains(&reason), "{report:?}");
     }
     assert_eq!(report.bytes_up, BULK as u64, "{report:?}");
     assert_eq!(report.bytes_down, BULK as u64, "{report:?}");
@@ -116,7 +116,7 @@ fn reencrypt_bulk_keeps_both_legs_encrypted() {
         "reencrypt: {} MiB each way byte-identical over {:?} ({}; {})",
         BULK >> 20,
         report.data_path,
-        report.reason,
+        report.path_reason,
         report.session
     );
     let _ = std::fs::remove_dir_all(dir);
@@ -264,7 +264,11 @@ fn reencrypt_refuses_an_untrusted_upstream() {
         .expect("clean close from the agent");
     assert!(rest.is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "upstream certificate refused", "{report:?}");
+    assert_eq!(
+        report.outcome,
+        Reason::UpstreamCertificateRefused,
+        "{report:?}"
+    );
     assert!(
         report
             .error

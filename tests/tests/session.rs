@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use rustls::{ClientConfig, ClientConnection, HandshakeKind, ServerConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
-use tlsplice::proxy::{ConnectionReport, DataPath};
+use tlsplice::outcome::{ConnectionReport, DataPath, Reason};
 use tlsplice_tests::{
     Agent, Pattern, SuiteUnderTest, TestPki, expect_pattern, expected_auto_path, listener,
     s_client, send_pattern, tls_client, tool_or_skip,
@@ -114,8 +114,9 @@ fn send_with(
     Ok(())
 }
 
-fn check_closed_for(report: &ConnectionReport, phrase: &str) {
+fn check_closed_for(report: &ConnectionReport, reason: Reason, phrase: &str) {
     assert_eq!(report.data_path, Some(DataPath::Ktls), "{report:?}");
+    assert_eq!(report.outcome, reason, "{report:?}");
     let error = report.error.as_deref().unwrap_or_default();
     assert!(error.contains(phrase), "{report:?}");
 }
@@ -152,7 +153,7 @@ fn client_key_update_is_followed_or_ends_the_connection() {
         }
         Expect::Close => {
             let e = received.expect_err("a kernel that cannot rekey must end the connection");
-            check_closed_for(&report, "KeyUpdate");
+            check_closed_for(&report, Reason::RekeyUnsupported, "KeyUpdate");
             println!("client saw: {e}");
         }
     }
@@ -202,18 +203,17 @@ fn record_limit_rekeys_or_ends_the_connection() {
             }
             (Expect::Close, _) | (Expect::Rekey, false) => {
                 let e = received.expect_err("the agent must stop before the record limit");
-                check_closed_for(&report, "record limit: ");
+                check_closed_for(&report, Reason::RecordLimit, " records sent under one ");
                 // The agent never sends more records under one key than it was told to.
                 let sent: u64 = report
                     .error
                     .as_deref()
-                    .and_then(|e| e.split("record limit: ").nth(1))
                     .and_then(|e| e.split(' ').next())
                     .and_then(|n| n.parse().ok())
                     .expect("record count in the error");
                 assert!((56..=64).contains(&sent), "{report:?}");
                 if !tls13 {
-                    check_closed_for(&report, "TLS 1.2 has no KeyUpdate");
+                    check_closed_for(&report, Reason::RecordLimit, "TLS 1.2 has no KeyUpdate");
                 }
                 println!("client saw: {e}");
             }
@@ -289,7 +289,7 @@ fn openssl_s_client_key_update_is_followed_or_ends_the_connection() {
         Expect::Close => {
             assert_eq!(lines, ["first"], "{report:?}");
             assert!(!stdout.contains("pong second"), "{stdout}");
-            check_closed_for(&report, "KeyUpdate");
+            check_closed_for(&report, Reason::RekeyUnsupported, "KeyUpdate");
         }
     }
     println!("{expect:?}: {report:?}");

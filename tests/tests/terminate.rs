@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rustls::{ClientConnection, StreamOwned};
 use tlsplice::config::{DataPathPolicy, Mode};
-use tlsplice::proxy::{ConnectionReport, DataPath};
+use tlsplice::outcome::{ConnectionReport, DataPath, Reason};
 use tlsplice_tests::{
     Agent, Tap, TestPki, contains, expect_pattern, expected_auto_path, listener, pattern_samples,
     s_client, send_pattern, tls_client, tool_or_skip,
@@ -106,13 +106,13 @@ fn bulk_takes_the_best_data_path() {
     let (path, reason) = expected_auto_path();
     assert_eq!(report.data_path, Some(path), "{report:?}");
     if let Some(reason) = reason {
-        assert!(report.reason.contains(&reason), "{report:?}");
+        assert!(report.path_reason.contains(&reason), "{report:?}");
     }
     println!(
         "terminate: {} MiB each way byte-identical over {} ({}; {})",
         BULK >> 20,
         path,
-        report.reason,
+        report.path_reason,
         report.session
     );
 }
@@ -122,7 +122,7 @@ fn bulk_takes_the_best_data_path() {
 fn forced_userspace_says_so() {
     let report = bulk_through_agent(DataPathPolicy::Userspace);
     assert_eq!(report.data_path, Some(DataPath::Userspace), "{report:?}");
-    assert_eq!(report.reason, "listener data_path = userspace");
+    assert_eq!(report.path_reason, "listener data_path = userspace");
     println!(
         "terminate: forced userspace: {} MiB each way byte-identical",
         BULK >> 20
@@ -209,7 +209,7 @@ fn plaintext_client_is_refused_cleanly() {
     assert!(answer.is_empty() || answer[0] == 21, "{answer:?}");
     let report = agent.next_report();
     assert_eq!(report.data_path, None, "{report:?}");
-    assert_eq!(report.reason, "handshake failed", "{report:?}");
+    assert_eq!(report.outcome, Reason::HandshakeFailed, "{report:?}");
     assert!(report.error.is_some());
     never.set_nonblocking(true).expect("nonblocking");
     assert!(
@@ -360,7 +360,7 @@ fn refused_upstream_and_silent_client_close_cleanly() {
         .expect("close_notify, not a reset, when the upstream refuses");
     assert!(rest.is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "upstream unreachable", "{report:?}");
+    assert_eq!(report.outcome, Reason::UpstreamUnreachable, "{report:?}");
     assert!(
         report
             .error
@@ -378,7 +378,7 @@ fn refused_upstream_and_silent_client_close_cleanly() {
         .read_to_end(&mut rest)
         .expect("closed after the handshake timeout");
     let report = agent.next_report();
-    assert_eq!(report.reason, "handshake timeout", "{report:?}");
+    assert_eq!(report.outcome, Reason::HandshakeTimeout, "{report:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -408,7 +408,7 @@ fn no_descriptors_leak() {
         let mut rest = Vec::new();
         let _ = plain.read_to_end(&mut rest);
         drop(plain);
-        assert_eq!(agent.next_report().reason, "handshake failed");
+        assert_eq!(agent.next_report().outcome, Reason::HandshakeFailed);
         // A client that resets mid-transfer (SO_LINGER 0, then close: RST with data in flight).
         let mut tls = tls_client(agent.addr, pki.client_config());
         tls.write_all(&[7u8; 64 * 1024]).expect("write");
@@ -420,7 +420,8 @@ fn no_descriptors_leak() {
         drop(tls);
         let report = agent.next_report();
         assert!(
-            report.error.as_deref().is_some_and(|e| e.contains("reset")),
+            report.outcome == Reason::PeerReset
+                && report.error.as_deref().is_some_and(|e| e.contains("reset")),
             "a reset mid-transfer is reported: {report:?}"
         );
     }
@@ -532,7 +533,7 @@ fn silent_upstream_times_out_cleanly() {
         .expect("close_notify from the agent after the connect deadline");
     assert!(rest.is_empty());
     let report = agent.next_report();
-    assert_eq!(report.reason, "upstream connect timeout", "{report:?}");
+    assert_eq!(report.outcome, Reason::UpstreamConnectTimeout, "{report:?}");
     assert!(
         report
             .error

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{bootstrap, cmd, ebpf, initramfs, kernels, matrix, vm};
+use crate::{bootstrap, cmd, initramfs, kernels, vm};
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Debug)]
@@ -28,8 +28,7 @@ const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 pub fn run(root: &Path, opts: &Options) -> Result<()> {
     bootstrap::run()?;
     bootstrap::bench_peers()?;
-    ebpf::build(root)?;
-    matrix::mount_bpffs()?;
+    bootstrap::mount_bpffs()?;
     // Quick runs check that the harness works, not how fast anything is: debug builds, which
     // `cargo xtask test` has already compiled, save minutes of release compilation.
     let profile = if opts.quick { "debug" } else { "release" };

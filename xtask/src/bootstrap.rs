@@ -166,3 +166,21 @@ fn bpf_linker() -> Result<()> {
             .env("RUSTUP_TOOLCHAIN", NIGHTLY),
     )
 }
+
+/// Mounts a BPF filesystem at /sys/fs/bpf when none is there (the agent pins its maps under
+/// it; systemd-based hosts mount it at boot, this machine does not).
+pub fn mount_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    if !mounted {
+        println!("host: mounting a bpf filesystem at /sys/fs/bpf (the eBPF tests pin there)");
+        // Without it the eBPF tests print why they skip on the host; the guests mount their own.
+        if let Err(e) = cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])) {
+            println!("host: could not mount bpffs: {e:#}");
+        }
+    }
+    Ok(())
+}

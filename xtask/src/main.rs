@@ -3,7 +3,6 @@
 mod bench;
 mod bootstrap;
 mod cmd;
-mod ebpf;
 mod initramfs;
 mod kernels;
 mod matrix;
@@ -70,8 +69,6 @@ enum Task {
         #[arg(long)]
         refresh: bool,
     },
-    /// Build the eBPF programs (nightly, bpfel-unknown-none, bpf-linker).
-    BuildEbpf,
     /// tlsplice against HAProxy, nginx, stunnel and socat: on this host, then the kTLS rows in
     /// a guest; writes target/bench/report.md, SVG charts and raw JSON; then the criterion
     /// micro-benchmarks.
@@ -136,9 +133,5 @@ fn run() -> Result<()> {
                 kernel,
             },
         ),
-        Task::BuildEbpf => {
-            bootstrap::run()?;
-            ebpf::build(&root).map(|_| ())
-        }
     }
 }

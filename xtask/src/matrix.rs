@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 use crate::kernels::{self, GuestKernel};
-use crate::{bootstrap, cmd, ebpf, initramfs, vm};
+use crate::{bootstrap, cmd, initramfs, vm};
 
 /// Something a matrix test needs from the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -268,9 +268,8 @@ fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Out
     Ok(results)
 }
 
-/// The agent binary, built for the guest, with the eBPF object embedded.
+/// The agent binary, built for the guest (its build script builds and embeds the eBPF object).
 fn build_agent(root: &Path) -> Result<PathBuf> {
-    ebpf::build(root)?;
     cmd::run(
         Command::new("cargo")
             .args(["build", "-p", "tlsplice"])
@@ -312,6 +311,51 @@ fn guest_image(
     let image = work.join("initramfs.cpio");
     initramfs::write(&contents, busybox, &image)?;
     Ok(image)
+}
+
+/// Each test's outcome, by `target::test` name.
+type Results = Vec<(String, Outcome)>;
+
+/// Runs every guest of the matrix, as many at once as the machine has cores (a TCG guest is one
+/// vCPU thread, so two side by side on two cores take about the time of one), and returns each
+/// guest's results in the order given. Guest lines stay labelled with the kernel's name.
+fn run_guests(
+    root: &Path,
+    guests: &[(&str, GuestKernel)],
+    agent: &Path,
+    binaries: &[TestBinary],
+) -> Result<Vec<(String, Results)>> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let at_once = cores.clamp(1, guests.len().max(1));
+    println!("matrix: {} guests, {at_once} at a time", guests.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<Result<Results>>>> =
+        guests.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..at_once {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((name, kernel)) = guests.get(i) else {
+                        break;
+                    };
+                    let run = run_in_guest(root, name, kernel, agent, binaries);
+                    *results[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(run);
+                }
+            });
+        }
+    });
+    guests
+        .iter()
+        .zip(results)
+        .map(|((name, kernel), result)| {
+            let result = result
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(|| Err(anyhow::anyhow!("the {name} guest never ran")))?;
+            Ok((format!("{name} {}", kernel.release), result))
+        })
+        .collect()
 }
 
 /// Runs the matrix tests that apply inside one guest kernel.
@@ -393,8 +437,6 @@ fn run_in_guest(
 /// `cargo xtask test`.
 pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     bootstrap::run()?;
-    // First: the agent embeds the object, so every later build (clippy included) sees it.
-    ebpf::build(root)?;
     if lint {
         cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
         cmd::run(Command::new("cargo").args([
@@ -430,7 +472,7 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
             .arg(root.join("deploy/validate.sh"))
             .arg(&agent),
     )?;
-    mount_bpffs()?;
+    bootstrap::mount_bpffs()?;
     let mut table: Vec<(String, Vec<(String, Outcome)>)> = Vec::new();
     let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_owned())
@@ -439,11 +481,11 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
         format!("host {host_release}"),
         run_on_host(&binaries, &agent)?,
     ));
-    for line in lines {
-        let kernel = kernels::fetch(line, false)?;
-        let results = run_in_guest(root, line.name, &kernel, &agent, &binaries)?;
-        table.push((format!("{} {}", line.name, kernel.release), results));
-    }
+    let guests = lines
+        .into_iter()
+        .map(|line| Ok((line.name, kernels::fetch(line, false)?)))
+        .collect::<Result<Vec<_>>>()?;
+    table.extend(run_guests(root, &guests, &agent, &binaries)?);
 
     println!("\nkernel matrix:");
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
@@ -480,24 +522,6 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
             kernel: last.to_owned(),
         },
     )
-}
-
-/// Mounts a BPF filesystem at /sys/fs/bpf when none is there (the agent pins its maps under
-/// it; systemd-based hosts mount it at boot, this machine does not).
-pub fn mount_bpffs() -> Result<()> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mounted = mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
-    });
-    if !mounted {
-        println!("host: mounting a bpf filesystem at /sys/fs/bpf (the eBPF tests pin there)");
-        // Without it the eBPF tests print why they skip on the host; the guests mount their own.
-        if let Err(e) = cmd::run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])) {
-            println!("host: could not mount bpffs: {e:#}");
-        }
-    }
-    Ok(())
 }
 
 /// `cargo xtask vm`.
@@ -586,7 +610,7 @@ pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
         "== [3/{steps}] on this host (kernel {release}): what it can offload, then terminate, reencrypt and passthrough end to end =="
     );
     cmd::run(Command::new(&agent).arg("probe"))?;
-    mount_bpffs()?;
+    bootstrap::mount_bpffs()?;
     cmd::run(
         Command::new(&demo.path)
             .args([

@@ -1,67 +1,314 @@
 //! The modes in which the agent owns a TLS session on one leg or both:
-//! - terminate: client TLS in, plaintext to the upstream;
+//! - terminate: client TLS in, plaintext to the upstream (TCP or a unix socket);
 //! - reencrypt: client TLS in, a new TLS connection (verified against the configured CA and
 //!   server name, optionally with a client certificate) to the upstream;
 //! - originate: plaintext in from a local app, TLS to the upstream.
 //!
-//! Each TLS handshake reads one record at a time, so no byte past it is read into user space.
-//! The connection takes one data path for both legs, and says which and why:
-//! - ktls: the kernel can offload every version and cipher rustls may negotiate (or the listener
-//!   demands it); the handshakes run on rustls' unbuffered API, the keys go to the kernel, rustls
-//!   keeps only the key schedule (KeyUpdate) and ticket store, and both directions are spliced,
-//!   so the payload never enters user space;
-//! - userspace: rustls keeps every TLS leg's record layer and a copy loop moves the plaintext.
+//! [`establish`] runs the handshakes (each reads one record at a time, so no byte past it is
+//! read into user space), connects the upstream, sends the PROXY header, and asks the path
+//! choice ([`crate::path::choose`]) twice: before the handshakes, whether they run for the
+//! kernel (rustls' unbuffered API, whose session can go to the kernel with its key schedule) or
+//! in user space; after them, which data path the negotiated sessions take.
 
-use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
-use rustls::{ClientConnection, CommonState, Connection, ServerConnection};
-use tokio::io::AsyncWrite;
+use rustls::{ClientConfig, ClientConnection, CommonState, ServerConfig, ServerConnection};
 use tokio::net::TcpStream;
 
-use super::relay::{
-    KtlsLeg, RekeyPolicy, RelayOutcome, StreamSocket, close_leg, connect_unix, connect_upstream,
-    idle_watch, linger_close, splice_relay, userspace_relay, with_idle_timeout, write_proxy_header,
-};
-use super::{ConnectionReport, DataPath, HandshakeOutcome, ListenerState};
-use crate::certs::ListenerTls;
-use crate::config::DataPathPolicy;
-use crate::handoff::{self, KernelBound, complete_handshake_async};
+use super::relay::ktls::RekeyPolicy;
+use super::relay::{Established, Plan};
+use super::state::ListenerState;
+use super::upstream::{Target, write_proxy_header};
+use crate::handoff::{KernelBound, LegSide, TlsLeg};
 use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
+use crate::net::Upstream;
+use crate::outcome::{DataPath, Facts, Failure, HandshakeOutcome, Reason};
+use crate::path::{Choice, LegSession, Negotiated};
 use crate::proxy_protocol::ClientTls;
 
-/// A TLS leg during and after its handshake, held the way the connection's data path needs it.
-enum Leg {
-    /// rustls keeps the record layer (the userspace path).
-    User(Connection),
-    /// Driven with rustls' unbuffered API so the session can go to the kernel with its key
-    /// schedule (the ktls path).
-    Kernel(KernelBound),
+/// Sets up one accepted connection of a TLS mode: its handshakes, its upstream leg and its
+/// data path.
+pub(crate) async fn establish(
+    state: &ListenerState,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    facts: &mut Facts,
+) -> Result<Established, Failure> {
+    let cfg = &state.config;
+    let Some(target) = Target::of(cfg) else {
+        // Config validation requires an upstream for these modes.
+        return Err(Failure::new(Reason::Internal, "listener has no upstream").lingering(client));
+    };
+    let for_kernel = state.choose(Negotiated::Pending).path() == Some(DataPath::Ktls);
+    // The material as it is now: a reload swaps it for later handshakes only.
+    let material = state.tls.current();
+
+    let mut client_tls = match &material.server {
+        None => None,
+        Some(config) => {
+            match client_handshake(state, config, &mut client, peer, for_kernel, facts).await {
+                Ok(done) => Some(done),
+                Err(failure) => return Err(failure.lingering(client)),
+            }
+        }
+    };
+    let info = match client_tls
+        .as_ref()
+        .map(|(leg, sni)| client_tls_info(leg.common(), sni.clone()))
+        .transpose()
+    {
+        Ok(info) => info,
+        Err(e) => {
+            let reason = Reason::ClientCertificateUnreadable;
+            facts.client_handshake = Some(HandshakeOutcome::failed(reason));
+            let failure = Failure::new(reason, e);
+            return Err(closing(client, client_tls.map(|(leg, _)| leg), failure).await);
+        }
+    };
+    facts.client_identity = info
+        .as_ref()
+        .and_then(|i| i.certificate.as_ref())
+        .map(ToString::to_string);
+    let mut client_tls = client_tls.take().map(|(leg, _)| leg);
+
+    let mut upstream = match target.connect(cfg.connect_timeout()).await {
+        Ok(upstream) => upstream,
+        Err(failure) => return Err(closing(client, client_tls, failure).await),
+    };
+    if let Err(failure) = write_proxy_header(&upstream, cfg, &client, peer, info.as_ref()).await {
+        return Err(closing(client, client_tls, failure).await);
+    }
+    let mut upstream_tls = match &material.upstream {
+        None => None,
+        Some((config, name)) => {
+            let done = match &mut upstream {
+                Upstream::Tcp(sock) => {
+                    upstream_handshake(state, config, name, sock, for_kernel, facts).await
+                }
+                Upstream::Unix(_) => Err(Failure::new(
+                    Reason::Internal,
+                    "upstream TLS over a unix socket",
+                )),
+            };
+            match done {
+                Ok(leg) => Some(leg),
+                Err(failure) => return Err(closing(client, client_tls, failure).await),
+            }
+        }
+    };
+
+    // Every TLS leg's session, for the path choice and the report.
+    let mut legs = Vec::new();
+    let mut sessions = Vec::new();
+    for (name, tls) in [("client", &client_tls), ("upstream", &upstream_tls)] {
+        if let Some(tls) = tls {
+            let (version, cipher, text) = session_of(tls.common());
+            legs.push(LegSession {
+                leg: name,
+                version,
+                cipher,
+            });
+            sessions.push(format!("{name} {text}"));
+        }
+    }
+    if let Some(alpn) = info.as_ref().and_then(|i| i.alpn.as_deref()) {
+        sessions.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
+    }
+    facts.session = sessions.join(", ");
+    let path = match state.choose(Negotiated::Legs(&legs)) {
+        Choice::Take(path, why) => {
+            facts.take_path(path, why);
+            path
+        }
+        // Only `data_path = "ktls"` runs a kernel handshake on a kernel that cannot offload
+        // every suite.
+        Choice::Refuse(why) => {
+            if let (Upstream::Tcp(sock), Some(leg)) = (&mut upstream, &mut upstream_tls) {
+                let _ = leg.send_close_notify(sock).await;
+            }
+            let _ = crate::net::shutdown_write(&upstream);
+            let failure = Failure::new(Reason::KtlsRequired, why);
+            return Err(closing(client, client_tls.take(), failure).await);
+        }
+    };
+    let plan = match path {
+        DataPath::Ktls => Plan::Ktls {
+            client: kernel_bound(client_tls)?,
+            upstream: kernel_bound(upstream_tls)?,
+            rekey: RekeyPolicy {
+                kernel: state.caps.rekey(),
+                after_records: cfg.rekey_after_records,
+            },
+        },
+        DataPath::Userspace => Plan::Userspace {
+            client: user_space(client_tls)?,
+            upstream: user_space(upstream_tls)?,
+        },
+        other => {
+            return Err(Failure::new(
+                Reason::Internal,
+                format!("a TLS mode cannot take the {} data path", other.as_str()),
+            ));
+        }
+    };
+    Ok(Established {
+        client,
+        upstream,
+        plan,
+        listener: state.index,
+        idle_timeout: cfg.idle_timeout(),
+    })
 }
 
-impl Leg {
-    fn common(&self) -> &CommonState {
-        match self {
-            Leg::User(c) => c,
-            Leg::Kernel(k) => k.common(),
+/// A failure after the client's session was set up: close_notify to the client, then the
+/// failure, which closes the socket gently.
+async fn closing(mut client: TcpStream, tls: Option<TlsLeg>, failure: Failure) -> Failure {
+    if let Some(mut leg) = tls {
+        let _ = leg.send_close_notify(&mut client).await;
+    }
+    failure.lingering(client)
+}
+
+fn kernel_bound(leg: Option<TlsLeg>) -> Result<Option<KernelBound>, Failure> {
+    match leg {
+        None => Ok(None),
+        Some(TlsLeg::Kernel(k)) => Ok(Some(k)),
+        Some(TlsLeg::User(_)) => Err(Failure::new(
+            Reason::Internal,
+            "a user-space session on the kernel path",
+        )),
+    }
+}
+
+fn user_space(leg: Option<TlsLeg>) -> Result<Option<rustls::Connection>, Failure> {
+    match leg {
+        None => Ok(None),
+        Some(TlsLeg::User(c)) => Ok(Some(c)),
+        Some(TlsLeg::Kernel(_)) => Err(Failure::new(
+            Reason::Internal,
+            "a kernel-bound session on the userspace path",
+        )),
+    }
+}
+
+/// The client leg's handshake: it waits for the client's first bytes, takes a place under the
+/// handshake limit for the handshake alone, and runs it within what is left of the deadline.
+/// Returns the session and the client's server name.
+async fn client_handshake(
+    state: &ListenerState,
+    config: &Arc<ServerConfig>,
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    for_kernel: bool,
+    facts: &mut Facts,
+) -> Result<(TlsLeg, Option<String>), Failure> {
+    let leg = if for_kernel {
+        UnbufferedServerConnection::new(config.clone())
+            .map(|c| TlsLeg::Kernel(KernelBound::Server(c)))
+    } else {
+        ServerConnection::new(config.clone()).map(|c| TlsLeg::User(c.into()))
+    }
+    .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
+    let deadline = state.config.handshake_timeout();
+    let started = tokio::time::Instant::now();
+    first_flight(client, deadline).await?;
+    // A place under the handshake limit once the client has sent something: a client that
+    // connects and says nothing holds none.
+    let _permit = state.handshake_permit()?;
+    let left = deadline.saturating_sub(started.elapsed());
+    let (leg, sni) = handshake(leg, client, peer.to_string(), left, LegSide::Client, facts).await?;
+    Ok((leg, sni))
+}
+
+/// The upstream leg's handshake, under the handshake limit and the deadline.
+async fn upstream_handshake(
+    state: &ListenerState,
+    config: &Arc<ClientConfig>,
+    name: &rustls::pki_types::ServerName<'static>,
+    upstream: &mut TcpStream,
+    for_kernel: bool,
+    facts: &mut Facts,
+) -> Result<TlsLeg, Failure> {
+    let leg = if for_kernel {
+        UnbufferedClientConnection::new(config.clone(), name.clone())
+            .map(|c| TlsLeg::Kernel(KernelBound::Client(c)))
+    } else {
+        ClientConnection::new(config.clone(), name.clone()).map(|c| TlsLeg::User(c.into()))
+    }
+    .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
+    let _permit = state.handshake_permit()?;
+    let who = upstream
+        .peer_addr()
+        .map_or_else(|_| "the upstream".to_owned(), |a| a.to_string());
+    let deadline = state.config.handshake_timeout();
+    let (leg, _) = handshake(leg, upstream, who, deadline, LegSide::Upstream, facts).await?;
+    Ok(leg)
+}
+
+/// Runs one handshake within `deadline` and records how it ended in `facts`.
+async fn handshake(
+    mut leg: TlsLeg,
+    sock: &mut TcpStream,
+    peer: String,
+    deadline: Duration,
+    side: LegSide,
+    facts: &mut Facts,
+) -> Result<(TlsLeg, Option<String>), Failure> {
+    let ended = tokio::time::timeout(deadline, leg.handshake(sock, &peer)).await;
+    let counted = match side {
+        LegSide::Client => &mut facts.client_handshake,
+        LegSide::Upstream => &mut facts.upstream_handshake,
+    };
+    match ended {
+        Ok(Ok(sni)) => {
+            *counted = Some(HandshakeOutcome::completed(leg.common()));
+            Ok((leg, sni))
+        }
+        Ok(Err(e)) => {
+            let reason = e.reason(side);
+            *counted = Some(HandshakeOutcome::failed(reason));
+            Err(Failure::new(reason, e.to_string()))
+        }
+        Err(_) => {
+            let reason = match side {
+                LegSide::Client => Reason::HandshakeTimeout,
+                LegSide::Upstream => Reason::UpstreamHandshakeTimeout,
+            };
+            *counted = Some(HandshakeOutcome::failed(reason));
+            Err(Failure::new(
+                reason,
+                format!("no complete handshake within {} ms", deadline.as_millis()),
+            ))
         }
     }
 }
 
-/// Closes a leg whose TLS (if any) is still in user space: close_notify, then FIN.
-async fn close(mut sock: impl AsyncWrite + Unpin, leg: Option<Leg>) {
-    match leg {
-        None => close_leg(sock, None).await,
-        Some(Leg::User(conn)) => close_leg(sock, Some(conn)).await,
-        Some(Leg::Kernel(mut k)) => {
-            let _ = k.close_notify(&mut sock).await;
+/// Waits until the client has sent its first bytes, up to the handshake deadline.
+async fn first_flight(client: &TcpStream, deadline: Duration) -> Result<(), Failure> {
+    // peek, not readable(): readiness may be reported before any byte is there.
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(deadline, client.peek(&mut first)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            let reason = if crate::net::peer_gone(&e) {
+                Reason::HandshakePeerClosed
+            } else {
+                Reason::HandshakeFailed
+            };
+            Err(Failure::new(
+                reason,
+                format!("waiting for the ClientHello: {e}"),
+            ))
         }
+        Err(_) => Err(Failure::new(
+            Reason::HandshakeTimeout,
+            format!("no ClientHello within {} ms", deadline.as_millis()),
+        )),
     }
 }
 
@@ -81,7 +328,7 @@ fn cipher_of(common: &CommonState) -> Option<Cipher> {
     }
 }
 
-/// Version and cipher of a finished handshake, as the kernel would need them.
+/// Version and cipher of a finished handshake, as the kernel would need them, and as text.
 fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>, String) {
     let version = common.protocol_version().and_then(TlsVersion::from_rustls);
     let cipher = cipher_of(common);
@@ -120,442 +367,4 @@ fn client_tls_info(common: &CommonState, sni: Option<String>) -> Result<ClientTl
         alpn: common.alpn_protocol().map(<[u8]>::to_vec),
         certificate,
     })
-}
-
-/// The reason a failed handshake is counted under: a refused peer certificate (missing,
-/// untrusted, wrong name) is told apart from every other failure.
-fn handshake_failure_reason(e: &handoff::HandoffError) -> &'static str {
-    let tls_error = match e {
-        handoff::HandoffError::Handshake { source, .. } => source
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
-        _ => None,
-    };
-    match tls_error {
-        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_)) => {
-            "certificate refused"
-        }
-        _ => "handshake failed",
-    }
-}
-
-/// Waits until the client has sent its first bytes, up to the handshake deadline.
-async fn first_flight(
-    client: &TcpStream,
-    deadline: Duration,
-) -> Result<(), (&'static str, String)> {
-    // peek, not readable(): readiness may be reported before any byte is there.
-    let mut first = [0u8; 1];
-    match tokio::time::timeout(deadline, client.peek(&mut first)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err((
-            "handshake failed",
-            format!("waiting for the ClientHello: {e}"),
-        )),
-        Err(_) => Err((
-            "handshake timeout",
-            format!("no ClientHello within {} ms", deadline.as_millis()),
-        )),
-    }
-}
-
-/// Runs a handshake with a deadline; returns the leg and, for a server leg, the client's SNI.
-/// On failure says why in the returned text.
-async fn handshake(
-    leg: Leg,
-    sock: &mut TcpStream,
-    peer: &str,
-    deadline: Duration,
-) -> Result<(Leg, Option<String>), (&'static str, String)> {
-    let run = async {
-        match leg {
-            Leg::User(mut conn) => {
-                complete_handshake_async(&mut conn, sock, peer).await?;
-                let sni = match &conn {
-                    Connection::Server(s) => s.server_name().map(str::to_owned),
-                    Connection::Client(_) => None,
-                };
-                Ok((Leg::User(conn), sni))
-            }
-            Leg::Kernel(mut k) => {
-                let sni = k.handshake(sock, peer).await?;
-                Ok((Leg::Kernel(k), sni))
-            }
-        }
-    };
-    match tokio::time::timeout(deadline, run).await {
-        Ok(Ok(done)) => Ok(done),
-        Ok(Err(e)) => Err((handshake_failure_reason(&e), e.to_string())),
-        Err(_) => Err((
-            "handshake timeout",
-            format!("no complete handshake within {} ms", deadline.as_millis()),
-        )),
-    }
-}
-
-/// Handles one accepted client connection to the end.
-pub(crate) async fn handle(
-    state: &ListenerState,
-    mut client: TcpStream,
-    peer: SocketAddr,
-) -> ConnectionReport {
-    let cfg = &state.config;
-    let mut report = ConnectionReport::new(&cfg.name, peer);
-    let target = match (cfg.upstream, &cfg.upstream_unix) {
-        (Some(addr), _) => Target::Tcp(addr),
-        (None, Some(path)) => Target::Unix(path.clone()),
-        // Config validation requires an upstream for these modes.
-        (None, None) => {
-            report.error = Some("listener has no upstream".into());
-            return report;
-        }
-    };
-    let peer_s = peer.to_string();
-
-    // Which kind of handshake: one the kernel can take over (rustls' unbuffered API, which
-    // keeps the key schedule for KeyUpdate), or one that stays in user space. The userspace
-    // reason stands unless the kernel path is chosen after the handshake.
-    let userspace_reason = match (cfg.data_path, state.caps.offloads_all()) {
-        (DataPathPolicy::Userspace, _) => Some("listener data_path = userspace".to_owned()),
-        (DataPathPolicy::Auto, Err(why)) => Some(why),
-        (DataPathPolicy::Ktls | DataPathPolicy::Auto, _) => None,
-    };
-    let for_kernel = userspace_reason.is_none();
-
-    // The material as it is now: a reload swaps it for later handshakes only.
-    let material = state.tls.current();
-    let mut client_sni = None;
-    let client_tls = match &material.server {
-        None => None,
-        Some(server_config) => {
-            let leg = if for_kernel {
-                UnbufferedServerConnection::new(server_config.clone())
-                    .map(|c| Leg::Kernel(KernelBound::Server(c)))
-            } else {
-                ServerConnection::new(server_config.clone()).map(|c| Leg::User(c.into()))
-            };
-            let leg = match leg {
-                Ok(leg) => leg,
-                Err(e) => {
-                    report.error = Some(format!("rustls: {e}"));
-                    return report;
-                }
-            };
-            // A place under the handshake limit once the client has sent something, held for
-            // this handshake only: a client that connects and says nothing holds none.
-            let started = tokio::time::Instant::now();
-            let permit = match first_flight(&client, cfg.handshake_timeout()).await {
-                Ok(()) => state.handshake_permit(),
-                Err(e) => Err(e),
-            };
-            let _permit = match permit {
-                Ok(permit) => permit,
-                Err((reason, error)) => {
-                    reason.clone_into(&mut report.reason);
-                    report.error = Some(error);
-                    linger_close(client).await;
-                    return report;
-                }
-            };
-            let left = cfg.handshake_timeout().saturating_sub(started.elapsed());
-            match handshake(leg, &mut client, &peer_s, left).await {
-                Ok((leg, sni)) => {
-                    client_sni = sni;
-                    report.client_handshake = Some(HandshakeOutcome::completed(leg.common()));
-                    Some(leg)
-                }
-                Err((reason, error)) => {
-                    report.reason = reason.to_owned();
-                    report.client_handshake = Some(HandshakeOutcome::failed(reason));
-                    report.error = Some(error);
-                    linger_close(client).await;
-                    return report;
-                }
-            }
-        }
-    };
-
-    let client_info = match client_tls
-        .as_ref()
-        .map(|leg| client_tls_info(leg.common(), client_sni.clone()))
-        .transpose()
-    {
-        Ok(info) => info,
-        Err(e) => {
-            report.reason = "client certificate unreadable".into();
-            report.client_handshake = Some(HandshakeOutcome::failed(&report.reason));
-            report.error = Some(e);
-            close(client, client_tls).await;
-            return report;
-        }
-    };
-    if let Some(cert) = client_info.as_ref().and_then(|i| i.certificate.as_ref()) {
-        report.client_identity = Some(cert.to_string());
-    }
-
-    let client_side = ClientSide {
-        sock: client,
-        tls: client_tls,
-        info: client_info,
-        peer,
-        userspace_reason,
-        material,
-    };
-    match target {
-        Target::Tcp(addr) => tcp_upstream(state, report, client_side, addr).await,
-        Target::Unix(path) => {
-            let connected = connect_unix(&path, cfg.connect_timeout()).await;
-            match announce(connected, cfg, &client_side).await {
-                Ok(upstream) => {
-                    let name = path.display().to_string();
-                    relay(state, report, client_side, upstream, None, &name).await
-                }
-                Err(failure) => fail_early(report, failure, client_side).await,
-            }
-        }
-    }
-}
-
-/// Writes the PROXY header (when the listener asks for one) on a freshly connected upstream.
-async fn announce<U: AsyncWrite + Unpin>(
-    connected: Result<U, (&'static str, String)>,
-    cfg: &crate::config::ListenerConfig,
-    client: &ClientSide,
-) -> Result<U, (String, String)> {
-    let mut upstream = connected.map_err(|(reason, error)| (reason.to_owned(), error))?;
-    write_proxy_header(
-        &mut upstream,
-        cfg,
-        &client.sock,
-        client.peer,
-        client.info.as_ref(),
-    )
-    .await
-    .map_err(|(reason, error)| (reason.to_owned(), error))?;
-    Ok(upstream)
-}
-
-/// Ends a connection that failed before its relay: reason and error in the report, and the
-/// client's session closed cleanly (close_notify, then FIN).
-async fn fail_early(
-    mut report: ConnectionReport,
-    (reason, error): (String, String),
-    client: ClientSide,
-) -> ConnectionReport {
-    report.reason = reason;
-    report.error = Some(error);
-    close(client.sock, client.tls).await;
-    report
-}
-
-/// Where a listener's upstream is.
-enum Target {
-    Tcp(SocketAddr),
-    Unix(std::path::PathBuf),
-}
-
-/// The client leg after its handshake, with what the upstream side needs to know.
-struct ClientSide {
-    sock: TcpStream,
-    tls: Option<Leg>,
-    info: Option<ClientTls>,
-    peer: SocketAddr,
-    /// Why this connection stays in user space, when it does.
-    userspace_reason: Option<String>,
-    /// The TLS material this connection's handshakes use.
-    material: Arc<ListenerTls>,
-}
-
-/// Connects to a TCP upstream, sends the PROXY header, runs the upstream TLS handshake when
-/// the mode has one, then relays.
-async fn tcp_upstream(
-    state: &ListenerState,
-    mut report: ConnectionReport,
-    client: ClientSide,
-    upstream_addr: SocketAddr,
-) -> ConnectionReport {
-    let cfg = &state.config;
-    let connected = connect_upstream(upstream_addr, cfg.connect_timeout()).await;
-    let mut upstream = match announce(connected, cfg, &client).await {
-        Ok(upstream) => upstream,
-        Err(failure) => return fail_early(report, failure, client).await,
-    };
-    let upstream_tls = match &client.material.upstream {
-        None => None,
-        Some((client_config, name)) => {
-            let leg = if client.userspace_reason.is_none() {
-                UnbufferedClientConnection::new(client_config.clone(), name.clone())
-                    .map(|c| Leg::Kernel(KernelBound::Client(c)))
-            } else {
-                ClientConnection::new(client_config.clone(), name.clone())
-                    .map(|c| Leg::User(c.into()))
-            };
-            let leg = match leg {
-                Ok(leg) => leg,
-                Err(e) => {
-                    let failure = ("rustls".to_owned(), format!("rustls: {e}"));
-                    return fail_early(report, failure, client).await;
-                }
-            };
-            let upstream_s = upstream_addr.to_string();
-            let _permit = match state.handshake_permit() {
-                Ok(permit) => permit,
-                Err((reason, error)) => {
-                    return fail_early(report, (reason.to_owned(), error), client).await;
-                }
-            };
-            match handshake(leg, &mut upstream, &upstream_s, cfg.handshake_timeout()).await {
-                Ok((leg, _)) => {
-                    report.upstream_handshake = Some(HandshakeOutcome::completed(leg.common()));
-                    Some(leg)
-                }
-                Err((reason, error)) => {
-                    let failure = (format!("upstream {reason}"), error);
-                    report.upstream_handshake = Some(HandshakeOutcome::failed(&failure.0));
-                    return fail_early(report, failure, client).await;
-                }
-            }
-        }
-    };
-    relay(
-        state,
-        report,
-        client,
-        upstream,
-        upstream_tls,
-        &upstream_addr.to_string(),
-    )
-    .await
-}
-
-/// Chooses the data path for both legs (and says why), then moves the bytes until both
-/// directions end.
-async fn relay(
-    state: &ListenerState,
-    mut report: ConnectionReport,
-    client: ClientSide,
-    upstream: impl StreamSocket + AsyncWrite + Unpin,
-    upstream_tls: Option<Leg>,
-    upstream_name: &str,
-) -> ConnectionReport {
-    let cfg = &state.config;
-    let ClientSide {
-        sock: client,
-        tls: client_tls,
-        info: client_info,
-        peer,
-        userspace_reason,
-        material: _,
-    } = client;
-    // Every TLS leg must be offloadable for the kernel path.
-    let mut sessions = Vec::new();
-    let mut offload = Ok(());
-    for (leg, tls) in [("client", &client_tls), ("upstream", &upstream_tls)] {
-        if let Some(tls) = tls {
-            let (version, cipher, text) = session_of(tls.common());
-            sessions.push(format!("{leg} {text}"));
-            if offload.is_ok() {
-                offload = state
-                    .caps
-                    .offload(version, cipher)
-                    .map_err(|why| format!("{leg} leg: {why}"));
-            }
-        }
-    }
-    if let Some(alpn) = client_info.as_ref().and_then(|i| i.alpn.as_deref()) {
-        sessions.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
-    }
-    report.session = sessions.join(", ");
-    let path = match (userspace_reason, offload) {
-        (Some(why), _) => {
-            report.reason = why;
-            DataPath::Userspace
-        }
-        (None, Ok(())) => {
-            report.reason = format!("kernel offloads {}", report.session);
-            DataPath::Ktls
-        }
-        // Only `data_path = "ktls"` runs a kernel handshake on a kernel that cannot offload
-        // every suite.
-        (None, Err(why)) => {
-            report.reason = format!("listener requires ktls: {why}");
-            report.error = Some("connection refused by data_path = ktls".into());
-            close(upstream, upstream_tls).await;
-            close(client, client_tls).await;
-            return report;
-        }
-    };
-    report.data_path = Some(path);
-    tracing::debug!(listener = %cfg.name, peer = %peer, data_path = %path, reason = %report.reason,
-        session = %report.session, "data path chosen");
-
-    let watch = idle_watch(&client, &upstream, &mut report.reason);
-    let relay = async {
-        match (client_tls, upstream_tls) {
-            (Some(Leg::User(c)), Some(Leg::User(u))) => {
-                userspace_relay(client, Some(c), upstream, Some(u)).await
-            }
-            (Some(Leg::User(c)), None) => userspace_relay(client, Some(c), upstream, None).await,
-            (None, Some(Leg::User(u))) => userspace_relay(client, None, upstream, Some(u)).await,
-            (client_tls, upstream_tls) => {
-                let policy = RekeyPolicy {
-                    kernel: state.caps.rekey.clone(),
-                    after_records: cfg.rekey_after_records,
-                };
-                kernel_relay(
-                    &client,
-                    client_tls,
-                    &upstream,
-                    upstream_tls,
-                    (&peer.to_string(), upstream_name),
-                    &policy,
-                )
-                .await
-            }
-        }
-    };
-    let (outcome, idled) = with_idle_timeout(relay, watch, cfg.idle_timeout()).await;
-    report.bytes_up = outcome.up;
-    report.bytes_down = outcome.down;
-    report.key_updates = outcome.key_updates;
-    report.tickets = outcome.tickets;
-    report.error = outcome.result.err().map(|e| e.to_string());
-    if idled {
-        super::idled(&mut report, cfg.idle_timeout());
-    }
-    report
-}
-
-/// Hands every TLS leg to the kernel, then splices.
-async fn kernel_relay(
-    client: &TcpStream,
-    client_tls: Option<Leg>,
-    upstream: &impl StreamSocket,
-    upstream_tls: Option<Leg>,
-    (peer, upstream_peer): (&str, &str),
-    policy: &RekeyPolicy,
-) -> RelayOutcome {
-    let into_kernel =
-        |leg: Option<Leg>, sock: BorrowedFd<'_>, who: &str| -> io::Result<Option<KtlsLeg>> {
-            match leg {
-                None => Ok(None),
-                Some(Leg::Kernel(k)) => k
-                    .into_kernel(sock, who)
-                    .map(|s| Some(KtlsLeg::new(s, policy.after_records)))
-                    .map_err(io::Error::other),
-                Some(Leg::User(_)) => Err(io::Error::other(
-                    "internal: a user-space session on the kernel path",
-                )),
-            }
-        };
-    let legs = into_kernel(client_tls, client.as_fd(), peer).and_then(|c| {
-        Ok((
-            c,
-            into_kernel(upstream_tls, upstream.as_fd(), upstream_peer)?,
-        ))
-    });
-    match legs {
-        Ok((c, u)) => splice_relay(client, c.as_ref(), upstream, u.as_ref(), policy).await,
-        Err(e) => RelayOutcome::failed(e),
-    }
 }

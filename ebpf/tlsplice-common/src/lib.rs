@@ -59,10 +59,10 @@ pub mod metric {
     pub const CONN_ACCEPTED: u16 = 1;
     /// Accepted connections that reached TCP_CLOSE (sock_ops state callback).
     pub const CONN_CLOSED: u16 = 2;
-    /// Connections ended, by data path (`a`, [`super::path`]) and outcome (`b`,
-    /// [`super::REASONS`] index); written by the agent.
+    /// Connections ended, by data path (`a`, [`super::DataPath::code`]) and outcome (`b`,
+    /// [`super::Reason::code`]); written by the agent.
     pub const CONN_OUTCOME: u16 = 3;
-    /// TLS handshakes on the client leg by outcome (`a`, [`super::REASONS`] index, 0 =
+    /// TLS handshakes on the client leg by outcome (`a`, [`super::Reason::code`], 0 =
     /// completed), version (`b`, wire value, 0 = unknown) and cipher suite (`c`, IANA value);
     /// written by the agent.
     pub const HANDSHAKE: u16 = 4;
@@ -85,20 +85,75 @@ pub mod metric {
     pub const TLS_RECORD: u16 = 9;
 }
 
-/// Data path codes, in [`StatKey::a`] of path-labelled counters.
-pub mod path {
-    /// The connection ended before a data path was chosen.
-    pub const NONE: u16 = 0;
-    /// kTLS with splice.
-    pub const KTLS: u16 = 1;
-    /// Plain legs spliced through a pipe.
-    pub const SPLICE: u16 = 2;
-    /// rustls and a copy loop in user space.
-    pub const USERSPACE: u16 = 3;
-    /// Plain legs redirected by the sockmap verdict program.
-    pub const SOCKMAP: u16 = 4;
-    /// Names by code.
-    pub const NAMES: [&str; 5] = ["none", "ktls", "splice", "userspace", "sockmap"];
+/// How a connection's bytes move after its handshake: the `data_path` label, stored as
+/// [`DataPath::code`] in [`StatKey::a`] of path-labelled counters (0: none was chosen).
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataPath {
+    /// Keys in the kernel (kTLS); bytes spliced through a pipe per direction.
+    Ktls = 1,
+    /// Both legs plain TCP to the agent (passthrough); spliced through a pipe per direction.
+    Splice = 2,
+    /// rustls in user space and a copy loop.
+    Userspace = 3,
+    /// Both legs plain TCP (passthrough) in the eBPF sock hash: the kernel redirects each
+    /// segment to the other leg.
+    Sockmap = 4,
+}
+
+/// [`StatKey::a`] of a path-labelled counter whose connection ended before a data path was
+/// chosen.
+pub const NO_DATA_PATH: u16 = 0;
+
+impl DataPath {
+    /// Every data path, in code order.
+    pub const ALL: [DataPath; 4] = [
+        DataPath::Ktls,
+        DataPath::Splice,
+        DataPath::Userspace,
+        DataPath::Sockmap,
+    ];
+
+    /// The code stored in counter keys.
+    pub const fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// The data path of a code, if it names one.
+    pub const fn from_code(code: u16) -> Option<Self> {
+        match code {
+            1 => Some(DataPath::Ktls),
+            2 => Some(DataPath::Splice),
+            3 => Some(DataPath::Userspace),
+            4 => Some(DataPath::Sockmap),
+            _ => None,
+        }
+    }
+
+    /// The label and log name.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DataPath::Ktls => "ktls",
+            DataPath::Splice => "splice",
+            DataPath::Userspace => "userspace",
+            DataPath::Sockmap => "sockmap",
+        }
+    }
+}
+
+impl core::fmt::Display for DataPath {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The `data_path` label of a code: a data path's name, "none" for [`NO_DATA_PATH`].
+pub fn data_path_label(code: u16) -> Option<&'static str> {
+    match DataPath::from_code(code) {
+        Some(p) => Some(p.as_str()),
+        None if code == NO_DATA_PATH => Some("none"),
+        None => None,
+    }
 }
 
 /// Direction codes, in [`StatKey::b`] of byte counters.
@@ -111,50 +166,192 @@ pub mod direction {
     pub const NAMES: [&str; 2] = ["up", "down"];
 }
 
-/// Connection and handshake outcomes by index: 0 is success, the last is the catch-all. The
-/// agent's connection reports carry these texts as their failure reason.
-pub const REASONS: [&str; 24] = [
-    "ok",
-    "handshake failed",
-    "certificate refused",
-    "handshake timeout",
-    "client certificate unreadable",
-    "not TLS",
-    "oversized ClientHello",
-    "malformed ClientHello",
-    "no ClientHello",
-    "unknown SNI",
-    "upstream unreachable",
-    "upstream connect timeout",
-    "upstream handshake failed",
-    "upstream certificate refused",
-    "upstream handshake timeout",
-    "proxy header failed",
-    "listener requires ktls",
-    "relay error",
-    "connection limit",
-    "listener connection limit",
-    "handshake limit",
-    "drain deadline",
-    "idle timeout",
-    "other",
-];
-
-/// The [`REASONS`] index of a reason text; texts that carry detail after a colon (e.g.
-/// "listener requires ktls: ...") match on the part before it. Unknown texts count as "other".
-pub fn reason_index(reason: &str) -> u16 {
-    let head = match reason.split_once(':') {
-        Some((head, _)) => head,
-        None => reason,
-    };
-    let mut i = 0;
-    while i < REASONS.len() {
-        if REASONS[i].as_bytes() == head.as_bytes() {
-            return i as u16;
+/// Defines [`Reason`] once: variant, code, label and meaning on one line each.
+macro_rules! reasons {
+    ($($(#[doc = $doc:literal])* $variant:ident = $code:literal, $label:literal;)*) => {
+        /// How a connection (or one TLS handshake) ended: the `outcome` label of
+        /// `tlsplice_connections_total` and the handshake counters, and the log line's
+        /// `outcome`. Stored as [`Reason::code`] in counter keys. Adding a reason is one line
+        /// here.
+        #[repr(u16)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Reason {
+            $($(#[doc = $doc])* $variant = $code,)*
         }
-        i += 1;
+
+        impl Reason {
+            /// Every reason, in code order.
+            pub const ALL: &'static [Reason] = &[$(Reason::$variant,)*];
+
+            /// The label and log text.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Reason::$variant => $label,)*
+                }
+            }
+
+            /// The code stored in counter keys.
+            pub const fn code(self) -> u16 {
+                self as u16
+            }
+
+            /// The reason a counter key's code stands for.
+            pub const fn from_code(code: u16) -> Option<Reason> {
+                match code {
+                    $($code => Some(Reason::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+reasons! {
+    /// Ended cleanly: both directions closed (close_notify or FIN), or the handshake completed.
+    Ok = 0, "ok";
+    /// The peer's handshake was refused: rustls sent it an alert (a protocol error, no shared
+    /// version or cipher suite, a bad message).
+    HandshakeFailed = 1, "handshake failed";
+    /// The client's certificate was missing or did not verify (mTLS listeners).
+    CertificateRefused = 2, "certificate refused";
+    /// No complete handshake (or ClientHello, for passthrough) within handshake_timeout_ms.
+    HandshakeTimeout = 3, "handshake timeout";
+    /// The verified client certificate could not be parsed for its names.
+    ClientCertificateUnreadable = 4, "client certificate unreadable";
+    /// A passthrough client's first bytes are not a TLS handshake record.
+    NotTls = 5, "not TLS";
+    /// A passthrough ClientHello over the size the agent reads.
+    OversizedClientHello = 6, "oversized ClientHello";
+    /// A passthrough ClientHello that does not parse.
+    MalformedClientHello = 7, "malformed ClientHello";
+    /// A passthrough client that closed or failed before a whole ClientHello.
+    NoClientHello = 8, "no ClientHello";
+    /// A passthrough server name with no route and no default upstream.
+    UnknownSni = 9, "unknown SNI";
+    /// The upstream refused the connection or could not be reached.
+    UpstreamUnreachable = 10, "upstream unreachable";
+    /// The upstream did not accept the connection within connect_timeout_ms.
+    UpstreamConnectTimeout = 11, "upstream connect timeout";
+    /// The upstream's TLS handshake failed (other than its certificate, or time).
+    UpstreamHandshakeFailed = 12, "upstream handshake failed";
+    /// The upstream's certificate did not verify against upstream_tls.
+    UpstreamCertificateRefused = 13, "upstream certificate refused";
+    /// No complete upstream handshake within handshake_timeout_ms.
+    UpstreamHandshakeTimeout = 14, "upstream handshake timeout";
+    /// The PROXY protocol header could not be built or written.
+    ProxyHeaderFailed = 15, "proxy header failed";
+    /// `data_path = "ktls"`, and the kernel cannot offload the negotiated version and cipher.
+    KtlsRequired = 16, "listener requires ktls";
+    /// An I/O error moving bytes that no other reason names.
+    RelayError = 17, "relay error";
+    /// The node's max_connections was reached.
+    ConnectionLimit = 18, "connection limit";
+    /// The listener's max_connections was reached.
+    ListenerConnectionLimit = 19, "listener connection limit";
+    /// The node's max_handshakes was reached.
+    HandshakeLimit = 20, "handshake limit";
+    /// Still open when the drain deadline passed (SIGTERM, or a removed listener).
+    DrainDeadline = 21, "drain deadline";
+    /// No byte either way for idle_timeout_ms.
+    IdleTimeout = 22, "idle timeout";
+    // 23 was "other", the catch-all of reasons parsed from text: retired, never reused, so a
+    // reader of pinned counters from another agent version never mislabels one.
+    /// The client aborted its handshake with an alert.
+    HandshakeAlertReceived = 24, "handshake alert received";
+    /// The client closed or reset the connection during its handshake.
+    HandshakePeerClosed = 25, "handshake peer closed";
+    /// A peer reset the connection (or its leg was gone) while bytes were relayed.
+    PeerReset = 26, "peer reset";
+    /// A TLS peer closed TCP without close_notify (a truncation attack looks like this).
+    Truncated = 27, "truncated";
+    /// A TLS peer sent a fatal alert after the handshake.
+    AlertReceived = 28, "alert received";
+    /// A TLS record that did not decrypt or parse (rustls, or the kernel: EBADMSG).
+    RecordError = 29, "record error";
+    /// A post-handshake message the agent does not accept on this leg.
+    UnexpectedMessage = 30, "unexpected message";
+    /// The kernel refused the session at handoff (the TLS ULP or a key).
+    KtlsRefused = 31, "kernel refused ktls";
+    /// A TLS 1.3 KeyUpdate on a kernel that cannot take new keys (before 6.14).
+    RekeyUnsupported = 32, "rekey unsupported";
+    /// The confidentiality limit of one key was near and the session could not rekey.
+    RecordLimit = 33, "record limit";
+    /// A failure of the agent itself (a rustls session that could not be created, a
+    /// poisoned lock).
+    Internal = 34, "internal error";
+}
+
+impl core::fmt::Display for Reason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.as_str())
     }
-    (REASONS.len() - 1) as u16
+}
+
+/// Defines the alert descriptions once (RFC 8446 6, RFC 5246 7.2, and the ones TLS 1.2
+/// registries add): what the eBPF programs count by number and the agent names.
+macro_rules! alerts {
+    ($($code:literal => $name:literal,)*) => {
+        /// Whether a TLS version defines this alert description: others are counted as
+        /// [`ALERT_OTHER`], so a client cannot mint counter keys.
+        pub const fn alert_defined(description: u8) -> bool {
+            matches!(description, $($code)|*)
+        }
+
+        /// The name of an alert description, if a TLS version defines it.
+        pub const fn alert_name(description: u16) -> Option<&'static str> {
+            match description {
+                $($code => Some($name),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+alerts! {
+    0 => "close_notify",
+    10 => "unexpected_message",
+    20 => "bad_record_mac",
+    21 => "decryption_failed",
+    22 => "record_overflow",
+    30 => "decompression_failure",
+    40 => "handshake_failure",
+    41 => "no_certificate",
+    42 => "bad_certificate",
+    43 => "unsupported_certificate",
+    44 => "certificate_revoked",
+    45 => "certificate_expired",
+    46 => "certificate_unknown",
+    47 => "illegal_parameter",
+    48 => "unknown_ca",
+    49 => "access_denied",
+    50 => "decode_error",
+    51 => "decrypt_error",
+    60 => "export_restriction",
+    70 => "protocol_version",
+    71 => "insufficient_security",
+    80 => "internal_error",
+    86 => "inappropriate_fallback",
+    90 => "user_canceled",
+    100 => "no_renegotiation",
+    109 => "missing_extension",
+    110 => "unsupported_extension",
+    111 => "certificate_unobtainable",
+    112 => "unrecognized_name",
+    113 => "bad_certificate_status_response",
+    114 => "bad_certificate_hash_value",
+    115 => "unknown_psk_identity",
+    116 => "certificate_required",
+    120 => "no_application_protocol",
+}
+
+/// An alert description as counted in [`metric::TLS_RECORD`]: itself when a TLS version
+/// defines it, else [`ALERT_OTHER`].
+pub const fn alert_counted(description: u8) -> u16 {
+    if alert_defined(description) {
+        description as u16
+    } else {
+        ALERT_OTHER
+    }
 }
 
 /// The key of every counter in [`MAP_STATS`]: what (`metric`), on which listener, and up to
@@ -203,18 +400,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reasons_map_to_their_index_with_detail_and_unknown_texts() {
-        assert_eq!(reason_index("ok"), 0);
-        assert_eq!(REASONS[usize::from(reason_index("not TLS"))], "not TLS");
-        assert_eq!(
-            REASONS[usize::from(reason_index("listener requires ktls: kernel has no kTLS"))],
-            "listener requires ktls"
-        );
-        assert_eq!(REASONS[usize::from(reason_index("what is this"))], "other");
-        let mut sorted = REASONS.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        assert_eq!(sorted.len(), REASONS.len(), "duplicate reason text");
+    fn reasons_have_distinct_codes_and_labels_and_round_trip() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(Reason::from_code(r.code()), Some(*r));
+            for other in &Reason::ALL[i + 1..] {
+                assert!(r.code() < other.code(), "codes in order, each once");
+                assert_ne!(r.as_str(), other.as_str(), "duplicate label");
+            }
+        }
+        assert_eq!(Reason::Ok.code(), 0, "0 is success in counter keys");
+        // Labels that dashboards already use keep their codes.
+        assert_eq!(Reason::HandshakeFailed.code(), 1);
+        assert_eq!(Reason::IdleTimeout.code(), 22);
+        assert_eq!(Reason::from_code(23), None, "23 (\"other\") is retired");
+    }
+
+    #[test]
+    fn data_paths_round_trip_and_none_is_labelled() {
+        for p in DataPath::ALL {
+            assert_eq!(DataPath::from_code(p.code()), Some(p));
+            assert_eq!(data_path_label(p.code()), Some(p.as_str()));
+        }
+        assert_eq!(data_path_label(NO_DATA_PATH), Some("none"));
+        assert_eq!(data_path_label(99), None);
+    }
+
+    #[test]
+    fn every_counted_alert_has_a_name() {
+        for d in 0..=u8::MAX {
+            let counted = alert_counted(d);
+            assert_eq!(alert_defined(d), alert_name(u16::from(d)).is_some(), "{d}");
+            if counted != ALERT_OTHER {
+                assert!(alert_name(counted).is_some(), "{d} is counted but unnamed");
+            }
+        }
+        assert_eq!(alert_counted(255), ALERT_OTHER);
+        assert_eq!(alert_name(50), Some("decode_error"));
     }
 
     #[test]

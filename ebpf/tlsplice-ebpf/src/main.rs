@@ -24,8 +24,8 @@ use aya_ebpf::macros::{cgroup_skb, map, sock_ops, stream_verdict};
 use aya_ebpf::maps::{HashMap, PerCpuHashMap, SockHash};
 use aya_ebpf::programs::{SkBuffContext, SockOpsContext};
 use tlsplice_common::{
-    ALERT_OTHER, LISTENERS_MAX_ENTRIES, ListenerName, NO_LISTENER, SOCKMAP_MAX_ENTRIES,
-    STATS_MAX_ENTRIES, SockmapPeer, StatKey, direction, metric,
+    LISTENERS_MAX_ENTRIES, ListenerName, NO_LISTENER, SOCKMAP_MAX_ENTRIES, STATS_MAX_ENTRIES,
+    SockmapPeer, StatKey, alert_counted, direction, metric,
 };
 
 /// Every counter (see tlsplice-common).
@@ -120,38 +120,6 @@ fn add(key: &StatKey, n: u64) {
     }
 }
 
-/// An alert description as counted: the ones TLS 1.2 and 1.3 define, else [`ALERT_OTHER`].
-fn alert_description(d: u8) -> u16 {
-    match d {
-        0
-        | 10
-        | 20
-        | 21
-        | 22
-        | 30
-        | 40
-        | 41
-        | 42..=51
-        | 60
-        | 70
-        | 71
-        | 80
-        | 86
-        | 90
-        | 100
-        | 109
-        | 110
-        | 111
-        | 112
-        | 113
-        | 114
-        | 115
-        | 116
-        | 120 => u16::from(d),
-        _ => ALERT_OTHER,
-    }
-}
-
 fn listener_of(ctx: &SockOpsContext) -> Option<u16> {
     // local_port is in host byte order in bpf_sock_ops.
     let port = ctx.local_port() as u16;
@@ -238,7 +206,7 @@ fn count_record(ctx: &SkBuffContext, listener_port_at: usize, dir: u16) {
             } else {
                 0
             };
-            (level << 8) | alert_description(head[6])
+            (level << 8) | alert_counted(head[6])
         }
         _ => return,
     };

@@ -1,285 +1,19 @@
-//! Counters: where each connection's outcome is recorded, and how every counter is read back
-//! (Prometheus text at `/metrics`, and `tlsplice stats` as a table or JSON).
-//!
-//! With eBPF on, the counters live in the pinned per-CPU BPF map (see [`crate::bpf`]): the
-//! sock_ops program counts accepted and closed connections there, and the agent adds what only
-//! user space knows (handshake outcomes, data paths, bytes). With eBPF off the agent keeps its
-//! own counts in memory, and the kernel-side families are absent.
+//! Reading the counters back: named, labelled samples ([`samples`]), the Prometheus collector
+//! behind `/metrics` ([`registry`]), and `tlsplice stats` output ([`table`], [`json`]). Every
+//! label comes from a typed code (`tlsplice-common`), never from parsing text.
 
-use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use tlsplice_common::{REASONS, StatKey, direction, metric, path, reason_index};
+use tlsplice_common::{Reason, data_path_label, direction, metric};
 
-use crate::bpf::{BpfError, LoadedBpf, PinnedSnapshot};
+use super::Telemetry;
+use crate::bpf::PinnedSnapshot;
 use crate::ktls::TlsStat;
-use crate::proxy::{ConnectionReport, DataPath, HandshakeOutcome};
-
-/// Where counters are kept.
-enum Store {
-    /// The pinned BPF map.
-    Bpf(Box<LoadedBpf>),
-    /// In memory, when eBPF is off.
-    Memory(Mutex<BTreeMap<StatKey, u64>>),
-}
-
-/// The agent's counters and the state of its eBPF programs.
-pub struct Telemetry {
-    listeners: Mutex<BTreeMap<u16, String>>,
-    store: Store,
-    /// `Err` says why eBPF is off.
-    ebpf: Result<(), String>,
-    /// Certificates and their reloads, per listener index (user-space state, not counters of
-    /// the data plane, so not in the BPF map).
-    certs: Mutex<BTreeMap<u16, CertState>>,
-    /// SIGHUP configuration reloads: applied, refused.
-    config_reloads: Mutex<(u64, u64)>,
-}
-
-/// One listener's certificates as now served, and its reloads.
-#[derive(Debug, Default, Clone)]
-struct CertState {
-    serving: Vec<crate::identity::CertInfo>,
-    reloads_ok: u64,
-    reloads_failed: u64,
-    failing: bool,
-}
-
-impl fmt::Debug for Telemetry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Telemetry")
-            .field("listeners", &self.listeners)
-            .field("ebpf", &self.ebpf)
-            .finish_non_exhaustive()
-    }
-}
-
-fn path_code(p: DataPath) -> u16 {
-    match p {
-        DataPath::Ktls => path::KTLS,
-        DataPath::Splice => path::SPLICE,
-        DataPath::Userspace => path::USERSPACE,
-        DataPath::Sockmap => path::SOCKMAP,
-    }
-}
-
-impl Telemetry {
-    /// Counters in memory; `why` says why eBPF is off.
-    pub fn memory(listeners: BTreeMap<u16, String>, why: String) -> Self {
-        Self {
-            listeners: Mutex::new(listeners),
-            store: Store::Memory(Mutex::new(BTreeMap::new())),
-            ebpf: Err(why),
-            certs: Mutex::default(),
-            config_reloads: Mutex::default(),
-        }
-    }
-
-    /// Counters in the loaded BPF maps, or in memory when loading failed (the error is kept
-    /// and reported).
-    pub fn new(listeners: BTreeMap<u16, String>, bpf: Result<LoadedBpf, BpfError>) -> Self {
-        match bpf {
-            Ok(bpf) => Self {
-                listeners: Mutex::new(listeners),
-                store: Store::Bpf(Box::new(bpf)),
-                ebpf: Ok(()),
-                certs: Mutex::default(),
-                config_reloads: Mutex::default(),
-            },
-            Err(e) => Self::memory(listeners, e.to_string()),
-        }
-    }
-
-    /// `Ok` when the eBPF programs are loaded, else why not.
-    pub fn ebpf(&self) -> Result<(), &str> {
-        self.ebpf.as_ref().map(|_| ()).map_err(String::as_str)
-    }
-
-    /// The loaded eBPF programs and maps, when eBPF is on.
-    pub fn bpf(&self) -> Option<&LoadedBpf> {
-        match &self.store {
-            Store::Bpf(b) => Some(b),
-            Store::Memory(_) => None,
-        }
-    }
-
-    /// The pin directory, when eBPF is on.
-    pub fn pin_dir(&self) -> Option<&std::path::Path> {
-        match &self.store {
-            Store::Bpf(b) => Some(b.pin_dir()),
-            Store::Memory(_) => None,
-        }
-    }
-
-    fn add_all(&self, counts: &[(StatKey, u64)]) {
-        match &self.store {
-            Store::Bpf(b) => {
-                if let Err(e) = b.add_all(counts) {
-                    tracing::warn!(error = %e, "counter update failed");
-                }
-            }
-            Store::Memory(m) => {
-                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                for (key, n) in counts {
-                    let cell = m.entry(*key).or_default();
-                    *cell = cell.wrapping_add(*n);
-                }
-            }
-        }
-    }
-
-    /// Every listener's name by counter index, those removed by a reload included.
-    pub fn listener_names(&self) -> BTreeMap<u16, String> {
-        self.listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Names a listener added by a reload; in the BPF maps too when eBPF is on.
-    pub fn add_listener(&self, index: u16, name: &str) {
-        self.listeners
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(index, name.to_owned());
-    }
-
-    /// Counts one configuration reload, applied or refused.
-    pub fn count_config_reload(&self, applied: bool) {
-        let mut n = self
-            .config_reloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if applied {
-            n.0 += 1;
-        } else {
-            n.1 += 1;
-        }
-    }
-
-    fn with_certs(&self, listener: u16, f: impl FnOnce(&mut CertState)) {
-        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        f(certs.entry(listener).or_default());
-    }
-
-    /// The certificates listener `listener` now serves (for the expiry gauge).
-    pub fn set_certificates(&self, listener: u16, serving: Vec<crate::identity::CertInfo>) {
-        self.with_certs(listener, |c| c.serving = serving);
-    }
-
-    /// Forgets a removed listener's certificates and reload state.
-    pub fn remove_certificates(&self, listener: u16) {
-        self.certs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&listener);
-    }
-
-    /// Counts one reload of a listener's TLS material, loaded or refused.
-    pub fn count_reload(&self, listener: u16, loaded: bool) {
-        self.with_certs(listener, |c| {
-            if loaded {
-                c.reloads_ok += 1;
-            } else {
-                c.reloads_failed += 1;
-            }
-        });
-    }
-
-    /// Whether the newest files of a listener's TLS material fail to load (the old serve).
-    pub fn set_reload_failing(&self, listener: u16, failing: bool) {
-        self.with_certs(listener, |c| c.failing = failing);
-    }
-
-    /// Counts one finished connection of listener `listener`.
-    pub fn record(&self, listener: u16, r: &ConnectionReport) {
-        let key = |metric, a, b, c| StatKey {
-            metric,
-            listener,
-            a,
-            b,
-            c,
-            pad: 0,
-        };
-        let data_path = r.data_path.map_or(path::NONE, path_code);
-        let outcome = match (r.data_path, &r.error) {
-            (Some(_), None) => 0,
-            // A relay the agent ended on purpose counts under why; any other error mid-relay
-            // is a relay error.
-            (Some(_), Some(_)) if r.reason.starts_with("idle timeout") => reason_index(&r.reason),
-            (Some(_), Some(_)) => reason_index("relay error"),
-            (None, _) => reason_index(&r.reason),
-        };
-        let mut counts = Vec::with_capacity(6);
-        for (m, h) in [
-            (metric::HANDSHAKE, &r.client_handshake),
-            (metric::UPSTREAM_HANDSHAKE, &r.upstream_handshake),
-        ] {
-            if let Some(h) = h {
-                let outcome = match &h.failure {
-                    None => 0,
-                    Some(reason) => reason_index(reason),
-                };
-                counts.push((key(m, outcome, h.version, h.suite), 1));
-            }
-        }
-        if r.data_path.is_some() {
-            counts.push((key(metric::BYTES, data_path, direction::UP, 0), r.bytes_up));
-            counts.push((
-                key(metric::BYTES, data_path, direction::DOWN, 0),
-                r.bytes_down,
-            ));
-        }
-        counts.push((key(metric::KEY_UPDATES, 0, 0, 0), r.key_updates));
-        // Last, so a reader that waits until the connection is counted and then reads once
-        // more sees all of its counts.
-        counts.push((key(metric::CONN_OUTCOME, data_path, outcome, 0), 1));
-        counts.retain(|(_, n)| *n > 0);
-        self.add_all(&counts);
-    }
-
-    /// Every counter, with the listener names.
-    pub fn snapshot(&self) -> Result<PinnedSnapshot, BpfError> {
-        let counters = match &self.store {
-            Store::Bpf(b) => b.snapshot()?,
-            Store::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        };
-        Ok(PinnedSnapshot {
-            counters,
-            listeners: self.listener_names(),
-            sockmap_sockets: self.bpf().map(LoadedBpf::sockmap_sockets),
-            sockmap_peers: None,
-        })
-    }
-}
-
-/// A handshake's outcome as counted.
-impl HandshakeOutcome {
-    /// A completed handshake.
-    pub fn completed(common: &rustls::CommonState) -> Self {
-        Self {
-            failure: None,
-            version: common.protocol_version().map_or(0, u16::from),
-            suite: common
-                .negotiated_cipher_suite()
-                .map_or(0, |s| u16::from(s.suite())),
-        }
-    }
-
-    /// A failed handshake and the reason it is counted under.
-    pub fn failed(reason: &str) -> Self {
-        Self {
-            failure: Some(reason.to_owned()),
-            version: 0,
-            suite: 0,
-        }
-    }
-}
 
 /// One counter value with its name and labels.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -355,45 +89,27 @@ fn suite_name(s: u16) -> String {
     }
 }
 
-/// RFC 8446 / RFC 5246 alert description names.
-fn alert_name(code: u16) -> String {
-    match code {
-        0 => "close_notify",
-        10 => "unexpected_message",
-        20 => "bad_record_mac",
-        22 => "record_overflow",
-        40 => "handshake_failure",
-        42 => "bad_certificate",
-        43 => "unsupported_certificate",
-        44 => "certificate_revoked",
-        45 => "certificate_expired",
-        46 => "certificate_unknown",
-        47 => "illegal_parameter",
-        48 => "unknown_ca",
-        49 => "access_denied",
-        50 => "decode_error",
-        51 => "decrypt_error",
-        70 => "protocol_version",
-        71 => "insufficient_security",
-        80 => "internal_error",
-        86 => "inappropriate_fallback",
-        90 => "user_canceled",
-        109 => "missing_extension",
-        110 => "unsupported_extension",
-        112 => "unrecognized_name",
-        113 => "bad_certificate_status_response",
-        115 => "unknown_psk_identity",
-        116 => "certificate_required",
-        120 => "no_application_protocol",
-        other => return other.to_string(),
-    }
-    .to_owned()
+/// An alert description's name (RFC 8446 / RFC 5246), from the table the eBPF programs count
+/// by; a number otherwise.
+fn alert_label(code: u16) -> String {
+    tlsplice_common::alert_name(code).map_or_else(|| code.to_string(), str::to_owned)
 }
 
-fn label(table: &[&str], code: u16) -> String {
-    table
+/// A direction code's label.
+fn direction_label(code: u16) -> String {
+    direction::NAMES
         .get(usize::from(code))
-        .map_or_else(|| format!("{code}"), |s| (*s).to_owned())
+        .map_or_else(|| code.to_string(), |s| (*s).to_owned())
+}
+
+/// A data path code's label.
+fn path_label(code: u16) -> String {
+    data_path_label(code).map_or_else(|| code.to_string(), str::to_owned)
+}
+
+/// An outcome code's label.
+fn reason_label(code: u16) -> String {
+    Reason::from_code(code).map_or_else(|| code.to_string(), |r| r.as_str().to_owned())
 }
 
 /// Turns raw counters into named, labelled samples, sorted by family.
@@ -410,12 +126,12 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
             metric::CONN_ACCEPTED => FAMILIES[0].0,
             metric::CONN_CLOSED => FAMILIES[1].0,
             metric::CONN_OUTCOME => {
-                labels.push(("data_path", label(&path::NAMES, key.a)));
-                labels.push(("outcome", label(&REASONS, key.b)));
+                labels.push(("data_path", path_label(key.a)));
+                labels.push(("outcome", reason_label(key.b)));
                 FAMILIES[2].0
             }
             metric::HANDSHAKE | metric::UPSTREAM_HANDSHAKE => {
-                labels.push(("outcome", label(&REASONS, key.a)));
+                labels.push(("outcome", reason_label(key.a)));
                 labels.push(("version", version_name(key.b)));
                 labels.push(("cipher", suite_name(key.c)));
                 if key.metric == metric::HANDSHAKE {
@@ -425,13 +141,13 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
                 }
             }
             metric::BYTES => {
-                labels.push(("data_path", label(&path::NAMES, key.a)));
-                labels.push(("direction", label(&direction::NAMES, key.b)));
+                labels.push(("data_path", path_label(key.a)));
+                labels.push(("direction", direction_label(key.b)));
                 FAMILIES[5].0
             }
             metric::KEY_UPDATES => FAMILIES[6].0,
             metric::TLS_RECORD => {
-                labels.push(("direction", label(&direction::NAMES, key.a)));
+                labels.push(("direction", direction_label(key.a)));
                 if key.b == 22 {
                     labels.push((
                         "message",
@@ -452,7 +168,7 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
                             other => other.to_string(),
                         },
                     ));
-                    labels.push(("description", alert_name(key.c & 0xff)));
+                    labels.push(("description", alert_label(key.c & 0xff)));
                     FAMILIES[8].0
                 }
             }
@@ -676,6 +392,10 @@ pub fn json(snapshot: &PinnedSnapshot) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
+    use tlsplice_common::{DataPath, NO_DATA_PATH, StatKey};
+
     use super::*;
 
     #[test]
@@ -691,21 +411,24 @@ mod tests {
         };
         counters.insert(key(metric::CONN_ACCEPTED, 0, 0, 0), 5);
         counters.insert(key(metric::HANDSHAKE, 0, 0x0304, 0x1301), 4);
-        counters.insert(key(metric::BYTES, path::KTLS, direction::DOWN, 0), 99);
+        counters.insert(
+            key(metric::BYTES, DataPath::Ktls.code(), direction::DOWN, 0),
+            99,
+        );
         counters.insert(key(metric::TLS_RECORD, direction::UP, 22, 1), 7);
         counters.insert(
             key(metric::TLS_RECORD, direction::DOWN, 21, (2 << 8) | 50),
             2,
         );
-        let refused = reason_index("upstream certificate refused");
+        let refused = Reason::UpstreamCertificateRefused.code();
         counters.insert(key(metric::UPSTREAM_HANDSHAKE, refused, 0, 0), 1);
         counters.insert(key(metric::REDIRECT_FAILED, 0, 0, 0), 10);
         counters.insert(key(metric::CONN_CLOSED, 0, 0, 0), 5);
         counters.insert(
             key(
                 metric::CONN_OUTCOME,
-                path::NONE,
-                reason_index("unknown SNI"),
+                NO_DATA_PATH,
+                Reason::UnknownSni.code(),
                 0,
             ),
             1,

@@ -11,22 +11,24 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use std::os::fd::{AsRawFd, BorrowedFd};
-
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuHashMap, PerCpuValues, SockHash};
 use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SkSkb, SockOps};
 use aya::{Ebpf, EbpfLoader};
+mod pins;
+mod sockmap;
+
+pub use pins::{PinnedSnapshot, read_pinned};
+pub use sockmap::{AdmitError, SockmapPair};
+
+use pins::{Pins, sum_entries};
 use tlsplice_common::{
     LISTENER_NAME_LEN, ListenerName, MAP_LISTENER_NAMES, MAP_LISTENER_PORTS, MAP_PEERS, MAP_SOCKS,
     MAP_STATS, PROG_RECORDS_IN, PROG_RECORDS_OUT, PROG_SOCKOPS, PROG_VERDICT, SockmapPeer, StatKey,
 };
 
-/// The eBPF object built by `cargo xtask build-ebpf`, or empty when this binary was built
-/// without it (see build.rs).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsplice-ebpf.o"));
-
-/// `statfs` magic of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The eBPF object that build.rs built with this binary, or empty when it was built with
+/// `AYA_BUILD_SKIP=1` (see build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tlsplice-ebpf"));
 
 /// Why the eBPF programs could not be loaded, attached or pinned; each names what failed.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +38,7 @@ pub enum BpfError {
     Disabled,
     /// This binary carries no eBPF object.
     #[error(
-        "this tlsplice binary was built without its eBPF object (build it with `cargo xtask build-ebpf`, then the agent)"
+        "this tlsplice binary was built without its eBPF object (AYA_BUILD_SKIP=1); build it without that to have them"
     )]
     NoObject,
     /// The object could not be loaded (maps are created here).
@@ -80,9 +82,14 @@ pub enum BpfError {
         "{0} is in use by another running tlsplice agent (set ebpf.pin_path or --bpf-pin-path per agent)"
     )]
     PinDirBusy(PathBuf),
-    /// The pin directory is not on a BPF filesystem.
-    #[error("{0} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)")]
-    NotBpffs(PathBuf),
+    /// The pin directory is not on a BPF filesystem, and the agent could not mount one there.
+    #[error("{path} is not on a bpf filesystem and {why} (mount one: mount -t bpf bpf {path})")]
+    NotBpffs {
+        /// The directory that holds the pin directory.
+        path: PathBuf,
+        /// Why the agent did not mount one itself.
+        why: String,
+    },
     /// A map operation failed.
     #[error("map {map}: {detail}{hint}")]
     Map {
@@ -167,30 +174,6 @@ pub fn own_cgroup() -> Option<PathBuf> {
     let relative = own.lines().find_map(|l| l.strip_prefix("0::"))?;
     let dir = mount.join(relative.trim_start_matches('/'));
     Some(if dir.is_dir() { dir } else { mount })
-}
-
-fn is_bpffs(path: &Path) -> Result<bool, BpfError> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| BpfError::Path {
-            what: "checking",
-            path: path.to_owned(),
-            source: io::Error::new(io::ErrorKind::InvalidInput, e),
-        })?;
-    // SAFETY: statfs is all-integer plain data, so zeroed is a valid value.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c_path` is a NUL-terminated string that outlives the call, and `buf` is a valid,
-    // writable statfs.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &mut buf) };
-    if rc != 0 {
-        return Err(BpfError::Path {
-            what: "statfs",
-            path: path.to_owned(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libc targets.
-    Ok(buf.f_type as i64 == BPF_FS_MAGIC)
 }
 
 /// Loads the object and every program (each through the verifier) without attaching or
@@ -527,66 +510,6 @@ impl LoadedBpf {
             .map_err(|e| map_error("TLSPLICE_STATS", &e))
     }
 
-    /// Gives a client leg and an upstream leg each other as peers and puts the upstream leg
-    /// into the sock hash; [`SockmapPair::admit_client`] adds the client leg. The returned pair
-    /// takes both out again when dropped.
-    pub fn sockmap_pair(
-        &self,
-        listener: u16,
-        client: BorrowedFd<'_>,
-        upstream: BorrowedFd<'_>,
-    ) -> Result<SockmapPair<'_>, BpfError> {
-        let client_cookie = socket_cookie(client).map_err(|e| BpfError::Map {
-            map: "TLSPLICE_SOCKS",
-            detail: format!("getsockopt(SO_COOKIE) on the client leg: {e}"),
-            hint: "",
-        })?;
-        let upstream_cookie = socket_cookie(upstream).map_err(|e| BpfError::Map {
-            map: "TLSPLICE_SOCKS",
-            detail: format!("getsockopt(SO_COOKIE) on the upstream leg: {e}"),
-            hint: "",
-        })?;
-        self.sockmap_sockets
-            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
-        let pair = SockmapPair {
-            bpf: self,
-            cookies: [client_cookie, upstream_cookie],
-        };
-        {
-            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-            for (me, peer) in [
-                (client_cookie, upstream_cookie),
-                (upstream_cookie, client_cookie),
-            ] {
-                let entry = SockmapPeer {
-                    peer,
-                    listener,
-                    ..SockmapPeer::default()
-                };
-                peers
-                    .insert(me, entry, 0)
-                    .map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
-            }
-        }
-        let mut socks = self.socks.lock().unwrap_or_else(|p| p.into_inner());
-        socks
-            .insert(upstream_cookie, upstream.as_raw_fd(), 0)
-            .map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
-        Ok(pair)
-    }
-
-    /// Bytes the verdict program has redirected from the socket `cookie` to its peer.
-    fn redirected(&self, cookie: u64) -> u64 {
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        match peers.get(&cookie, 0) {
-            Ok(p) => p.bytes,
-            Err(e) => {
-                tracing::warn!(cookie, error = %e, "reading a sockmap byte count failed");
-                0
-            }
-        }
-    }
-
     /// Sockets relayed through the sock hash right now (two per connection), as the agent
     /// counts them (the pinned maps hold the kernel's view: see [`read_pinned`]).
     pub fn sockmap_sockets(&self) -> u64 {
@@ -599,394 +522,4 @@ impl LoadedBpf {
         let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
         sum_entries(&stats)
     }
-}
-
-/// Why the client leg did not join the sockmap relay.
-#[derive(Debug, thiserror::Error)]
-pub enum AdmitError {
-    /// The sock hash refused it (e.g. it had already received a FIN: only established sockets
-    /// may enter); nothing was redirected from it.
-    #[error("the client leg could not enter the sock hash: {0}")]
-    NotAdmitted(BpfError),
-    /// It entered, but the verdict could not be made to run over what it had already
-    /// received.
-    #[error("setsockopt(SO_RCVLOWAT) on the client leg: {0}")]
-    NotKicked(io::Error),
-}
-
-/// A connection's two legs in the sock hash. Dropping it removes both sockets and their peer
-/// entries (a closed socket leaves the sock hash by itself; its peer entry does not).
-pub struct SockmapPair<'a> {
-    bpf: &'a LoadedBpf,
-    /// Client leg, upstream leg.
-    cookies: [u64; 2],
-}
-
-impl SockmapPair<'_> {
-    /// Puts the client leg into the sock hash, then has the verdict run over anything already
-    /// in its receive queue: bytes queued before a socket enters the map are otherwise only
-    /// seen when more arrive. Setting SO_RCVLOWAT (to its default, 1) re-runs the socket's
-    /// data-ready callback, which is the verdict now.
-    pub fn admit_client(&self, client: BorrowedFd<'_>) -> Result<(), AdmitError> {
-        {
-            let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
-            socks
-                .insert(self.cookies[0], client.as_raw_fd(), 0)
-                .map_err(|e| AdmitError::NotAdmitted(map_error("TLSPLICE_SOCKS", &e)))?;
-        }
-        let one: libc::c_int = 1;
-        // SAFETY: `client` is a live socket; SO_RCVLOWAT reads one int from `one`.
-        let rc = unsafe {
-            libc::setsockopt(
-                client.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVLOWAT,
-                (&raw const one).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            return Err(AdmitError::NotKicked(io::Error::last_os_error()));
-        }
-        Ok(())
-    }
-
-    /// Bytes redirected in the kernel so far: (client to upstream, upstream to client).
-    pub fn redirected(&self) -> (u64, u64) {
-        (
-            self.bpf.redirected(self.cookies[0]),
-            self.bpf.redirected(self.cookies[1]),
-        )
-    }
-}
-
-impl Drop for SockmapPair<'_> {
-    fn drop(&mut self) {
-        self.bpf
-            .sockmap_sockets
-            .fetch_sub(2, std::sync::atomic::Ordering::Relaxed);
-        {
-            let mut socks = self.bpf.socks.lock().unwrap_or_else(|p| p.into_inner());
-            for cookie in &self.cookies {
-                // Absent already when the socket was closed (the kernel unlinks it).
-                match socks.remove(cookie) {
-                    Ok(()) => {}
-                    Err(e) if not_found(&e) => {}
-                    Err(e) => {
-                        tracing::warn!(cookie, error = %e, "could not remove a socket from the sock hash")
-                    }
-                }
-            }
-        }
-        let mut peers = self.bpf.peers.lock().unwrap_or_else(|p| p.into_inner());
-        for cookie in &self.cookies {
-            match peers.remove(cookie) {
-                Ok(()) => {}
-                Err(e) if not_found(&e) => {}
-                Err(e) => {
-                    tracing::warn!(cookie, error = %e, "could not remove a sockmap peer entry")
-                }
-            }
-        }
-    }
-}
-
-/// A map operation failed because the key was not there.
-fn not_found(e: &MapError) -> bool {
-    match e {
-        MapError::KeyNotFound => true,
-        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
-    }
-}
-
-/// The kernel's cookie for a socket (the sock hash key).
-fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `fd` is a live socket for the call; `cookie` and `len` are valid, writable and
-    // sized for SO_COOKIE's u64.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(cookie)
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// The head of the kernel's `struct tcp_info` up to `tcpi_bytes_acked` (libc's glibc version
-/// stops before it). Layout from include/uapi/linux/tcp.h, stable since 4.x.
-#[repr(C)]
-#[derive(Default)]
-struct TcpInfoHead {
-    bytes8: [u8; 8],
-    words: [u32; 24],
-    pacing_rate: u64,
-    max_pacing_rate: u64,
-    bytes_acked: u64,
-    bytes_received: u64,
-}
-
-const _: () = assert!(
-    std::mem::size_of::<TcpInfoHead>() == 136
-        && std::mem::offset_of!(TcpInfoHead, bytes_acked) == 120
-        && std::mem::offset_of!(TcpInfoHead, bytes_received) == 128
-);
-
-/// `TCP_ESTABLISHED` from include/net/tcp_states.h.
-const TCP_ESTABLISHED: u8 = 1;
-/// `TCP_CLOSE_WAIT`: the peer has sent its FIN; this side can still send.
-const TCP_CLOSE_WAIT: u8 = 8;
-
-fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<TcpInfoHead> {
-    let mut info = TcpInfoHead::default();
-    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
-    // SAFETY: `fd` is a live socket; `info` is writable for `len` bytes and the kernel writes
-    // at most `len`.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
-        return Err(io::Error::other(
-            "kernel's tcp_info has no tcpi_bytes_received",
-        ));
-    }
-    Ok(info)
-}
-
-/// Whether a TCP socket is established and has not received a FIN: the only state in which
-/// it may enter a sock hash.
-pub fn tcp_established(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(tcp_info(fd)?.bytes8[0] == TCP_ESTABLISHED)
-}
-
-/// The send sequence consumed on a TCP socket so far (acknowledged plus still queued: the bytes
-/// written, plus the SYN and a FIN), and whether the socket can still send. Differences of this
-/// value count bytes queued.
-pub fn tcp_bytes_queued(fd: BorrowedFd<'_>) -> io::Result<(u64, bool)> {
-    let info = tcp_info(fd)?;
-    let mut outq: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ for sockets) writes one int, the bytes not yet acknowledged,
-    // into `outq`.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let sending = matches!(info.bytes8[0], TCP_ESTABLISHED | TCP_CLOSE_WAIT);
-    Ok((info.bytes_acked + u64::try_from(outq).unwrap_or(0), sending))
-}
-
-/// Bytes a TCP socket has received plus bytes its peer has acknowledged: it grows whenever
-/// anything moves either way, whoever moves it (the agent, splice, kTLS, a sockmap redirect).
-pub fn tcp_progress(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    let info = tcp_info(fd)?;
-    Ok(info.bytes_acked.wrapping_add(info.bytes_received))
-}
-
-/// Every name this agent pins.
-const PIN_NAMES: [&str; 9] = [
-    PROG_SOCKOPS,
-    PROG_RECORDS_IN,
-    PROG_RECORDS_OUT,
-    PROG_VERDICT,
-    MAP_STATS,
-    MAP_LISTENER_PORTS,
-    MAP_LISTENER_NAMES,
-    MAP_SOCKS,
-    MAP_PEERS,
-];
-
-/// The pin directory, held with an exclusive flock while this agent uses it, and what this agent
-/// pinned there (removed on drop: when the agent stops, or when loading fails half way).
-struct Pins {
-    dir: PathBuf,
-    files: Vec<PathBuf>,
-    /// Holds the lock.
-    _lock: std::fs::File,
-}
-
-impl Pins {
-    /// Creates the directory, takes its lock (another live agent holding it is an error, not
-    /// something to overwrite) and removes this agent's names left by one that crashed.
-    fn prepare(dir: &Path) -> Result<Self, BpfError> {
-        let parent = dir.parent().unwrap_or(dir);
-        if !is_bpffs(parent)? {
-            return Err(BpfError::NotBpffs(parent.to_owned()));
-        }
-        let path_err = |what, source| BpfError::Path {
-            what,
-            path: dir.to_owned(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| path_err("creating", e))?;
-        let lock = std::fs::File::open(dir).map_err(|e| path_err("opening", e))?;
-        // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                BpfError::PinDirBusy(dir.to_owned())
-            } else {
-                path_err("locking", e)
-            });
-        }
-        for name in PIN_NAMES {
-            let stale = dir.join(name);
-            if stale.exists() {
-                tracing::warn!(pin = %stale.display(), "removing a stale pin from an earlier agent");
-                std::fs::remove_file(&stale).map_err(|e| path_err("removing a stale pin in", e))?;
-            }
-        }
-        Ok(Self {
-            dir: dir.to_owned(),
-            files: Vec::new(),
-            _lock: lock,
-        })
-    }
-
-    fn program(
-        &mut self,
-        name: &'static str,
-        pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
-    ) -> Result<(), BpfError> {
-        let path = self.dir.join(name);
-        pin(&path).map_err(|e| program_error(name, format!("pin at {}", path.display()), &e))?;
-        self.files.push(path);
-        Ok(())
-    }
-
-    fn map(
-        &mut self,
-        name: &'static str,
-        pin: impl FnOnce(&Path) -> Result<(), aya::pin::PinError>,
-    ) -> Result<(), BpfError> {
-        let path = self.dir.join(name);
-        pin(&path).map_err(|e| {
-            let detail = chain(&e);
-            BpfError::Map {
-                map: name,
-                hint: hint_for(&detail),
-                detail: format!("pin at {}: {detail}", path.display()),
-            }
-        })?;
-        self.files.push(path);
-        Ok(())
-    }
-}
-
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for pin in &self.files {
-            if let Err(e) = std::fs::remove_file(pin) {
-                tracing::warn!(pin = %pin.display(), error = %e, "could not remove pin");
-            }
-        }
-        // Only removes the directory when nothing else is pinned there.
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-fn sum_entries(
-    stats: &PerCpuHashMap<MapData, StatKey, u64>,
-) -> Result<BTreeMap<StatKey, u64>, BpfError> {
-    let mut out = BTreeMap::new();
-    for entry in stats.iter() {
-        let (key, values) = entry.map_err(|e| map_error("TLSPLICE_STATS", &e))?;
-        let total = values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v));
-        out.insert(key, total);
-    }
-    Ok(out)
-}
-
-/// The counters and listener names of a running agent, read from its pins.
-#[derive(Debug, Clone, Default)]
-pub struct PinnedSnapshot {
-    /// Every counter, summed over CPUs.
-    pub counters: BTreeMap<StatKey, u64>,
-    /// Listener names by index.
-    pub listeners: BTreeMap<u16, String>,
-    /// Sockets in the sockmap relay right now (two per connection); `None` without eBPF.
-    pub sockmap_sockets: Option<u64>,
-    /// Peer entries in the sockmap relay right now (read from the pins only).
-    pub sockmap_peers: Option<u64>,
-}
-
-/// Reads a running agent's counters from the maps pinned under `pin_dir`.
-pub fn read_pinned(pin_dir: &Path) -> Result<PinnedSnapshot, BpfError> {
-    let open = |name: &'static str| {
-        MapData::from_pin(pin_dir.join(name)).map_err(|e| {
-            let detail = chain(&e);
-            BpfError::Map {
-                map: name,
-                hint: if detail.contains("No such file") {
-                    " (is the agent running with eBPF on, pinning there?)"
-                } else {
-                    hint_for(&detail)
-                },
-                detail: format!("{}: {detail}", pin_dir.join(name).display()),
-            }
-        })
-    };
-    let stats = aya::maps::Map::PerCpuHashMap(open(MAP_STATS)?);
-    let stats: PerCpuHashMap<_, StatKey, u64> =
-        PerCpuHashMap::try_from(stats).map_err(|e| map_error("TLSPLICE_STATS", &e))?;
-    let counters = sum_entries(&stats)?;
-    let names = aya::maps::Map::HashMap(open(MAP_LISTENER_NAMES)?);
-    let names: BpfHashMap<_, u16, ListenerName> =
-        BpfHashMap::try_from(names).map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
-    let mut listeners = BTreeMap::new();
-    for entry in names.iter() {
-        let (index, name) = entry.map_err(|e| map_error("TLSPLICE_LISTENERS", &e))?;
-        let end = name
-            .bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(LISTENER_NAME_LEN);
-        listeners.insert(
-            index,
-            String::from_utf8_lossy(&name.bytes[..end]).into_owned(),
-        );
-    }
-    let peers = aya::maps::Map::HashMap(open(MAP_PEERS)?);
-    let peers: BpfHashMap<_, u64, SockmapPeer> =
-        BpfHashMap::try_from(peers).map_err(|e| map_error("TLSPLICE_PEERS", &e))?;
-    let peer_entries = count_keys(peers.keys(), MAP_PEERS)?;
-    let socks = aya::maps::Map::SockHash(open(MAP_SOCKS)?);
-    let socks: SockHash<_, u64> =
-        SockHash::try_from(socks).map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
-    let sock_entries = count_keys(socks.keys(), MAP_SOCKS)?;
-    Ok(PinnedSnapshot {
-        counters,
-        listeners,
-        sockmap_sockets: Some(sock_entries),
-        sockmap_peers: Some(peer_entries),
-    })
-}
-
-fn count_keys(
-    keys: impl Iterator<Item = Result<u64, MapError>>,
-    map: &'static str,
-) -> Result<u64, BpfError> {
-    let mut n = 0;
-    for key in keys {
-        key.map_err(|e| map_error(map, &e))?;
-        n += 1;
-    }
-    Ok(n)
 }

@@ -1,0 +1,568 @@
+//! Running a TLS handshake on a tokio socket without reading past it: in user space
+//! ([`rustls::Connection`], whose record layer stays there) or for the kernel
+//! ([`KernelBound`], rustls' unbuffered API, whose session can become a kernel connection).
+//!
+//! The handshake must not consume a single byte that belongs to the record layer after it: once
+//! the keys are in the kernel, bytes already read into user space cannot be given back. So every
+//! read asks for no more than the rest of the current TLS record ([`RecordBoundary`]).
+
+use std::fmt;
+use std::io;
+
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
+use rustls::{CommonState, Connection};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::outcome::Reason;
+
+/// Length of a TLS record header: type (1), legacy version (2), length (2).
+const RECORD_HEADER_LEN: usize = 5;
+
+/// Tracks where TLS record boundaries fall in a byte stream, so a reader can ask for no more
+/// than the rest of the current record (header first, then the body the header announced).
+#[derive(Debug, Default, Clone)]
+pub struct RecordBoundary {
+    header: [u8; RECORD_HEADER_LEN],
+    header_filled: usize,
+    body_left: usize,
+}
+
+impl RecordBoundary {
+    /// How many of `want` bytes may be read without crossing the end of the current record.
+    pub fn limit(&self, want: usize) -> usize {
+        if self.body_left > 0 {
+            want.min(self.body_left)
+        } else {
+            want.min(RECORD_HEADER_LEN - self.header_filled)
+        }
+    }
+
+    /// Accounts for bytes that were read (at most `limit` of them).
+    pub fn advance(&mut self, bytes: &[u8]) {
+        if self.body_left > 0 {
+            self.body_left -= bytes.len().min(self.body_left);
+            return;
+        }
+        let n = bytes.len().min(RECORD_HEADER_LEN - self.header_filled);
+        self.header[self.header_filled..self.header_filled + n].copy_from_slice(&bytes[..n]);
+        self.header_filled += n;
+        if self.header_filled == RECORD_HEADER_LEN {
+            self.body_left = usize::from(u16::from_be_bytes([self.header[3], self.header[4]]));
+            self.header_filled = 0;
+        }
+    }
+
+    /// True when every byte seen so far ended a complete record.
+    pub fn at_boundary(&self) -> bool {
+        self.header_filled == 0 && self.body_left == 0
+    }
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// rustls refused the peer's handshake (and queued an alert, which was sent), or the peer
+    /// aborted it with an alert.
+    #[error("TLS handshake with {peer}: {source}")]
+    Tls {
+        /// The remote address.
+        peer: String,
+        /// The rustls error.
+        source: rustls::Error,
+    },
+    /// The socket failed, or the peer closed it, before the handshake completed.
+    #[error("TLS handshake with {peer}: {source}")]
+    Io {
+        /// The remote address.
+        peer: String,
+        /// What the socket said.
+        source: io::Error,
+    },
+    /// The handshake's last record ended where a later record began: handing that stream to
+    /// the kernel would lose bytes.
+    #[error(
+        "TLS handshake with {peer}: handshake ended inside a record: refusing to hand a misaligned stream to the kernel"
+    )]
+    Misaligned {
+        /// The remote address.
+        peer: String,
+    },
+    /// rustls' unbuffered API reached a state a handshake cannot be in.
+    #[error("TLS handshake with {peer}: {what}")]
+    Unexpected {
+        /// The remote address.
+        peer: String,
+        /// The state.
+        what: String,
+    },
+}
+
+/// Which leg a handshake ran on: it names the reason a failure is counted under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LegSide {
+    /// The client leg: the agent is the TLS server.
+    Client,
+    /// The upstream leg: the agent is the TLS client.
+    Upstream,
+}
+
+impl HandshakeError {
+    /// The reason this failure is counted under on `side`: a refused certificate (missing,
+    /// untrusted, wrong name) is told apart from every other failure, and on the client leg
+    /// so are an alert from the client and a client that left.
+    pub fn reason(&self, side: LegSide) -> Reason {
+        let certificate = matches!(
+            self,
+            HandshakeError::Tls {
+                source: rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertificate(_),
+                ..
+            }
+        );
+        match (side, self) {
+            (LegSide::Client, _) if certificate => Reason::CertificateRefused,
+            (LegSide::Upstream, _) if certificate => Reason::UpstreamCertificateRefused,
+            (LegSide::Upstream, _) => Reason::UpstreamHandshakeFailed,
+            (
+                LegSide::Client,
+                HandshakeError::Tls {
+                    source: rustls::Error::AlertReceived(_),
+                    ..
+                },
+            ) => Reason::HandshakeAlertReceived,
+            (LegSide::Client, HandshakeError::Io { source, .. })
+                if source.kind() == io::ErrorKind::UnexpectedEof
+                    || crate::net::peer_gone(source) =>
+            {
+                Reason::HandshakePeerClosed
+            }
+            (LegSide::Client, _) => Reason::HandshakeFailed,
+        }
+    }
+}
+
+/// Reads into `buf` no more than what is left of the current TLS record; end of stream is an
+/// error (the handshake is not over).
+async fn read_in_record(
+    sock: &mut TcpStream,
+    boundary: &mut RecordBoundary,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let want = boundary.limit(buf.len());
+    let n = sock.read(&mut buf[..want]).await?;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "peer closed the connection during the handshake",
+        ));
+    }
+    boundary.advance(&buf[..n]);
+    Ok(n)
+}
+
+/// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer.
+pub async fn flush_tls<W>(
+    conn: &mut Connection,
+    scratch: &mut Vec<u8>,
+    sock: &mut W,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    while conn.wants_write() {
+        scratch.clear();
+        conn.write_tls(scratch)?;
+        sock.write_all(scratch).await?;
+    }
+    Ok(())
+}
+
+/// Drives a rustls handshake on a tokio socket to completion without reading past it, and
+/// flushes everything rustls has to send (including a fatal alert when the handshake fails).
+async fn user_handshake(
+    conn: &mut Connection,
+    sock: &mut TcpStream,
+    peer: &str,
+) -> Result<(), HandshakeError> {
+    let io_fail = |source: io::Error| HandshakeError::Io {
+        peer: peer.to_owned(),
+        source,
+    };
+    let mut boundary = RecordBoundary::default();
+    let mut buf = vec![0u8; 18 * 1024];
+    let mut out = Vec::new();
+    loop {
+        flush_tls(conn, &mut out, sock).await.map_err(io_fail)?;
+        if !conn.is_handshaking() {
+            if !boundary.at_boundary() {
+                return Err(HandshakeError::Misaligned {
+                    peer: peer.to_owned(),
+                });
+            }
+            return Ok(());
+        }
+        let n = read_in_record(sock, &mut boundary, &mut buf)
+            .await
+            .map_err(io_fail)?;
+        let mut input = &buf[..n];
+        while !input.is_empty() {
+            conn.read_tls(&mut input).map_err(io_fail)?;
+            if let Err(source) = conn.process_new_packets() {
+                // rustls queued the alert that explains the failure: send it before closing.
+                let _ = flush_tls(conn, &mut out, sock).await;
+                return Err(HandshakeError::Tls {
+                    peer: peer.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// A rustls connection driven through the unbuffered API, for sessions headed to the kernel:
+/// only that API yields a [`rustls::kernel::KernelConnection`], which derives the keys after a
+/// KeyUpdate and keeps a server's session tickets once the record layer is in the kernel.
+pub enum KernelBound {
+    /// We are the TLS client (the upstream leg).
+    Client(UnbufferedClientConnection),
+    /// We are the TLS server (the client leg).
+    Server(UnbufferedServerConnection),
+}
+
+impl fmt::Debug for KernelBound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelBound::Client(_) => "KernelBound::Client",
+            KernelBound::Server(_) => "KernelBound::Server",
+        })
+    }
+}
+
+/// What a handshake step asks of the socket.
+enum Step {
+    /// Records were encoded into the outgoing buffer; ask rustls again.
+    Encoded,
+    /// Send the outgoing buffer.
+    Transmit,
+    /// Read more of the current record.
+    Read,
+    /// The handshake is complete.
+    Done,
+    /// rustls failed (it may have queued an alert).
+    Failed(rustls::Error),
+    /// A state that cannot occur in a handshake we drive.
+    Unexpected(String),
+}
+
+/// One call of `process_tls_records` on either side, reduced to what the socket must do next.
+/// Encoded bytes are appended to `outgoing`.
+fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) -> (usize, Step) {
+    let state = match status.state {
+        Ok(state) => state,
+        Err(e) => return (status.discard, Step::Failed(e)),
+    };
+    let step = match state {
+        ConnectionState::EncodeTlsData(mut encoder) => {
+            let start = outgoing.len();
+            outgoing.resize(start + 4096, 0);
+            loop {
+                match encoder.encode(&mut outgoing[start..]) {
+                    Ok(n) => {
+                        outgoing.truncate(start + n);
+                        break Step::Encoded;
+                    }
+                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                        outgoing.resize(start + required_size, 0);
+                    }
+                    Err(e) => {
+                        outgoing.truncate(start);
+                        break Step::Unexpected(format!("encoding a handshake record: {e}"));
+                    }
+                }
+            }
+        }
+        ConnectionState::TransmitTlsData(transmit) => {
+            // The bytes are ours to send; rustls only needs to know they will be.
+            transmit.done();
+            Step::Transmit
+        }
+        ConnectionState::BlockedHandshake => Step::Read,
+        ConnectionState::WriteTraffic(_) => Step::Done,
+        other => Step::Unexpected(format!("{other:?} during the handshake")),
+    };
+    (status.discard, step)
+}
+
+impl KernelBound {
+    /// rustls' view of the session: version, cipher, ALPN, peer certificates.
+    pub fn common(&self) -> &CommonState {
+        match self {
+            KernelBound::Client(c) => c,
+            KernelBound::Server(s) => s,
+        }
+    }
+
+    fn process(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
+        match self {
+            KernelBound::Client(c) => step(c.process_tls_records(incoming), outgoing),
+            KernelBound::Server(s) => step(s.process_tls_records(incoming), outgoing),
+        }
+    }
+
+    /// Drives the handshake to completion on a tokio socket, reading one record at a time so
+    /// nothing past the handshake is read into user space, and sending what rustls encodes
+    /// (including the alert when the handshake fails). Returns the server name from the
+    /// ClientHello when we are the server.
+    async fn handshake(
+        &mut self,
+        sock: &mut TcpStream,
+        peer: &str,
+    ) -> Result<Option<String>, HandshakeError> {
+        let io_fail = |source: io::Error| HandshakeError::Io {
+            peer: peer.to_owned(),
+            source,
+        };
+        let mut boundary = RecordBoundary::default();
+        let mut incoming: Vec<u8> = Vec::with_capacity(RECORD_HEADER_LEN + 18 * 1024);
+        let mut outgoing = Vec::new();
+        let mut buf = vec![0u8; 18 * 1024];
+        // The first record, kept whole while we are the server: the ClientHello, for its SNI.
+        let mut first_record = matches!(self, KernelBound::Server(_)).then(Vec::new);
+        let mut server_name = None;
+        loop {
+            let (discard, next) = self.process(&mut incoming, &mut outgoing);
+            incoming.drain(..discard);
+            match next {
+                Step::Encoded => {}
+                Step::Transmit => {
+                    sock.write_all(&outgoing).await.map_err(io_fail)?;
+                    outgoing.clear();
+                }
+                Step::Read => {
+                    let n = read_in_record(sock, &mut boundary, &mut buf)
+                        .await
+                        .map_err(io_fail)?;
+                    incoming.extend_from_slice(&buf[..n]);
+                    if let Some(hello) = &mut first_record {
+                        hello.extend_from_slice(&buf[..n]);
+                        if boundary.at_boundary() {
+                            if let Ok(crate::client_hello::Peek::ClientHello {
+                                server_name: name,
+                            }) = crate::client_hello::peek(hello)
+                            {
+                                server_name = name;
+                            }
+                            first_record = None;
+                        }
+                    }
+                }
+                Step::Done => {
+                    if !boundary.at_boundary() || !incoming.is_empty() {
+                        return Err(HandshakeError::Misaligned {
+                            peer: peer.to_owned(),
+                        });
+                    }
+                    return Ok(server_name);
+                }
+                Step::Failed(source) => {
+                    // rustls queued the alert that explains the failure: encode and send it.
+                    // Only while records are queued, since each call pops one before it would
+                    // parse `incoming` again (which still holds the offending bytes).
+                    outgoing.clear();
+                    while self.common().wants_write() {
+                        let (discard, next) = self.process(&mut incoming, &mut outgoing);
+                        incoming.drain(..discard);
+                        if !matches!(next, Step::Encoded) {
+                            break;
+                        }
+                    }
+                    let _ = sock.write_all(&outgoing).await;
+                    return Err(HandshakeError::Tls {
+                        peer: peer.to_owned(),
+                        source,
+                    });
+                }
+                Step::Unexpected(what) => {
+                    return Err(HandshakeError::Unexpected {
+                        peer: peer.to_owned(),
+                        what,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Encodes a close_notify for a finished session that will not go to the kernel.
+    fn close_notify_record(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = vec![0u8; 64];
+        let written = match self {
+            KernelBound::Client(c) => queue_close_notify(c.process_tls_records(&mut []), &mut out),
+            KernelBound::Server(s) => queue_close_notify(s.process_tls_records(&mut []), &mut out),
+        }?;
+        out.truncate(written);
+        Ok(out)
+    }
+}
+
+fn queue_close_notify<Data>(
+    status: UnbufferedStatus<'_, '_, Data>,
+    out: &mut [u8],
+) -> io::Result<usize> {
+    match status.state {
+        Ok(ConnectionState::WriteTraffic(mut w)) => w
+            .queue_close_notify(out)
+            .map_err(|e| io::Error::other(format!("encoding close_notify: {e}"))),
+        Ok(other) => Err(io::Error::other(format!(
+            "cannot send close_notify in state {other:?}"
+        ))),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+    }
+}
+
+/// One TLS leg of a connection, during and after its handshake, held the way its data path
+/// needs it.
+pub enum TlsLeg {
+    /// rustls keeps the record layer (the userspace path).
+    User(Connection),
+    /// Driven with rustls' unbuffered API so the session can go to the kernel with its key
+    /// schedule (the ktls path).
+    Kernel(KernelBound),
+}
+
+impl fmt::Debug for TlsLeg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsLeg::User(_) => f.write_str("TlsLeg::User"),
+            TlsLeg::Kernel(k) => write!(f, "TlsLeg::{k:?}"),
+        }
+    }
+}
+
+impl TlsLeg {
+    /// rustls' view of the session: version, cipher, ALPN, peer certificates.
+    pub fn common(&self) -> &CommonState {
+        match self {
+            TlsLeg::User(c) => c,
+            TlsLeg::Kernel(k) => k.common(),
+        }
+    }
+
+    /// Runs the handshake on `sock` to its end; returns the client's server name when we are
+    /// the server.
+    pub async fn handshake(
+        &mut self,
+        sock: &mut TcpStream,
+        peer: &str,
+    ) -> Result<Option<String>, HandshakeError> {
+        match self {
+            TlsLeg::User(conn) => {
+                user_handshake(conn, sock, peer).await?;
+                Ok(match conn {
+                    Connection::Server(s) => s.server_name().map(str::to_owned),
+                    Connection::Client(_) => None,
+                })
+            }
+            TlsLeg::Kernel(k) => k.handshake(sock, peer).await,
+        }
+    }
+
+    /// Sends a close_notify on a finished session whose record layer is still in user space
+    /// (the FIN is the caller's).
+    pub async fn send_close_notify(
+        &mut self,
+        sock: &mut (impl AsyncWrite + Unpin),
+    ) -> io::Result<()> {
+        match self {
+            TlsLeg::User(conn) => {
+                conn.send_close_notify();
+                flush_tls(conn, &mut Vec::new(), sock).await
+            }
+            TlsLeg::Kernel(k) => {
+                let record = k.close_notify_record()?;
+                sock.write_all(&record).await
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_boundary_stops_at_each_record_end_and_reassembles_split_headers() {
+        let mut b = RecordBoundary::default();
+        assert_eq!(b.limit(64), 5, "a header first");
+        b.advance(&[22, 3, 3]);
+        assert_eq!(b.limit(64), 2, "the rest of a split header");
+        b.advance(&[0, 3]);
+        assert!(!b.at_boundary());
+        assert_eq!(b.limit(64), 3, "then exactly the body");
+        b.advance(b"abc");
+        assert!(b.at_boundary());
+        assert_eq!(b.limit(64), 5);
+    }
+
+    #[test]
+    fn handshake_failures_are_counted_by_side_and_cause() {
+        let tls = |source| HandshakeError::Tls {
+            peer: "p".into(),
+            source,
+        };
+        let io = |kind| HandshakeError::Io {
+            peer: "p".into(),
+            source: io::Error::from(kind),
+        };
+        use LegSide::{Client, Upstream};
+        let cases = [
+            (
+                Client,
+                tls(rustls::Error::NoCertificatesPresented),
+                Reason::CertificateRefused,
+            ),
+            (
+                Upstream,
+                tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Expired,
+                )),
+                Reason::UpstreamCertificateRefused,
+            ),
+            (
+                Client,
+                tls(rustls::Error::AlertReceived(
+                    rustls::AlertDescription::HandshakeFailure,
+                )),
+                Reason::HandshakeAlertReceived,
+            ),
+            (
+                Client,
+                tls(rustls::Error::PeerIncompatible(
+                    rustls::PeerIncompatible::NoCipherSuitesInCommon,
+                )),
+                Reason::HandshakeFailed,
+            ),
+            (
+                Client,
+                io(io::ErrorKind::UnexpectedEof),
+                Reason::HandshakePeerClosed,
+            ),
+            (Client, io(io::ErrorKind::TimedOut), Reason::HandshakeFailed),
+            (
+                Upstream,
+                io(io::ErrorKind::UnexpectedEof),
+                Reason::UpstreamHandshakeFailed,
+            ),
+            (
+                Client,
+                HandshakeError::Misaligned { peer: "p".into() },
+                Reason::HandshakeFailed,
+            ),
+        ];
+        for (side, error, reason) in cases {
+            assert_eq!(error.reason(side), reason, "{side:?} {error}");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! What a connection's end is made of: a typed [`Reason`], what was learned on the way
+//! ([`Facts`]), and the [`ConnectionReport`] that the proxy's one record point builds from them
+//! for the log line, the counters ([`crate::metrics`]) and in-process observers.
+//!
+//! [`Reason`] and [`DataPath`] are defined in `tlsplice-common`, next to the counter keys that
+//! store them, so the agent and `tlsplice stats` read the same names and numbers.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+
+pub use tlsplice_common::{DataPath, Reason};
+
+/// Why a connection (or one of its handshakes) failed: a reason from a closed set, for labels,
+/// and a detail for the log line (which listener, which peer and which call are known to the
+/// record point and the log line; the detail says what failed).
+#[derive(Debug)]
+pub struct Failure {
+    /// The counted reason.
+    pub reason: Reason,
+    /// What happened, for the log line.
+    pub detail: String,
+    /// The client socket, when it is still open and should be closed gently: a FIN, then what
+    /// the client still sends read away for a moment, so it gets the alert or FIN rather than a
+    /// reset.
+    pub linger: Option<tokio::net::TcpStream>,
+}
+
+impl Failure {
+    /// A failure for `reason`.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            linger: None,
+        }
+    }
+
+    /// The same failure, with the client socket to close gently.
+    #[must_use]
+    pub fn lingering(mut self, client: tokio::net::TcpStream) -> Self {
+        self.linger = Some(client);
+        self
+    }
+
+    /// A failure of an I/O call while bytes were moving, by what the kernel said: a peer that
+    /// reset or left is [`Reason::PeerReset`], a record the kernel would not decrypt
+    /// ([`Reason::RecordError`]), anything else [`Reason::RelayError`]. `what` names the call.
+    pub fn io(what: &str, e: &io::Error) -> Self {
+        let reason = match e.raw_os_error() {
+            Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ECONNABORTED) => {
+                Reason::PeerReset
+            }
+            // kTLS: a record that does not authenticate (EBADMSG) or is too long (EMSGSIZE).
+            Some(libc::EBADMSG | libc::EMSGSIZE) => Reason::RecordError,
+            _ => Reason::RelayError,
+        };
+        Self::new(reason, format!("{what}: {e}"))
+    }
+}
+
+impl From<io::Error> for Failure {
+    fn from(e: io::Error) -> Self {
+        Self::io("relay", &e)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.reason.as_str(), self.detail)
+    }
+}
+
+/// How one TLS handshake ended, as counted by [`crate::metrics`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeOutcome {
+    /// [`Reason::Ok`] when it completed, else why it failed.
+    pub outcome: Reason,
+    /// Negotiated protocol version, wire value (0 when it failed).
+    pub version: u16,
+    /// Negotiated cipher suite, IANA value (0 when it failed).
+    pub suite: u16,
+}
+
+impl HandshakeOutcome {
+    /// A completed handshake.
+    pub fn completed(common: &rustls::CommonState) -> Self {
+        Self {
+            outcome: Reason::Ok,
+            version: common.protocol_version().map_or(0, u16::from),
+            suite: common
+                .negotiated_cipher_suite()
+                .map_or(0, |s| u16::from(s.suite())),
+        }
+    }
+
+    /// A failed handshake and the reason it is counted under.
+    pub fn failed(reason: Reason) -> Self {
+        Self {
+            outcome: reason,
+            version: 0,
+            suite: 0,
+        }
+    }
+}
+
+/// What is known of a connection so far. The connection code fills it in as it goes; the
+/// record point reads it once the connection has ended, however it ended.
+#[derive(Debug, Default)]
+pub struct Facts {
+    /// The data path taken, once chosen.
+    pub data_path: Option<DataPath>,
+    /// Why that data path.
+    pub path_reason: String,
+    /// Negotiated versions, ciphers and ALPN, or the passthrough server name.
+    pub session: String,
+    /// The verified client certificate's names (mTLS listeners).
+    pub client_identity: Option<String>,
+    /// The client leg's handshake, when the agent ran one.
+    pub client_handshake: Option<HandshakeOutcome>,
+    /// The upstream leg's handshake, when the agent ran one.
+    pub upstream_handshake: Option<HandshakeOutcome>,
+    /// Plaintext bytes from the client to the upstream.
+    pub bytes_up: u64,
+    /// Plaintext bytes from the upstream to the client.
+    pub bytes_down: u64,
+    /// TLS 1.3 key changes under kTLS, each direction counted once.
+    pub key_updates: u64,
+    /// Session tickets stored from a TLS upstream under kTLS.
+    pub tickets: u64,
+}
+
+impl Facts {
+    /// Records the data path and why.
+    pub fn take_path(&mut self, path: DataPath, why: String) {
+        self.data_path = Some(path);
+        self.path_reason = why;
+    }
+}
+
+/// The end of one connection, as logged, counted and (optionally) sent to an observer.
+#[derive(Debug, Clone)]
+pub struct ConnectionReport {
+    /// Listener name.
+    pub listener: String,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// [`Reason::Ok`] on a clean close, else why it failed.
+    pub outcome: Reason,
+    /// What failed, when it failed.
+    pub error: Option<String>,
+    /// The data path used, when the connection got that far.
+    pub data_path: Option<DataPath>,
+    /// Why that data path (empty when none was chosen).
+    pub path_reason: String,
+    /// Negotiated version and cipher, e.g. "client TLSv1.3 AES-128-GCM".
+    pub session: String,
+    /// The verified client certificate's names (mTLS listeners), e.g. "CN=a SAN=DNS:a".
+    pub client_identity: Option<String>,
+    /// Plaintext bytes from the client to the upstream.
+    pub bytes_up: u64,
+    /// Plaintext bytes from the upstream to the client.
+    pub bytes_down: u64,
+    /// TLS 1.3 key changes under kTLS: the peers' KeyUpdates followed and our own (on request
+    /// or at the record limit), each direction counted once.
+    pub key_updates: u64,
+    /// Session tickets stored from a TLS upstream under kTLS, for resumption.
+    pub tickets: u64,
+    /// The client leg's TLS handshake, when the agent ran one.
+    pub client_handshake: Option<HandshakeOutcome>,
+    /// The upstream leg's TLS handshake, when the agent ran one.
+    pub upstream_handshake: Option<HandshakeOutcome>,
+}
+
+impl ConnectionReport {
+    /// The report of a connection of `listener` from `peer` that ended with `ended`.
+    pub fn new(listener: &str, peer: SocketAddr, facts: Facts, ended: Result<(), Failure>) -> Self {
+        let (outcome, error) = match ended {
+            Ok(()) => (Reason::Ok, None),
+            Err(f) => (f.reason, Some(f.detail)),
+        };
+        Self {
+            listener: listener.to_owned(),
+            peer,
+            outcome,
+            error,
+            data_path: facts.data_path,
+            path_reason: facts.path_reason,
+            session: facts.session,
+            client_identity: facts.client_identity,
+            bytes_up: facts.bytes_up,
+            bytes_down: facts.bytes_down,
+            key_updates: facts.key_updates,
+            tickets: facts.tickets,
+            client_handshake: facts.client_handshake,
+            upstream_handshake: facts.upstream_handshake,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_failures_are_classified_by_what_the_kernel_said() {
+        let cases = [
+            (libc::ECONNRESET, Reason::PeerReset),
+            (libc::EPIPE, Reason::PeerReset),
+            (libc::EBADMSG, Reason::RecordError),
+            (libc::EMSGSIZE, Reason::RecordError),
+            (libc::EIO, Reason::RelayError),
+        ];
+        for (errno, reason) in cases {
+            let f = Failure::io("splice", &io::Error::from_raw_os_error(errno));
+            assert_eq!(f.reason, reason, "{errno}");
+            assert!(f.detail.starts_with("splice: "), "{}", f.detail);
+        }
+    }
+
+    #[test]
+    fn a_report_carries_the_facts_and_the_typed_outcome() {
+        let mut facts = Facts::default();
+        facts.take_path(DataPath::Splice, "why".into());
+        facts.bytes_up = 5;
+        let peer = "127.0.0.1:1".parse().expect("addr");
+        let r = ConnectionReport::new(
+            "web",
+            peer,
+            facts,
+            Err(Failure::new(Reason::IdleTimeout, "idle")),
+        );
+        assert_eq!(r.outcome, Reason::IdleTimeout);
+        assert_eq!(r.error.as_deref(), Some("idle"));
+        assert_eq!(r.data_path, Some(DataPath::Splice));
+        assert_eq!(r.bytes_up, 5);
+        let ok = ConnectionReport::new("web", peer, Facts::default(), Ok(()));
+        assert_eq!((ok.outcome, ok.error), (Reason::Ok, None));
+    }
+}

@@ -1,0 +1,173 @@
+//! One connection's life: its mode sets it up ([`super::tls`], [`super::passthrough`]) into an
+//! [`Established`](super::relay::Established) value, its data path moves the bytes
+//! ([`super::relay`]), and it ends as `Ok` or a typed [`Failure`]. [`conclude`] is the one place
+//! where that end is turned into the report, the counters and the one log line ([`record`]),
+//! and where the lingering close is done.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::relay::{self, Drained};
+use super::state::{Admission, ListenerState};
+use super::{passthrough, tls};
+use crate::config::Mode;
+use crate::outcome::{ConnectionReport, DataPath, Facts, Failure};
+
+/// Serves one admitted connection to its end (or to the drain deadline), then concludes it.
+pub(crate) async fn serve(
+    state: &ListenerState,
+    admission: Admission,
+    sock: TcpStream,
+    peer: SocketAddr,
+    mut drained: Drained,
+) {
+    let mut facts = Facts::default();
+    // A relay ends by itself once the drain has shut its sockets; should one not, it is
+    // dropped a moment later, so a drain always ends.
+    let mut overdue = drained.clone();
+    let ended = tokio::select! {
+        ended = handle(state, sock, peer, &mut facts, &mut drained) => ended,
+        deadline = async {
+            let deadline = relay::drain_passed(&mut overdue).await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+            deadline
+        } => Err(relay::drain_deadline(deadline)),
+    };
+    conclude(state, peer, facts, ended, Places::Admitted(admission)).await;
+}
+
+/// How long a relay shut down at the drain deadline may take to end by itself.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Sets the connection up by its listener's mode, then moves its bytes until it ends. At the
+/// drain deadline a connection still being set up is dropped; one relaying is shut down, so
+/// its data path still reports what it moved.
+async fn handle(
+    state: &ListenerState,
+    sock: TcpStream,
+    peer: SocketAddr,
+    facts: &mut Facts,
+    drained: &mut Drained,
+) -> Result<(), Failure> {
+    let setup = async {
+        match state.config.mode {
+            Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
+                tls::establish(state, sock, peer, facts).await
+            }
+            Mode::Passthrough => passthrough::establish(state, sock, peer, facts).await,
+        }
+    };
+    let established = tokio::select! {
+        established = setup => established?,
+        deadline = relay::drain_passed(drained) => return Err(relay::drain_deadline(deadline)),
+    };
+    tracing::debug!(listener = %state.config.name, %peer,
+        data_path = %established.plan.path(), reason = %facts.path_reason,
+        session = %facts.session, "data path chosen");
+    relay::run(established, state.telemetry.bpf(), facts, drained).await
+}
+
+/// The places a connection holds until it is concluded.
+pub(crate) enum Places {
+    /// Admitted: its places under the connection limits. It is recorded once they are free,
+    /// after its lingering close, so a report means its places can be taken again.
+    Admitted(Admission),
+    /// Refused: a place among the refused connections closed gently. It held no connection
+    /// place, so it is recorded at once, before the lingering close.
+    Refused(OwnedSemaphorePermit),
+}
+
+/// Ends a connection: it is recorded, and the client socket a failure left open is closed
+/// gently (a FIN, then what the client still sends read away for a moment); in the order its
+/// `places` say.
+pub(crate) async fn conclude(
+    state: &ListenerState,
+    peer: SocketAddr,
+    facts: Facts,
+    mut ended: Result<(), Failure>,
+    places: Places,
+) {
+    let linger = match &mut ended {
+        Err(failure) => failure.linger.take(),
+        Ok(()) => None,
+    };
+    match places {
+        Places::Admitted(admission) => {
+            if let Some(sock) = linger {
+                linger_close(sock).await;
+            }
+            drop(admission);
+            record(state, peer, facts, ended);
+        }
+        Places::Refused(place) => {
+            record(state, peer, facts, ended);
+            if let Some(sock) = linger {
+                linger_close(sock).await;
+            }
+            drop(place);
+        }
+    }
+}
+
+/// The one record point: a connection's end as its report, its counters and its log line.
+pub(crate) fn record(
+    state: &ListenerState,
+    peer: SocketAddr,
+    facts: Facts,
+    ended: Result<(), Failure>,
+) {
+    let report = ConnectionReport::new(&state.config.name, peer, facts, ended);
+    log(&report);
+    state.telemetry.record(state.index, &report);
+    if let Some(tx) = &state.reports {
+        let _ = tx.send(report);
+    }
+}
+
+/// The one log line of a connection: `reason` says why its data path, or, when it got none,
+/// what ended it (as `outcome` does for every connection).
+fn log(r: &ConnectionReport) {
+    let path = r.data_path.map_or("none", DataPath::as_str);
+    let reason = match r.data_path {
+        Some(_) => r.path_reason.as_str(),
+        None => r.outcome.as_str(),
+    };
+    let outcome = r.outcome.as_str();
+    let client = r.client_identity.as_deref().unwrap_or("-");
+    match &r.error {
+        None => tracing::info!(
+            listener = %r.listener, peer = %r.peer, data_path = %path, outcome = %outcome,
+            reason = %reason, session = %r.session, client_identity = %client,
+            bytes_up = r.bytes_up, bytes_down = r.bytes_down, key_updates = r.key_updates,
+            tickets = r.tickets, "connection closed"
+        ),
+        Some(e) => tracing::warn!(
+            listener = %r.listener, peer = %r.peer, data_path = %path, outcome = %outcome,
+            reason = %reason, session = %r.session, client_identity = %client,
+            bytes_up = r.bytes_up, bytes_down = r.bytes_down, key_updates = r.key_updates,
+            tickets = r.tickets, error = %e, "connection failed"
+        ),
+    }
+}
+
+/// Closes without a reset: a FIN, then what the peer still sends discarded (bounded in bytes
+/// and time). Closing a socket with unread input would make the kernel answer with RST, and the
+/// peer might lose the alert or close_notify sent just before.
+async fn linger_close(mut sock: TcpStream) {
+    let _ = sock.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut left = 64 * 1024usize;
+        while left > 0 {
+            match sock.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}

@@ -1,0 +1,161 @@
+//! The sockmap data path (passthrough): both plain legs enter the eBPF sock hash, whose stream
+//! verdict program redirects each segment a leg receives to the other leg's egress. The agent
+//! moves no byte itself; it waits for each direction's end, forwards the rare bytes the verdict
+//! passed up instead (after the ones it redirected), and sends each FIN once every redirected
+//! byte is queued ahead of it.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::net::TcpStream;
+
+use super::RelayOutcome;
+use crate::net;
+use crate::outcome::Failure;
+
+/// How long the sockmap relay waits for the kernel to queue redirected bytes on a leg without
+/// seeing any progress (a reader that stopped reading, a peer that vanished).
+const SOCKMAP_STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until `dst` has `want` of its send sequence queued (see
+/// [`crate::sys::tcp_bytes_queued`]): every byte redirected into it has left the kernel's
+/// redirect queue and is ordered ahead of what is written next.
+async fn sockmap_flushed(dst: &TcpStream, want: u64) -> io::Result<()> {
+    let mut last = 0;
+    let mut since = tokio::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        let (queued, sending) = crate::sys::tcp_bytes_queued(dst.as_fd())?;
+        if queued >= want {
+            return Ok(());
+        }
+        if !sending {
+            return Err(io::Error::other(format!(
+                "sockmap: the other leg stopped sending with {} redirected bytes not queued",
+                want - queued
+            )));
+        }
+        if queued != last {
+            (last, since) = (queued, tokio::time::Instant::now());
+            pause = std::time::Duration::from_millis(1);
+        } else if since.elapsed() > SOCKMAP_STALL_LIMIT {
+            return Err(io::Error::other(format!(
+                "sockmap: {} redirected bytes not queued on the other leg, no progress for {} s",
+                want - queued,
+                SOCKMAP_STALL_LIMIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
+}
+
+/// One direction of a sockmap relay: the kernel redirects `src`'s segments to `dst`; this waits
+/// for `src` to end, forwards anything the verdict passed up instead (after what it redirected
+/// before), then sends `dst` its FIN once every redirected byte is queued on `dst` ahead of it.
+async fn sockmap_direction(
+    src: &TcpStream,
+    dst: &TcpStream,
+    redirected: impl Fn() -> u64,
+    dst_start: u64,
+    user_bytes: &AtomicU64,
+) -> io::Result<()> {
+    // Sized at first wake-up: the verdict redirects nearly everything, and most connections
+    // never need it before their end (an idle connection would otherwise hold 64 KiB per
+    // direction).
+    let mut buf = Vec::new();
+    let want = |user: &AtomicU64| dst_start + user.load(Ordering::Relaxed) + redirected();
+    loop {
+        src.readable().await?;
+        if buf.is_empty() {
+            buf.resize(64 * 1024, 0);
+        }
+        match src.try_read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                // Bytes the verdict could not redirect: they follow the ones it did.
+                sockmap_flushed(dst, want(user_bytes)).await?;
+                net::write_all(dst, &buf[..n]).await?;
+                user_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // The verdict ran for every segment before the FIN, but the redirected bytes reach `dst`'s
+    // send queue from a kernel worker: the FIN must not overtake them.
+    sockmap_flushed(dst, want(user_bytes)).await?;
+    match net::shutdown_write(dst) {
+        Err(e) if net::peer_gone(&e) => Ok(()),
+        other => other,
+    }
+}
+
+/// Both plain legs in the eBPF sock hash: the kernel moves the bytes, the agent waits for the
+/// ends. `Err` when the legs could not enter the maps before any byte moved (the caller picks
+/// another path and says why); a failure after that ends the connection.
+pub(crate) async fn relay(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    bpf: &crate::bpf::LoadedBpf,
+    listener: u16,
+) -> Result<RelayOutcome, String> {
+    let queued = |s: &TcpStream| crate::sys::tcp_bytes_queued(s.as_fd()).map(|q| q.0);
+    let (client_start, upstream_start) = match (queued(client), queued(upstream)) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return Err(format!("reading TCP_INFO: {e}")),
+    };
+    // Both legs enter the map with the client's bytes so far (its ClientHello, only peeked)
+    // still in its receive queue: the verdict redirects them in order with everything after,
+    // and the upstream, quiet until it has the ClientHello, answers into a complete pair.
+    // Only an established socket may enter a sock hash: a client that has already sent its
+    // FIN (a ClientHello and a half-close) is relayed another way.
+    match crate::sys::tcp_established(client.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => return Err("the client leg has already received a FIN".into()),
+        Err(e) => return Err(format!("reading TCP_INFO: {e}")),
+    }
+    let pair = bpf
+        .sockmap_pair(listener, client.as_fd(), upstream.as_fd())
+        .map_err(|e| e.to_string())?;
+    match pair.admit_client(client.as_fd()) {
+        Ok(()) => {}
+        // Nothing left the client leg, and the upstream, which only answers a ClientHello, has
+        // had none: the caller can take another path.
+        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => return Err(e.to_string()),
+        // The verdict may have redirected bytes already: no other path can take over.
+        Err(e) => {
+            return Ok(RelayOutcome::failed(Failure::new(
+                crate::outcome::Reason::RelayError,
+                e.to_string(),
+            )));
+        }
+    }
+    let (user_up, user_down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let result = tokio::try_join!(
+        sockmap_direction(
+            client,
+            upstream,
+            || pair.redirected().0,
+            upstream_start,
+            &user_up
+        ),
+        sockmap_direction(
+            upstream,
+            client,
+            || pair.redirected().1,
+            client_start,
+            &user_down
+        ),
+    )
+    .map(|_| ())
+    .map_err(|e| Failure::io("sockmap relay", &e));
+    let (up, down) = pair.redirected();
+    drop(pair);
+    Ok(RelayOutcome::moved(
+        up + user_up.into_inner(),
+        down + user_down.into_inner(),
+        result,
+    ))
+}
