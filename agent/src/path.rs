@@ -129,13 +129,15 @@ pub struct PathCost {
     pub mib_per_second: f64,
 }
 
-/// What the node must do to know its passthrough path.
+/// What the node must do to know its passthrough path. `E` is what the loaded eBPF programs
+/// are to the caller (the programs themselves, for the agent, which measures with them).
 #[derive(Debug, Clone)]
-pub enum PlainPlan {
+pub enum PlainPlan<E> {
     /// It is known.
     Decided(PlainPath),
-    /// `auto` with the eBPF programs loaded: measure both paths, then [`PlainPath::from_costs`].
-    Measure,
+    /// `auto` with the eBPF programs loaded: measure both paths with them, then
+    /// [`PlainPath::from_costs`].
+    Measure(E),
 }
 
 impl PlainPath {
@@ -146,13 +148,13 @@ impl PlainPath {
         }
     }
 
-    /// The node's choice as far as configuration decides it. `ebpf` is `Ok` when the eBPF
-    /// programs are loaded, else why not. `Err`: the configuration asks for sockmap
-    /// explicitly and it cannot be had, so the agent must not start.
-    pub fn plan(wanted: PassthroughPath, ebpf: Result<(), &str>) -> Result<PlainPlan, String> {
+    /// The node's choice as far as configuration decides it. `ebpf` is the loaded eBPF
+    /// programs, or why they are off. `Err`: the configuration asks for sockmap explicitly and
+    /// it cannot be had, so the agent must not start.
+    pub fn plan<E>(wanted: PassthroughPath, ebpf: Result<E, &str>) -> Result<PlainPlan<E>, String> {
         match (wanted, ebpf) {
             (PassthroughPath::Splice, _) => Ok(PlainPlan::Decided(Self::default())),
-            (PassthroughPath::Sockmap, Ok(())) => Ok(PlainPlan::Decided(Self {
+            (PassthroughPath::Sockmap, Ok(_)) => Ok(PlainPlan::Decided(Self {
                 sockmap: true,
                 why: Arc::from("ebpf.passthrough = sockmap"),
             })),
@@ -162,7 +164,7 @@ impl PlainPath {
             (PassthroughPath::Auto, Err(why)) => Ok(PlainPlan::Decided(Self::splice(format!(
                 "ebpf.passthrough = auto but eBPF is off: {why}"
             )))),
-            (PassthroughPath::Auto, Ok(())) => Ok(PlainPlan::Measure),
+            (PassthroughPath::Auto, Ok(programs)) => Ok(PlainPlan::Measure(programs)),
         }
     }
 
@@ -356,14 +358,14 @@ pub fn summary(
     mode: Mode,
     policy: DataPathPolicy,
     kernel: &KernelCaps,
-    plain: &Result<PlainPlan, String>,
+    plain: &Result<PlainPlan<()>, String>,
 ) -> Result<String, String> {
     let splice = PlainPath::default();
     let plain = match plain {
         Ok(PlainPlan::Decided(p)) => p,
         // Only passthrough listeners that leave the path to the node depend on the plan.
         _ if mode != Mode::Passthrough || policy == DataPathPolicy::Userspace => &splice,
-        Ok(PlainPlan::Measure) => {
+        Ok(PlainPlan::Measure(())) => {
             return Ok("data path sockmap or splice, whichever costs the node less CPU when measured at start (ebpf.passthrough = auto)".into());
         }
         Err(why) => return Err(why.clone()),
@@ -628,16 +630,16 @@ mod tests {
     #[test]
     fn the_node_passthrough_plan_refuses_an_explicit_sockmap_without_ebpf() {
         assert!(
-            PlainPath::plan(PassthroughPath::Sockmap, Err("no CAP_BPF"))
+            PlainPath::plan::<()>(PassthroughPath::Sockmap, Err("no CAP_BPF"))
                 .is_err_and(|e| e.contains("no CAP_BPF"))
         );
         assert!(matches!(
-            PlainPath::plan(PassthroughPath::Auto, Err("no CAP_BPF")),
+            PlainPath::plan::<()>(PassthroughPath::Auto, Err("no CAP_BPF")),
             Ok(PlainPlan::Decided(p)) if !p.is_sockmap() && p.why().contains("eBPF is off: no CAP_BPF")
         ));
         assert!(matches!(
             PlainPath::plan(PassthroughPath::Auto, Ok(())),
-            Ok(PlainPlan::Measure)
+            Ok(PlainPlan::Measure(()))
         ));
         assert!(matches!(
             PlainPath::plan(PassthroughPath::Splice, Ok(())),
@@ -690,7 +692,7 @@ mod tests {
             summary(Mode::Passthrough, DataPathPolicy::Auto, &k, &auto)
                 .is_ok_and(|t| t.contains("measured at start"))
         );
-        let sockmap = PlainPath::plan(PassthroughPath::Sockmap, Err("no CAP_BPF"));
+        let sockmap = PlainPath::plan::<()>(PassthroughPath::Sockmap, Err("no CAP_BPF"));
         assert!(
             summary(Mode::Passthrough, DataPathPolicy::Auto, &k, &sockmap)
                 .is_err_and(|e| e.contains("no CAP_BPF"))

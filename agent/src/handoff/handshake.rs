@@ -13,9 +13,10 @@ use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
 use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
 use rustls::{CommonState, Connection};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::net::{self, StreamSocket};
 use crate::outcome::Reason;
 
 /// Length of a TLS record header: type (1), legacy version (2), length (2).
@@ -163,19 +164,17 @@ async fn read_in_record(
     Ok(n)
 }
 
-/// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer.
-pub async fn flush_tls<W>(
+/// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer: the
+/// handshake's flights, and the user-space relay's records.
+pub async fn flush_tls(
     conn: &mut Connection,
     scratch: &mut Vec<u8>,
-    sock: &mut W,
-) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-{
+    sock: &impl StreamSocket,
+) -> io::Result<()> {
     while conn.wants_write() {
         scratch.clear();
         conn.write_tls(scratch)?;
-        sock.write_all(scratch).await?;
+        net::write_all(sock, scratch).await?;
     }
     Ok(())
 }
@@ -471,10 +470,7 @@ impl TlsLeg {
 
     /// Sends a close_notify on a finished session whose record layer is still in user space
     /// (the FIN is the caller's).
-    pub async fn send_close_notify(
-        &mut self,
-        sock: &mut (impl AsyncWrite + Unpin),
-    ) -> io::Result<()> {
+    pub async fn send_close_notify(&mut self, sock: &impl StreamSocket) -> io::Result<()> {
         match self {
             TlsLeg::User(conn) => {
                 conn.send_close_notify();
@@ -482,7 +478,7 @@ impl TlsLeg {
             }
             TlsLeg::Kernel(k) => {
                 let record = k.close_notify_record()?;
-                sock.write_all(&record).await
+                net::write_all(sock, &record).await
             }
         }
     }

@@ -25,12 +25,9 @@ pub async fn decide(
     wanted: PassthroughPath,
     ebpf: Result<&LoadedBpf, &str>,
 ) -> Result<PlainPath, String> {
-    let plan = PlainPath::plan(wanted, ebpf.map(|_| ()))?;
-    let (PlainPlan::Measure, Ok(bpf)) = (plan.clone(), ebpf) else {
-        return Ok(match plan {
-            PlainPlan::Decided(path) => path,
-            PlainPlan::Measure => PlainPath::not_measured(wanted),
-        });
+    let bpf = match PlainPath::plan(wanted, ebpf)? {
+        PlainPlan::Decided(path) => return Ok(path),
+        PlainPlan::Measure(bpf) => bpf,
     };
     let measured =
         async { Ok::<_, io::Error>((measure(false, bpf).await?, measure(true, bpf).await?)) };

@@ -38,7 +38,7 @@ use crate::path::{KernelCaps, PlainPath, PlainPlan};
 pub fn readiness(
     l: &ListenerConfig,
     caps: &KernelCaps,
-    passthrough: &Result<PlainPlan, String>,
+    passthrough: &Result<PlainPlan<()>, String>,
 ) -> Result<String, String> {
     WatchedTls::load(l).map_err(|source| {
         ProxyError::Material {

@@ -128,8 +128,8 @@ pub(crate) async fn establish(
         // Only `data_path = "ktls"` runs a kernel handshake on a kernel that cannot offload
         // every suite.
         Choice::Refuse(why) => {
-            if let (Upstream::Tcp(sock), Some(leg)) = (&mut upstream, &mut upstream_tls) {
-                let _ = leg.send_close_notify(sock).await;
+            if let Some(leg) = &mut upstream_tls {
+                let _ = leg.send_close_notify(&upstream).await;
             }
             let _ = crate::net::shutdown_write(&upstream);
             let failure = Failure::new(Reason::KtlsRequired, why);
@@ -167,9 +167,9 @@ pub(crate) async fn establish(
 
 /// A failure after the client's session was set up: close_notify to the client, then the
 /// failure, which closes the socket gently.
-async fn closing(mut client: TcpStream, tls: Option<TlsLeg>, failure: Failure) -> Failure {
+async fn closing(client: TcpStream, tls: Option<TlsLeg>, failure: Failure) -> Failure {
     if let Some(mut leg) = tls {
-        let _ = leg.send_close_notify(&mut client).await;
+        let _ = leg.send_close_notify(&client).await;
     }
     failure.lingering(client)
 }

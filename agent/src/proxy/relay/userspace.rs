@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use rustls::Connection;
 
 use super::RelayOutcome;
+use crate::handoff::flush_tls;
 use crate::net::{self, StreamSocket};
 use crate::outcome::{Failure, Reason};
 
@@ -98,21 +99,6 @@ impl<'a, S: StreamSocket> Leg<'a, S> {
             other => other,
         }
     }
-}
-
-/// Writes every TLS record rustls has queued to a shared socket, using `scratch` as the
-/// buffer.
-async fn flush_tls(
-    conn: &mut Connection,
-    scratch: &mut Vec<u8>,
-    sock: &impl StreamSocket,
-) -> io::Result<()> {
-    while conn.wants_write() {
-        scratch.clear();
-        conn.write_tls(scratch)?;
-        net::write_all(sock, scratch).await?;
-    }
-    Ok(())
 }
 
 /// Handles bytes read from `src`: decrypts if `src` is TLS and forwards the plaintext to
