@@ -16,7 +16,8 @@
 //!   headers, certificates and trust, and their reload;
 //! - [`config`], [`probe`], [`privileges`]: the configuration, what this kernel can do, the
 //!   capabilities kept;
-//! - [`metrics`], [`admin`]: counters and their exposition, the admin HTTP server.
+//! - [`metrics`], [`admin`]: counters and their exposition, the admin HTTP server;
+//! - [`memory`]: the heap (jemalloc) and how freed memory goes back to the kernel.
 #![deny(unsafe_code)]
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod config;
 pub mod handoff;
 pub mod identity;
 pub mod ktls;
+pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod outcome;

@@ -7,6 +7,10 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
+/// jemalloc gives a burst's memory back to the kernel (see tlsplice::memory).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// tlsplice: cheap TLS between hops with kTLS and in-kernel splicing.
 #[derive(Debug, Parser)]
 #[command(name = "tlsplice", version, about)]
@@ -96,6 +100,10 @@ struct NodeFlags {
     /// TLS handshakes in progress at once. Overrides `limits.max_handshakes`.
     #[arg(long, env = "TLSPLICE_MAX_HANDSHAKES")]
     max_handshakes: Option<usize>,
+    /// Pipes the splice and kTLS data paths hold at once (two descriptors each; idle
+    /// connections hold none). Overrides `limits.max_splice_pipes`.
+    #[arg(long, env = "TLSPLICE_MAX_SPLICE_PIPES")]
+    max_splice_pipes: Option<usize>,
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
@@ -109,6 +117,9 @@ impl NodeFlags {
         }
         if let Some(n) = self.max_handshakes {
             c.limits.max_handshakes = n;
+        }
+        if let Some(n) = self.max_splice_pipes {
+            c.limits.max_splice_pipes = n;
         }
         if let Some(ms) = self.drain_timeout_ms {
             c.limits.drain_timeout_ms = ms;
@@ -413,6 +424,10 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
                 bounding_set_reduced = d.bounding, "capabilities dropped after start");
         }
         Err(e) => tracing::warn!(error = %e, "capabilities not dropped"),
+    }
+    // A thread of its own: only now, when the start no longer needs to be single-threaded.
+    if let Err(e) = tlsplice::memory::return_freed_pages_in_background() {
+        tracing::warn!(error = %e, "jemalloc's background thread did not start: freed memory goes back to the kernel only as the agent allocates");
     }
 
     let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

@@ -99,6 +99,29 @@ pub fn pss_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
+/// The kernel's memory that grows with connections, node-wide: slab objects (sockets, their
+/// inodes and dentries, epoll items, kTLS contexts) from /proc/meminfo, and TCP buffer pages
+/// from /proc/net/sockstat. `None` when either cannot be read.
+pub fn kernel_connection_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let slab_kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("Slab:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    // "TCP: inuse 5 orphan 0 tw 0 alloc 7 mem 1": `mem` counts pages.
+    let tcp = sockstat.lines().find_map(|l| l.strip_prefix("TCP:"))?;
+    let words: Vec<&str> = tcp.split_whitespace().collect();
+    let pages: u64 = words
+        .iter()
+        .position(|w| *w == "mem")
+        .and_then(|i| words.get(i + 1)?.parse().ok())?;
+    Some(slab_kib * 1024 + pages * 4096)
+}
+
 /// Busy CPU seconds of the whole machine (see [`tlsplice::probe::node_busy_seconds`]).
 pub fn node_busy_seconds() -> f64 {
     tlsplice::probe::node_busy_seconds().unwrap_or(0.0)

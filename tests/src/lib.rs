@@ -95,6 +95,50 @@ pub fn serve(
     addr
 }
 
+/// Why the agent cannot pin its BPF objects here, when it cannot.
+pub fn bpffs_missing() -> Option<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
+    });
+    (!mounted).then(|| "no bpf filesystem at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into())
+}
+
+/// `true` when the agent can pin here; otherwise prints why `test` skips (a failure in guests,
+/// which mount bpffs).
+pub fn bpffs_or_skip(test: &str) -> bool {
+    match bpffs_missing() {
+        None => true,
+        Some(why) => {
+            assert!(!in_guest(), "{why}");
+            skip(test, &why);
+            false
+        }
+    }
+}
+
+/// Sum of the samples of `family` (with `with` in their labels) in a /metrics text.
+pub fn metric(text: &str, family: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits up to `limit` for `ok`, polling.
+pub fn eventually(limit: std::time::Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// Prints why `test` does not run here, in the line `cargo xtask test` counts as a skip.
 pub fn skip(test: &str, why: &str) {
     println!("{SKIP_MARKER} {test}: {why}");

@@ -17,32 +17,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tlsplice_tests::{
-    AgentProcess, TestPki, agent_binary, expect_pattern, expected_auto_path, free_port,
-    send_pattern, serve, skip, tls_client, tool_or_skip,
+    AgentProcess, TestPki, agent_binary, bpffs_or_skip, expect_pattern, expected_auto_path,
+    free_port, send_pattern, serve, tls_client, tool_or_skip,
 };
-
-/// Why the agent cannot pin here, when it cannot.
-fn bpffs_missing() -> Option<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mounted = mounts.lines().any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.get(1) == Some(&"/sys/fs/bpf") && f.get(2) == Some(&"bpf")
-    });
-    (!mounted).then(|| "no bpf filesystem at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf)".into())
-}
-
-/// `true` when the agent can pin here; otherwise prints why `test` skips (a failure in guests,
-/// which mount bpffs).
-fn bpffs_or_skip(test: &str) -> bool {
-    match bpffs_missing() {
-        None => true,
-        Some(why) => {
-            assert!(!tlsplice_tests::in_guest(), "{why}");
-            skip(test, &why);
-            false
-        }
-    }
-}
 
 /// Sum of the values of `family` whose labels include every pair in `with`.
 fn sum(

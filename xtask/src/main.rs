@@ -82,6 +82,13 @@ enum Task {
         /// Guest kernel for the kTLS rows (6.1, 6.12, sid).
         #[arg(long, default_value = "sid")]
         kernel: String,
+        /// Only these workloads (bulk1, bulk16, rr1k, rr64k, handshake-new,
+        /// handshake-resumed, idle; repeat the flag). No micro-benchmarks then.
+        #[arg(long = "only")]
+        only: Vec<String>,
+        /// Only these relays, by label ("tlsplice ktls", "nginx ktls", "haproxy"; repeat).
+        #[arg(long = "relay")]
+        relays: Vec<String>,
     },
 }
 
@@ -125,12 +132,16 @@ fn run() -> Result<()> {
             quick,
             host_only,
             kernel,
+            only,
+            relays,
         } => bench::run(
             &root,
             &bench::Options {
                 quick,
                 host_only,
                 kernel,
+                only,
+                relays,
             },
         ),
     }

@@ -88,6 +88,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &["openssl"],
     },
     MatrixTest {
+        target: "footprint",
+        needs: &[],
+        tools: &[],
+    },
+    MatrixTest {
         target: "demo",
         needs: &[],
         tools: &[],
@@ -392,7 +397,7 @@ fn run_in_guest(
     }
     let tools = tools_of(&selected);
     let image = guest_image(root, kernel, agent, &selected, &tools, &script)?;
-    let run = vm::boot(kernel, &image, name, GUEST_TIMEOUT)?;
+    let run = vm::boot(kernel, &image, name, GUEST_TIMEOUT, vm::TEST_MEMORY_MIB)?;
     println!(
         "[{name}] guest finished in {:.0}s",
         run.elapsed.as_secs_f64()
@@ -520,6 +525,8 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
             quick: true,
             host_only: false,
             kernel: last.to_owned(),
+            only: Vec::new(),
+            relays: Vec::new(),
         },
     )
 }
@@ -565,7 +572,13 @@ pub fn vm(
     let mut tools = tools.to_vec();
     tools.extend(tools_of(&selected));
     let image = guest_image(root, &kernel, &agent, &selected, &tools, &script)?;
-    let run = vm::boot(&kernel, &image, line.name, Duration::from_secs(timeout))?;
+    let run = vm::boot(
+        &kernel,
+        &image,
+        line.name,
+        Duration::from_secs(timeout),
+        vm::TEST_MEMORY_MIB,
+    )?;
     match run.exit {
         Some(0) => Ok(()),
         Some(code) => bail!("the command exited with status {code} in the guest"),

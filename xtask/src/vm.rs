@@ -26,16 +26,22 @@ pub struct GuestRun {
     pub elapsed: Duration,
 }
 
-/// Boots `kernel` with `initrd`; `label` prefixes the streamed console lines.
+/// Guest memory for the test matrix (two guests may run side by side).
+pub const TEST_MEMORY_MIB: u32 = 1024;
+
+/// Boots `kernel` with `initrd` and `memory_mib` of memory; `label` prefixes the streamed
+/// console lines.
 pub fn boot(
     kernel: &GuestKernel,
     initrd: &Path,
     label: &str,
     timeout: Duration,
+    memory_mib: u32,
 ) -> Result<GuestRun> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-cpu", "max", "-m", "1024", "-smp", "1"])
+        .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args(["-m", &memory_mib.to_string()])
         .args([
             "-nographic",
             "-no-reboot",

@@ -294,6 +294,13 @@ pub struct LimitsConfig {
     /// those still open then are closed (reason `drain deadline`).
     #[serde(default = "default_drain_timeout_ms")]
     pub drain_timeout_ms: u64,
+    /// Pipes the splice and kTLS data paths hold at once, node-wide (two descriptors each). A
+    /// connection takes one per direction only while bytes are in flight, so idle connections
+    /// hold none; a direction whose receiver is slow keeps its pipe (with its bytes) until they
+    /// are out. At the limit a direction waits for a pipe (counted in
+    /// `tlsplice_splice_pipe_waits_total`).
+    #[serde(default = "default_max_splice_pipes")]
+    pub max_splice_pipes: usize,
 }
 
 fn default_max_connections() -> usize {
@@ -308,12 +315,17 @@ fn default_drain_timeout_ms() -> u64 {
     30_000
 }
 
+fn default_max_splice_pipes() -> usize {
+    4_096
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
             max_handshakes: default_max_handshakes(),
             drain_timeout_ms: default_drain_timeout_ms(),
+            max_splice_pipes: default_max_splice_pipes(),
         }
     }
 }

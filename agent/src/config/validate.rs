@@ -20,6 +20,12 @@ impl Config {
         if self.limits.max_handshakes == 0 {
             top("limits.max_handshakes", "must be above 0");
         }
+        if self.limits.max_splice_pipes == 0 || self.limits.max_splice_pipes > 1_000_000 {
+            top(
+                "limits.max_splice_pipes",
+                "must be between 1 and 1,000,000 (two descriptors each)",
+            );
+        }
         if self.certs.reload_interval_ms < 100 {
             top(
                 "certs.reload_interval_ms",

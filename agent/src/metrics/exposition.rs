@@ -231,6 +231,54 @@ impl Collector for TelemetryCollector {
                 )?
                 .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
         }
+        if let Some(pipes) = self.0.pipe_counts() {
+            let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+            let mut metric = encoder.encode_descriptor(
+                "tlsplice_splice_pipes",
+                "Pipes of the splice pool: lent to a direction with bytes in flight, or idle and kept for reuse (two descriptors each; idle connections hold none)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, n) in [("in_use", pipes.in_use), ("idle", pipes.idle)] {
+                metric
+                    .encode_family(&[("state", state)])?
+                    .encode_gauge(&gauge(n))?;
+            }
+            encoder
+                .encode_descriptor(
+                    "tlsplice_splice_pipes_limit",
+                    "The most pipes the splice pool lends at once (limits.max_splice_pipes)",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&gauge(pipes.max))?;
+            encoder
+                .encode_descriptor(
+                    "tlsplice_splice_pipe_waits",
+                    "Times a spliced direction waited for a pipe because the pool's limit was lent",
+                    None,
+                    MetricType::Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, u64>(&pipes.waits, None)?;
+        }
+        if let Some(heap) = crate::memory::heap() {
+            let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            let mut metric = encoder.encode_descriptor(
+                "tlsplice_heap_bytes",
+                "The agent's heap (jemalloc): allocated; resident (allocated, the allocator's own, and freed pages not yet given back to the kernel); metadata (the allocator's own)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (state, n) in [
+                ("allocated", heap.allocated),
+                ("resident", heap.resident),
+                ("metadata", heap.metadata),
+            ] {
+                metric
+                    .encode_family(&[("state", state)])?
+                    .encode_gauge(&gauge(n))?;
+            }
+        }
         self.encode_certs(&mut encoder)?;
         let (applied, refused) = *self
             .0

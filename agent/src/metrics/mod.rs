@@ -39,6 +39,8 @@ pub struct Telemetry {
     certs: Mutex<BTreeMap<u16, CertState>>,
     /// SIGHUP configuration reloads: applied, refused.
     config_reloads: Mutex<(u64, u64)>,
+    /// The splice pipe pool, once the proxy has one.
+    pipes: std::sync::OnceLock<std::sync::Arc<crate::splice::PipePool>>,
 }
 
 /// One listener's certificates as now served, and its reloads.
@@ -68,6 +70,7 @@ impl Telemetry {
             ebpf: Err(why),
             certs: Mutex::default(),
             config_reloads: Mutex::default(),
+            pipes: std::sync::OnceLock::new(),
         }
     }
 
@@ -81,9 +84,20 @@ impl Telemetry {
                 ebpf: Ok(()),
                 certs: Mutex::default(),
                 config_reloads: Mutex::default(),
+                pipes: std::sync::OnceLock::new(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
+    }
+
+    /// Exports the gauges of `pool`, the proxy's splice pipe pool (the first one given).
+    pub fn watch_pipes(&self, pool: std::sync::Arc<crate::splice::PipePool>) {
+        let _ = self.pipes.set(pool);
+    }
+
+    /// What the splice pipe pool holds now, once there is one.
+    pub fn pipe_counts(&self) -> Option<crate::splice::PipeCounts> {
+        self.pipes.get().map(|p| p.counts())
     }
 
     /// `Ok` when the eBPF programs are loaded, else why not.

@@ -26,26 +26,14 @@ pub(crate) async fn serve(
     mut drained: Drained,
 ) {
     let mut facts = Facts::default();
-    // A relay ends by itself once the drain has shut its sockets; should one not, it is
-    // dropped a moment later, so a drain always ends.
-    let mut overdue = drained.clone();
-    let ended = tokio::select! {
-        ended = handle(state, sock, peer, &mut facts, &mut drained) => ended,
-        deadline = async {
-            let deadline = relay::drain_passed(&mut overdue).await;
-            tokio::time::sleep(DRAIN_GRACE).await;
-            deadline
-        } => Err(relay::drain_deadline(deadline)),
-    };
+    let ended = handle(state, sock, peer, &mut facts, &mut drained).await;
     conclude(state, peer, facts, ended, Places::Admitted(admission)).await;
 }
 
-/// How long a relay shut down at the drain deadline may take to end by itself.
-const DRAIN_GRACE: Duration = Duration::from_secs(2);
-
 /// Sets the connection up by its listener's mode, then moves its bytes until it ends. At the
 /// drain deadline a connection still being set up is dropped; one relaying is shut down, so
-/// its data path still reports what it moved.
+/// its data path still reports what it moved (and is dropped if it does not end a moment
+/// later, so a drain always ends).
 async fn handle(
     state: &ListenerState,
     sock: TcpStream,
@@ -53,14 +41,18 @@ async fn handle(
     facts: &mut Facts,
     drained: &mut Drained,
 ) -> Result<(), Failure> {
-    let setup = async {
+    // On the heap, and freed once the connection is set up: handshakes hold far more than a
+    // relay does, and an established connection should not carry their size. Its result is
+    // boxed too, so it takes no room in this future beside the relay's.
+    let setup = Box::pin(async {
         match state.config.mode {
             Mode::Terminate | Mode::Reencrypt | Mode::Originate => {
                 tls::establish(state, sock, peer, facts).await
             }
             Mode::Passthrough => passthrough::establish(state, sock, peer, facts).await,
         }
-    };
+        .map(Box::new)
+    });
     let established = tokio::select! {
         established = setup => established?,
         deadline = relay::drain_passed(drained) => return Err(relay::drain_deadline(deadline)),
@@ -68,7 +60,8 @@ async fn handle(
     tracing::debug!(listener = %state.config.name, %peer,
         data_path = %established.plan.path(), reason = %facts.path_reason,
         session = %facts.session, "data path chosen");
-    relay::run(established, state.telemetry.bpf(), facts, drained).await
+    let pipes = &state.limits.pipes;
+    relay::run(established, state.telemetry.bpf(), pipes, facts, drained).await
 }
 
 /// The places a connection holds until it is concluded.
@@ -159,7 +152,8 @@ fn log(r: &ConnectionReport) {
 /// peer might lose the alert or close_notify sent just before.
 async fn linger_close(mut sock: TcpStream) {
     let _ = sock.shutdown().await;
-    let mut sink = [0u8; 4096];
+    // On the heap: inline, it would sit in every connection's task for its whole life.
+    let mut sink = vec![0u8; 4096];
     let drain = async {
         let mut left = 64 * 1024usize;
         while left > 0 {

@@ -98,7 +98,9 @@ async fn measure(sockmap: bool, bpf: &crate::bpf::LoadedBpf) -> io::Result<PathC
             .await
             .map_err(io::Error::other)?
     } else {
-        relay::splice::relay_plain(&client, &upstream).await
+        // Its own two pipes: the measurement runs before the listeners serve.
+        let pipes = crate::splice::PipePool::new(2, relay::splice::SPLICE_CHUNK);
+        relay::splice::relay_plain(&pipes, &client, &upstream).await
     };
     stop.store(true, Ordering::Relaxed);
     timer.abort();

@@ -158,11 +158,13 @@ impl Proxy {
             .map(|(i, l)| (listener_index(i), l.name.clone()))
             .collect();
         let telemetry = Arc::new(Telemetry::memory(names, "not loaded".into()));
+        let limits = SharedLimits::new(&config.limits);
+        telemetry.watch_pipes(limits.pipes.clone());
         let mut proxy = Self {
             bound: Vec::new(),
             caps,
             reports,
-            limits: SharedLimits::new(&config.limits),
+            limits,
             telemetry,
             passthrough: PlainPath::default(),
             tls: Arc::default(),
@@ -249,6 +251,7 @@ impl Proxy {
 
     /// Where every listener counts its connections from now on.
     pub fn set_telemetry(&mut self, telemetry: &Arc<Telemetry>) {
+        telemetry.watch_pipes(self.limits.pipes.clone());
         self.telemetry = telemetry.clone();
         for (_, state) in &mut self.bound {
             state.telemetry = telemetry.clone();

@@ -10,6 +10,7 @@ use crate::config::{LimitsConfig, ListenerConfig};
 use crate::metrics::Telemetry;
 use crate::outcome::{ConnectionReport, Failure, Reason};
 use crate::path::{Choice, KernelCaps, Negotiated, PathInputs, PlainPath, choose};
+use crate::splice::PipePool;
 
 /// The node-wide limits every listener shares.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub(crate) struct SharedLimits {
     max_handshakes: usize,
     /// Refused connections being closed gently (each up to a second), over all listeners.
     pub(crate) lingering: Arc<Semaphore>,
+    /// The pipes spliced directions borrow while their bytes are in flight.
+    pub(crate) pipes: Arc<PipePool>,
 }
 
 /// Refused connections closed gently at once; past it they are closed without waiting.
@@ -35,6 +38,10 @@ impl SharedLimits {
             max_connections: limits.max_connections,
             max_handshakes: limits.max_handshakes,
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
+            pipes: Arc::new(PipePool::new(
+                limits.max_splice_pipes,
+                super::relay::splice::SPLICE_CHUNK,
+            )),
         }
     }
 }

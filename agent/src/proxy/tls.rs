@@ -138,16 +138,16 @@ pub(crate) async fn establish(
     };
     let plan = match path {
         DataPath::Ktls => Plan::Ktls {
-            client: kernel_bound(client_tls)?,
-            upstream: kernel_bound(upstream_tls)?,
+            client: kernel_bound(client_tls)?.map(Box::new),
+            upstream: kernel_bound(upstream_tls)?.map(Box::new),
             rekey: RekeyPolicy {
                 kernel: state.caps.rekey(),
                 after_records: cfg.rekey_after_records,
             },
         },
         DataPath::Userspace => Plan::Userspace {
-            client: user_space(client_tls)?,
-            upstream: user_space(upstream_tls)?,
+            client: user_space(client_tls)?.map(Box::new),
+            upstream: user_space(upstream_tls)?.map(Box::new),
         },
         other => {
             return Err(Failure::new(

@@ -417,11 +417,18 @@ async fn idle(target: Target, count: usize, concurrency: usize) -> Result<()> {
         let (connector, permits) = (connector.clone(), permits.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire().await?;
-            let (mut s, _) = connector.connect().await?;
-            s.write_all(b"E!").await?;
-            let mut back = [0u8; 1];
-            s.read_exact(&mut back).await.context("the echoed byte")?;
-            anyhow::Ok(s)
+            // A relay past its connection limit may leave a connection waiting for good: count
+            // it as an error rather than wait with it.
+            let open = async {
+                let (mut s, _) = connector.connect().await?;
+                s.write_all(b"E!").await?;
+                let mut back = [0u8; 1];
+                s.read_exact(&mut back).await.context("the echoed byte")?;
+                anyhow::Ok(s)
+            };
+            tokio::time::timeout(Duration::from_secs(60), open)
+                .await
+                .context("no session and echo within 60 s")?
         }));
     }
     let mut held = Vec::with_capacity(count);

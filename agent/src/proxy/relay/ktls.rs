@@ -40,30 +40,18 @@ pub(crate) struct RekeyPolicy {
 
 /// Hands every TLS leg to the kernel, then splices both directions.
 pub(crate) async fn relay(
+    pipes: &crate::splice::PipePool,
     client: &tokio::net::TcpStream,
-    client_tls: Option<KernelBound>,
+    client_tls: Option<Box<KernelBound>>,
     upstream: &crate::net::Upstream,
-    upstream_tls: Option<KernelBound>,
-    rekey: &RekeyPolicy,
+    upstream_tls: Option<Box<KernelBound>>,
+    rekey: RekeyPolicy,
 ) -> RelayOutcome {
-    let into_kernel = |tls: Option<KernelBound>, sock: &dyn AsFd, who: String| {
-        tls.map(|k| {
-            k.into_kernel(sock.as_fd(), &who)
-                .map(|session| KtlsLeg::new(session, rekey.clone()))
-                .map_err(|e| Failure::new(Reason::KtlsRefused, e.to_string()))
-        })
-        .transpose()
-    };
-    let client_name = client
-        .peer_addr()
-        .map_or_else(|_| "the client".to_owned(), |a| a.to_string());
-    let legs = into_kernel(client_tls, client, client_name)
-        .and_then(|c| Ok((c, into_kernel(upstream_tls, upstream, upstream.peer())?)));
-    let (c, u) = match legs {
+    let (c, u) = match into_kernel(client, client_tls, upstream, upstream_tls, &rekey) {
         Ok(legs) => legs,
         Err(failure) => return RelayOutcome::failed(failure),
     };
-    let (up, down, result) = splice::relay(client, c.as_ref(), upstream, u.as_ref()).await;
+    let (up, down, result) = splice::relay(pipes, client, c.as_ref(), upstream, u.as_ref()).await;
     let legs = [c.as_ref(), u.as_ref()];
     RelayOutcome {
         up,
@@ -80,6 +68,31 @@ pub(crate) async fn relay(
             .sum(),
         result,
     }
+}
+
+/// Moves each leg's session, if it has one, into the kernel.
+fn into_kernel(
+    client: &tokio::net::TcpStream,
+    client_tls: Option<Box<KernelBound>>,
+    upstream: &crate::net::Upstream,
+    upstream_tls: Option<Box<KernelBound>>,
+    rekey: &RekeyPolicy,
+) -> Result<(Option<KtlsLeg>, Option<KtlsLeg>), Failure> {
+    let leg = |tls: Option<Box<KernelBound>>, sock: &dyn AsFd, who: String| {
+        tls.map(|k| {
+            k.into_kernel(sock.as_fd(), &who)
+                .map(|session| KtlsLeg::new(session, rekey.clone()))
+                .map_err(|e| Failure::new(Reason::KtlsRefused, e.to_string()))
+        })
+        .transpose()
+    };
+    let client_name = client
+        .peer_addr()
+        .map_or_else(|_| "the client".to_owned(), |a| a.to_string());
+    Ok((
+        leg(client_tls, client, client_name)?,
+        leg(upstream_tls, upstream, upstream.peer())?,
+    ))
 }
 
 /// A leg whose record layer is in the kernel, shared by the two directions of a relay: the
@@ -252,18 +265,21 @@ impl RecordLayer for KtlsLeg {
             .saturating_mul(PAGE)
     }
 
-    /// Counts `bytes` just spliced into this leg and, near the record limit, rekeys its TX (TLS
-    /// 1.3 on a kernel that can) or ends the connection before the limit is passed.
-    async fn sent(&self, sock: &impl StreamSocket, bytes: usize) -> Result<(), Failure> {
+    /// Counts `bytes` just spliced into this leg; `true` once the estimate reaches the rekey
+    /// threshold.
+    fn count_sent(&self, bytes: usize) -> bool {
         // A pessimistic count: every splice ends its records (no SPLICE_F_MORE), and a record
         // holds at most 2^14 bytes but may be pushed early when its page fragments run out, so
         // assume one per page. The kernel's own sequence number settles it near the threshold.
         let records = bytes.div_ceil(PAGE) as u64;
         let estimate = self.tx_records.fetch_add(records, Ordering::Relaxed) + records;
+        estimate >= self.tx_threshold
+    }
+
+    /// Near the record limit: reads the kernel's own count and, at the threshold, rekeys this
+    /// leg's TX (TLS 1.3 on a kernel that can) or ends the connection before the limit.
+    async fn near_limit(&self, sock: &impl StreamSocket) -> Result<(), Failure> {
         let threshold = self.tx_threshold;
-        if estimate < threshold {
-            return Ok(());
-        }
         let session = self.session()?.session();
         let sent =
             ktls::record_sequence(sock.as_fd(), Direction::Tx, session.version, session.cipher)

@@ -5,8 +5,8 @@
 //! - [`ktls`]: every TLS leg's keys go to the kernel, then both directions are spliced; the
 //!   payload never enters user space (control records, KeyUpdate and the record limit are
 //!   handled there);
-//! - [`splice`]: plain legs (passthrough) spliced through a pipe per direction, and the pipe
-//!   loop the ktls path runs too;
+//! - [`splice`]: plain legs (passthrough) spliced through pipes borrowed from the node's pool
+//!   while bytes are in flight, and the pipe loop the ktls path runs too;
 //! - [`sockmap`]: plain legs in the eBPF sock hash; the kernel redirects each segment to the
 //!   other leg and the agent only handles the ends;
 //! - [`userspace`]: rustls keeps the record layer of every TLS leg; a copy loop moves the
@@ -22,6 +22,7 @@ pub(crate) mod splice;
 pub(crate) mod userspace;
 
 use std::os::fd::AsFd;
+use std::pin::Pin;
 use std::time::Duration;
 
 use rustls::Connection;
@@ -31,27 +32,29 @@ use crate::bpf::LoadedBpf;
 use crate::handoff::KernelBound;
 use crate::net::{self, Upstream};
 use crate::outcome::{DataPath, Facts, Failure, Reason};
+use crate::splice::PipePool;
 
 /// The data path a connection takes, with the TLS sessions that path needs: a plan cannot
-/// name a path its sessions do not fit.
+/// name a path its sessions do not fit. Sessions are boxed: a plan passes through several
+/// futures on its way to its relay, and each would otherwise hold room for them inline.
 pub(crate) enum Plan {
     /// Every TLS leg goes to the kernel, then both directions are spliced.
     Ktls {
         /// The client leg's session (terminate, reencrypt).
-        client: Option<KernelBound>,
+        client: Option<Box<KernelBound>>,
         /// The upstream leg's session (reencrypt, originate).
-        upstream: Option<KernelBound>,
+        upstream: Option<Box<KernelBound>>,
         /// When the kernel legs change keys.
         rekey: ktls::RekeyPolicy,
     },
     /// rustls keeps every TLS leg's record layer; a copy loop moves the plaintext.
     Userspace {
         /// The client leg's session, when the agent holds one.
-        client: Option<Connection>,
+        client: Option<Box<Connection>>,
         /// The upstream leg's session, when the agent holds one.
-        upstream: Option<Connection>,
+        upstream: Option<Box<Connection>>,
     },
-    /// Plain legs spliced through a pipe per direction.
+    /// Plain legs spliced through pipes borrowed from the node's pool.
     Splice,
     /// Plain legs in the eBPF sock hash.
     Sockmap,
@@ -116,11 +119,13 @@ impl RelayOutcome {
     }
 }
 
-/// Moves the connection's bytes on its planned data path until both directions end, it fails,
+/// Moves the connection's bytes on its planned data path (splice and kTLS borrowing pipes from
+/// `pipes`) until both directions end, it fails,
 /// it idles out, or the drain deadline passes (`drained` says so); its counts go into `facts`.
 pub(crate) async fn run(
-    est: Established,
+    est: Box<Established>,
     bpf: Option<&LoadedBpf>,
+    pipes: &PipePool,
     facts: &mut Facts,
     drained: &mut Drained,
 ) -> Result<(), Failure> {
@@ -130,22 +135,26 @@ pub(crate) async fn run(
         plan,
         listener,
         idle_timeout,
-    } = est;
+    } = *est;
     let (client, upstream) = (&client, &upstream);
     let mut path_change = None;
-    let moving = async {
-        match plan {
-            Plan::Ktls {
-                client: c,
-                upstream: u,
-                rekey,
-            } => ktls::relay(client, c, upstream, u, &rekey).await,
-            Plan::Userspace {
-                client: c,
-                upstream: u,
-            } => userspace::relay(client, c, upstream, u).await,
-            Plan::Splice => splice::relay_plain(client, upstream).await,
-            Plan::Sockmap => {
+    // Each data path's future on the heap, sized for that path alone: inline, every
+    // connection's task would be as large as the largest path's (user-space TLS sessions and
+    // buffers), for the whole life of the connection.
+    let moving: Pin<Box<dyn Future<Output = RelayOutcome> + Send + '_>> = match plan {
+        Plan::Ktls {
+            client: c,
+            upstream: u,
+            rekey,
+        } => Box::pin(ktls::relay(pipes, client, c, upstream, u, rekey)),
+        Plan::Userspace {
+            client: c,
+            upstream: u,
+        } => Box::pin(userspace::relay(client, c, upstream, u)),
+        Plan::Splice => Box::pin(splice::relay_plain(pipes, client, upstream)),
+        Plan::Sockmap => {
+            let path_change = &mut path_change;
+            Box::pin(async move {
                 let (Some(bpf), Upstream::Tcp(tcp)) = (bpf, upstream) else {
                     return RelayOutcome::failed(Failure::new(
                         Reason::Internal,
@@ -160,32 +169,44 @@ pub(crate) async fn run(
                         let to = tcp
                             .peer_addr()
                             .map_or_else(|e| e.to_string(), |a| a.to_string());
-                        path_change = Some((path, format!("{reason}; upstream {to}")));
-                        splice::relay_plain(client, upstream).await
+                        *path_change = Some((path, format!("{reason}; upstream {to}")));
+                        splice::relay_plain(pipes, client, upstream).await
                     }
                 }
-            }
+            })
         }
     };
     let (outcome, stopped) = watch(moving, client, upstream, idle_timeout, drained).await;
     if let Some((path, why)) = path_change {
         facts.take_path(path, why);
     }
+    // Dropped after the grace: nothing to report but why it was stopped.
+    let Some(outcome) = outcome else {
+        return Err(match stopped {
+            Some(Stop::Drained(deadline)) => drain_deadline(deadline),
+            _ => idle_timeout_failure(idle_timeout),
+        });
+    };
     facts.bytes_up = outcome.up;
     facts.bytes_down = outcome.down;
     facts.key_updates = outcome.key_updates;
     facts.tickets = outcome.tickets;
     match stopped {
         None => outcome.result,
-        Some(Stop::Idle) => Err(Failure::new(
-            Reason::IdleTimeout,
-            format!(
-                "no byte either way for {} ms (idle_timeout_ms): closed",
-                idle_timeout.as_millis()
-            ),
-        )),
+        Some(Stop::Idle) => Err(idle_timeout_failure(idle_timeout)),
         Some(Stop::Drained(deadline)) => Err(drain_deadline(deadline)),
     }
+}
+
+/// The failure of a connection closed for idling `timeout`.
+fn idle_timeout_failure(timeout: Duration) -> Failure {
+    Failure::new(
+        Reason::IdleTimeout,
+        format!(
+            "no byte either way for {} ms (idle_timeout_ms): closed",
+            timeout.as_millis()
+        ),
+    )
 }
 
 /// Tells a connection that the drain deadline has passed: `Some(deadline)` from then on.
@@ -222,18 +243,22 @@ enum Stop {
     Drained(Duration),
 }
 
+/// How long a relay the agent shut down (idle, drain deadline) may take to end by itself.
+const GRACE: Duration = Duration::from_secs(2);
+
 /// Runs `relay` to its end, closing the connection when nothing has moved either way on the
 /// client leg for `timeout` (read from the kernel's TCP counters, so every data path is seen
 /// the same, in-kernel ones included) or when the drain deadline passes. Closing is a shutdown
-/// of both legs, so the relay ends on its own and still reports its bytes. Returns its outcome,
-/// and why the agent stopped it, if it did.
+/// of both legs, so the relay ends on its own and still reports its bytes; one that has not
+/// ended [`GRACE`] after the shutdown is dropped (`None`). Returns its outcome, and why the
+/// agent stopped it, if it did.
 async fn watch<F: Future>(
     relay: F,
     client: &TcpStream,
     upstream: &Upstream,
     timeout: Duration,
     drained: &mut Drained,
-) -> (F::Output, Option<Stop>) {
+) -> (Option<F::Output>, Option<Stop>) {
     let poll = (timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
     tokio::pin!(relay);
     let progress = || crate::sys::tcp_progress(client.as_fd()).ok();
@@ -247,7 +272,7 @@ async fn watch<F: Future>(
     };
     loop {
         tokio::select! {
-            out = &mut relay => return (out, stopped),
+            out = &mut relay => return (Some(out), stopped),
             () = tokio::time::sleep(poll), if stopped.is_none() => {
                 let now = progress();
                 if now != last {
@@ -260,6 +285,92 @@ async fn watch<F: Future>(
             deadline = drain_passed(drained), if stopped.is_none() => {
                 stopped = stop(Stop::Drained(deadline));
             }
+        }
+        if stopped.is_some() {
+            let out = tokio::time::timeout(GRACE, &mut relay).await.ok();
+            return (out, stopped);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::proxy::state::{ListenerState, SharedLimits};
+
+    /// A connected pair of loopback TCP sockets on the current runtime.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    /// What each connection's task holds for its whole life, in bytes: the task's future
+    /// (`connection::serve`), and on the heap the one data path's relay future. Inline, a
+    /// connection would carry its handshake's and the largest path's state (user-space TLS
+    /// sessions) whatever path it took; these bounds keep it from creeping back.
+    #[tokio::test]
+    async fn connection_futures_stay_small() {
+        let config = crate::config::Config::parse(
+            "[[listener]]\nname = \"p\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:0\"\n\
+             upstream = \"127.0.0.1:1\"\n",
+            std::path::Path::new("test.toml"),
+        )
+        .unwrap();
+        let limits = SharedLimits::new(&config.limits);
+        let telemetry = Arc::new(crate::metrics::Telemetry::memory(
+            Default::default(),
+            "test".into(),
+        ));
+        let state = ListenerState::new(
+            &config.listeners[0],
+            Arc::new(crate::path::KernelCaps::probe()),
+            None,
+            0,
+            telemetry,
+            limits.clone(),
+        )
+        .unwrap();
+        let (client, _peer) = pair().await;
+        let (upstream, _far) = pair().await;
+        let upstream = Upstream::Tcp(upstream);
+        let pipes = PipePool::new(2, 4096);
+        let rekey = ktls::RekeyPolicy {
+            kernel: Ok(()),
+            after_records: None,
+        };
+        let (_tx, drained) = tokio::sync::watch::channel(None);
+        let addr = client.peer_addr().unwrap();
+        let sizes = [
+            (
+                "splice relay",
+                size_of_val(&splice::relay_plain(&pipes, &client, &upstream)),
+                1024,
+            ),
+            (
+                "ktls relay",
+                // Two kernel sessions (rustls' state for KeyUpdate and tickets) and the splices.
+                size_of_val(&ktls::relay(&pipes, &client, None, &upstream, None, rekey)),
+                2560,
+            ),
+            (
+                "userspace relay",
+                size_of_val(&userspace::relay(&client, None, &upstream, None)),
+                1024,
+            ),
+        ];
+        let admission = state.admit().unwrap();
+        let task = crate::proxy::connection::serve(&state, admission, client, addr, drained);
+        let task_size = size_of_val(&task);
+        drop(task);
+        for (what, bytes, bound) in sizes.iter().chain([&("connection task", task_size, 1536)]) {
+            println!("{what}: {bytes} bytes (bound {bound})");
+        }
+        for (what, bytes, bound) in sizes.iter().chain([&("connection task", task_size, 1536)]) {
+            assert!(bytes <= bound, "{what}: {bytes} bytes, over {bound}");
         }
     }
 }

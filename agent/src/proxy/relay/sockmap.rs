@@ -61,9 +61,9 @@ async fn sockmap_direction(
     dst_start: u64,
     user_bytes: &AtomicU64,
 ) -> io::Result<()> {
-    // Sized at first wake-up: the verdict redirects nearly everything, and most connections
-    // never need it before their end (an idle connection would otherwise hold 64 KiB per
-    // direction).
+    // Borrowed at a wake-up and given back when the socket has nothing for us: the verdict
+    // redirects nearly everything, so an idle connection holds none (the first wake-up is
+    // usually the ClientHello the sockmap took before we could read it).
     let mut buf = Vec::new();
     let want = |user: &AtomicU64| dst_start + user.load(Ordering::Relaxed) + redirected();
     loop {
@@ -79,7 +79,7 @@ async fn sockmap_direction(
                 net::write_all(dst, &buf[..n]).await?;
                 user_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
             Err(e) => return Err(e),
         }
     }

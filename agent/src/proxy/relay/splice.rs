@@ -2,6 +2,10 @@
 //! the other socket, so the bytes never enter user space. Plain legs (passthrough) run it as it
 //! is; a leg whose record layer is in the kernel ([`super::ktls`]) adds what TLS needs through
 //! [`RecordLayer`]: the kernel decrypts into the pipe and encrypts out of it.
+//!
+//! Pipes come from the node's [`PipePool`], borrowed when a direction's socket has bytes to read
+//! and given back once they are all out of the pipe: an idle connection holds its two sockets
+//! and nothing else.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,10 +15,10 @@ use tokio::io::Interest;
 use super::RelayOutcome;
 use crate::net::{self, StreamSocket};
 use crate::outcome::Failure;
-use crate::splice::{self, Pipe};
+use crate::splice::{self, PipePool};
 
-/// Bytes asked of one splice call, and the pipe size requested.
-const SPLICE_CHUNK: usize = 256 * 1024;
+/// Bytes asked of one splice call, and the pipe size the pool asks for.
+pub(crate) const SPLICE_CHUNK: usize = 256 * 1024;
 
 /// What a leg whose record layer is in the kernel adds to a splice relay: control records on
 /// the side it receives, record accounting and close_notify on the side it sends.
@@ -29,11 +33,14 @@ pub(crate) trait RecordLayer: Sync {
     /// How many bytes the next splice into this leg may carry.
     fn splice_budget(&self) -> usize;
 
-    /// `bytes` were just spliced into `sock`, this leg's socket.
-    fn sent(
+    /// `bytes` were just spliced into this leg; `true` when [`RecordLayer::near_limit`] must
+    /// run before the next splice.
+    fn count_sent(&self, bytes: usize) -> bool;
+
+    /// The leg's record count neared its limit: act before it is passed (rekey, or close).
+    fn near_limit(
         &self,
         sock: &impl StreamSocket,
-        bytes: usize,
     ) -> impl Future<Output = Result<(), Failure>> + Send;
 
     /// Tells this leg's peer that nothing more will be sent (close_notify; the FIN follows).
@@ -50,7 +57,10 @@ impl RecordLayer for Plain {
     fn splice_budget(&self) -> usize {
         match *self {}
     }
-    async fn sent(&self, _: &impl StreamSocket, _: usize) -> Result<(), Failure> {
+    fn count_sent(&self, _: usize) -> bool {
+        match *self {}
+    }
+    async fn near_limit(&self, _: &impl StreamSocket) -> Result<(), Failure> {
         match *self {}
     }
     fn close_notify(&self, _: &impl StreamSocket) -> io::Result<()> {
@@ -60,16 +70,18 @@ impl RecordLayer for Plain {
 
 /// Both plain legs spliced (passthrough).
 pub(crate) async fn relay_plain(
+    pipes: &PipePool,
     client: &impl StreamSocket,
     upstream: &impl StreamSocket,
 ) -> RelayOutcome {
-    let (up, down, result) = relay::<Plain>(client, None, upstream, None).await;
+    let (up, down, result) = relay::<Plain>(pipes, client, None, upstream, None).await;
     RelayOutcome::moved(up, down, result)
 }
 
 /// Both directions spliced; a leg with a [`RecordLayer`] has its TLS in the kernel. Returns
 /// the bytes moved up and down, and how it ended.
 pub(crate) async fn relay<L: RecordLayer>(
+    pipes: &PipePool,
     client: &impl StreamSocket,
     client_leg: Option<&L>,
     upstream: &impl StreamSocket,
@@ -77,64 +89,121 @@ pub(crate) async fn relay<L: RecordLayer>(
 ) -> (u64, u64, Result<(), Failure>) {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = tokio::try_join!(
-        pump(client, upstream, client_leg, upstream_leg, &up),
-        pump(upstream, client, upstream_leg, client_leg, &down)
+        pump(pipes, client, upstream, client_leg, upstream_leg, &up),
+        pump(pipes, upstream, client, upstream_leg, client_leg, &down)
     )
     .map(|_| ());
     (up.into_inner(), down.into_inner(), result)
 }
 
-/// Moves bytes from `src` to `dst` through a pipe until `src` ends, then ends `dst`'s
-/// direction.
+/// How long a direction keeps its pipe waiting for a receiver that takes nothing; then the
+/// bytes left in the pipe move to the heap and the pipe goes back to the pool.
+const SPILL_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Moves bytes from `src` to `dst` through a pipe borrowed from `pipes` while they are in
+/// flight, until `src` ends; then ends `dst`'s direction. A pipe is taken once `dst` was last
+/// seen writable, and kept while bytes flow; a receiver that stops reading gets the bytes left
+/// in the pipe from the heap after [`SPILL_AFTER`], so it holds up its own direction and not a
+/// pipe every other connection may need.
 async fn pump<L: RecordLayer>(
+    pipes: &PipePool,
     src: &impl StreamSocket,
     dst: &impl StreamSocket,
     src_leg: Option<&L>,
     dst_leg: Option<&L>,
     total: &AtomicU64,
 ) -> Result<(), Failure> {
-    let pipe = Pipe::new(SPLICE_CHUNK).map_err(|e| Failure::io("pipe2", &e))?;
     loop {
-        let n = loop {
-            src.readable().await?;
-            match src.try_io(Interest::READABLE, || {
+        src.readable().await?;
+        dst.writable().await?;
+        let mut pipe = pipes
+            .take()
+            .await
+            .map_err(|e| Failure::io("pipe2 (splice pipe pool)", &e))?;
+        // Keep the pipe while the socket has more; give it back, empty, once it has none.
+        'burst: loop {
+            let n = match src.try_io(Interest::READABLE, || {
                 splice::splice(src.as_fd(), pipe.write_end(), SPLICE_CHUNK)
             }) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 // A kTLS socket refuses to splice a non-data record.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src_leg.is_some() => {
-                    if let Some(leg) = src_leg
-                        && leg.control_record(src).await?
-                    {
-                        break 0;
+                    // Rare, and its future is large: on the heap for the moment it runs.
+                    match src_leg {
+                        Some(leg) if Box::pin(leg.control_record(src)).await? => 0,
+                        _ => continue,
                     }
                 }
                 Err(e) => return Err(Failure::io("splice from a socket", &e)),
+            };
+            if n == 0 {
+                drop(pipe);
+                return end_direction(dst, dst_leg);
             }
-        };
-        if n == 0 {
-            return end_direction(dst, dst_leg);
-        }
-        let mut left = n;
-        while left > 0 {
-            let chunk = dst_leg.map_or(left, |leg| left.min(leg.splice_budget()));
-            dst.writable().await?;
-            match dst.try_io(Interest::WRITABLE, || {
-                splice::splice(pipe.read_end(), dst.as_fd(), chunk)
-            }) {
-                Ok(m) => {
-                    left -= m;
-                    if let Some(leg) = dst_leg {
-                        leg.sent(dst, m).await?;
-                    }
+            pipe.filled(n);
+            let mut left = n;
+            while left > 0 {
+                let chunk = dst_leg.map_or(left, |leg| left.min(leg.splice_budget()));
+                if tokio::time::timeout(SPILL_AFTER, dst.writable())
+                    .await
+                    .is_err()
+                {
+                    // The receiver takes nothing: free the pipe for others.
+                    let spilled = pipe
+                        .spill(left)
+                        .map_err(|e| Failure::io("reading a pipe", &e))?;
+                    drop(pipe);
+                    write_spilled(dst, dst_leg, &spilled).await?;
+                    total.fetch_add(n as u64, Ordering::Relaxed);
+                    // The pipe is gone: borrow one again when more comes.
+                    break 'burst;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(Failure::io("splice into a socket", &e)),
+                match dst.try_io(Interest::WRITABLE, || {
+                    splice::splice(pipe.read_end(), dst.as_fd(), chunk)
+                }) {
+                    Ok(m) => {
+                        left -= m;
+                        pipe.drained(m);
+                        if let Some(leg) = dst_leg
+                            && leg.count_sent(m)
+                        {
+                            Box::pin(leg.near_limit(dst)).await?;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(Failure::io("splice into a socket", &e)),
+                }
             }
+            total.fetch_add(n as u64, Ordering::Relaxed);
         }
-        total.fetch_add(n as u64, Ordering::Relaxed);
     }
+}
+
+/// Writes bytes taken out of a pipe to a receiver that had stopped taking them, in the pieces
+/// a kTLS leg's record accounting allows.
+async fn write_spilled<L: RecordLayer>(
+    dst: &impl StreamSocket,
+    dst_leg: Option<&L>,
+    mut data: &[u8],
+) -> Result<(), Failure> {
+    while !data.is_empty() {
+        let chunk = dst_leg.map_or(data.len(), |leg| data.len().min(leg.splice_budget()));
+        dst.writable().await?;
+        match dst.try_write(&data[..chunk]) {
+            Ok(m) => {
+                data = &data[m..];
+                if let Some(leg) = dst_leg
+                    && leg.count_sent(m)
+                {
+                    Box::pin(leg.near_limit(dst)).await?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(Failure::io("writing to a slow receiver", &e)),
+        }
+    }
+    Ok(())
 }
 
 /// Signals the end of one direction on `dst`: close_notify on a TLS leg, then FIN.

@@ -15,9 +15,9 @@ use crate::outcome::{Failure, Reason};
 /// rustls in user space on every TLS leg and a copy loop between the legs.
 pub(crate) async fn relay(
     client: &impl StreamSocket,
-    client_tls: Option<Connection>,
+    client_tls: Option<Box<Connection>>,
     upstream: &impl StreamSocket,
-    upstream_tls: Option<Connection>,
+    upstream_tls: Option<Box<Connection>>,
 ) -> RelayOutcome {
     let mut c = Leg::new(client, client_tls);
     let mut u = Leg::new(upstream, upstream_tls);
@@ -37,39 +37,41 @@ fn tls_failure(e: &rustls::Error) -> Reason {
     }
 }
 
-/// One side of a user-space relay: a socket and, for a TLS leg, its rustls connection.
+/// Bytes read from a socket at once: two full TLS records.
+const READ_BYTES: usize = 32 * 1024;
+
+/// Plaintext taken out of rustls at once on its way to the other leg: one record's worth.
+const PLAINTEXT_BYTES: usize = 16 * 1024;
+
+/// One side of a user-space relay: a socket and, for a TLS leg, its rustls connection. It holds
+/// no buffer of its own: an idle connection costs its sockets and its TLS sessions, and the
+/// buffers a forward needs are borrowed for that forward only.
 struct Leg<'a, S> {
     sock: &'a S,
-    tls: Option<Connection>,
+    tls: Option<Box<Connection>>,
     /// Still reading from this leg.
     open: bool,
-    scratch: Vec<u8>,
-    /// Plaintext read out of rustls on its way to the other leg; sized at first use, so a
-    /// connection that moves nothing holds none.
-    plain: Vec<u8>,
 }
 
 impl<'a, S: StreamSocket> Leg<'a, S> {
-    fn new(sock: &'a S, tls: Option<Connection>) -> Self {
+    fn new(sock: &'a S, tls: Option<Box<Connection>>) -> Self {
         Self {
             sock,
             tls,
             open: true,
-            scratch: Vec::new(),
-            plain: Vec::new(),
         }
     }
 
-    /// Sends every record rustls has queued on this leg.
-    async fn flush(&mut self) -> io::Result<()> {
+    /// Sends every record rustls has queued on this leg, through `scratch`.
+    async fn flush(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
         match &mut self.tls {
-            Some(conn) => flush_tls(conn, &mut self.scratch, self.sock).await,
+            Some(conn) => flush_tls(conn, scratch, self.sock).await,
             None => Ok(()),
         }
     }
 
-    /// Sends plaintext to this leg's peer.
-    async fn send(&mut self, mut data: &[u8]) -> io::Result<()> {
+    /// Sends plaintext to this leg's peer (TLS records go through `scratch`).
+    async fn send(&mut self, mut data: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
         match &mut self.tls {
             None => net::write_all(self.sock, data).await,
             Some(conn) => {
@@ -78,7 +80,7 @@ impl<'a, S: StreamSocket> Leg<'a, S> {
                 while !data.is_empty() {
                     let taken = conn.writer().write(data)?;
                     data = &data[taken..];
-                    flush_tls(conn, &mut self.scratch, self.sock).await?;
+                    flush_tls(conn, scratch, self.sock).await?;
                 }
                 Ok(())
             }
@@ -86,11 +88,11 @@ impl<'a, S: StreamSocket> Leg<'a, S> {
     }
 
     /// Ends what we send to this leg's peer: close_notify on TLS, then FIN.
-    async fn close_write(&mut self) -> io::Result<()> {
+    async fn close_write(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
         if let Some(conn) = &mut self.tls {
             conn.send_close_notify();
         }
-        let result = match self.flush().await {
+        let result = match self.flush(scratch).await {
             Ok(()) => net::shutdown_write(self.sock),
             Err(e) => Err(e),
         };
@@ -102,26 +104,22 @@ impl<'a, S: StreamSocket> Leg<'a, S> {
 }
 
 /// Handles bytes read from `src`: decrypts if `src` is TLS and forwards the plaintext to
-/// `dst`, adding it to `forwarded`; a clean end of `src` half-closes `dst`.
+/// `dst`, adding it to `forwarded`; a clean end of `src` half-closes `dst`. The buffers it
+/// needs live as long as this call.
 async fn forward<A: StreamSocket, B: StreamSocket>(
     src: &mut Leg<'_, A>,
     dst: &mut Leg<'_, B>,
     input: &[u8],
     forwarded: &mut u64,
 ) -> Result<(), Failure> {
-    let Leg {
-        tls,
-        open,
-        scratch,
-        sock,
-        plain,
-    } = src;
+    let mut scratch = Vec::new();
+    let Leg { tls, open, sock } = src;
     let Some(conn) = tls.as_mut() else {
         if input.is_empty() {
             *open = false;
-            dst.close_write().await?;
+            dst.close_write(&mut scratch).await?;
         } else {
-            dst.send(input).await?;
+            dst.send(input, &mut scratch).await?;
             *forwarded += input.len() as u64;
         }
         return Ok(());
@@ -132,9 +130,7 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
             "peer closed TCP without close_notify",
         ));
     }
-    if plain.is_empty() {
-        plain.resize(16 * 1024, 0);
-    }
+    let mut plain = Vec::new();
     // rustls holds a bounded amount of plaintext: decrypt a piece, pass it on, then the next.
     let mut rest = input;
     while !rest.is_empty() && *open {
@@ -142,18 +138,21 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
             .map_err(|e| Failure::new(Reason::RecordError, format!("reading TLS records: {e}")))?;
         if let Err(e) = conn.process_new_packets() {
             // rustls queued the alert that explains the failure: send it before closing.
-            let _ = flush_tls(conn, scratch, *sock).await;
+            let _ = flush_tls(conn, &mut scratch, *sock).await;
             return Err(Failure::new(tls_failure(&e), e.to_string()));
         }
         loop {
-            match conn.reader().read(plain) {
+            if plain.is_empty() {
+                plain.resize(PLAINTEXT_BYTES, 0);
+            }
+            match conn.reader().read(&mut plain) {
                 Ok(0) => {
                     *open = false;
-                    dst.close_write().await?;
+                    dst.close_write(&mut scratch).await?;
                     break;
                 }
                 Ok(m) => {
-                    dst.send(&plain[..m]).await?;
+                    dst.send(&plain[..m], &mut scratch).await?;
                     *forwarded += m as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -164,30 +163,52 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
     Ok(())
 }
 
+/// Which leg has bytes to read.
+enum Ready {
+    Client,
+    Upstream,
+}
+
 async fn copy_loop<A: StreamSocket, B: StreamSocket>(
     c: &mut Leg<'_, A>,
     u: &mut Leg<'_, B>,
     up: &mut u64,
     down: &mut u64,
 ) -> Result<(), Failure> {
-    let mut c_buf = vec![0u8; 32 * 1024];
-    let mut u_buf = vec![0u8; 32 * 1024];
+    // Borrowed while a leg has bytes to read, given back once neither has: an idle connection
+    // holds none, a busy one reuses it.
+    let mut buf = Vec::new();
     loop {
         // Session tickets, alerts and handshake replies rustls queued on either leg.
-        c.flush().await?;
-        u.flush().await?;
+        let mut scratch = Vec::new();
+        c.flush(&mut scratch).await?;
+        u.flush(&mut scratch).await?;
+        drop(scratch);
         if !c.open && !u.open {
             return Ok(());
         }
-        tokio::select! {
-            r = net::read_some(c.sock, &mut c_buf), if c.open => {
-                let n = r?;
-                forward(c, u, &c_buf[..n], up).await?;
+        let ready = tokio::select! {
+            r = c.sock.readable(), if c.open => { r?; Ready::Client }
+            r = u.sock.readable(), if u.open => { r?; Ready::Upstream }
+        };
+        if buf.is_empty() {
+            buf.resize(READ_BYTES, 0);
+        }
+        let read = match ready {
+            Ready::Client => c.sock.try_read(&mut buf),
+            Ready::Upstream => u.sock.try_read(&mut buf),
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf = Vec::new();
+                continue;
             }
-            r = net::read_some(u.sock, &mut u_buf), if u.open => {
-                let n = r?;
-                forward(u, c, &u_buf[..n], down).await?;
-            }
+            Err(e) => return Err(e.into()),
+        };
+        match ready {
+            Ready::Client => forward(c, u, &buf[..n], up).await?,
+            Ready::Upstream => forward(u, c, &buf[..n], down).await?,
         }
     }
 }

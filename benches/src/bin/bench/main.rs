@@ -21,8 +21,9 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tlsplice_benches::{
-    kernel_threads_cpu_seconds, node_busy_seconds, process_cpu_seconds, process_tree, pss_bytes,
-    raise_open_files_limit, reaped_children_cpu_seconds, svg,
+    kernel_connection_memory_bytes, kernel_threads_cpu_seconds, node_busy_seconds,
+    process_cpu_seconds, process_tree, pss_bytes, raise_open_files_limit,
+    reaped_children_cpu_seconds, svg,
 };
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -55,6 +56,13 @@ enum Cmd {
         /// Where to write the JSON; `-` prints it on stdout in marked lines (for the guest).
         #[arg(long)]
         out: String,
+        /// Only these workloads (repeat the flag; default: all).
+        #[arg(long = "only", value_enum)]
+        only: Vec<Workload>,
+        /// Only these relays, by their label, e.g. "tlsplice ktls", "nginx ktls" (repeat the
+        /// flag; default: all).
+        #[arg(long = "relay")]
+        relays: Vec<String>,
     },
     /// Write report.md, the SVG charts and results.json from `run` outputs.
     Report {
@@ -226,7 +234,9 @@ impl Sizes {
                 rr_small_rate: 2000.0,
                 rr_large_rate: 400.0,
                 handshake_secs: 10.0,
-                idle_count: 2_000,
+                // Two descriptors per connection on every tlsplice path: 9,000 fit under the
+                // 20,000 a process may hold here, with the listeners and pool beside them.
+                idle_count: 9_000,
             },
             (Scope::Host, true) => Self {
                 bulk_bytes: 64 << 20,
@@ -245,7 +255,7 @@ impl Sizes {
                 rr_small_rate: 40.0,
                 rr_large_rate: 10.0,
                 handshake_secs: 10.0,
-                idle_count: 500,
+                idle_count: 10_000,
             },
             (Scope::Guest, true) => Self {
                 bulk_bytes: 4 << 20,
@@ -260,7 +270,7 @@ impl Sizes {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ValueEnum)]
 #[serde(rename_all = "snake_case")]
 enum Workload {
     Bulk1,
@@ -330,6 +340,9 @@ struct Row {
     rss_per_connection_bytes: Option<f64>,
     /// Open descriptors the relay holds per idle connection.
     fds_per_connection: Option<f64>,
+    /// The kernel's memory per idle connection, node-wide (every socket of the path: client,
+    /// relay legs, upstream), from /proc/meminfo Slab and /proc/net/sockstat TCP pages.
+    kernel_bytes_per_connection: Option<f64>,
     /// Relay memory after the workload (process tree, proportional set size).
     rss_bytes: u64,
     /// What carried the bytes, as observed: the agent's per-path connection counters, or the
@@ -565,8 +578,11 @@ impl Bench {
                 } else {
                     "  default_backend be\n"
                 };
+                // As many connections as its descriptors allow (two each): the idle workload
+                // holds thousands.
+                let maxconn = tlsplice_benches::open_files_limit().saturating_sub(200) / 2;
                 let config = format!(
-                    "global\n  maxconn 7000\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{options}\n\
+                    "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{options}\n\
                      frontend fe\n  bind {bind}\n{route}\nbackend be\n  server up {server}\n"
                 );
                 let file = self.dir.join(format!("{tag}.cfg"));
@@ -617,11 +633,14 @@ impl Bench {
                 };
                 let config = format!(
                     "{module}daemon off;\nmaster_process on;\nworker_processes auto;\nuser root;\n\
-                     worker_rlimit_nofile 19000;\npid {dir}/{tag}.pid;\nerror_log {log} warn;\n\
-                     events {{ worker_connections 9000; }}\n\
+                     worker_rlimit_nofile {nofile};\npid {dir}/{tag}.pid;\nerror_log {log} warn;\n\
+                     events {{ worker_connections {nofile}; }}\n\
                      stream {{\n{map}  server {{\n    listen {listen};\n    {tls}\n    {upstream_tls}\n    proxy_pass {target};\n    proxy_timeout 1h;\n    proxy_half_close on;\n  }}\n}}\n",
                     dir = self.dir.display(),
-                    log = log.display()
+                    log = log.display(),
+                    // A stream connection is two worker connections (client and upstream): as
+                    // many as a worker's descriptors allow, one worker may hold them all.
+                    nofile = tlsplice_benches::open_files_limit().saturating_sub(200),
                 );
                 let file = self.dir.join(format!("{tag}.conf"));
                 std::fs::write(&file, config)?;
@@ -755,13 +774,18 @@ impl Bench {
         let start = Instant::now();
         let mut row = Row::default();
         let report = if workload == Workload::Idle {
-            let (report, rss_held, fds_held) = self.idle(running, &target)?;
+            let kernel_before = kernel_connection_memory_bytes();
+            let (report, held) = self.idle(running, &target)?;
             let established = report["established"].as_u64().unwrap_or(0);
             row.connections = Some(established);
+            let rss_held = held.rss;
             if established > 0 {
                 let n = established as f64;
                 row.rss_per_connection_bytes = Some((rss_held as f64 - rss_before as f64) / n);
-                row.fds_per_connection = Some((fds_held as f64 - fds_before as f64) / n);
+                row.fds_per_connection = Some((held.fds as f64 - fds_before as f64) / n);
+                row.kernel_bytes_per_connection = kernel_before
+                    .zip(held.kernel)
+                    .map(|(before, held)| (held as f64 - before as f64) / n);
             }
             row.rss_bytes = rss_held;
             report
@@ -856,8 +880,9 @@ impl Bench {
         Ok(row)
     }
 
-    /// Opens the idle connections, waits for the relay to settle, reads its RSS, closes them.
-    fn idle(&self, running: &Running, target: &[String]) -> Result<(serde_json::Value, u64, u64)> {
+    /// Opens the idle connections, waits for the relay to settle, reads what it and the kernel
+    /// hold, closes them.
+    fn idle(&self, running: &Running, target: &[String]) -> Result<(serde_json::Value, Held)> {
         let mut child = Command::new(&self.loadgen)
             .args(["idle", "--count", &self.sizes.idle_count.to_string()])
             .args(target)
@@ -869,14 +894,30 @@ impl Bench {
         if let Some(out) = child.stdout.take() {
             BufReader::new(out).read_line(&mut line)?;
         }
-        std::thread::sleep(Duration::from_secs(1));
-        let (rss, fds) = (running.rss(), running.fds());
+        // Settled: what the handshakes freed has gone back to the kernel where the relay's
+        // allocator gives it back (jemalloc's decay is a second for tlsplice).
+        std::thread::sleep(Duration::from_secs(3));
+        let held = Held {
+            rss: running.rss(),
+            fds: running.fds(),
+            kernel: kernel_connection_memory_bytes(),
+        };
         drop(child.stdin.take());
         let status = child.wait()?;
         let report: serde_json::Value = serde_json::from_str(line.trim())
             .with_context(|| format!("idle loadgen ({status}) printed {line:?}"))?;
-        Ok((report, rss, fds))
+        Ok((report, held))
     }
+}
+
+/// What a relay and the kernel hold while the idle connections are open.
+struct Held {
+    /// The relay's proportional set size.
+    rss: u64,
+    /// The relay's open descriptors.
+    fds: u64,
+    /// The kernel's connection memory, node-wide.
+    kernel: Option<u64>,
 }
 
 /// What carried connections since the last look: the agent's `tlsplice_connections_total` by
@@ -992,7 +1033,20 @@ fn machine() -> (String, usize, f64) {
     (cpu, cpus, mem)
 }
 
-fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -> Result<()> {
+/// Which rows of a run to measure (empty: all).
+struct Only {
+    workloads: Vec<Workload>,
+    relays: Vec<String>,
+}
+
+fn run(
+    quick: bool,
+    scope: Scope,
+    agent: PathBuf,
+    loadgen: PathBuf,
+    out: &str,
+    only: &Only,
+) -> Result<()> {
     raise_open_files_limit();
     let dir = std::env::temp_dir().join(format!("tlsplice-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -1103,6 +1157,9 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
             });
         }
         for relay in run_these {
+            if !only.relays.is_empty() && !only.relays.contains(&relay.label()) {
+                continue;
+            }
             if let Some(p) = relay.program()
                 && tlsplice_benches::which(p).is_none()
             {
@@ -1135,6 +1192,9 @@ fn run(quick: bool, scope: Scope, agent: PathBuf, loadgen: PathBuf, out: &str) -
                 }
             };
             for workload in WORKLOADS {
+                if !only.workloads.is_empty() && !only.workloads.contains(&workload) {
+                    continue;
+                }
                 if workload == Workload::Idle && relay == Relay::Socat {
                     results.skipped.push(Skip {
                         mode: mode.name().into(),
@@ -1237,7 +1297,10 @@ fn one_line(r: &Row) -> String {
         s += &format!(" ({:.0}% resumed)", f * 100.0);
     }
     if let (Some(b), Some(f)) = (r.rss_per_connection_bytes, r.fds_per_connection) {
-        s += &format!(" {:.1} KiB/conn {f:.1} fds/conn", b / 1024.0);
+        s += &format!(" {:.1} KiB/conn {f:.2} fds/conn", b / 1024.0);
+    }
+    if let Some(k) = r.kernel_bytes_per_connection {
+        s += &format!(" (kernel {:.1} KiB/conn)", k / 1024.0);
     }
     if !r.path_observed.is_empty() {
         s += &format!(" [{}]", r.path_observed);
@@ -1271,7 +1334,19 @@ fn main() -> Result<()> {
             agent,
             loadgen,
             out,
-        } => run(quick, scope, agent, loadgen, &out),
+            only,
+            relays,
+        } => run(
+            quick,
+            scope,
+            agent,
+            loadgen,
+            &out,
+            &Only {
+                workloads: only,
+                relays,
+            },
+        ),
         Cmd::Report { inputs, out } => report::write(&inputs, &out),
         Cmd::FromConsole { log, out } => from_console(&log, &out),
     }

@@ -138,8 +138,11 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         md,
         "Measured {}{}. Sizes: bulk {} MiB on 1 connection and {} MiB on each of 16; \
          request/response for {} s at {} req/s (1 KiB) and {} req/s (64 KiB) over 4 connections; \
-         handshakes for {} s over 8 connections; {} idle connections (10,000 is the goal; a process \
-         may hold {} descriptors here, and the splice and kTLS paths hold 6-8 per connection).\n",
+         handshakes for {} s over 8 connections; {} idle connections (a process may hold {} \
+         descriptors here). Idle memory is the relay's (proportional set size, per connection, \
+         after one small exchange each) / the kernel's, node-wide (/proc/meminfo Slab and \
+         /proc/net/sockstat TCP pages: every socket of the path, client and upstream included, \
+         which is the same for every relay but kTLS contexts).\n",
         run.date,
         if run.quick {
             " (quick smoke run: sizes too small and builds unoptimised, so no conclusions)"
@@ -177,7 +180,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         let _ = writeln!(md, "### {mode}\n");
         let _ = writeln!(
             md,
-            "| relay | bulk ×1 MiB/s | CPU-s/GiB relay / node | bulk ×16 MiB/s | CPU-s/GiB relay / node | 1 KiB p50 / p99 / p99.9 µs | 64 KiB p50 / p99 / p99.9 µs | handshakes/s, full (relay CPU ms each) | handshakes/s, resumption offered (% resumed) | idle memory/conn KiB (fds/conn) | path observed |\n\
+            "| relay | bulk ×1 MiB/s | CPU-s/GiB relay / node | bulk ×16 MiB/s | CPU-s/GiB relay / node | 1 KiB p50 / p99 / p99.9 µs | 64 KiB p50 / p99 / p99.9 µs | handshakes/s, full (relay CPU ms each) | handshakes/s, resumption offered (% resumed) | idle KiB/conn relay / kernel (fds/conn) | path observed |\n\
              |---|---|---|---|---|---|---|---|---|---|---|"
         );
         for relay in &relays {
@@ -223,9 +226,10 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             });
             let idle = get("idle connections").map_or("–".into(), |r| {
                 format!(
-                    "{} ({})",
+                    "{} / {} ({})",
                     fmt(r.rss_per_connection_bytes.map(|b| b / 1024.0), 1),
-                    fmt(r.fds_per_connection, 1)
+                    fmt(r.kernel_bytes_per_connection.map(|b| b / 1024.0), 1),
+                    fmt(r.fds_per_connection, 2)
                 )
             });
             // What carried this relay's connections over all its workloads, summed.
