@@ -578,11 +578,14 @@ impl Bench {
                 } else {
                     "  default_backend be\n"
                 };
-                // As many connections as its descriptors allow (two each): the idle workload
-                // holds thousands.
-                let maxconn = tlsplice_benches::open_files_limit().saturating_sub(200) / 2;
+                // As many connections as its descriptors allow (two each, and room for its
+                // own: HAProxy refuses to start when maxconn needs more than the limit): the
+                // idle workload holds thousands. Its splice pipes (passthrough) are reserved
+                // from the same limit, a quarter of maxconn unless told: 512 are plenty for
+                // the bulk workloads' 16 connections.
+                let maxconn = tlsplice_benches::open_files_limit().saturating_sub(1500) / 2;
                 let config = format!(
-                    "global\n  maxconn {maxconn}\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{options}\n\
+                    "global\n  maxconn {maxconn}\n  maxpipes 512\n\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n{options}\n\
                      frontend fe\n  bind {bind}\n{route}\nbackend be\n  server up {server}\n"
                 );
                 let file = self.dir.join(format!("{tag}.cfg"));
