@@ -17,11 +17,13 @@
 //! - [`config`], [`probe`], [`privileges`]: the configuration, what this kernel can do, the
 //!   capabilities kept;
 //! - [`metrics`], [`admin`]: counters and their exposition, the admin HTTP server;
-//! - [`memory`]: the heap (jemalloc) and how freed memory goes back to the kernel.
+//! - [`memory`], [`buffers`]: the heap (jemalloc) and how freed memory goes back to the kernel,
+//!   and the buffers connections borrow for a moment.
 #![deny(unsafe_code)]
 
 pub mod admin;
 pub mod bpf;
+pub mod buffers;
 pub mod certs;
 pub mod client_hello;
 pub mod config;

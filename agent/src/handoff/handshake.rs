@@ -191,7 +191,7 @@ async fn user_handshake(
         source,
     };
     let mut boundary = RecordBoundary::default();
-    let mut buf = vec![0u8; 18 * 1024];
+    let mut buf = crate::buffers::Buffer::with_len(18 * 1024);
     let mut out = Vec::new();
     loop {
         flush_tls(conn, &mut out, sock).await.map_err(io_fail)?;
@@ -327,7 +327,7 @@ impl KernelBound {
         let mut boundary = RecordBoundary::default();
         let mut incoming: Vec<u8> = Vec::with_capacity(RECORD_HEADER_LEN + 18 * 1024);
         let mut outgoing = Vec::new();
-        let mut buf = vec![0u8; 18 * 1024];
+        let mut buf = crate::buffers::Buffer::with_len(18 * 1024);
         // The first record, kept whole while we are the server: the ClientHello, for its SNI.
         let mut first_record = matches!(self, KernelBound::Server(_)).then(Vec::new);
         let mut server_name = None;

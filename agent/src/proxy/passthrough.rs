@@ -109,7 +109,7 @@ enum PeekFailure {
 /// Waits until the client's first record is a complete ClientHello and returns its server
 /// name; nothing is consumed from the socket.
 async fn peek_server_name(sock: &TcpStream) -> Result<Option<String>, PeekFailure> {
-    let mut buf = vec![0u8; MAX_CLIENT_HELLO];
+    let mut buf = crate::buffers::Buffer::with_len(MAX_CLIENT_HELLO);
     loop {
         let n = sock.peek(&mut buf).await.map_err(PeekFailure::Io)?;
         if n == 0 {

@@ -189,7 +189,7 @@ impl RecordLayer for KtlsLeg {
         // On the heap, and only here: an array would sit inline in every connection's future
         // (this one is held across an await), costing each idle connection 16 KiB per
         // direction for a record that rarely comes (cargo xtask bench, idle connections).
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = crate::buffers::Buffer::with_len(16 * 1024);
         let (record_type, n) = sock
             .try_io(Interest::READABLE, || {
                 ktls::recv_record(sock.as_fd(), &mut buf)

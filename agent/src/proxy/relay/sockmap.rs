@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 
 use super::RelayOutcome;
+use crate::buffers::Buffer;
 use crate::net;
 use crate::outcome::Failure;
 
@@ -61,16 +62,13 @@ async fn sockmap_direction(
     dst_start: u64,
     user_bytes: &AtomicU64,
 ) -> io::Result<()> {
-    // Borrowed at a wake-up and given back when the socket has nothing for us: the verdict
-    // redirects nearly everything, so an idle connection holds none (the first wake-up is
-    // usually the ClientHello the sockmap took before we could read it).
-    let mut buf = Vec::new();
     let want = |user: &AtomicU64| dst_start + user.load(Ordering::Relaxed) + redirected();
     loop {
         src.readable().await?;
-        if buf.is_empty() {
-            buf.resize(64 * 1024, 0);
-        }
+        // Borrowed for this wake-up only: the verdict redirects nearly everything, so an idle
+        // connection holds none (the first wake-up is usually the ClientHello the sockmap took
+        // before we could read it).
+        let mut buf = Buffer::with_len(64 * 1024);
         match src.try_read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -79,7 +77,7 @@ async fn sockmap_direction(
                 net::write_all(dst, &buf[..n]).await?;
                 user_bytes.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf = Vec::new(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
     }

@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use rustls::Connection;
 
 use super::RelayOutcome;
+use crate::buffers::Buffer;
 use crate::handoff::flush_tls;
 use crate::net::{self, StreamSocket};
 use crate::outcome::{Failure, Reason};
@@ -112,7 +113,7 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
     input: &[u8],
     forwarded: &mut u64,
 ) -> Result<(), Failure> {
-    let mut scratch = Vec::new();
+    let mut scratch = Buffer::empty();
     let Leg { tls, open, sock } = src;
     let Some(conn) = tls.as_mut() else {
         if input.is_empty() {
@@ -130,7 +131,7 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
             "peer closed TCP without close_notify",
         ));
     }
-    let mut plain = Vec::new();
+    let mut plain: Option<Buffer> = None;
     // rustls holds a bounded amount of plaintext: decrypt a piece, pass it on, then the next.
     let mut rest = input;
     while !rest.is_empty() && *open {
@@ -142,10 +143,8 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
             return Err(Failure::new(tls_failure(&e), e.to_string()));
         }
         loop {
-            if plain.is_empty() {
-                plain.resize(PLAINTEXT_BYTES, 0);
-            }
-            match conn.reader().read(&mut plain) {
+            let plain = plain.get_or_insert_with(|| Buffer::with_len(PLAINTEXT_BYTES));
+            match conn.reader().read(plain) {
                 Ok(0) => {
                     *open = false;
                     dst.close_write(&mut scratch).await?;
@@ -177,10 +176,10 @@ async fn copy_loop<A: StreamSocket, B: StreamSocket>(
 ) -> Result<(), Failure> {
     // Borrowed while a leg has bytes to read, given back once neither has: an idle connection
     // holds none, a busy one reuses it.
-    let mut buf = Vec::new();
+    let mut buf: Option<Buffer> = None;
     loop {
         // Session tickets, alerts and handshake replies rustls queued on either leg.
-        let mut scratch = Vec::new();
+        let mut scratch = Buffer::empty();
         c.flush(&mut scratch).await?;
         u.flush(&mut scratch).await?;
         drop(scratch);
@@ -191,24 +190,23 @@ async fn copy_loop<A: StreamSocket, B: StreamSocket>(
             r = c.sock.readable(), if c.open => { r?; Ready::Client }
             r = u.sock.readable(), if u.open => { r?; Ready::Upstream }
         };
-        if buf.is_empty() {
-            buf.resize(READ_BYTES, 0);
-        }
+        let bytes = buf.get_or_insert_with(|| Buffer::with_len(READ_BYTES));
         let read = match ready {
-            Ready::Client => c.sock.try_read(&mut buf),
-            Ready::Upstream => u.sock.try_read(&mut buf),
+            Ready::Client => c.sock.try_read(bytes),
+            Ready::Upstream => u.sock.try_read(bytes),
         };
         let n = match read {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf = Vec::new();
+                buf = None;
                 continue;
             }
             Err(e) => return Err(e.into()),
         };
+        let bytes = &bytes[..n];
         match ready {
-            Ready::Client => forward(c, u, &buf[..n], up).await?,
-            Ready::Upstream => forward(u, c, &buf[..n], down).await?,
+            Ready::Client => forward(c, u, bytes, up).await?,
+            Ready::Upstream => forward(u, c, bytes, down).await?,
         }
     }
 }
