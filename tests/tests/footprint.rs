@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use tlsplice_tests::{
     AgentProcess, TestPki, bpffs_or_skip, eventually, expected_auto_path, free_port, in_guest,
     metric, serve, skip,
@@ -51,18 +51,6 @@ fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
             }
         }
     })
-}
-
-fn client_config(pki: &TestPki) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    roots.add(pki.ca.clone()).expect("CA");
-    Arc::new(
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
 }
 
 /// A TLS session for "localhost" through `addr`, one round trip done: the connection the
@@ -251,7 +239,7 @@ fn every_data_path_holds_two_descriptors_per_idle_connection() {
         &[],
         &["--ebpf", "off", "--passthrough-path", "splice"],
     );
-    let client = client_config(&pki);
+    let client = pki.client_config();
     let n = held();
     let (tls_path, _) = expected_auto_path();
     let tls_path = tls_path.to_string();
@@ -513,7 +501,7 @@ fn memory_comes_back_after_bursts_of_connections() {
     let port = free_port();
     let config = tls_listener("term", "terminate", port, echo_upstream(), &files);
     let agent = AgentProcess::start(&dir, &config, &[], &["--ebpf", "off"]);
-    let client = client_config(&pki);
+    let client = pki.client_config();
     const BURSTS: usize = 10;
     const CONCURRENT: usize = 1_000;
     // A few connections first, so the baseline is a serving agent's, not a fresh one's.
