@@ -1,7 +1,8 @@
 //! The small kernel interfaces that are neither kTLS ([`crate::ktls`]), splice
 //! ([`crate::splice`]) nor BPF ([`crate::bpf`]): TCP state and counters (`TCP_INFO`,
 //! `SIOCOUTQ`), socket cookies and options, the open-file limit, and the file-system calls that
-//! the BPF pin directory needs (statfs, flock, mount). The only place they are called.
+//! the BPF pin directory needs (statfs, flock, mount), and the epoll set of parked connections
+//! put on the runtime. The only place they are called.
 #![allow(unsafe_code)]
 
 use std::ffi::CString;
@@ -212,4 +213,16 @@ pub fn try_lock_exclusive(file: &std::fs::File) -> io::Result<bool> {
     } else {
         Err(e)
     }
+}
+
+/// An epoll set (the parked connections' of a listener) put on the runtime: readable when it
+/// has events to take.
+pub fn epoll_on_runtime(poll: mio::Poll) -> io::Result<tokio::io::unix::AsyncFd<mio::Poll>> {
+    // SAFETY: `mio::Poll` owns its epoll descriptor from creation until it is dropped, and its
+    // `as_raw_fd` always returns that descriptor; the `AsyncFd` owns the `Poll`, so the
+    // descriptor stays open and the same for the whole registration.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE)
+    };
+    Ok(registered?)
 }

@@ -1066,6 +1066,76 @@ fn sockmap_connections_idle_out_though_the_agent_moves_no_byte() {
     assert_eq!(sockmap_settles_empty(&agent), 0);
 }
 
+/// Idle sockmap connections wait parked, with no task of their own (the gauge counts them);
+/// on SIGTERM they are closed at the drain deadline like any other connection, each reported
+/// once under its reason, and the agent exits.
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn parked_sockmap_connections_end_at_the_drain_deadline() {
+    let test = "parked_sockmap_connections_end_at_the_drain_deadline";
+    if !bpffs_or_skip(test) {
+        return;
+    }
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let upstream = serve(|sock| {
+        let _ = std::io::copy(&mut &sock, &mut &sock);
+    });
+    let port = free_port();
+    let mut agent = AgentProcess::start(
+        &dir,
+        &format!(
+            "[limits]\ndrain_timeout_ms = 1500\n{}",
+            passthrough_config(port, upstream)
+        ),
+        &[],
+        &["--ebpf", "required", "--passthrough-path", "sockmap"],
+    );
+    let hello = pki.client_hello();
+    let mut clients: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let mut s =
+                TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            s.write_all(&hello).expect("hello");
+            let mut back = vec![0u8; hello.len()];
+            s.read_exact(&mut back).expect("hello echoed");
+            s
+        })
+        .collect();
+    let parked = |agent: &AgentProcess| {
+        tlsplice_tests::metric(&agent.metrics(), "tlsplice_parked_connections", &[])
+    };
+    tlsplice_tests::eventually(Duration::from_secs(10), "3 connections parked", || {
+        parked(&agent) == 3.0
+    });
+    // Parked, they still carry bytes: the kernel moves them.
+    for c in &mut clients {
+        c.write_all(b"tick").expect("write while parked");
+        let mut tick = [0u8; 4];
+        c.read_exact(&mut tick).expect("tick echoed while parked");
+    }
+    assert_eq!(parked(&agent), 3.0, "{}", agent.metrics());
+    let signalled = Instant::now();
+    agent.signal(libc::SIGTERM);
+    for mut c in clients {
+        let mut buf = [0u8; 16];
+        let closed = c.read(&mut buf);
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    }
+    let waited = signalled.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1200) && waited < Duration::from_secs(10),
+        "closed after {waited:?}"
+    );
+    let status = agent.terminate().expect("the agent exits after the drain");
+    assert!(status.success(), "{status}");
+    let log = agent.log_text();
+    assert_eq!(log.matches("outcome=drain deadline ").count(), 3, "{log}");
+    assert_eq!(log.matches("data_path=sockmap").count(), 3, "{log}");
+}
+
 /// Whether `dir` is the mount point of a bpf filesystem.
 fn bpffs_mounted_at(dir: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();

@@ -270,7 +270,16 @@ fn every_data_path_holds_two_descriptors_per_idle_connection() {
         &["--ebpf", "required", "--passthrough-path", "sockmap"],
     );
     let clients = assert_two_per_connection(&agent, "sock", local(port), &client, n);
+    // Each idle sockmap connection waits parked, with no task of its own, and none is left
+    // parked once they have ended.
+    let parked = || metric(&agent.metrics(), "tlsplice_parked_connections", &[]);
+    eventually(Duration::from_secs(10), "every idle connection parked", || {
+        parked() == n as f64
+    });
     close_and_check_path(&agent, clients, "sock", "sockmap", n + 1);
+    eventually(Duration::from_secs(10), "no connection left parked", || {
+        parked() == 0.0
+    });
 }
 
 /// An upstream that echoes every byte back and never stops reading while its writes wait

@@ -18,7 +18,7 @@ mod pins;
 mod sockmap;
 
 pub use pins::{PinnedSnapshot, read_pinned};
-pub use sockmap::{AdmitError, SockmapPair};
+pub use sockmap::{AdmitError, SockmapKeys, SockmapPair};
 
 use pins::{Pins, sum_entries};
 use tlsplice_common::{

@@ -72,6 +72,21 @@ impl LoadedBpf {
     }
 }
 
+/// A parked connection's two legs in the maps ([`SockmapPair::into_keys`]): plain socket
+/// cookies, so the connection holds no borrow of the loaded programs while it is parked.
+#[derive(Debug)]
+pub struct SockmapKeys([u64; 2]);
+
+impl LoadedBpf {
+    /// The pair a parked connection let go of, to be taken out of the maps when dropped.
+    pub fn sockmap_pair_again(&self, keys: SockmapKeys) -> SockmapPair<'_> {
+        SockmapPair {
+            bpf: self,
+            cookies: keys.0,
+        }
+    }
+}
+
 /// Why the client leg did not join the sockmap relay.
 #[derive(Debug, thiserror::Error)]
 pub enum AdmitError {
@@ -106,6 +121,14 @@ impl SockmapPair<'_> {
                 .map_err(|e| AdmitError::NotAdmitted(map_error("TLSPLICE_SOCKS", &e)))?;
         }
         sys::rerun_data_ready(client).map_err(AdmitError::NotKicked)
+    }
+
+    /// Lets go of the pair without taking its sockets out of the maps, for a connection parked
+    /// off the runtime; [`LoadedBpf::sockmap_pair_again`] takes it up again.
+    pub fn into_keys(self) -> SockmapKeys {
+        let keys = SockmapKeys(self.cookies);
+        std::mem::forget(self);
+        keys
     }
 
     /// Bytes redirected in the kernel so far: (client to upstream, upstream to client).

@@ -231,6 +231,14 @@ impl Collector for TelemetryCollector {
                 )?
                 .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
         }
+        encoder
+            .encode_descriptor(
+                "tlsplice_parked_connections",
+                "Idle sockmap connections parked without a task of their own: the kernel moves their bytes, and their listener's epoll set says when one needs the agent",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&self.0.parked())?;
         if let Some(pipes) = self.0.pipe_counts() {
             let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
             let mut metric = encoder.encode_descriptor(

@@ -41,6 +41,8 @@ pub struct Telemetry {
     config_reloads: Mutex<(u64, u64)>,
     /// The splice pipe pool, once the proxy has one.
     pipes: std::sync::OnceLock<std::sync::Arc<crate::splice::PipePool>>,
+    /// Idle sockmap connections parked without a task, over all listeners.
+    parked: std::sync::atomic::AtomicI64,
 }
 
 /// One listener's certificates as now served, and its reloads.
@@ -71,6 +73,7 @@ impl Telemetry {
             certs: Mutex::default(),
             config_reloads: Mutex::default(),
             pipes: std::sync::OnceLock::new(),
+            parked: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -85,6 +88,7 @@ impl Telemetry {
                 certs: Mutex::default(),
                 config_reloads: Mutex::default(),
                 pipes: std::sync::OnceLock::new(),
+                parked: std::sync::atomic::AtomicI64::new(0),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -93,6 +97,17 @@ impl Telemetry {
     /// Exports the gauges of `pool`, the proxy's splice pipe pool (the first one given).
     pub fn watch_pipes(&self, pool: std::sync::Arc<crate::splice::PipePool>) {
         let _ = self.pipes.set(pool);
+    }
+
+    /// `delta` idle sockmap connections parked (or, negative, woken).
+    pub fn parked_connections(&self, delta: i64) {
+        self.parked
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Idle sockmap connections parked now.
+    pub fn parked(&self) -> i64 {
+        self.parked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// What the splice pipe pool holds now, once there is one.

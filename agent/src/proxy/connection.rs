@@ -5,29 +5,73 @@
 //! and where the lingering close is done.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::relay::{self, Drained};
+use super::parking::{Parked, Parking, Woken};
+use super::relay::{self, Drained, Relayed, Wake};
 use super::state::{Admission, ListenerState};
 use super::{passthrough, tls};
 use crate::config::Mode;
 use crate::outcome::{ConnectionReport, DataPath, Facts, Failure};
 
-/// Serves one admitted connection to its end (or to the drain deadline), then concludes it.
+/// Serves one admitted connection to its end (or to the drain deadline), then concludes it;
+/// an idle sockmap connection is parked in `parking` instead, to be taken up by [`resume`].
 pub(crate) async fn serve(
-    state: &ListenerState,
+    state: Arc<ListenerState>,
     admission: Admission,
     sock: TcpStream,
     peer: SocketAddr,
     mut drained: Drained,
+    parking: Option<Arc<Parking>>,
 ) {
     let mut facts = Facts::default();
-    let ended = handle(state, sock, peer, &mut facts, &mut drained).await;
-    conclude(state, peer, facts, ended, Places::Admitted(admission)).await;
+    let ended = match handle(&state, sock, peer, &mut facts, &mut drained).await {
+        Ok(Relayed::Done) => Ok(()),
+        Err(failure) => Err(failure),
+        Ok(Relayed::Idle(idle)) => {
+            let parked = Box::new(Parked {
+                state,
+                admission,
+                peer,
+                facts,
+                idle,
+            });
+            let parked = match parking {
+                Some(parking) => match parking.park(parked) {
+                    Ok(()) => return,
+                    Err(parked) => parked,
+                },
+                None => parked,
+            };
+            // Not parked (the drain deadline has passed, or no epoll set): this task relays
+            // it. Boxed: inline, every connection's task would hold room for it.
+            let woken = Woken {
+                parked,
+                wake: Wake::Ready,
+            };
+            return Box::pin(resume(woken, drained)).await;
+        }
+    };
+    conclude(&state, peer, facts, ended, Places::Admitted(admission)).await;
+}
+
+/// Relays a parked connection taken up again to its end, then concludes it.
+pub(crate) async fn resume(woken: Woken, mut drained: Drained) {
+    let Parked {
+        state,
+        admission,
+        peer,
+        mut facts,
+        idle,
+    } = *woken.parked;
+    let bpf = state.telemetry.bpf();
+    let ended = relay::resume(idle, bpf, woken.wake, &mut facts, &mut drained).await;
+    conclude(&state, peer, facts, ended, Places::Admitted(admission)).await;
 }
 
 /// Sets the connection up by its listener's mode, then moves its bytes until it ends. At the
@@ -40,7 +84,7 @@ async fn handle(
     peer: SocketAddr,
     facts: &mut Facts,
     drained: &mut Drained,
-) -> Result<(), Failure> {
+) -> Result<Relayed, Failure> {
     // On the heap, and freed once the connection is set up: handshakes hold far more than a
     // relay does, and an established connection should not carry their size. Its result is
     // boxed too, so it takes no room in this future beside the relay's.

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::connection;
+use super::parking::{Parking, Woken};
 use super::relay::{self, Drained};
 use super::state::ListenerState;
 use crate::outcome::Facts;
@@ -23,14 +24,19 @@ fn admit(
     sock: TcpStream,
     peer: std::net::SocketAddr,
     drained: &Drained,
+    parking: Option<&Arc<Parking>>,
 ) {
     match state.admit() {
         Ok(admission) => {
-            let state = state.clone();
-            let drained = drained.clone();
-            connections.spawn(async move {
-                connection::serve(&state, admission, sock, peer, drained).await;
-            });
+            let serving = connection::serve(
+                state.clone(),
+                admission,
+                sock,
+                peer,
+                drained.clone(),
+                parking.cloned(),
+            );
+            connections.spawn(serving);
         }
         Err(refused) => {
             // A FIN, and whatever the client already sent read away, rather than a reset;
@@ -54,9 +60,10 @@ fn admit(
 }
 
 /// Accepts on one listener until told to stop, each connection in its own task with the
-/// settings current when it arrived (a reload may change them); then the listener closes, its
-/// connections get until the deadline to finish, and those still open are told to end (each
-/// reports the reason `drain deadline`). Returns when every connection has ended.
+/// settings current when it arrived (a reload may change them), idle sockmap connections parked
+/// without one; then the listener closes, its connections get until the deadline to finish,
+/// and those still open are told to end (each reports the reason `drain deadline`). Returns
+/// when every connection has ended.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     states: watch::Receiver<Arc<ListenerState>>,
@@ -67,6 +74,19 @@ pub(crate) async fn accept_loop(
     let mut connections = JoinSet::new();
     // Some(deadline) once the drain deadline has passed: every connection task watches it.
     let (drain_tx, drained) = watch::channel(None);
+    // Dropped with this loop, which stops its driver.
+    let mut driver = JoinSet::new();
+    let (parking, mut woken) = match Parking::new() {
+        Ok((parking, parked, woken)) => {
+            driver.spawn(parked.run(drained.clone()));
+            (Some(parking), Some(woken))
+        }
+        Err(e) => {
+            tracing::warn!(listener = %state.config.name, error = %e,
+                "no epoll set for idle sockmap connections: each keeps a task");
+            (None, None)
+        }
+    };
     let stopped = relay::drain_passed(&mut stop);
     tokio::pin!(stopped);
     let deadline = loop {
@@ -74,11 +94,10 @@ pub(crate) async fn accept_loop(
             biased;
             deadline = &mut stopped => break deadline,
             Some(done) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    tracing::error!(listener = %state.config.name, error = %e, "connection task panicked");
-                }
+                log_panic(&state, done);
+            }
+            Some(w) = next_woken(&mut woken) => {
+                take_woken(parking.as_deref(), &mut connections, w, &drained);
             }
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
@@ -88,7 +107,7 @@ pub(crate) async fn accept_loop(
                     if let Err(e) = sock.set_nodelay(true) {
                         tracing::debug!(listener = %state.config.name, %peer, error = %e, "TCP_NODELAY");
                     }
-                    admit(&state, &mut connections, sock, peer, &drained);
+                    admit(&state, &mut connections, sock, peer, &drained, parking.as_ref());
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -99,13 +118,83 @@ pub(crate) async fn accept_loop(
         }
     };
     drop(listener);
-    if !connections.is_empty() {
-        tracing::info!(listener = %state.config.name, connections = connections.len(),
+    let held = || parking.as_ref().map_or(0, |p| p.held());
+    if !connections.is_empty() || held() > 0 {
+        tracing::info!(listener = %state.config.name, connections = connections.len() + held(),
             deadline_ms = deadline.as_millis(), "listener closed; draining its connections");
     }
-    let drain = async { while connections.join_next().await.is_some() {} };
-    if tokio::time::timeout(deadline, drain).await.is_err() {
+    let parking = parking.as_deref();
+    let mut drain = Draining {
+        connections: &mut connections,
+        woken: &mut woken,
+        parking,
+        drained: &drained,
+        state: &state,
+    };
+    if tokio::time::timeout(deadline, drain.until_ended())
+        .await
+        .is_err()
+    {
         let _ = drain_tx.send(Some(deadline));
-        while connections.join_next().await.is_some() {}
+        drain.until_ended().await;
     }
+}
+
+/// A closed listener's connections, until every one has ended.
+struct Draining<'a> {
+    connections: &'a mut JoinSet<()>,
+    woken: &'a mut Option<mpsc::UnboundedReceiver<Woken>>,
+    parking: Option<&'a Parking>,
+    drained: &'a Drained,
+    state: &'a ListenerState,
+}
+
+impl Draining<'_> {
+    /// Returns when every connection has ended, parked ones included (their driver hands them
+    /// over when they end, and all of them at the drain deadline).
+    async fn until_ended(&mut self) {
+        let held = |p: Option<&Parking>| p.map_or(0, Parking::held);
+        while !self.connections.is_empty() || held(self.parking) > 0 {
+            tokio::select! {
+                Some(done) = self.connections.join_next(), if !self.connections.is_empty() => {
+                    log_panic(self.state, done);
+                }
+                Some(w) = next_woken(self.woken) => {
+                    take_woken(self.parking, self.connections, w, self.drained);
+                }
+                // The driver is gone with connections still held: none can come back.
+                else => break,
+            }
+        }
+    }
+}
+
+/// Logs a connection task that panicked.
+fn log_panic(state: &ListenerState, done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done
+        && e.is_panic()
+    {
+        tracing::error!(listener = %state.config.name, error = %e, "connection task panicked");
+    }
+}
+
+/// The next parked connection its driver woke; never, when there is no parking.
+async fn next_woken(woken: &mut Option<mpsc::UnboundedReceiver<Woken>>) -> Option<Woken> {
+    match woken {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Gives a woken connection a task of its own, which relays it to its end.
+fn take_woken(
+    parking: Option<&Parking>,
+    connections: &mut JoinSet<()>,
+    woken: Woken,
+    drained: &Drained,
+) {
+    if let Some(parking) = parking {
+        parking.taken();
+    }
+    connections.spawn(connection::resume(woken, drained.clone()));
 }

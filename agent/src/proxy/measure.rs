@@ -94,9 +94,15 @@ async fn measure(sockmap: bool, bpf: &crate::bpf::LoadedBpf) -> io::Result<PathC
         timer_stop.store(true, Ordering::Relaxed);
     });
     let outcome = if sockmap {
-        relay::sockmap::relay(&client, &upstream, bpf, tlsplice_common::NO_LISTENER)
-            .await
-            .map_err(io::Error::other)?
+        match relay::sockmap::enter(&client, &upstream, bpf, tlsplice_common::NO_LISTENER) {
+            Ok(relay::sockmap::Entry::Entered(pair, starts)) => {
+                relay::sockmap::finish(&client, &upstream, pair, starts).await
+            }
+            Ok(relay::sockmap::Entry::Failed(failure)) => {
+                return Err(io::Error::other(failure.to_string()));
+            }
+            Err(why) => return Err(io::Error::other(why)),
+        }
     } else {
         // Its own two pipes: the measurement runs before the listeners serve.
         let pipes = crate::splice::PipePool::new(2, relay::splice::SPLICE_CHUNK);

@@ -1,13 +1,15 @@
 //! Listeners and their connections. A connection's life, in the order it happens:
 //! [`listener`] accepts and admits it under the limits; its mode sets it up ([`tls`]:
 //! terminate, reencrypt, originate; [`passthrough`]), with the upstream leg from [`upstream`];
-//! its data path moves the bytes ([`relay`], one module per path); [`connection`] records how
-//! it ended, in one place. [`Proxy`] runs the listeners and applies reloads; [`measure`]
+//! its data path moves the bytes ([`relay`], one module per path), an idle sockmap connection
+//! waiting in its listener's [`parking`] with no task of its own; [`connection`] records how it
+//! ended, in one place. [`Proxy`] runs the listeners and applies reloads; [`measure`]
 //! decides the node's passthrough path at start.
 
 mod connection;
 mod listener;
 pub mod measure;
+mod parking;
 mod passthrough;
 mod relay;
 mod state;

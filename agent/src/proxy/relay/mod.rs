@@ -119,16 +119,28 @@ impl RelayOutcome {
     }
 }
 
+/// How [`run`] left a connection.
+pub(crate) enum Relayed {
+    /// Its relay ended with both directions closed (a failure, an idle timeout or the drain
+    /// deadline is `Err`).
+    Done,
+    /// Both legs are in the sock hash: the kernel moves its bytes, and until one of its legs
+    /// has something for the agent it needs no task ([`crate::proxy::parking`]); [`resume`]
+    /// takes it up from there.
+    Idle(IdleSockmap),
+}
+
 /// Moves the connection's bytes on its planned data path (splice and kTLS borrowing pipes from
-/// `pipes`) until both directions end, it fails,
-/// it idles out, or the drain deadline passes (`drained` says so); its counts go into `facts`.
+/// `pipes`) until both directions end, it fails, it idles out, or the drain deadline passes
+/// (`drained` says so); its counts go into `facts`. A sockmap connection comes back
+/// [`Relayed::Idle`] once its legs are in the sock hash.
 pub(crate) async fn run(
     est: Box<Established>,
     bpf: Option<&LoadedBpf>,
     pipes: &PipePool,
     facts: &mut Facts,
     drained: &mut Drained,
-) -> Result<(), Failure> {
+) -> Result<Relayed, Failure> {
     let Established {
         client,
         upstream,
@@ -136,8 +148,34 @@ pub(crate) async fn run(
         listener,
         idle_timeout,
     } = *est;
+    let plan = match plan {
+        Plan::Sockmap => {
+            let entry = match (bpf, &upstream) {
+                (Some(bpf), Upstream::Tcp(tcp)) => sockmap::enter(&client, tcp, bpf, listener),
+                _ => {
+                    return Err(Failure::new(
+                        Reason::Internal,
+                        "sockmap planned without the eBPF programs or with a unix upstream",
+                    ));
+                }
+            };
+            match entry {
+                Ok(sockmap::Entry::Entered(pair, starts)) => {
+                    let idle = IdleSockmap::new(client, upstream, pair, starts, idle_timeout)?;
+                    return Ok(Relayed::Idle(idle));
+                }
+                Ok(sockmap::Entry::Failed(failure)) => return Err(failure),
+                // Nothing moved yet: splice instead, and say why.
+                Err(why) => {
+                    let (path, reason) = crate::path::sockmap_refused(&why);
+                    facts.take_path(path, format!("{reason}; upstream {}", upstream.peer()));
+                    Plan::Splice
+                }
+            }
+        }
+        plan => plan,
+    };
     let (client, upstream) = (&client, &upstream);
-    let mut path_change = None;
     // Each data path's future on the heap, sized for that path alone: inline, every
     // connection's task would be as large as the largest path's (user-space TLS sessions and
     // buffers), for the whole life of the connection.
@@ -151,36 +189,117 @@ pub(crate) async fn run(
             client: c,
             upstream: u,
         } => Box::pin(userspace::relay(client, c, upstream, u)),
-        Plan::Splice => Box::pin(splice::relay_plain(pipes, client, upstream)),
-        Plan::Sockmap => {
-            let path_change = &mut path_change;
-            Box::pin(async move {
-                let (Some(bpf), Upstream::Tcp(tcp)) = (bpf, upstream) else {
-                    return RelayOutcome::failed(Failure::new(
-                        Reason::Internal,
-                        "sockmap planned without the eBPF programs or with a unix upstream",
-                    ));
-                };
-                match sockmap::relay(client, tcp, bpf, listener).await {
-                    Ok(outcome) => outcome,
-                    // Nothing moved yet: splice instead, and say why.
-                    Err(why) => {
-                        let (path, reason) = crate::path::sockmap_refused(&why);
-                        let to = tcp
-                            .peer_addr()
-                            .map_or_else(|e| e.to_string(), |a| a.to_string());
-                        *path_change = Some((path, format!("{reason}; upstream {to}")));
-                        splice::relay_plain(pipes, client, upstream).await
-                    }
-                }
-            })
-        }
+        // A sockmap plan got here only when its legs could not enter the sock hash.
+        Plan::Splice | Plan::Sockmap => Box::pin(splice::relay_plain(pipes, client, upstream)),
     };
-    let (outcome, stopped) = watch(moving, client, upstream, idle_timeout, drained).await;
-    if let Some((path, why)) = path_change {
-        facts.take_path(path, why);
+    let (outcome, stopped) = watch(moving, client, upstream, idle_timeout, drained, None).await;
+    ended(outcome, stopped, idle_timeout, facts).map(|()| Relayed::Done)
+}
+
+/// A sockmap connection whose legs are in the sock hash, off the runtime until one of them has
+/// something for the agent (bytes the verdict passed up, an end, an error): its two plain
+/// sockets, the keys of their map entries, and where their send sequences started.
+pub(crate) struct IdleSockmap {
+    client: std::net::TcpStream,
+    upstream: std::net::TcpStream,
+    keys: crate::bpf::SockmapKeys,
+    starts: sockmap::SendStarts,
+    /// Closed after this long without a byte either way.
+    pub(crate) idle_timeout: Duration,
+}
+
+impl IdleSockmap {
+    /// Takes both legs off the runtime (their readiness registrations freed) and lets go of
+    /// the pair, which stays in the maps.
+    fn new(
+        client: TcpStream,
+        upstream: Upstream,
+        pair: crate::bpf::SockmapPair<'_>,
+        starts: sockmap::SendStarts,
+        idle_timeout: Duration,
+    ) -> Result<Self, Failure> {
+        let Upstream::Tcp(upstream) = upstream else {
+            return Err(Failure::new(
+                Reason::Internal,
+                "a sockmap connection with a unix upstream",
+            ));
+        };
+        let off = |sock: TcpStream, leg: &str| {
+            sock.into_std()
+                .map_err(|e| Failure::io(&format!("taking the {leg} leg off the runtime"), &e))
+        };
+        // On failure the pair, dropped, takes both legs out of the maps.
+        let client = off(client, "client")?;
+        let upstream = off(upstream, "upstream")?;
+        Ok(Self {
+            client,
+            upstream,
+            keys: pair.into_keys(),
+            starts,
+            idle_timeout,
+        })
     }
-    // Dropped after the grace: nothing to report but why it was stopped.
+
+    /// The client leg, then the upstream leg.
+    pub(crate) fn legs(&self) -> [&std::net::TcpStream; 2] {
+        [&self.client, &self.upstream]
+    }
+}
+
+/// Why a parked connection is taken up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// One of its legs has something for the agent (bytes, an end, an error), or the drain
+    /// deadline passed (the relay sees that itself).
+    Ready,
+    /// Nothing moved either way for its idle timeout: it is closed as any idle connection.
+    Idle,
+}
+
+/// Takes a parked sockmap connection back onto the runtime and relays it to its end, as
+/// [`run`] would have.
+pub(crate) async fn resume(
+    idle: IdleSockmap,
+    bpf: Option<&LoadedBpf>,
+    wake: Wake,
+    facts: &mut Facts,
+    drained: &mut Drained,
+) -> Result<(), Failure> {
+    let IdleSockmap {
+        client,
+        upstream,
+        keys,
+        starts,
+        idle_timeout,
+    } = idle;
+    let Some(bpf) = bpf else {
+        return Err(Failure::new(
+            Reason::Internal,
+            "a parked sockmap connection without the eBPF programs",
+        ));
+    };
+    // Dropped on any failure below, taking both legs out of the maps.
+    let pair = bpf.sockmap_pair_again(keys);
+    let on = |sock: std::net::TcpStream, leg: &str| {
+        TcpStream::from_std(sock)
+            .map_err(|e| Failure::io(&format!("taking the parked {leg} leg back"), &e))
+    };
+    let client = on(client, "client")?;
+    let upstream = on(upstream, "upstream")?;
+    let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
+    let stop = (wake == Wake::Idle).then_some(Stop::Idle);
+    let (outcome, stopped) = watch(moving, &client, &upstream, idle_timeout, drained, stop).await;
+    ended(outcome, stopped, idle_timeout, facts)
+}
+
+/// A relay's end as the connection's: its counts into `facts`, and why the agent stopped it,
+/// if it did, over how the relay itself ended. `None`: dropped after the grace.
+fn ended(
+    outcome: Option<RelayOutcome>,
+    stopped: Option<Stop>,
+    idle_timeout: Duration,
+    facts: &mut Facts,
+) -> Result<(), Failure> {
     let Some(outcome) = outcome else {
         return Err(match stopped {
             Some(Stop::Drained(deadline)) => drain_deadline(deadline),
@@ -246,31 +365,33 @@ enum Stop {
 /// How long a relay the agent shut down (idle, drain deadline) may take to end by itself.
 const GRACE: Duration = Duration::from_secs(2);
 
-/// Runs `relay` to its end, closing the connection when nothing has moved either way on the
-/// client leg for `timeout` (read from the kernel's TCP counters, so every data path is seen
-/// the same, in-kernel ones included) or when the drain deadline passes. Closing is a shutdown
+/// Runs `relay` to its end (shut down at once when `stop_now` says why), closing the
+/// connection when nothing has moved either way on the client leg for `timeout` (read from the
+/// kernel's TCP counters, so every data path is seen the same, in-kernel ones included) or
+/// when the drain deadline passes. Closing is a shutdown
 /// of both legs, so the relay ends on its own and still reports its bytes; one that has not
 /// ended [`GRACE`] after the shutdown is dropped (`None`). Returns its outcome, and why the
 /// agent stopped it, if it did.
 async fn watch<F: Future>(
     relay: F,
     client: &TcpStream,
-    upstream: &Upstream,
+    upstream: &impl AsFd,
     timeout: Duration,
     drained: &mut Drained,
+    stop_now: Option<Stop>,
 ) -> (Option<F::Output>, Option<Stop>) {
     let poll = (timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
     tokio::pin!(relay);
     let progress = || crate::sys::tcp_progress(client.as_fd()).ok();
     let mut last = progress();
     let mut since = tokio::time::Instant::now();
-    let mut stopped = None;
     let stop = |why| {
         let _ = net::shutdown_both(client);
         let _ = net::shutdown_both(upstream);
         Some(why)
     };
-    loop {
+    let mut stopped = stop_now.and_then(stop);
+    while stopped.is_none() {
         tokio::select! {
             out = &mut relay => return (Some(out), stopped),
             () = tokio::time::sleep(poll), if stopped.is_none() => {
@@ -286,11 +407,9 @@ async fn watch<F: Future>(
                 stopped = stop(Stop::Drained(deadline));
             }
         }
-        if stopped.is_some() {
-            let out = tokio::time::timeout(GRACE, &mut relay).await.ok();
-            return (out, stopped);
-        }
     }
+    let out = tokio::time::timeout(GRACE, &mut relay).await.ok();
+    (out, stopped)
 }
 
 #[cfg(test)]
@@ -363,7 +482,8 @@ mod tests {
             ),
         ];
         let admission = state.admit().unwrap();
-        let task = crate::proxy::connection::serve(&state, admission, client, addr, drained);
+        let state = Arc::new(state);
+        let task = crate::proxy::connection::serve(state, admission, client, addr, drained, None);
         let task_size = size_of_val(&task);
         drop(task);
         for (what, bytes, bound) in sizes.iter().chain([&("connection task", task_size, 1536)]) {

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::net::TcpStream;
 
 use super::RelayOutcome;
+use crate::bpf::SockmapPair;
 use crate::buffers::Buffer;
 use crate::net;
 use crate::outcome::Failure;
@@ -90,18 +91,34 @@ async fn sockmap_direction(
     }
 }
 
-/// Both plain legs in the eBPF sock hash: the kernel moves the bytes, the agent waits for the
-/// ends. `Err` when the legs could not enter the maps before any byte moved (the caller picks
-/// another path and says why); a failure after that ends the connection.
-pub(crate) async fn relay(
+/// Where each leg's send sequence stood when the legs entered the sock hash: the bytes a leg
+/// must have queued before the agent writes to it or sends its FIN count from there.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendStarts {
+    client: u64,
+    upstream: u64,
+}
+
+/// How entering the sock hash went, once both legs could be put there.
+pub(crate) enum Entry<'a> {
+    /// Both legs are in: the kernel moves the bytes from here on.
+    Entered(SockmapPair<'a>, SendStarts),
+    /// The client leg entered but the verdict could not be made to run over what it had
+    /// received: bytes may have moved, so no other path can take over.
+    Failed(Failure),
+}
+
+/// Puts both plain legs into the eBPF sock hash. `Err` when they could not enter before any
+/// byte moved (the caller picks another path and says why).
+pub(crate) fn enter<'a>(
     client: &TcpStream,
     upstream: &TcpStream,
-    bpf: &crate::bpf::LoadedBpf,
+    bpf: &'a crate::bpf::LoadedBpf,
     listener: u16,
-) -> Result<RelayOutcome, String> {
+) -> Result<Entry<'a>, String> {
     let queued = |s: &TcpStream| crate::sys::tcp_bytes_queued(s.as_fd()).map(|q| q.0);
-    let (client_start, upstream_start) = match (queued(client), queued(upstream)) {
-        (Ok(c), Ok(u)) => (c, u),
+    let starts = match (queued(client), queued(upstream)) {
+        (Ok(client), Ok(upstream)) => SendStarts { client, upstream },
         (Err(e), _) | (_, Err(e)) => return Err(format!("reading TCP_INFO: {e}")),
     };
     // Both legs enter the map with the client's bytes so far (its ClientHello, only peeked)
@@ -118,32 +135,40 @@ pub(crate) async fn relay(
         .sockmap_pair(listener, client.as_fd(), upstream.as_fd())
         .map_err(|e| e.to_string())?;
     match pair.admit_client(client.as_fd()) {
-        Ok(()) => {}
+        Ok(()) => Ok(Entry::Entered(pair, starts)),
         // Nothing left the client leg, and the upstream, which only answers a ClientHello, has
         // had none: the caller can take another path.
-        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => return Err(e.to_string()),
+        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => Err(e.to_string()),
         // The verdict may have redirected bytes already: no other path can take over.
-        Err(e) => {
-            return Ok(RelayOutcome::failed(Failure::new(
-                crate::outcome::Reason::RelayError,
-                e.to_string(),
-            )));
-        }
+        Err(e) => Ok(Entry::Failed(Failure::new(
+            crate::outcome::Reason::RelayError,
+            e.to_string(),
+        ))),
     }
+}
+
+/// Both plain legs in the eBPF sock hash ([`enter`]): the kernel moves the bytes, the agent
+/// waits for each direction's end (or for bytes the verdict passed up) and forwards it.
+pub(crate) async fn finish(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    pair: SockmapPair<'_>,
+    starts: SendStarts,
+) -> RelayOutcome {
     let (user_up, user_down) = (AtomicU64::new(0), AtomicU64::new(0));
     let result = tokio::try_join!(
         sockmap_direction(
             client,
             upstream,
             || pair.redirected().0,
-            upstream_start,
+            starts.upstream,
             &user_up
         ),
         sockmap_direction(
             upstream,
             client,
             || pair.redirected().1,
-            client_start,
+            starts.client,
             &user_down
         ),
     )
@@ -151,9 +176,9 @@ pub(crate) async fn relay(
     .map_err(|e| Failure::io("sockmap relay", &e));
     let (up, down) = pair.redirected();
     drop(pair);
-    Ok(RelayOutcome::moved(
+    RelayOutcome::moved(
         up + user_up.into_inner(),
         down + user_down.into_inner(),
         result,
-    ))
+    )
 }

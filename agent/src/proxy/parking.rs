@@ -1,0 +1,372 @@
+//! Idle sockmap connections parked off the runtime. Once both legs of a passthrough connection
+//! are in the eBPF sock hash the kernel moves every byte, and whatever the agent still has to
+//! do (forward the rare bytes the verdict passes up, pass a FIN on, see an error) starts with a
+//! leg becoming readable; the rest is the idle timeout and the drain deadline. So a parked
+//! connection holds no task, no timer and no readiness registration of its own: its two
+//! sockets sit in its listener's epoll set beside a small record ([`Parked`]), and the
+//! listener's [`Driver`] hands it back to the accept loop ([`Woken`]) when a leg has something
+//! for the agent or it has idled out; the accept loop relays it to its end in a task of its own
+//! ([`super::connection::resume`]).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
+
+use super::relay::{self, Drained, IdleSockmap, Wake};
+use super::state::{Admission, ListenerState};
+use crate::outcome::Facts;
+
+/// How long after a leg signals readable it is looked at: a leg that entered the sock hash
+/// with bytes queued signals readable while the verdict is still redirecting them.
+const SETTLE: Duration = Duration::from_millis(5);
+
+/// Epoll events taken per `epoll_wait`.
+const EVENTS: usize = 256;
+
+/// Rounds of `epoll_wait` (and checks of connections due) per turn of the driver, so a storm
+/// of events cannot keep it from its other work.
+const ROUNDS: usize = 16;
+
+/// Connections looked at per turn of the driver.
+const CHECKS: usize = 4096;
+
+/// A parked connection: what its end needs (its listener, its places under the limits, its
+/// facts so far) and its two legs.
+pub(crate) struct Parked {
+    /// Its listener's settings when it arrived.
+    pub(crate) state: Arc<ListenerState>,
+    /// Its places under the connection limits.
+    pub(crate) admission: Admission,
+    /// The client's address.
+    pub(crate) peer: SocketAddr,
+    /// What is known of it so far.
+    pub(crate) facts: Facts,
+    /// Its legs, in the sock hash.
+    pub(crate) idle: IdleSockmap,
+}
+
+/// A parked connection taken up again, and why.
+pub(crate) struct Woken {
+    /// The connection.
+    pub(crate) parked: Box<Parked>,
+    /// Why it was woken.
+    pub(crate) wake: Wake,
+}
+
+/// One parked connection and what its checks need.
+struct Slot {
+    parked: Box<Parked>,
+    /// The client leg's TCP progress (bytes received and acknowledged) when last read.
+    progress: Option<u64>,
+    /// When that progress last changed.
+    since: Instant,
+    /// How often its progress is read: a quarter of its idle timeout, as a relay's watch does.
+    every: Duration,
+    /// Its next check; a check in the queue at another time is stale.
+    due: Instant,
+    /// A leg signalled readable: peek at both at the next check.
+    readable: bool,
+}
+
+impl Slot {
+    /// Whether the connection should be woken now, and why.
+    fn check(&mut self, now: Instant) -> Option<Wake> {
+        if std::mem::take(&mut self.readable) {
+            for leg in self.parked.idle.legs() {
+                match leg.peek(&mut [0u8; 1]) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // Bytes the verdict passed up, the end of the stream, or an error: the
+                    // relay takes each of them from here.
+                    _ => return Some(Wake::Ready),
+                }
+            }
+        }
+        let [client, _] = self.parked.idle.legs();
+        let progress = crate::sys::tcp_progress(client.as_fd()).ok();
+        if progress != self.progress {
+            (self.progress, self.since) = (progress, now);
+        } else if now.duration_since(self.since) >= self.parked.idle.idle_timeout {
+            return Some(Wake::Idle);
+        }
+        None
+    }
+}
+
+/// The parked connections and their checks, in time order.
+#[derive(Default)]
+struct Lot {
+    next_id: u64,
+    slots: HashMap<u64, Slot>,
+    checks: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Past the drain deadline: nothing parks any more.
+    closed: bool,
+}
+
+/// One listener's parked connections.
+pub(crate) struct Parking {
+    registry: Registry,
+    lot: Mutex<Lot>,
+    /// Parked, or woken and not yet taken by the accept loop: the connections its drain still
+    /// waits for.
+    held: AtomicUsize,
+    woken: mpsc::UnboundedSender<Woken>,
+    /// Something was parked: the driver's next check may be sooner.
+    parked: Notify,
+}
+
+/// Runs a listener's [`Parking`]: reads its epoll set, checks its connections when they are
+/// due, and wakes them all at the drain deadline.
+pub(crate) struct Driver {
+    poll: AsyncFd<Poll>,
+    parking: Arc<Parking>,
+}
+
+impl Parking {
+    /// A parking with its own epoll set, the driver to run it, and where the accept loop takes
+    /// the connections it wakes.
+    pub(crate) fn new() -> io::Result<(Arc<Self>, Driver, mpsc::UnboundedReceiver<Woken>)> {
+        let poll = Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        let (woken, taken) = mpsc::unbounded_channel();
+        let parking = Arc::new(Self {
+            registry,
+            lot: Mutex::default(),
+            held: AtomicUsize::new(0),
+            woken,
+            parked: Notify::new(),
+        });
+        let driver = Driver {
+            poll: crate::sys::epoll_on_runtime(poll)?,
+            parking: parking.clone(),
+        };
+        Ok((parking, driver, taken))
+    }
+
+    fn lot(&self) -> MutexGuard<'_, Lot> {
+        self.lot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Parks a connection; gives it back when it cannot be parked (past the drain deadline,
+    /// or its legs could not join the epoll set), to be relayed by its own task.
+    pub(crate) fn park(&self, parked: Box<Parked>) -> Result<(), Box<Parked>> {
+        let now = Instant::now();
+        let mut lot = self.lot();
+        if lot.closed {
+            return Err(parked);
+        }
+        let id = lot.next_id;
+        let fds = parked.idle.legs().map(AsRawFd::as_raw_fd);
+        for (leg, fd) in fds.iter().enumerate() {
+            let registered =
+                self.registry
+                    .register(&mut SourceFd(fd), token(id, leg), Interest::READABLE);
+            if let Err(e) = registered {
+                for fd in &fds[..leg] {
+                    let _ = self.registry.deregister(&mut SourceFd(fd));
+                }
+                tracing::debug!(listener = %parked.state.config.name, peer = %parked.peer,
+                    error = %e, "a sockmap connection could not be parked; its task relays it");
+                return Err(parked);
+            }
+        }
+        lot.next_id += 1;
+        let every =
+            (parked.idle.idle_timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
+        let [client, _] = parked.idle.legs();
+        let progress = crate::sys::tcp_progress(client.as_fd()).ok();
+        parked.state.telemetry.parked_connections(1);
+        let slot = Slot {
+            parked,
+            progress,
+            since: now,
+            every,
+            due: now + every,
+            readable: false,
+        };
+        lot.slots.insert(id, slot);
+        lot.checks.push(Reverse((now + every, id)));
+        self.held.fetch_add(1, Ordering::Relaxed);
+        drop(lot);
+        self.parked.notify_one();
+        Ok(())
+    }
+
+    /// Connections parked, or woken and not yet taken by the accept loop.
+    pub(crate) fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    /// The accept loop took a woken connection.
+    pub(crate) fn taken(&self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Takes a connection out of the epoll set and hands it to the accept loop.
+    fn wake(&self, lot: &mut Lot, id: u64, wake: Wake) {
+        let Some(slot) = lot.slots.remove(&id) else {
+            return;
+        };
+        for fd in slot.parked.idle.legs().map(AsRawFd::as_raw_fd) {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+        slot.parked.state.telemetry.parked_connections(-1);
+        let woken = Woken {
+            parked: slot.parked,
+            wake,
+        };
+        if self.woken.send(woken).is_err() {
+            // The accept loop is gone (it waits for every held connection, so only when its
+            // task was cancelled): the connection closes with nothing to report to.
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Wakes every parked connection and parks none from now on (the drain deadline).
+    fn close(&self) {
+        let mut guard = self.lot();
+        let lot = &mut *guard;
+        lot.closed = true;
+        let ids: Vec<u64> = lot.slots.keys().copied().collect();
+        for id in ids {
+            self.wake(lot, id, Wake::Ready);
+        }
+        lot.checks.clear();
+    }
+
+    /// Acts on what the epoll set reported: an end or an error wakes its connection at once;
+    /// bytes are looked at after [`SETTLE`].
+    fn events(&self, events: &Events) {
+        let now = Instant::now();
+        let mut guard = self.lot();
+        let lot = &mut *guard;
+        for event in events {
+            let id = (event.token().0 / 2) as u64;
+            if event.is_read_closed() || event.is_write_closed() || event.is_error() {
+                self.wake(lot, id, Wake::Ready);
+            } else if let Some(slot) = lot.slots.get_mut(&id) {
+                slot.readable = true;
+                let at = now + SETTLE;
+                if at < slot.due {
+                    slot.due = at;
+                    lot.checks.push(Reverse((at, id)));
+                }
+            }
+        }
+    }
+
+    /// When the next connection is due for a check.
+    fn next_due(&self) -> Option<Instant> {
+        self.lot().checks.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Checks the connections that are due (at most [`CHECKS`]): wakes those with something
+    /// for the agent or idle for their timeout, and schedules the others' next check.
+    fn check_due(&self) {
+        let now = Instant::now();
+        let mut guard = self.lot();
+        let lot = &mut *guard;
+        for _ in 0..CHECKS {
+            let Some(&Reverse((at, id))) = lot.checks.peek() else {
+                break;
+            };
+            if at > now {
+                break;
+            }
+            lot.checks.pop();
+            let Some(slot) = lot.slots.get_mut(&id) else {
+                continue;
+            };
+            if slot.due != at {
+                continue;
+            }
+            match slot.check(now) {
+                Some(wake) => self.wake(lot, id, wake),
+                None => {
+                    slot.due = now + slot.every;
+                    lot.checks.push(Reverse((slot.due, id)));
+                }
+            }
+        }
+        // Give back what a burst of parked connections grew.
+        if lot.slots.capacity() > 64 && lot.slots.capacity() > 4 * lot.slots.len() {
+            lot.slots.shrink_to_fit();
+        }
+        if lot.checks.capacity() > 64 && lot.checks.capacity() > 4 * lot.checks.len() {
+            lot.checks.shrink_to_fit();
+        }
+    }
+}
+
+/// The epoll token of leg `leg` (0 client, 1 upstream) of parked connection `id`.
+fn token(id: u64, leg: usize) -> Token {
+    Token(usize::try_from(id).unwrap_or(usize::MAX / 2) * 2 + leg)
+}
+
+impl Driver {
+    /// Runs until the listener's accept loop ends (it drops the task); at the drain deadline
+    /// it wakes every parked connection.
+    pub(crate) async fn run(mut self, mut drained: Drained) {
+        let mut events = Events::with_capacity(EVENTS);
+        let mut draining = false;
+        loop {
+            // Nothing due: sleep until something is parked.
+            let due = self
+                .parking
+                .next_due()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                ready = self.poll.readable_mut() => {
+                    let failed = match ready {
+                        Ok(mut guard) => read_events(&mut guard, &mut events, &self.parking).err(),
+                        Err(e) => Some(e),
+                    };
+                    if let Some(e) = failed {
+                        tracing::error!(error = %e,
+                            "reading the parked connections' epoll set failed: waking them all, parking none from now on");
+                        self.parking.close();
+                        return;
+                    }
+                }
+                () = tokio::time::sleep_until(due) => self.parking.check_due(),
+                () = self.parking.parked.notified() => {}
+                _ = relay::drain_passed(&mut drained), if !draining => {
+                    draining = true;
+                    self.parking.close();
+                }
+            }
+        }
+    }
+}
+
+/// Takes what the epoll set has ready (at most [`ROUNDS`] times [`EVENTS`]); clears the
+/// readiness only once it reports nothing, so nothing is missed.
+fn read_events(
+    guard: &mut tokio::io::unix::AsyncFdReadyMutGuard<'_, Poll>,
+    events: &mut Events,
+    parking: &Parking,
+) -> io::Result<()> {
+    for _ in 0..ROUNDS {
+        match guard.get_inner_mut().poll(events, Some(Duration::ZERO)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+        if events.is_empty() {
+            guard.clear_ready();
+            return Ok(());
+        }
+        parking.events(events);
+    }
+    Ok(())
+}
