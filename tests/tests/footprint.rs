@@ -249,8 +249,14 @@ fn every_data_path_holds_two_descriptors_per_idle_connection() {
         ("re", re, tls_path.as_str()),
         ("pass", pass, "splice"),
     ] {
-        let clients = assert_two_per_connection(&agent, name, local(port), &client, n);
+        let mut clients = assert_two_per_connection(&agent, name, local(port), &client, n);
+        if path != "userspace" {
+            parked_and_woken(&agent, name, &mut clients);
+        }
         close_and_check_path(&agent, clients, name, path, n + 1);
+        eventually(Duration::from_secs(10), "no connection left parked", || {
+            parked(&agent) == 0.0
+        });
     }
     drop(agent);
 
@@ -272,14 +278,42 @@ fn every_data_path_holds_two_descriptors_per_idle_connection() {
     let clients = assert_two_per_connection(&agent, "sock", local(port), &client, n);
     // Each idle sockmap connection waits parked, with no task of its own, and none is left
     // parked once they have ended.
-    let parked = || metric(&agent.metrics(), "tlsplice_parked_connections", &[]);
-    eventually(Duration::from_secs(10), "every idle connection parked", || {
-        parked() == n as f64
-    });
+    eventually(
+        Duration::from_secs(10),
+        "every idle connection parked",
+        || parked(&agent) == n as f64,
+    );
     close_and_check_path(&agent, clients, "sock", "sockmap", n + 1);
     eventually(Duration::from_secs(10), "no connection left parked", || {
-        parked() == 0.0
+        parked(&agent) == 0.0
     });
+}
+
+/// Idle connections the agent holds parked, without a task.
+fn parked(agent: &AgentProcess) -> f64 {
+    metric(&agent.metrics(), "tlsplice_parked_connections", &[])
+}
+
+/// Every idle connection through a spliced path (splice, kTLS) gets parked; a round trip on
+/// each wakes it with its bytes intact, and once idle again it parks again.
+fn parked_and_woken(agent: &AgentProcess, listener: &str, clients: &mut [Client]) {
+    let n = clients.len() as f64;
+    let all_parked = format!("{listener}: every idle connection parked");
+    eventually(Duration::from_secs(15), &all_parked, || parked(agent) == n);
+    for (i, c) in clients.iter_mut().enumerate() {
+        let message = format!("woken {i}");
+        c.write_all(message.as_bytes())
+            .unwrap_or_else(|e| panic!("{listener} #{i} after parking: {e}"));
+        let mut back = vec![0u8; message.len()];
+        c.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("{listener} #{i} after parking: {e}"));
+        assert_eq!(back, message.as_bytes(), "{listener} #{i}");
+    }
+    eventually(
+        Duration::from_secs(15),
+        &format!("{all_parked} again"),
+        || parked(agent) == n,
+    );
 }
 
 /// An upstream that echoes every byte back and never stops reading while its writes wait

@@ -13,14 +13,14 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::parking::{Parked, Parking, Woken};
-use super::relay::{self, Drained, Relayed, Wake};
-use super::state::{Admission, ListenerState};
+use super::relay::{self, Drained, IdleConn, Relayed, Wake};
+use super::state::{Admission, Admitted, ListenerState};
 use super::{passthrough, tls};
 use crate::config::Mode;
 use crate::outcome::{ConnectionReport, DataPath, Facts, Failure};
 
-/// Serves one admitted connection to its end (or to the drain deadline), then concludes it;
-/// an idle sockmap connection is parked in `parking` instead, to be taken up by [`resume`].
+/// Serves one admitted connection to its end (or to the drain deadline), then concludes it; an
+/// idle connection is parked in `parking` meanwhile, to be taken up again by [`resume`].
 pub(crate) async fn serve(
     state: Arc<ListenerState>,
     admission: Admission,
@@ -29,48 +29,82 @@ pub(crate) async fn serve(
     mut drained: Drained,
     parking: Option<Arc<Parking>>,
 ) {
-    let mut facts = Facts::default();
-    let ended = match handle(&state, sock, peer, &mut facts, &mut drained).await {
-        Ok(Relayed::Done) => Ok(()),
-        Err(failure) => Err(failure),
-        Ok(Relayed::Idle(idle)) => {
-            let parked = Box::new(Parked {
-                state,
-                admission,
-                peer,
-                facts,
-                idle,
-            });
-            let parked = match parking {
-                Some(parking) => match parking.park(parked) {
-                    Ok(()) => return,
-                    Err(parked) => parked,
-                },
-                None => parked,
-            };
-            // Not parked (the drain deadline has passed, or no epoll set): this task relays
-            // it. Boxed: inline, every connection's task would hold room for it.
-            let woken = Woken {
-                parked,
-                wake: Wake::Ready,
-            };
-            return Box::pin(resume(woken, drained)).await;
-        }
-    };
-    conclude(&state, peer, facts, ended, Places::Admitted(admission)).await;
-}
-
-/// Relays a parked connection taken up again to its end, then concludes it.
-pub(crate) async fn resume(woken: Woken, mut drained: Drained) {
-    let Parked {
+    // On the heap: the task would otherwise hold it twice (here and in `settle`), and a parked
+    // connection keeps it as it is.
+    let mut conn = Box::new(Admitted {
         state,
         admission,
         peer,
-        mut facts,
+        facts: Facts::default(),
+    });
+    let park_after = parking.as_ref().map(|_| relay::PARK_AFTER);
+    let facts = &mut conn.facts;
+    let relayed = handle(&conn.state, sock, peer, facts, &mut drained, park_after).await;
+    settle(conn, relayed, drained, parking).await;
+}
+
+/// Relays a parked connection taken up again, then parks or concludes it.
+pub(crate) async fn resume(woken: Woken, mut drained: Drained, parking: Option<Arc<Parking>>) {
+    let Parked { mut conn, idle } = *woken.parked;
+    let park = parking.is_some();
+    let relayed = Box::pin(resume_relay(
+        &mut conn,
         idle,
-    } = *woken.parked;
-    let bpf = state.telemetry.bpf();
-    let ended = relay::resume(idle, bpf, woken.wake, &mut facts, &mut drained).await;
+        woken.wake,
+        &mut drained,
+        park,
+    ))
+    .await;
+    settle(conn, relayed, drained, parking).await;
+}
+
+/// Runs a parked connection's relay again; with `park`, it may come back idle again.
+async fn resume_relay(
+    conn: &mut Admitted,
+    idle: IdleConn,
+    wake: Wake,
+    drained: &mut Drained,
+    park: bool,
+) -> Result<Relayed, Failure> {
+    let park_after = park.then_some(relay::PARK_AFTER);
+    let (bpf, pipes) = (conn.state.telemetry.bpf(), &conn.state.limits.pipes);
+    relay::resume(idle, bpf, pipes, wake, &mut conn.facts, drained, park_after).await
+}
+
+/// Parks a connection its relay left idle, or concludes one whose relay ended. One that cannot
+/// be parked (no epoll set, the drain deadline passed) is relayed on by this task.
+async fn settle(
+    mut conn: Box<Admitted>,
+    mut relayed: Result<Relayed, Failure>,
+    mut drained: Drained,
+    parking: Option<Arc<Parking>>,
+) {
+    let ended = loop {
+        match relayed {
+            Ok(Relayed::Done) => break Ok(()),
+            Err(failure) => break Err(failure),
+            Ok(Relayed::Idle(idle)) => {
+                let parked = Box::new(Parked { conn, idle });
+                let back = match &parking {
+                    Some(parking) => match parking.park(parked) {
+                        Ok(()) => return,
+                        Err(back) => back,
+                    },
+                    None => parked,
+                };
+                let Parked { conn: back, idle } = *back;
+                conn = back;
+                let resumed = resume_relay(&mut conn, idle, Wake::Ready, &mut drained, false);
+                relayed = Box::pin(resumed).await;
+            }
+        }
+    };
+    let Admitted {
+        state,
+        admission,
+        peer,
+        facts,
+    } = *conn;
     conclude(&state, peer, facts, ended, Places::Admitted(admission)).await;
 }
 
@@ -84,6 +118,7 @@ async fn handle(
     peer: SocketAddr,
     facts: &mut Facts,
     drained: &mut Drained,
+    park_after: Option<std::time::Duration>,
 ) -> Result<Relayed, Failure> {
     // On the heap, and freed once the connection is set up: handshakes hold far more than a
     // relay does, and an established connection should not carry their size. Its result is
@@ -105,7 +140,8 @@ async fn handle(
         data_path = %established.plan.path(), reason = %facts.path_reason,
         session = %facts.session, "data path chosen");
     let pipes = &state.limits.pipes;
-    relay::run(established, state.telemetry.bpf(), pipes, facts, drained).await
+    let bpf = state.telemetry.bpf();
+    relay::run(established, bpf, pipes, facts, drained, park_after).await
 }
 
 /// The places a connection holds until it is concluded.

@@ -97,7 +97,7 @@ pub(crate) async fn accept_loop(
                 log_panic(&state, done);
             }
             Some(w) = next_woken(&mut woken) => {
-                take_woken(parking.as_deref(), &mut connections, w, &drained);
+                take_woken(parking.as_ref(), &mut connections, w, &drained);
             }
             accepted = listener.accept() => match accepted {
                 Ok((sock, peer)) => {
@@ -123,7 +123,7 @@ pub(crate) async fn accept_loop(
         tracing::info!(listener = %state.config.name, connections = connections.len() + held(),
             deadline_ms = deadline.as_millis(), "listener closed; draining its connections");
     }
-    let parking = parking.as_deref();
+    let parking = parking.as_ref();
     let mut drain = Draining {
         connections: &mut connections,
         woken: &mut woken,
@@ -144,7 +144,7 @@ pub(crate) async fn accept_loop(
 struct Draining<'a> {
     connections: &'a mut JoinSet<()>,
     woken: &'a mut Option<mpsc::UnboundedReceiver<Woken>>,
-    parking: Option<&'a Parking>,
+    parking: Option<&'a Arc<Parking>>,
     drained: &'a Drained,
     state: &'a ListenerState,
 }
@@ -153,7 +153,7 @@ impl Draining<'_> {
     /// Returns when every connection has ended, parked ones included (their driver hands them
     /// over when they end, and all of them at the drain deadline).
     async fn until_ended(&mut self) {
-        let held = |p: Option<&Parking>| p.map_or(0, Parking::held);
+        let held = |p: Option<&Arc<Parking>>| p.map_or(0, |p| p.held());
         while !self.connections.is_empty() || held(self.parking) > 0 {
             tokio::select! {
                 Some(done) = self.connections.join_next(), if !self.connections.is_empty() => {
@@ -186,9 +186,9 @@ async fn next_woken(woken: &mut Option<mpsc::UnboundedReceiver<Woken>>) -> Optio
     }
 }
 
-/// Gives a woken connection a task of its own, which relays it to its end.
+/// Gives a woken connection a task of its own, which relays it until it ends or parks again.
 fn take_woken(
-    parking: Option<&Parking>,
+    parking: Option<&Arc<Parking>>,
     connections: &mut JoinSet<()>,
     woken: Woken,
     drained: &Drained,
@@ -196,5 +196,5 @@ fn take_woken(
     if let Some(parking) = parking {
         parking.taken();
     }
-    connections.spawn(connection::resume(woken, drained.clone()));
+    connections.spawn(connection::resume(woken, drained.clone(), parking.cloned()));
 }

@@ -9,7 +9,7 @@
 mod connection;
 mod listener;
 pub mod measure;
-mod parking;
+pub(crate) mod parking;
 mod passthrough;
 mod relay;
 mod state;

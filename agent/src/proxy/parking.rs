@@ -1,18 +1,18 @@
-//! Idle sockmap connections parked off the runtime. Once both legs of a passthrough connection
-//! are in the eBPF sock hash the kernel moves every byte, and whatever the agent still has to
-//! do (forward the rare bytes the verdict passes up, pass a FIN on, see an error) starts with a
-//! leg becoming readable; the rest is the idle timeout and the drain deadline. So a parked
-//! connection holds no task, no timer and no readiness registration of its own: its two
-//! sockets sit in its listener's epoll set beside a small record ([`Parked`]), and the
+//! Idle connections parked off the runtime. A connection whose bytes the kernel moves
+//! (sockmap), or whose two spliced directions (splice, kTLS) have both waited a while for bytes
+//! ([`super::relay::PARK_AFTER`]), has nothing for the agent to do until one of its legs
+//! becomes readable (bytes to move, the verdict passing bytes up, an end, an error); the rest is
+//! the idle timeout and the drain deadline. So a parked connection holds no task, no timer, no
+//! buffer and no readiness registration of its own: its two sockets sit in its listener's epoll
+//! set beside a small record ([`Parked`]: its facts and, under kTLS, its legs' state), and the
 //! listener's [`Driver`] hands it back to the accept loop ([`Woken`]) when a leg has something
-//! for the agent or it has idled out; the accept loop relays it to its end in a task of its own
-//! ([`super::connection::resume`]).
+//! for the agent or it has idled out; the accept loop gives it a task again
+//! ([`super::connection::resume`]), and a spliced one parks again once it is idle again.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -23,9 +23,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::relay::{self, Drained, IdleSockmap, Wake};
-use super::state::{Admission, ListenerState};
-use crate::outcome::Facts;
+use super::relay::{self, Drained, IdleConn, Wake};
+use super::state::Admitted;
 
 /// How long after a leg signals readable it is looked at: a leg that entered the sock hash
 /// with bytes queued signals readable while the verdict is still redirecting them.
@@ -41,19 +40,12 @@ const ROUNDS: usize = 16;
 /// Connections looked at per turn of the driver.
 const CHECKS: usize = 4096;
 
-/// A parked connection: what its end needs (its listener, its places under the limits, its
-/// facts so far) and its two legs.
+/// A parked connection: what its end needs, and its two legs.
 pub(crate) struct Parked {
-    /// Its listener's settings when it arrived.
-    pub(crate) state: Arc<ListenerState>,
-    /// Its places under the connection limits.
-    pub(crate) admission: Admission,
-    /// The client's address.
-    pub(crate) peer: SocketAddr,
-    /// What is known of it so far.
-    pub(crate) facts: Facts,
-    /// Its legs, in the sock hash.
-    pub(crate) idle: IdleSockmap,
+    /// The connection.
+    pub(crate) conn: Box<Admitted>,
+    /// Its legs.
+    pub(crate) idle: IdleConn,
 }
 
 /// A parked connection taken up again, and why.
@@ -82,21 +74,14 @@ struct Slot {
 impl Slot {
     /// Whether the connection should be woken now, and why.
     fn check(&mut self, now: Instant) -> Option<Wake> {
-        if std::mem::take(&mut self.readable) {
-            for leg in self.parked.idle.legs() {
-                match leg.peek(&mut [0u8; 1]) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    // Bytes the verdict passed up, the end of the stream, or an error: the
-                    // relay takes each of them from here.
-                    _ => return Some(Wake::Ready),
-                }
-            }
+        if std::mem::take(&mut self.readable) && self.parked.idle.has_something() {
+            return Some(Wake::Ready);
         }
-        let [client, _] = self.parked.idle.legs();
-        let progress = crate::sys::tcp_progress(client.as_fd()).ok();
+        let [client, _] = self.parked.idle.fds();
+        let progress = crate::sys::tcp_progress(client).ok();
         if progress != self.progress {
             (self.progress, self.since) = (progress, now);
-        } else if now.duration_since(self.since) >= self.parked.idle.idle_timeout {
+        } else if now.duration_since(self.since) >= self.parked.idle.idle_timeout() {
             return Some(Wake::Idle);
         }
         None
@@ -166,7 +151,7 @@ impl Parking {
             return Err(parked);
         }
         let id = lot.next_id;
-        let fds = parked.idle.legs().map(AsRawFd::as_raw_fd);
+        let fds = parked.idle.fds().map(|fd| fd.as_raw_fd());
         for (leg, fd) in fds.iter().enumerate() {
             let registered =
                 self.registry
@@ -175,17 +160,17 @@ impl Parking {
                 for fd in &fds[..leg] {
                     let _ = self.registry.deregister(&mut SourceFd(fd));
                 }
-                tracing::debug!(listener = %parked.state.config.name, peer = %parked.peer,
-                    error = %e, "a sockmap connection could not be parked; its task relays it");
+                tracing::debug!(listener = %parked.conn.state.config.name, peer = %parked.conn.peer,
+                    error = %e, "an idle connection could not be parked; its task relays it");
                 return Err(parked);
             }
         }
         lot.next_id += 1;
-        let every =
-            (parked.idle.idle_timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
-        let [client, _] = parked.idle.legs();
-        let progress = crate::sys::tcp_progress(client.as_fd()).ok();
-        parked.state.telemetry.parked_connections(1);
+        let every = (parked.idle.idle_timeout() / 4)
+            .clamp(Duration::from_millis(25), Duration::from_secs(5));
+        let [client, _] = parked.idle.fds();
+        let progress = crate::sys::tcp_progress(client).ok();
+        parked.conn.state.telemetry.parked_connections(1);
         let slot = Slot {
             parked,
             progress,
@@ -217,10 +202,10 @@ impl Parking {
         let Some(slot) = lot.slots.remove(&id) else {
             return;
         };
-        for fd in slot.parked.idle.legs().map(AsRawFd::as_raw_fd) {
+        for fd in slot.parked.idle.fds().map(|fd| fd.as_raw_fd()) {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
-        slot.parked.state.telemetry.parked_connections(-1);
+        slot.parked.conn.state.telemetry.parked_connections(-1);
         let woken = Woken {
             parked: slot.parked,
             wake,
@@ -245,16 +230,23 @@ impl Parking {
     }
 
     /// Acts on what the epoll set reported: an end or an error wakes its connection at once;
-    /// bytes are looked at after [`SETTLE`].
+    /// bytes too, except on a sockmap leg: those are looked at after [`SETTLE`].
     fn events(&self, events: &Events) {
         let now = Instant::now();
         let mut guard = self.lot();
         let lot = &mut *guard;
         for event in events {
             let id = (event.token().0 / 2) as u64;
-            if event.is_read_closed() || event.is_write_closed() || event.is_error() {
+            let Some(slot) = lot.slots.get_mut(&id) else {
+                continue;
+            };
+            if event.is_read_closed()
+                || event.is_write_closed()
+                || event.is_error()
+                || !slot.parked.idle.signals_spuriously()
+            {
                 self.wake(lot, id, Wake::Ready);
-            } else if let Some(slot) = lot.slots.get_mut(&id) {
+            } else {
                 slot.readable = true;
                 let at = now + SETTLE;
                 if at < slot.due {

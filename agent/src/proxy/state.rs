@@ -63,6 +63,19 @@ pub(crate) struct ListenerState {
     pub(crate) connections: Option<Arc<Semaphore>>,
 }
 
+/// An admitted connection, as its end needs it: its listener's settings when it arrived, its
+/// places under the limits, its client and what is known of it so far.
+pub(crate) struct Admitted {
+    /// Its listener's settings when it arrived.
+    pub(crate) state: Arc<ListenerState>,
+    /// Its places under the connection limits.
+    pub(crate) admission: Admission,
+    /// The client's address.
+    pub(crate) peer: std::net::SocketAddr,
+    /// What is known of it so far.
+    pub(crate) facts: crate::outcome::Facts,
+}
+
 /// A connection's places under the connection limits, given back when it ends.
 pub(crate) struct Admission {
     _node: OwnedSemaphorePermit,

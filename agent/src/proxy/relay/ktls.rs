@@ -38,46 +38,52 @@ pub(crate) struct RekeyPolicy {
     pub(crate) after_records: Option<u64>,
 }
 
-/// Hands every TLS leg to the kernel, then splices both directions.
+/// A connection's legs whose record layer is in the kernel: the client's, the upstream's
+/// (`None` for a plain leg).
+pub(crate) type KernelLegs = (Option<KtlsLeg>, Option<KtlsLeg>);
+
+/// Splices both directions of a connection whose TLS legs are in the kernel ([`into_kernel`]);
+/// with `park_after`, it may stop idle (see [`splice::relay`]), the legs kept for the next run.
 pub(crate) async fn relay(
     pipes: &crate::splice::PipePool,
     client: &tokio::net::TcpStream,
-    client_tls: Option<Box<KernelBound>>,
+    client_leg: Option<&KtlsLeg>,
     upstream: &crate::net::Upstream,
-    upstream_tls: Option<Box<KernelBound>>,
-    rekey: RekeyPolicy,
+    upstream_leg: Option<&KtlsLeg>,
+    park_after: Option<std::time::Duration>,
 ) -> RelayOutcome {
-    let (c, u) = match into_kernel(client, client_tls, upstream, upstream_tls, &rekey) {
-        Ok(legs) => legs,
-        Err(failure) => return RelayOutcome::failed(failure),
-    };
-    let (up, down, result) = splice::relay(pipes, client, c.as_ref(), upstream, u.as_ref()).await;
-    let legs = [c.as_ref(), u.as_ref()];
-    RelayOutcome {
-        up,
-        down,
-        key_updates: legs
-            .iter()
-            .flatten()
-            .map(|l| l.key_updates.load(Ordering::Relaxed))
-            .sum(),
-        tickets: legs
-            .iter()
-            .flatten()
-            .map(|l| l.session().map_or(0, |s| s.tickets))
-            .sum(),
-        result,
-    }
+    let mut outcome = splice::relay(
+        pipes,
+        client,
+        client_leg,
+        upstream,
+        upstream_leg,
+        park_after,
+    )
+    .await;
+    // The legs' own counts: they span every run of the relay.
+    let legs = [client_leg, upstream_leg];
+    outcome.key_updates = legs
+        .iter()
+        .flatten()
+        .map(|l| l.key_updates.load(Ordering::Relaxed))
+        .sum();
+    outcome.tickets = legs
+        .iter()
+        .flatten()
+        .map(|l| l.session().map_or(0, |s| s.tickets))
+        .sum();
+    outcome
 }
 
 /// Moves each leg's session, if it has one, into the kernel.
-fn into_kernel(
+pub(crate) fn into_kernel(
     client: &tokio::net::TcpStream,
     client_tls: Option<Box<KernelBound>>,
     upstream: &crate::net::Upstream,
     upstream_tls: Option<Box<KernelBound>>,
     rekey: &RekeyPolicy,
-) -> Result<(Option<KtlsLeg>, Option<KtlsLeg>), Failure> {
+) -> Result<KernelLegs, Failure> {
     let leg = |tls: Option<Box<KernelBound>>, sock: &dyn AsFd, who: String| {
         tls.map(|k| {
             k.into_kernel(sock.as_fd(), &who)

@@ -21,8 +21,7 @@ pub(crate) mod sockmap;
 pub(crate) mod splice;
 pub(crate) mod userspace;
 
-use std::os::fd::AsFd;
-use std::pin::Pin;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
 use rustls::Connection;
@@ -99,14 +98,12 @@ pub(crate) struct RelayOutcome {
     pub(crate) tickets: u64,
     /// `Err` when the relay ended on a failure rather than on both sides closing.
     pub(crate) result: Result<(), Failure>,
+    /// It stopped with both directions waiting for bytes and holding nothing: the connection
+    /// can be parked (`result` is `Ok`).
+    pub(crate) idle: bool,
 }
 
 impl RelayOutcome {
-    /// A relay that could not start.
-    pub(crate) fn failed(failure: Failure) -> Self {
-        Self::moved(0, 0, Err(failure))
-    }
-
     /// A relay that moved `up` and `down` bytes and ended with `result`.
     pub(crate) fn moved(up: u64, down: u64, result: Result<(), Failure>) -> Self {
         Self {
@@ -115,31 +112,39 @@ impl RelayOutcome {
             key_updates: 0,
             tickets: 0,
             result,
+            idle: false,
         }
     }
 }
 
-/// How [`run`] left a connection.
+/// How long both directions of a spliced connection (splice, kTLS) wait for bytes before the
+/// relay stops and the connection is parked ([`crate::proxy::parking`]). Long enough that a
+/// request/response connection stays on the runtime between its messages.
+pub(crate) const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// How [`run`] (or [`resume`]) left a connection.
 pub(crate) enum Relayed {
     /// Its relay ended with both directions closed (a failure, an idle timeout or the drain
     /// deadline is `Err`).
     Done,
-    /// Both legs are in the sock hash: the kernel moves its bytes, and until one of its legs
-    /// has something for the agent it needs no task ([`crate::proxy::parking`]); [`resume`]
-    /// takes it up from there.
-    Idle(IdleSockmap),
+    /// It waits for bytes and holds nothing but its sockets (and its kTLS legs' state): it
+    /// needs no task until one of its legs has something for the agent
+    /// ([`crate::proxy::parking`]); [`resume`] takes it up from there.
+    Idle(IdleConn),
 }
 
 /// Moves the connection's bytes on its planned data path (splice and kTLS borrowing pipes from
 /// `pipes`) until both directions end, it fails, it idles out, or the drain deadline passes
-/// (`drained` says so); its counts go into `facts`. A sockmap connection comes back
-/// [`Relayed::Idle`] once its legs are in the sock hash.
+/// (`drained` says so); its counts go into `facts`. With `park_after`, a spliced connection
+/// (splice, kTLS) whose directions have both waited that long for bytes comes back
+/// [`Relayed::Idle`]; a sockmap connection does once its legs are in the sock hash.
 pub(crate) async fn run(
     est: Box<Established>,
     bpf: Option<&LoadedBpf>,
     pipes: &PipePool,
     facts: &mut Facts,
     drained: &mut Drained,
+    park_after: Option<Duration>,
 ) -> Result<Relayed, Failure> {
     let Established {
         client,
@@ -148,7 +153,7 @@ pub(crate) async fn run(
         listener,
         idle_timeout,
     } = *est;
-    let plan = match plan {
+    let legs = match plan {
         Plan::Sockmap => {
             let entry = match (bpf, &upstream) {
                 (Some(bpf), Upstream::Tcp(tcp)) => sockmap::enter(&client, tcp, bpf, listener),
@@ -162,38 +167,139 @@ pub(crate) async fn run(
             match entry {
                 Ok(sockmap::Entry::Entered(pair, starts)) => {
                     let idle = IdleSockmap::new(client, upstream, pair, starts, idle_timeout)?;
-                    return Ok(Relayed::Idle(idle));
+                    return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
                 }
                 Ok(sockmap::Entry::Failed(failure)) => return Err(failure),
                 // Nothing moved yet: splice instead, and say why.
                 Err(why) => {
                     let (path, reason) = crate::path::sockmap_refused(&why);
                     facts.take_path(path, format!("{reason}; upstream {}", upstream.peer()));
-                    Plan::Splice
+                    None
                 }
             }
         }
-        plan => plan,
-    };
-    let (client, upstream) = (&client, &upstream);
-    // Each data path's future on the heap, sized for that path alone: inline, every
-    // connection's task would be as large as the largest path's (user-space TLS sessions and
-    // buffers), for the whole life of the connection.
-    let moving: Pin<Box<dyn Future<Output = RelayOutcome> + Send + '_>> = match plan {
+        Plan::Splice => None,
         Plan::Ktls {
             client: c,
             upstream: u,
             rekey,
-        } => Box::pin(ktls::relay(pipes, client, c, upstream, u, rekey)),
+        } => Some(Box::new(ktls::into_kernel(
+            &client, c, &upstream, u, &rekey,
+        )?)),
         Plan::Userspace {
             client: c,
             upstream: u,
-        } => Box::pin(userspace::relay(client, c, upstream, u)),
-        // A sockmap plan got here only when its legs could not enter the sock hash.
-        Plan::Splice | Plan::Sockmap => Box::pin(splice::relay_plain(pipes, client, upstream)),
+        } => {
+            // On the heap, sized for this path alone: inline, every connection's task would
+            // hold room for user-space TLS sessions whatever path it took.
+            let moving = Box::pin(userspace::relay(&client, c, &upstream, u));
+            let (outcome, stopped) =
+                watch(moving, &client, &upstream, idle_timeout, drained, None).await;
+            return ended(outcome, stopped, idle_timeout, facts).map(|()| Relayed::Done);
+        }
     };
-    let (outcome, stopped) = watch(moving, client, upstream, idle_timeout, drained, None).await;
-    ended(outcome, stopped, idle_timeout, facts).map(|()| Relayed::Done)
+    let conn = SplicedConn {
+        client,
+        upstream,
+        legs,
+        idle_timeout,
+    };
+    // On the heap: the user-space path's connections need none of it.
+    Box::pin(spliced(conn, pipes, facts, drained, park_after, None)).await
+}
+
+/// A connection on the splice path, kTLS legs included, on the runtime.
+struct SplicedConn {
+    client: TcpStream,
+    upstream: Upstream,
+    /// Its legs whose records are in the kernel; `None`: both plain. On the heap: every
+    /// connection's task holds this value whatever its path.
+    legs: Option<Box<ktls::KernelLegs>>,
+    idle_timeout: Duration,
+}
+
+/// Splices a connection until it ends, or, with `park_after`, until it is idle (then it comes
+/// back [`Relayed::Idle`]). `stop_now`: it is shut down at once (see [`watch`]).
+async fn spliced(
+    conn: SplicedConn,
+    pipes: &PipePool,
+    facts: &mut Facts,
+    drained: &mut Drained,
+    park_after: Option<Duration>,
+    stop_now: Option<Stop>,
+) -> Result<Relayed, Failure> {
+    let park_after = park_after.filter(|_| stop_now.is_none());
+    let (outcome, stopped) = {
+        let (client, upstream) = (&conn.client, &conn.upstream);
+        let (c, u) = conn
+            .legs
+            .as_deref()
+            .map_or((None, None), |(c, u)| (c.as_ref(), u.as_ref()));
+        // On the heap: see `run`.
+        let moving = Box::pin(ktls::relay(pipes, client, c, upstream, u, park_after));
+        watch(
+            moving,
+            client,
+            upstream,
+            conn.idle_timeout,
+            drained,
+            stop_now,
+        )
+        .await
+    };
+    let idle = stopped.is_none() && outcome.as_ref().is_some_and(|o| o.idle);
+    ended(outcome, stopped, conn.idle_timeout, facts)?;
+    if idle {
+        return Ok(Relayed::Idle(IdleConn::Spliced(Box::new(
+            IdleSpliced::new(conn)?,
+        ))));
+    }
+    Ok(Relayed::Done)
+}
+
+/// A connection that waits for bytes and holds nothing but its legs: off the runtime until one
+/// of them has something for the agent.
+pub(crate) enum IdleConn {
+    /// Both legs in the sock hash.
+    Sockmap(IdleSockmap),
+    /// A spliced connection (splice, kTLS) whose two directions waited for bytes.
+    Spliced(Box<IdleSpliced>),
+}
+
+impl IdleConn {
+    /// The client leg's descriptor, then the upstream leg's.
+    pub(crate) fn fds(&self) -> [BorrowedFd<'_>; 2] {
+        match self {
+            IdleConn::Sockmap(s) => [s.client.as_fd(), s.upstream.as_fd()],
+            IdleConn::Spliced(s) => [s.client.as_fd(), s.upstream.as_fd()],
+        }
+    }
+
+    /// Closed after this long without a byte either way.
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        match self {
+            IdleConn::Sockmap(s) => s.idle_timeout,
+            IdleConn::Spliced(s) => s.idle_timeout,
+        }
+    }
+
+    /// Whether a leg that signalled readable must be looked at before the connection is
+    /// woken: a sockmap leg signals for bytes the verdict then redirects, a spliced leg only
+    /// for bytes (or an end) the agent must move.
+    pub(crate) fn signals_spuriously(&self) -> bool {
+        matches!(self, IdleConn::Sockmap(_))
+    }
+
+    /// Whether a leg has bytes for the agent, its end or an error (a sockmap leg, after it
+    /// signalled readable).
+    pub(crate) fn has_something(&self) -> bool {
+        let IdleConn::Sockmap(s) = self else {
+            return true;
+        };
+        [&s.client, &s.upstream]
+            .iter()
+            .any(|leg| !matches!(leg.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+    }
 }
 
 /// A sockmap connection whose legs are in the sock hash, off the runtime until one of them has
@@ -204,8 +310,7 @@ pub(crate) struct IdleSockmap {
     upstream: std::net::TcpStream,
     keys: crate::bpf::SockmapKeys,
     starts: sockmap::SendStarts,
-    /// Closed after this long without a byte either way.
-    pub(crate) idle_timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl IdleSockmap {
@@ -224,13 +329,9 @@ impl IdleSockmap {
                 "a sockmap connection with a unix upstream",
             ));
         };
-        let off = |sock: TcpStream, leg: &str| {
-            sock.into_std()
-                .map_err(|e| Failure::io(&format!("taking the {leg} leg off the runtime"), &e))
-        };
         // On failure the pair, dropped, takes both legs out of the maps.
-        let client = off(client, "client")?;
-        let upstream = off(upstream, "upstream")?;
+        let client = off_runtime(client.into_std(), "client")?;
+        let upstream = off_runtime(upstream.into_std(), "upstream")?;
         Ok(Self {
             client,
             upstream,
@@ -239,11 +340,72 @@ impl IdleSockmap {
             idle_timeout,
         })
     }
+}
 
-    /// The client leg, then the upstream leg.
-    pub(crate) fn legs(&self) -> [&std::net::TcpStream; 2] {
-        [&self.client, &self.upstream]
+/// A spliced connection (splice, kTLS) whose two directions waited for bytes: its sockets off
+/// the runtime, and its kTLS legs' state (KeyUpdate, tickets, record counts).
+pub(crate) struct IdleSpliced {
+    client: std::net::TcpStream,
+    upstream: IdleUpstream,
+    legs: Option<Box<ktls::KernelLegs>>,
+    idle_timeout: Duration,
+}
+
+/// The upstream leg of an idle spliced connection.
+enum IdleUpstream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl AsFd for IdleUpstream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            IdleUpstream::Tcp(s) => s.as_fd(),
+            IdleUpstream::Unix(s) => s.as_fd(),
+        }
     }
+}
+
+impl IdleSpliced {
+    /// Takes both legs off the runtime (their readiness registrations freed).
+    fn new(conn: SplicedConn) -> Result<Self, Failure> {
+        let upstream = match conn.upstream {
+            Upstream::Tcp(s) => IdleUpstream::Tcp(off_runtime(s.into_std(), "upstream")?),
+            Upstream::Unix(s) => IdleUpstream::Unix(off_runtime(s.into_std(), "upstream")?),
+        };
+        Ok(Self {
+            client: off_runtime(conn.client.into_std(), "client")?,
+            upstream,
+            legs: conn.legs,
+            idle_timeout: conn.idle_timeout,
+        })
+    }
+
+    /// Both legs back on the runtime.
+    fn on_runtime(self) -> Result<SplicedConn, Failure> {
+        let back = |what: &str, e: std::io::Error| {
+            Failure::io(&format!("taking the parked {what} leg back"), &e)
+        };
+        let upstream = match self.upstream {
+            IdleUpstream::Tcp(s) => {
+                Upstream::Tcp(TcpStream::from_std(s).map_err(|e| back("upstream", e))?)
+            }
+            IdleUpstream::Unix(s) => Upstream::Unix(
+                tokio::net::UnixStream::from_std(s).map_err(|e| back("upstream", e))?,
+            ),
+        };
+        Ok(SplicedConn {
+            client: TcpStream::from_std(self.client).map_err(|e| back("client", e))?,
+            upstream,
+            legs: self.legs,
+            idle_timeout: self.idle_timeout,
+        })
+    }
+}
+
+/// A leg taken off the runtime, or why it could not be.
+fn off_runtime<S>(taken: std::io::Result<S>, leg: &str) -> Result<S, Failure> {
+    taken.map_err(|e| Failure::io(&format!("taking the {leg} leg off the runtime"), &e))
 }
 
 /// Why a parked connection is taken up again.
@@ -256,12 +418,34 @@ pub(crate) enum Wake {
     Idle,
 }
 
-/// Takes a parked sockmap connection back onto the runtime and relays it to its end, as
-/// [`run`] would have.
+/// Takes a parked connection back onto the runtime and relays it as [`run`] would have: a
+/// spliced one may come back idle again.
 pub(crate) async fn resume(
+    idle: IdleConn,
+    bpf: Option<&LoadedBpf>,
+    pipes: &PipePool,
+    wake: Wake,
+    facts: &mut Facts,
+    drained: &mut Drained,
+    park_after: Option<Duration>,
+) -> Result<Relayed, Failure> {
+    let stop_now = (wake == Wake::Idle).then_some(Stop::Idle);
+    match idle {
+        IdleConn::Sockmap(idle) => resume_sockmap(idle, bpf, stop_now, facts, drained)
+            .await
+            .map(|()| Relayed::Done),
+        IdleConn::Spliced(idle) => {
+            let conn = idle.on_runtime()?;
+            spliced(conn, pipes, facts, drained, park_after, stop_now).await
+        }
+    }
+}
+
+/// Takes a parked sockmap connection back onto the runtime and relays it to its end.
+async fn resume_sockmap(
     idle: IdleSockmap,
     bpf: Option<&LoadedBpf>,
-    wake: Wake,
+    stop_now: Option<Stop>,
     facts: &mut Facts,
     drained: &mut Drained,
 ) -> Result<(), Failure> {
@@ -287,8 +471,8 @@ pub(crate) async fn resume(
     let client = on(client, "client")?;
     let upstream = on(upstream, "upstream")?;
     let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
-    let stop = (wake == Wake::Idle).then_some(Stop::Idle);
-    let (outcome, stopped) = watch(moving, &client, &upstream, idle_timeout, drained, stop).await;
+    let (outcome, stopped) =
+        watch(moving, &client, &upstream, idle_timeout, drained, stop_now).await;
     ended(outcome, stopped, idle_timeout, facts)
 }
 
@@ -306,8 +490,10 @@ fn ended(
             _ => idle_timeout_failure(idle_timeout),
         });
     };
-    facts.bytes_up = outcome.up;
-    facts.bytes_down = outcome.down;
+    // A connection parked and woken runs its relay more than once: bytes add up, while the
+    // kTLS legs keep their own counts across runs.
+    facts.bytes_up += outcome.up;
+    facts.bytes_down += outcome.down;
     facts.key_updates = outcome.key_updates;
     facts.tickets = outcome.tickets;
     match stopped {
@@ -427,10 +613,10 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
-    /// What each connection's task holds for its whole life, in bytes: the task's future
-    /// (`connection::serve`), and on the heap the one data path's relay future. Inline, a
-    /// connection would carry its handshake's and the largest path's state (user-space TLS
-    /// sessions) whatever path it took; these bounds keep it from creeping back.
+    /// What each connection holds, in bytes: the task's future (`connection::serve`), and on
+    /// the heap the one data path's relay future; or, parked, its record. Inline, a connection
+    /// would carry its handshake's and the largest path's state (user-space TLS sessions)
+    /// whatever path it took; these bounds keep it from creeping back.
     #[tokio::test]
     async fn connection_futures_stay_small() {
         let config = crate::config::Config::parse(
@@ -457,28 +643,32 @@ mod tests {
         let (upstream, _far) = pair().await;
         let upstream = Upstream::Tcp(upstream);
         let pipes = PipePool::new(2, 4096);
-        let rekey = ktls::RekeyPolicy {
-            kernel: Ok(()),
-            after_records: None,
-        };
         let (_tx, drained) = tokio::sync::watch::channel(None);
         let addr = client.peer_addr().unwrap();
+        let park = Some(PARK_AFTER);
         let sizes = [
             (
-                "splice relay",
-                size_of_val(&splice::relay_plain(&pipes, &client, &upstream)),
-                1024,
+                "spliced relay (splice, ktls)",
+                size_of_val(&ktls::relay(&pipes, &client, None, &upstream, None, park)),
+                1536,
             ),
             (
-                "ktls relay",
-                // Two kernel sessions (rustls' state for KeyUpdate and tickets) and the splices.
-                size_of_val(&ktls::relay(&pipes, &client, None, &upstream, None, rekey)),
-                2560,
+                // Their sessions (rustls' state for KeyUpdate and tickets): on the heap, kept
+                // while the connection is parked.
+                "ktls legs",
+                size_of::<ktls::KernelLegs>(),
+                1536,
             ),
             (
                 "userspace relay",
                 size_of_val(&userspace::relay(&client, None, &upstream, None)),
                 1024,
+            ),
+            (
+                // Its kTLS legs and its facts' text on the heap beside it.
+                "parked connection",
+                size_of::<crate::proxy::parking::Parked>(),
+                384,
             ),
         ];
         let admission = state.admit().unwrap();

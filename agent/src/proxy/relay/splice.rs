@@ -8,7 +8,7 @@
 //! and nothing else.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use tokio::io::Interest;
 
@@ -68,32 +68,90 @@ impl RecordLayer for Plain {
     }
 }
 
-/// Both plain legs spliced (passthrough).
+/// Both plain legs spliced (passthrough), to their end.
 pub(crate) async fn relay_plain(
     pipes: &PipePool,
     client: &impl StreamSocket,
     upstream: &impl StreamSocket,
 ) -> RelayOutcome {
-    let (up, down, result) = relay::<Plain>(pipes, client, None, upstream, None).await;
-    RelayOutcome::moved(up, down, result)
+    relay::<Plain>(pipes, client, None, upstream, None, None).await
 }
 
-/// Both directions spliced; a leg with a [`RecordLayer`] has its TLS in the kernel. Returns
-/// the bytes moved up and down, and how it ended.
+/// What the park check of a spliced relay sees of its two directions.
+#[derive(Default)]
+struct Quiet {
+    /// Directions waiting for bytes on their socket, holding nothing.
+    waiting: AtomicU8,
+    /// Times a direction's socket became readable.
+    woke: AtomicU64,
+}
+
+/// Both directions spliced; a leg with a [`RecordLayer`] has its TLS in the kernel. Runs until
+/// both directions end or it fails; with `park_after`, also until both directions have waited
+/// that long for bytes (checked once per `park_after`, so between one and two of it): it then
+/// stops holding nothing, and says so ([`RelayOutcome::idle`]), for the connection to be parked.
 pub(crate) async fn relay<L: RecordLayer>(
     pipes: &PipePool,
     client: &impl StreamSocket,
     client_leg: Option<&L>,
     upstream: &impl StreamSocket,
     upstream_leg: Option<&L>,
-) -> (u64, u64, Result<(), Failure>) {
+    park_after: Option<std::time::Duration>,
+) -> RelayOutcome {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let result = tokio::try_join!(
-        pump(pipes, client, upstream, client_leg, upstream_leg, &up),
-        pump(pipes, upstream, client, upstream_leg, client_leg, &down)
-    )
-    .map(|_| ());
-    (up.into_inner(), down.into_inner(), result)
+    let quiet = Quiet::default();
+    let both = async {
+        tokio::try_join!(
+            pump(
+                pipes,
+                client,
+                upstream,
+                client_leg,
+                upstream_leg,
+                &up,
+                &quiet
+            ),
+            pump(
+                pipes,
+                upstream,
+                client,
+                upstream_leg,
+                client_leg,
+                &down,
+                &quiet
+            )
+        )
+        .map(|_| ())
+    };
+    let result = match park_after {
+        None => Some(both.await),
+        Some(after) => {
+            tokio::pin!(both);
+            let mut seen = u64::MAX;
+            loop {
+                tokio::select! {
+                    result = &mut both => break Some(result),
+                    () = tokio::time::sleep(after) => {
+                        // Both directions are suspended where they wait for bytes (no pipe, no
+                        // write pending), and neither woke since the last check: drop them.
+                        let woke = quiet.woke.load(Ordering::Relaxed);
+                        if quiet.waiting.load(Ordering::Relaxed) == 2 && woke == seen {
+                            break None;
+                        }
+                        seen = woke;
+                    }
+                }
+            }
+        }
+    };
+    let (up, down) = (up.into_inner(), down.into_inner());
+    match result {
+        Some(result) => RelayOutcome::moved(up, down, result),
+        None => RelayOutcome {
+            idle: true,
+            ..RelayOutcome::moved(up, down, Ok(()))
+        },
+    }
 }
 
 /// How long a direction keeps its pipe waiting for a receiver that takes nothing; then the
@@ -112,9 +170,14 @@ async fn pump<L: RecordLayer>(
     src_leg: Option<&L>,
     dst_leg: Option<&L>,
     total: &AtomicU64,
+    quiet: &Quiet,
 ) -> Result<(), Failure> {
     loop {
-        src.readable().await?;
+        quiet.waiting.fetch_add(1, Ordering::Relaxed);
+        let readable = src.readable().await;
+        quiet.waiting.fetch_sub(1, Ordering::Relaxed);
+        quiet.woke.fetch_add(1, Ordering::Relaxed);
+        readable?;
         dst.writable().await?;
         let mut pipe = pipes
             .take()
