@@ -1035,6 +1035,97 @@ fn idle_connections_are_closed_on_every_data_path() {
     );
 }
 
+/// A spliced connection (kTLS in the guests, splice) parks after a second without bytes, with
+/// no task of its own, and is still closed `idle_timeout_ms` after its last byte: the time it
+/// spent running before it parked counts (a connection that parks does not live longer).
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn parked_connections_idle_out_counted_from_their_last_byte() {
+    let dir = test_dir("idle-parked");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let upstream = echo_upstream();
+    let (auto, pass) = (free_port(), free_port());
+    let config = format!(
+        "{}idle_timeout_ms = 3000
+[[listener]]
+name = \"pass\"
+mode = \"passthrough\"
+\
+         listen = \"127.0.0.1:{pass}\"
+upstream = \"{upstream}\"
+idle_timeout_ms = 3000
+",
+        terminate_listener("auto", auto, upstream, &files),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &pin_args());
+    let (tls_path, _) = tlsplice_tests::expected_auto_path();
+    // The user-space path never parks; on a kTLS kernel both connections do.
+    let parks = if tls_path == tlsplice::outcome::DataPath::Userspace {
+        1.0
+    } else {
+        2.0
+    };
+    let trust = trusting(&[&pki]);
+    let mut tls = connect(agent_addr(auto), trust, "localhost").expect("session");
+    echo(&mut tls, b"first").expect("echo");
+    let tls_last = Instant::now();
+    let hello = pki.client_hello();
+    let mut plain = TcpStream::connect(agent_addr(pass)).expect("connect");
+    plain.write_all(&hello).expect("hello");
+    let mut back = vec![0u8; hello.len()];
+    plain.read_exact(&mut back).expect("hello echoed");
+    let plain_last = Instant::now();
+    eventually(
+        Duration::from_secs(3),
+        "the idle connections parked",
+        || metric(&agent.metrics(), "tlsplice_parked_connections", &[]) == parks,
+    );
+    tls.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    // Each read in its own thread: each connection's close is timed on its own.
+    let plain_closed = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let closed = plain.read(&mut buf);
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+        plain_last.elapsed()
+    });
+    let mut buf = [0u8; 64];
+    let closed = tls.read(&mut buf);
+    let tls_quiet = tls_last.elapsed();
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let plain_quiet = plain_closed.join().expect("the splice client");
+    println!("closed {tls_quiet:?} ({tls_path}) and {plain_quiet:?} (splice) after the last byte");
+    // A parked connection is closed when its timeout has passed since the byte its relay last
+    // moved (3 s), a running one at its watch's next look (every quarter of the timeout, so
+    // within 3.75 s). Counted from the park instead, it would be 4 s or more.
+    let parked_limit = Duration::from_millis(3600);
+    let tls_limit = if parks == 2.0 {
+        parked_limit
+    } else {
+        Duration::from_millis(3950)
+    };
+    for (quiet, limit) in [(tls_quiet, tls_limit), (plain_quiet, parked_limit)] {
+        assert!(
+            quiet >= Duration::from_millis(2900) && quiet < limit,
+            "closed {quiet:?} after the last byte (limit {limit:?})"
+        );
+    }
+    eventually(Duration::from_secs(10), "two idle reports", || {
+        let m = agent.metrics();
+        metric(
+            &m,
+            "tlsplice_connections_total",
+            &["outcome=\"idle timeout\""],
+        ) == 2.0
+            && metric(&m, "tlsplice_parked_connections", &[]) == 0.0
+    });
+}
+
 /// Runs openssl with `args` in `dir`, or panics with its output. Its configuration is a
 /// minimal one written there (the guests have no /usr/lib/ssl/openssl.cnf).
 fn openssl(openssl: &Path, dir: &Path, args: &[&str]) {

@@ -234,7 +234,7 @@ impl Collector for TelemetryCollector {
         encoder
             .encode_descriptor(
                 "tlsplice_parked_connections",
-                "Idle sockmap connections parked without a task of their own: the kernel moves their bytes, and their listener's epoll set says when one needs the agent",
+                "Idle connections parked without a task of their own (sockmap at once, splice and kTLS after a second without bytes): the kernel holds their state, and their listener's epoll set says when one needs the agent",
                 None,
                 MetricType::Gauge,
             )?

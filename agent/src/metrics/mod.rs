@@ -41,7 +41,7 @@ pub struct Telemetry {
     config_reloads: Mutex<(u64, u64)>,
     /// The splice pipe pool, once the proxy has one.
     pipes: std::sync::OnceLock<std::sync::Arc<crate::splice::PipePool>>,
-    /// Idle sockmap connections parked without a task, over all listeners.
+    /// Idle connections parked without a task, over all listeners.
     parked: std::sync::atomic::AtomicI64,
 }
 
@@ -99,13 +99,13 @@ impl Telemetry {
         let _ = self.pipes.set(pool);
     }
 
-    /// `delta` idle sockmap connections parked (or, negative, woken).
+    /// `delta` idle connections parked (or, negative, woken).
     pub fn parked_connections(&self, delta: i64) {
         self.parked
             .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Idle sockmap connections parked now.
+    /// Idle connections parked now.
     pub fn parked(&self) -> i64 {
         self.parked.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -60,7 +60,7 @@ fn admit(
 }
 
 /// Accepts on one listener until told to stop, each connection in its own task with the
-/// settings current when it arrived (a reload may change them), idle sockmap connections parked
+/// settings current when it arrived (a reload may change them), idle connections parked
 /// without one; then the listener closes, its connections get until the deadline to finish,
 /// and those still open are told to end (each reports the reason `drain deadline`). Returns
 /// when every connection has ended.
@@ -83,7 +83,7 @@ pub(crate) async fn accept_loop(
         }
         Err(e) => {
             tracing::warn!(listener = %state.config.name, error = %e,
-                "no epoll set for idle sockmap connections: each keeps a task");
+                "no epoll set for idle connections: each keeps a task");
             (None, None)
         }
     };
@@ -162,7 +162,8 @@ impl Draining<'_> {
                 Some(w) = next_woken(self.woken) => {
                     take_woken(self.parking, self.connections, w, self.drained);
                 }
-                // The driver is gone with connections still held: none can come back.
+                // The woken connections' channel closed (it cannot while this loop holds
+                // the parking): nothing more can come back.
                 else => break,
             }
         }

@@ -1,7 +1,7 @@
 //! Listeners and their connections. A connection's life, in the order it happens:
 //! [`listener`] accepts and admits it under the limits; its mode sets it up ([`tls`]:
 //! terminate, reencrypt, originate; [`passthrough`]), with the upstream leg from [`upstream`];
-//! its data path moves the bytes ([`relay`], one module per path), an idle sockmap connection
+//! its data path moves the bytes ([`relay`], one module per path), an idle kernel-path connection
 //! waiting in its listener's [`parking`] with no task of its own; [`connection`] records how it
 //! ended, in one place. [`Proxy`] runs the listeners and applies reloads; [`measure`]
 //! decides the node's passthrough path at start.

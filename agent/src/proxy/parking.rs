@@ -10,7 +10,7 @@
 //! ([`super::connection::resume`]), and a spliced one parks again once it is idle again.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,7 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use super::relay::{self, Drained, IdleConn, Wake};
+use super::relay::{self, Drained, IdleConn, LastProgress, Wake};
 use super::state::Admitted;
 
 /// How long after a leg signals readable it is looked at: a leg that entered the sock hash
@@ -59,32 +59,37 @@ pub(crate) struct Woken {
 /// One parked connection and what its checks need.
 struct Slot {
     parked: Box<Parked>,
-    /// The client leg's TCP progress (bytes received and acknowledged) when last read.
-    progress: Option<u64>,
-    /// When that progress last changed.
-    since: Instant,
+    /// When it last moved a byte.
+    last: LastProgress,
     /// How often its progress is read: a quarter of its idle timeout, as a relay's watch does.
     every: Duration,
     /// Its next check; a check in the queue at another time is stale.
     due: Instant,
-    /// A leg signalled readable: peek at both at the next check.
+    /// A leg signalled readable, and is looked at [`SETTLE`] later (at most one such look is
+    /// queued at a time).
     readable: bool,
 }
 
 impl Slot {
-    /// Whether the connection should be woken now, and why.
-    fn check(&mut self, now: Instant) -> Option<Wake> {
-        if std::mem::take(&mut self.readable) && self.parked.idle.has_something() {
-            return Some(Wake::Ready);
-        }
+    /// When to read its progress next: a quarter of its idle timeout from now, or when it idles
+    /// out if nothing moves before, whichever comes first.
+    fn next_check(&self, now: Instant) -> Instant {
+        let idles_out = self.last.since + self.parked.idle.idle_timeout();
+        (now + self.every).min(idles_out).max(now)
+    }
+
+    /// Whether the connection has idled out.
+    fn idled_out(&mut self, now: Instant) -> bool {
         let [client, _] = self.parked.idle.fds();
         let progress = crate::sys::tcp_progress(client).ok();
-        if progress != self.progress {
-            (self.progress, self.since) = (progress, now);
-        } else if now.duration_since(self.since) >= self.parked.idle.idle_timeout() {
-            return Some(Wake::Idle);
+        if progress != self.last.progress {
+            self.last = LastProgress {
+                progress,
+                since: now,
+            };
+            return false;
         }
-        None
+        now.duration_since(self.last.since) >= self.parked.idle.idle_timeout()
     }
 }
 
@@ -93,7 +98,10 @@ impl Slot {
 struct Lot {
     next_id: u64,
     slots: HashMap<u64, Slot>,
+    /// Idle checks, one per slot (entries whose time is not their slot's `due` are stale).
     checks: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// Legs that signalled readable, looked at [`SETTLE`] later, in time order.
+    settling: VecDeque<(Instant, u64)>,
     /// Past the drain deadline: nothing parks any more.
     closed: bool,
 }
@@ -151,6 +159,9 @@ impl Parking {
             return Err(parked);
         }
         let id = lot.next_id;
+        // Never reused, even when parking fails: an event already read for a leg registered
+        // under it must not reach another connection.
+        lot.next_id += 1;
         let fds = parked.idle.fds().map(|fd| fd.as_raw_fd());
         for (leg, fd) in fds.iter().enumerate() {
             let registered =
@@ -165,22 +176,25 @@ impl Parking {
                 return Err(parked);
             }
         }
-        lot.next_id += 1;
         let every = (parked.idle.idle_timeout() / 4)
             .clamp(Duration::from_millis(25), Duration::from_secs(5));
         let [client, _] = parked.idle.fds();
-        let progress = crate::sys::tcp_progress(client).ok();
+        let last = parked
+            .idle
+            .last_progress()
+            .unwrap_or_else(|| LastProgress::now(client));
         parked.conn.state.telemetry.parked_connections(1);
         let slot = Slot {
             parked,
-            progress,
-            since: now,
+            last,
             every,
-            due: now + every,
+            due: now,
             readable: false,
         };
+        let due = slot.next_check(now);
+        let slot = Slot { due, ..slot };
         lot.slots.insert(id, slot);
-        lot.checks.push(Reverse((now + every, id)));
+        lot.checks.push(Reverse((due, id)));
         self.held.fetch_add(1, Ordering::Relaxed);
         drop(lot);
         self.parked.notify_one();
@@ -199,9 +213,10 @@ impl Parking {
 
     /// Takes a connection out of the epoll set and hands it to the accept loop.
     fn wake(&self, lot: &mut Lot, id: u64, wake: Wake) {
-        let Some(slot) = lot.slots.remove(&id) else {
+        let Some(mut slot) = lot.slots.remove(&id) else {
             return;
         };
+        slot.parked.idle.set_last_progress(slot.last);
         for fd in slot.parked.idle.fds().map(|fd| fd.as_raw_fd()) {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
@@ -227,6 +242,7 @@ impl Parking {
             self.wake(lot, id, Wake::Ready);
         }
         lot.checks.clear();
+        lot.settling.clear();
     }
 
     /// Acts on what the epoll set reported: an end or an error wakes its connection at once;
@@ -246,28 +262,42 @@ impl Parking {
                 || !slot.parked.idle.signals_spuriously()
             {
                 self.wake(lot, id, Wake::Ready);
-            } else {
-                slot.readable = true;
-                let at = now + SETTLE;
-                if at < slot.due {
-                    slot.due = at;
-                    lot.checks.push(Reverse((at, id)));
-                }
+            } else if !std::mem::replace(&mut slot.readable, true) {
+                lot.settling.push_back((now + SETTLE, id));
             }
         }
     }
 
     /// When the next connection is due for a check.
     fn next_due(&self) -> Option<Instant> {
-        self.lot().checks.peek().map(|Reverse((at, _))| *at)
+        let lot = self.lot();
+        let check = lot.checks.peek().map(|Reverse((at, _))| *at);
+        let settle = lot.settling.front().map(|(at, _)| *at);
+        check.into_iter().chain(settle).min()
     }
 
-    /// Checks the connections that are due (at most [`CHECKS`]): wakes those with something
-    /// for the agent or idle for their timeout, and schedules the others' next check.
+    /// Checks the connections that are due (at most [`CHECKS`] of each kind): wakes those
+    /// with something for the agent or idle for their timeout, and schedules the others' next
+    /// check.
     fn check_due(&self) {
         let now = Instant::now();
         let mut guard = self.lot();
         let lot = &mut *guard;
+        for _ in 0..CHECKS {
+            match lot.settling.front() {
+                Some(&(at, id)) if at <= now => {
+                    lot.settling.pop_front();
+                    let Some(slot) = lot.slots.get_mut(&id) else {
+                        continue;
+                    };
+                    slot.readable = false;
+                    if slot.parked.idle.has_something() {
+                        self.wake(lot, id, Wake::Ready);
+                    }
+                }
+                _ => break,
+            }
+        }
         for _ in 0..CHECKS {
             let Some(&Reverse((at, id))) = lot.checks.peek() else {
                 break;
@@ -282,12 +312,11 @@ impl Parking {
             if slot.due != at {
                 continue;
             }
-            match slot.check(now) {
-                Some(wake) => self.wake(lot, id, wake),
-                None => {
-                    slot.due = now + slot.every;
-                    lot.checks.push(Reverse((slot.due, id)));
-                }
+            if slot.idled_out(now) {
+                self.wake(lot, id, Wake::Idle);
+            } else {
+                slot.due = slot.next_check(now);
+                lot.checks.push(Reverse((slot.due, id)));
             }
         }
         // Give back what a burst of parked connections grew.
@@ -296,6 +325,9 @@ impl Parking {
         }
         if lot.checks.capacity() > 64 && lot.checks.capacity() > 4 * lot.checks.len() {
             lot.checks.shrink_to_fit();
+        }
+        if lot.settling.capacity() > 64 && lot.settling.capacity() > 4 * lot.settling.len() {
+            lot.settling.shrink_to_fit();
         }
     }
 }
@@ -309,6 +341,9 @@ impl Driver {
     /// Runs until the listener's accept loop ends (it drops the task); at the drain deadline
     /// it wakes every parked connection.
     pub(crate) async fn run(mut self, mut drained: Drained) {
+        // However this ends (a panic included), what is parked is woken: the accept loop's
+        // drain waits for every connection.
+        let _close = CloseOnExit(self.parking.clone());
         let mut events = Events::with_capacity(EVENTS);
         let mut draining = false;
         loop {
@@ -326,7 +361,6 @@ impl Driver {
                     if let Some(e) = failed {
                         tracing::error!(error = %e,
                             "reading the parked connections' epoll set failed: waking them all, parking none from now on");
-                        self.parking.close();
                         return;
                     }
                 }
@@ -338,6 +372,15 @@ impl Driver {
                 }
             }
         }
+    }
+}
+
+/// Wakes every parked connection when dropped.
+struct CloseOnExit(Arc<Parking>);
+
+impl Drop for CloseOnExit {
+    fn drop(&mut self) {
+        self.0.close();
     }
 }
 

@@ -101,6 +101,8 @@ pub(crate) struct RelayOutcome {
     /// It stopped with both directions waiting for bytes and holding nothing: the connection
     /// can be parked (`result` is `Ok`).
     pub(crate) idle: bool,
+    /// When a direction last had bytes, in this run (spliced paths).
+    pub(crate) last_woke: Option<tokio::time::Instant>,
 }
 
 impl RelayOutcome {
@@ -113,6 +115,7 @@ impl RelayOutcome {
             tickets: 0,
             result,
             idle: false,
+            last_woke: None,
         }
     }
 }
@@ -193,8 +196,16 @@ pub(crate) async fn run(
             // On the heap, sized for this path alone: inline, every connection's task would
             // hold room for user-space TLS sessions whatever path it took.
             let moving = Box::pin(userspace::relay(&client, c, &upstream, u));
-            let (outcome, stopped) =
-                watch(moving, &client, &upstream, idle_timeout, drained, None).await;
+            let (outcome, stopped) = watch(
+                moving,
+                &client,
+                &upstream,
+                idle_timeout,
+                drained,
+                None,
+                None,
+            )
+            .await;
             return ended(outcome, stopped, idle_timeout, facts).map(|()| Relayed::Done);
         }
     };
@@ -203,6 +214,7 @@ pub(crate) async fn run(
         upstream,
         legs,
         idle_timeout,
+        last: None,
     };
     // On the heap: the user-space path's connections need none of it.
     Box::pin(spliced(conn, pipes, facts, drained, park_after, None)).await
@@ -216,6 +228,8 @@ struct SplicedConn {
     /// connection's task holds this value whatever its path.
     legs: Option<Box<ktls::KernelLegs>>,
     idle_timeout: Duration,
+    /// When it last moved a byte, when it was parked before.
+    last: Option<LastProgress>,
 }
 
 /// Splices a connection until it ends, or, with `park_after`, until it is idle (then it comes
@@ -229,6 +243,7 @@ async fn spliced(
     stop_now: Option<Stop>,
 ) -> Result<Relayed, Failure> {
     let park_after = park_after.filter(|_| stop_now.is_none());
+    let started = tokio::time::Instant::now();
     let (outcome, stopped) = {
         let (client, upstream) = (&conn.client, &conn.upstream);
         let (c, u) = conn
@@ -237,22 +252,24 @@ async fn spliced(
             .map_or((None, None), |(c, u)| (c.as_ref(), u.as_ref()));
         // On the heap: see `run`.
         let moving = Box::pin(ktls::relay(pipes, client, c, upstream, u, park_after));
+        let timeout = conn.idle_timeout;
         watch(
-            moving,
-            client,
-            upstream,
-            conn.idle_timeout,
-            drained,
-            stop_now,
+            moving, client, upstream, timeout, drained, stop_now, conn.last,
         )
         .await
     };
     let idle = stopped.is_none() && outcome.as_ref().is_some_and(|o| o.idle);
+    // Its last byte: when a direction last had bytes, else as known before this run.
+    let last_byte = outcome.as_ref().and_then(|o| o.last_woke);
     ended(outcome, stopped, conn.idle_timeout, facts)?;
     if idle {
-        return Ok(Relayed::Idle(IdleConn::Spliced(Box::new(
-            IdleSpliced::new(conn)?,
-        ))));
+        let since = last_byte.or(conn.last.map(|l| l.since)).unwrap_or(started);
+        let last = LastProgress {
+            progress: crate::sys::tcp_progress(conn.client.as_fd()).ok(),
+            since,
+        };
+        let idle = IdleSpliced::new(conn, last)?;
+        return Ok(Relayed::Idle(IdleConn::Spliced(Box::new(idle))));
     }
     Ok(Relayed::Done)
 }
@@ -280,6 +297,22 @@ impl IdleConn {
         match self {
             IdleConn::Sockmap(s) => s.idle_timeout,
             IdleConn::Spliced(s) => s.idle_timeout,
+        }
+    }
+
+    /// When it last moved a byte, if known.
+    pub(crate) fn last_progress(&self) -> Option<LastProgress> {
+        match self {
+            IdleConn::Sockmap(s) => s.last,
+            IdleConn::Spliced(s) => Some(s.last),
+        }
+    }
+
+    /// Records when it last moved a byte (seen while parked).
+    pub(crate) fn set_last_progress(&mut self, last: LastProgress) {
+        match self {
+            IdleConn::Sockmap(s) => s.last = Some(last),
+            IdleConn::Spliced(s) => s.last = last,
         }
     }
 
@@ -311,6 +344,8 @@ pub(crate) struct IdleSockmap {
     keys: crate::bpf::SockmapKeys,
     starts: sockmap::SendStarts,
     idle_timeout: Duration,
+    /// When it last moved a byte (once it has been parked).
+    last: Option<LastProgress>,
 }
 
 impl IdleSockmap {
@@ -338,6 +373,7 @@ impl IdleSockmap {
             keys: pair.into_keys(),
             starts,
             idle_timeout,
+            last: None,
         })
     }
 }
@@ -349,6 +385,7 @@ pub(crate) struct IdleSpliced {
     upstream: IdleUpstream,
     legs: Option<Box<ktls::KernelLegs>>,
     idle_timeout: Duration,
+    last: LastProgress,
 }
 
 /// The upstream leg of an idle spliced connection.
@@ -368,7 +405,7 @@ impl AsFd for IdleUpstream {
 
 impl IdleSpliced {
     /// Takes both legs off the runtime (their readiness registrations freed).
-    fn new(conn: SplicedConn) -> Result<Self, Failure> {
+    fn new(conn: SplicedConn, last: LastProgress) -> Result<Self, Failure> {
         let upstream = match conn.upstream {
             Upstream::Tcp(s) => IdleUpstream::Tcp(off_runtime(s.into_std(), "upstream")?),
             Upstream::Unix(s) => IdleUpstream::Unix(off_runtime(s.into_std(), "upstream")?),
@@ -378,6 +415,7 @@ impl IdleSpliced {
             upstream,
             legs: conn.legs,
             idle_timeout: conn.idle_timeout,
+            last,
         })
     }
 
@@ -399,6 +437,7 @@ impl IdleSpliced {
             upstream,
             legs: self.legs,
             idle_timeout: self.idle_timeout,
+            last: Some(self.last),
         })
     }
 }
@@ -455,6 +494,7 @@ async fn resume_sockmap(
         keys,
         starts,
         idle_timeout,
+        last,
     } = idle;
     let Some(bpf) = bpf else {
         return Err(Failure::new(
@@ -471,8 +511,16 @@ async fn resume_sockmap(
     let client = on(client, "client")?;
     let upstream = on(upstream, "upstream")?;
     let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
-    let (outcome, stopped) =
-        watch(moving, &client, &upstream, idle_timeout, drained, stop_now).await;
+    let (outcome, stopped) = watch(
+        moving,
+        &client,
+        &upstream,
+        idle_timeout,
+        drained,
+        stop_now,
+        last,
+    )
+    .await;
     ended(outcome, stopped, idle_timeout, facts)
 }
 
@@ -565,12 +613,15 @@ async fn watch<F: Future>(
     timeout: Duration,
     drained: &mut Drained,
     stop_now: Option<Stop>,
+    from: Option<LastProgress>,
 ) -> (Option<F::Output>, Option<Stop>) {
     let poll = (timeout / 4).clamp(Duration::from_millis(25), Duration::from_secs(5));
     tokio::pin!(relay);
     let progress = || crate::sys::tcp_progress(client.as_fd()).ok();
-    let mut last = progress();
-    let mut since = tokio::time::Instant::now();
+    let LastProgress {
+        progress: mut last,
+        mut since,
+    } = from.unwrap_or_else(|| LastProgress::now(client.as_fd()));
     let stop = |why| {
         let _ = net::shutdown_both(client);
         let _ = net::shutdown_both(upstream);
@@ -596,6 +647,27 @@ async fn watch<F: Future>(
     }
     let out = tokio::time::timeout(GRACE, &mut relay).await.ok();
     (out, stopped)
+}
+
+/// When a connection last moved a byte either way, by the kernel's TCP progress on its client
+/// leg: carried across parks, so its idle timeout counts from its last byte, not from when it
+/// last woke or parked.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LastProgress {
+    /// The client leg's progress (bytes received and acknowledged) when last read.
+    pub(crate) progress: Option<u64>,
+    /// When it last changed.
+    pub(crate) since: tokio::time::Instant,
+}
+
+impl LastProgress {
+    /// The progress of `client` now.
+    pub(crate) fn now(client: BorrowedFd<'_>) -> Self {
+        Self {
+            progress: crate::sys::tcp_progress(client).ok(),
+            since: tokio::time::Instant::now(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -84,6 +84,8 @@ struct Quiet {
     waiting: AtomicU8,
     /// Times a direction's socket became readable.
     woke: AtomicU64,
+    /// When one last did, in nanoseconds after the relay started (0: not yet).
+    last_woke: AtomicU64,
 }
 
 /// Both directions spliced; a leg with a [`RecordLayer`] has its TLS in the kernel. Runs until
@@ -100,6 +102,7 @@ pub(crate) async fn relay<L: RecordLayer>(
 ) -> RelayOutcome {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let quiet = Quiet::default();
+    let started = tokio::time::Instant::now();
     let both = async {
         tokio::try_join!(
             pump(
@@ -109,7 +112,7 @@ pub(crate) async fn relay<L: RecordLayer>(
                 client_leg,
                 upstream_leg,
                 &up,
-                &quiet
+                (&quiet, started)
             ),
             pump(
                 pipes,
@@ -118,7 +121,7 @@ pub(crate) async fn relay<L: RecordLayer>(
                 upstream_leg,
                 client_leg,
                 &down,
-                &quiet
+                (&quiet, started)
             )
         )
         .map(|_| ())
@@ -145,12 +148,14 @@ pub(crate) async fn relay<L: RecordLayer>(
         }
     };
     let (up, down) = (up.into_inner(), down.into_inner());
-    match result {
-        Some(result) => RelayOutcome::moved(up, down, result),
-        None => RelayOutcome {
-            idle: true,
-            ..RelayOutcome::moved(up, down, Ok(()))
-        },
+    let last_woke = match quiet.last_woke.into_inner() {
+        0 => None,
+        nanos => Some(started + std::time::Duration::from_nanos(nanos)),
+    };
+    RelayOutcome {
+        idle: result.is_none(),
+        last_woke,
+        ..RelayOutcome::moved(up, down, result.unwrap_or(Ok(())))
     }
 }
 
@@ -170,13 +175,15 @@ async fn pump<L: RecordLayer>(
     src_leg: Option<&L>,
     dst_leg: Option<&L>,
     total: &AtomicU64,
-    quiet: &Quiet,
+    (quiet, started): (&Quiet, tokio::time::Instant),
 ) -> Result<(), Failure> {
     loop {
         quiet.waiting.fetch_add(1, Ordering::Relaxed);
         let readable = src.readable().await;
         quiet.waiting.fetch_sub(1, Ordering::Relaxed);
         quiet.woke.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        quiet.last_woke.store(nanos.max(1), Ordering::Relaxed);
         readable?;
         dst.writable().await?;
         let mut pipe = pipes
