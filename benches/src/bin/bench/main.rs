@@ -767,6 +767,11 @@ impl Bench {
         let mut args: Vec<String> = Vec::new();
         let target = self.target_args(running.addr);
         let paths_before = observed_paths(running.admin);
+        if workload == Workload::Idle {
+            // Settled before as after (see `idle`): memory a relay freed before this row (its
+            // start, the rows before) must not count against the idle connections.
+            std::thread::sleep(Duration::from_secs(3));
+        }
         let rss_before = running.rss();
         let fds_before = running.fds();
         let (cpu0, k0, n0) = (
