@@ -421,19 +421,14 @@ impl IdleSpliced {
 
     /// Both legs back on the runtime.
     fn on_runtime(self) -> Result<SplicedConn, Failure> {
-        let back = |what: &str, e: std::io::Error| {
-            Failure::io(&format!("taking the parked {what} leg back"), &e)
-        };
         let upstream = match self.upstream {
-            IdleUpstream::Tcp(s) => {
-                Upstream::Tcp(TcpStream::from_std(s).map_err(|e| back("upstream", e))?)
+            IdleUpstream::Tcp(s) => Upstream::Tcp(on_runtime(TcpStream::from_std(s), "upstream")?),
+            IdleUpstream::Unix(s) => {
+                Upstream::Unix(on_runtime(tokio::net::UnixStream::from_std(s), "upstream")?)
             }
-            IdleUpstream::Unix(s) => Upstream::Unix(
-                tokio::net::UnixStream::from_std(s).map_err(|e| back("upstream", e))?,
-            ),
         };
         Ok(SplicedConn {
-            client: TcpStream::from_std(self.client).map_err(|e| back("client", e))?,
+            client: on_runtime(TcpStream::from_std(self.client), "client")?,
             upstream,
             legs: self.legs,
             idle_timeout: self.idle_timeout,
@@ -445,6 +440,11 @@ impl IdleSpliced {
 /// A leg taken off the runtime, or why it could not be.
 fn off_runtime<S>(taken: std::io::Result<S>, leg: &str) -> Result<S, Failure> {
     taken.map_err(|e| Failure::io(&format!("taking the {leg} leg off the runtime"), &e))
+}
+
+/// A parked leg taken back onto the runtime, or why it could not be.
+fn on_runtime<S>(back: std::io::Result<S>, leg: &str) -> Result<S, Failure> {
+    back.map_err(|e| Failure::io(&format!("taking the parked {leg} leg back"), &e))
 }
 
 /// Why a parked connection is taken up again.
@@ -504,12 +504,8 @@ async fn resume_sockmap(
     };
     // Dropped on any failure below, taking both legs out of the maps.
     let pair = bpf.sockmap_pair_again(keys);
-    let on = |sock: std::net::TcpStream, leg: &str| {
-        TcpStream::from_std(sock)
-            .map_err(|e| Failure::io(&format!("taking the parked {leg} leg back"), &e))
-    };
-    let client = on(client, "client")?;
-    let upstream = on(upstream, "upstream")?;
+    let client = on_runtime(TcpStream::from_std(client), "client")?;
+    let upstream = on_runtime(TcpStream::from_std(upstream), "upstream")?;
     let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
     let (outcome, stopped) = watch(
         moving,
