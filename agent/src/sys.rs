@@ -132,6 +132,24 @@ pub fn tcp_established(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(tcp_info(fd)?.bytes8[0] == TCP_ESTABLISHED)
 }
 
+/// Whether a socket has something for a reader: bytes, its peer's end, or an error. Asked with
+/// a zero-timeout `poll`, which consumes nothing: a peek or `SO_ERROR` would take a pending
+/// error (a reset) off the socket, and the relay that reads it next would see an end instead.
+pub fn has_input(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pollfd` is one valid, writable entry and the count says one; a zero timeout
+    // returns at once.
+    let rc = unsafe { libc::poll(&raw mut pollfd, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc > 0 && pollfd.revents != 0)
+}
+
 /// The send sequence consumed on a TCP socket so far (acknowledged plus still queued: the bytes
 /// written, plus the SYN and a FIN), and whether the socket can still send. Differences of this
 /// value count bytes queued.

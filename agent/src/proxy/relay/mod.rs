@@ -169,8 +169,31 @@ pub(crate) async fn run(
             };
             match entry {
                 Ok(sockmap::Entry::Entered(pair, starts)) => {
-                    let idle = IdleSockmap::new(client, upstream, pair, starts, idle_timeout)?;
-                    return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
+                    let Upstream::Tcp(tcp) = upstream else {
+                        return Err(Failure::new(
+                            Reason::Internal,
+                            "a sockmap connection with a unix upstream",
+                        ));
+                    };
+                    // A short-lived connection ends without being parked: parking costs it
+                    // two registrations each way, more than its task costs it for a second.
+                    if let Some(after) = park_after
+                        && sockmap_quiet(&client, &tcp, after).await
+                    {
+                        let idle = IdleSockmap::new(client, tcp, pair, starts, idle_timeout)?;
+                        return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
+                    }
+                    let legs = SockmapLegs {
+                        client,
+                        upstream: tcp,
+                        pair,
+                        starts,
+                        idle_timeout,
+                        last: None,
+                    };
+                    return sockmap_to_end(legs, None, facts, drained)
+                        .await
+                        .map(|()| Relayed::Done);
                 }
                 Ok(sockmap::Entry::Failed(failure)) => return Err(failure),
                 // Nothing moved yet: splice instead, and say why.
@@ -329,9 +352,10 @@ impl IdleConn {
         let IdleConn::Sockmap(s) = self else {
             return true;
         };
-        [&s.client, &s.upstream]
-            .iter()
-            .any(|leg| !matches!(leg.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock))
+        // A leg that cannot be asked is woken: its relay will see why.
+        [s.client.as_fd(), s.upstream.as_fd()]
+            .into_iter()
+            .any(|leg| crate::sys::has_input(leg).unwrap_or(true))
     }
 }
 
@@ -353,17 +377,11 @@ impl IdleSockmap {
     /// the pair, which stays in the maps.
     fn new(
         client: TcpStream,
-        upstream: Upstream,
+        upstream: TcpStream,
         pair: crate::bpf::SockmapPair<'_>,
         starts: sockmap::SendStarts,
         idle_timeout: Duration,
     ) -> Result<Self, Failure> {
-        let Upstream::Tcp(upstream) = upstream else {
-            return Err(Failure::new(
-                Reason::Internal,
-                "a sockmap connection with a unix upstream",
-            ));
-        };
         // On failure the pair, dropped, takes both legs out of the maps.
         let client = off_runtime(client.into_std(), "client")?;
         let upstream = off_runtime(upstream.into_std(), "upstream")?;
@@ -480,6 +498,77 @@ pub(crate) async fn resume(
     }
 }
 
+/// Whether both legs of a sockmap connection had nothing for the agent (no bytes the verdict
+/// passed up, no end, no error) for `after`: then it is parked. Reads nothing: a leg that
+/// signals readable is only asked ([`crate::sys::has_input`]), since the verdict's redirects
+/// wake readers too.
+async fn sockmap_quiet(client: &TcpStream, upstream: &TcpStream, after: Duration) -> bool {
+    let quiet_until = tokio::time::sleep(after);
+    tokio::pin!(quiet_until);
+    // Clears a leg's readiness when it has nothing after all; `Ok`: it has something.
+    let asked = |leg: &TcpStream| {
+        leg.try_io(
+            tokio::io::Interest::READABLE,
+            || match crate::sys::has_input(leg.as_fd()) {
+                Ok(false) => Err(std::io::ErrorKind::WouldBlock.into()),
+                Ok(true) | Err(_) => Ok(()),
+            },
+        )
+    };
+    loop {
+        let leg = tokio::select! {
+            biased;
+            r = client.readable() => r.map(|()| client),
+            r = upstream.readable() => r.map(|()| upstream),
+            () = &mut quiet_until => return true,
+        };
+        match leg {
+            Ok(leg) if asked(leg).is_err() => {}
+            _ => return false,
+        }
+    }
+}
+
+/// A sockmap connection on the runtime, both legs in the sock hash.
+struct SockmapLegs<'a> {
+    client: TcpStream,
+    upstream: TcpStream,
+    pair: crate::bpf::SockmapPair<'a>,
+    starts: sockmap::SendStarts,
+    idle_timeout: Duration,
+    /// When it last moved a byte, when it was parked before.
+    last: Option<LastProgress>,
+}
+
+/// Relays a sockmap connection to its end (shut down at once when `stop_now` says why).
+async fn sockmap_to_end(
+    legs: SockmapLegs<'_>,
+    stop_now: Option<Stop>,
+    facts: &mut Facts,
+    drained: &mut Drained,
+) -> Result<(), Failure> {
+    let SockmapLegs {
+        client,
+        upstream,
+        pair,
+        starts,
+        idle_timeout,
+        last,
+    } = legs;
+    let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
+    let (outcome, stopped) = watch(
+        moving,
+        &client,
+        &upstream,
+        idle_timeout,
+        drained,
+        stop_now,
+        last,
+    )
+    .await;
+    ended(outcome, stopped, idle_timeout, facts)
+}
+
 /// Takes a parked sockmap connection back onto the runtime and relays it to its end.
 async fn resume_sockmap(
     idle: IdleSockmap,
@@ -504,20 +593,15 @@ async fn resume_sockmap(
     };
     // Dropped on any failure below, taking both legs out of the maps.
     let pair = bpf.sockmap_pair_again(keys);
-    let client = on_runtime(TcpStream::from_std(client), "client")?;
-    let upstream = on_runtime(TcpStream::from_std(upstream), "upstream")?;
-    let moving = Box::pin(sockmap::finish(&client, &upstream, pair, starts));
-    let (outcome, stopped) = watch(
-        moving,
-        &client,
-        &upstream,
+    let legs = SockmapLegs {
+        client: on_runtime(TcpStream::from_std(client), "client")?,
+        upstream: on_runtime(TcpStream::from_std(upstream), "upstream")?,
+        pair,
+        starts,
         idle_timeout,
-        drained,
-        stop_now,
         last,
-    )
-    .await;
-    ended(outcome, stopped, idle_timeout, facts)
+    };
+    sockmap_to_end(legs, stop_now, facts, drained).await
 }
 
 /// A relay's end as the connection's: its counts into `facts`, and why the agent stopped it,
