@@ -229,9 +229,9 @@ pub struct LegSession {
 /// How far the connection's handshakes are.
 #[derive(Debug, Clone, Copy)]
 pub enum Negotiated<'a> {
-    /// Before the handshakes: any version and cipher rustls may negotiate. The answer says how
-    /// to run them: [`DataPath::Ktls`] means for the kernel (rustls' unbuffered API, keeping
-    /// the key schedule), anything else in user space.
+    /// Before any handshake: any version and cipher rustls may negotiate. The answer is the
+    /// path a passthrough connection takes, and what a TLS listener expects (its start-up
+    /// line); a TLS connection's own path is chosen once its sessions are negotiated.
     Pending,
     /// After them: every TLS leg the agent holds.
     Legs(&'a [LegSession]),

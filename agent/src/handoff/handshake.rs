@@ -1,6 +1,7 @@
-//! Running a TLS handshake on a tokio socket without reading past it: in user space
-//! ([`rustls::Connection`], whose record layer stays there) or for the kernel
-//! ([`KernelBound`], rustls' unbuffered API, whose session can become a kernel connection).
+//! Running a TLS handshake on a tokio socket without reading past it, with rustls' unbuffered
+//! API ([`TlsSession`]): the session that comes out can go to the kernel with its key schedule
+//! ([`super::kernel`]) or keep its record layer in user space ([`super::records`]), and in user
+//! space it holds no buffer of its own between records.
 //!
 //! The handshake must not consume a single byte that belongs to the record layer after it: once
 //! the keys are in the kernel, bytes already read into user space cannot be given back. So every
@@ -9,10 +10,12 @@
 use std::fmt;
 use std::io;
 
+use rustls::CommonState;
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{ConnectionState, EncodeError, InsufficientSizeError, UnbufferedStatus};
-use rustls::{CommonState, Connection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, InsufficientSizeError, UnbufferedStatus,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -164,78 +167,22 @@ async fn read_in_record(
     Ok(n)
 }
 
-/// Writes every TLS record rustls has queued to `sock`, using `scratch` as the buffer: the
-/// handshake's flights, and the user-space relay's records.
-pub async fn flush_tls(
-    conn: &mut Connection,
-    scratch: &mut Vec<u8>,
-    sock: &impl StreamSocket,
-) -> io::Result<()> {
-    while conn.wants_write() {
-        scratch.clear();
-        conn.write_tls(scratch)?;
-        net::write_all(sock, scratch).await?;
-    }
-    Ok(())
-}
-
-/// Drives a rustls handshake on a tokio socket to completion without reading past it, and
-/// flushes everything rustls has to send (including a fatal alert when the handshake fails).
-async fn user_handshake(
-    conn: &mut Connection,
-    sock: &mut TcpStream,
-    peer: &str,
-) -> Result<(), HandshakeError> {
-    let io_fail = |source: io::Error| HandshakeError::Io {
-        peer: peer.to_owned(),
-        source,
-    };
-    let mut boundary = RecordBoundary::default();
-    let mut buf = crate::buffers::Buffer::with_len(18 * 1024);
-    let mut out = Vec::new();
-    loop {
-        flush_tls(conn, &mut out, sock).await.map_err(io_fail)?;
-        if !conn.is_handshaking() {
-            if !boundary.at_boundary() {
-                return Err(HandshakeError::Misaligned {
-                    peer: peer.to_owned(),
-                });
-            }
-            return Ok(());
-        }
-        let n = read_in_record(sock, &mut boundary, &mut buf)
-            .await
-            .map_err(io_fail)?;
-        let mut input = &buf[..n];
-        while !input.is_empty() {
-            conn.read_tls(&mut input).map_err(io_fail)?;
-            if let Err(source) = conn.process_new_packets() {
-                // rustls queued the alert that explains the failure: send it before closing.
-                let _ = flush_tls(conn, &mut out, sock).await;
-                return Err(HandshakeError::Tls {
-                    peer: peer.to_owned(),
-                    source,
-                });
-            }
-        }
-    }
-}
-
-/// A rustls connection driven through the unbuffered API, for sessions headed to the kernel:
-/// only that API yields a [`rustls::kernel::KernelConnection`], which derives the keys after a
-/// KeyUpdate and keeps a server's session tickets once the record layer is in the kernel.
-pub enum KernelBound {
+/// One TLS leg's rustls session, driven through the unbuffered API: only that API yields a
+/// [`rustls::kernel::KernelConnection`] (which derives the keys after a KeyUpdate and keeps a
+/// server's session tickets once the record layer is in the kernel), and in user space it
+/// leaves the buffers to the caller, so an idle session holds none.
+pub enum TlsSession {
     /// We are the TLS client (the upstream leg).
     Client(UnbufferedClientConnection),
     /// We are the TLS server (the client leg).
     Server(UnbufferedServerConnection),
 }
 
-impl fmt::Debug for KernelBound {
+impl fmt::Debug for TlsSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            KernelBound::Client(_) => "KernelBound::Client",
-            KernelBound::Server(_) => "KernelBound::Server",
+            TlsSession::Client(_) => "TlsSession::Client",
+            TlsSession::Server(_) => "TlsSession::Server",
         })
     }
 }
@@ -256,6 +203,31 @@ enum Step {
     Unexpected(String),
 }
 
+/// Appends the handshake record rustls has ready (a flight, a ticket, a KeyUpdate, an alert)
+/// to `outgoing`.
+pub(super) fn encode_record<Data>(
+    mut encoder: EncodeTlsData<'_, Data>,
+    outgoing: &mut Vec<u8>,
+) -> Result<(), String> {
+    let start = outgoing.len();
+    outgoing.resize(start + 4096, 0);
+    loop {
+        match encoder.encode(&mut outgoing[start..]) {
+            Ok(n) => {
+                outgoing.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                outgoing.resize(start + required_size, 0);
+            }
+            Err(e) => {
+                outgoing.truncate(start);
+                return Err(format!("encoding a handshake record: {e}"));
+            }
+        }
+    }
+}
+
 /// One call of `process_tls_records` on either side, reduced to what the socket must do next.
 /// Encoded bytes are appended to `outgoing`.
 fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) -> (usize, Step) {
@@ -264,25 +236,10 @@ fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) ->
         Err(e) => return (status.discard, Step::Failed(e)),
     };
     let step = match state {
-        ConnectionState::EncodeTlsData(mut encoder) => {
-            let start = outgoing.len();
-            outgoing.resize(start + 4096, 0);
-            loop {
-                match encoder.encode(&mut outgoing[start..]) {
-                    Ok(n) => {
-                        outgoing.truncate(start + n);
-                        break Step::Encoded;
-                    }
-                    Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
-                        outgoing.resize(start + required_size, 0);
-                    }
-                    Err(e) => {
-                        outgoing.truncate(start);
-                        break Step::Unexpected(format!("encoding a handshake record: {e}"));
-                    }
-                }
-            }
-        }
+        ConnectionState::EncodeTlsData(encoder) => match encode_record(encoder, outgoing) {
+            Ok(()) => Step::Encoded,
+            Err(what) => Step::Unexpected(what),
+        },
         ConnectionState::TransmitTlsData(transmit) => {
             // The bytes are ours to send; rustls only needs to know they will be.
             transmit.done();
@@ -295,19 +252,19 @@ fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) ->
     (status.discard, step)
 }
 
-impl KernelBound {
+impl TlsSession {
     /// rustls' view of the session: version, cipher, ALPN, peer certificates.
     pub fn common(&self) -> &CommonState {
         match self {
-            KernelBound::Client(c) => c,
-            KernelBound::Server(s) => s,
+            TlsSession::Client(c) => c,
+            TlsSession::Server(s) => s,
         }
     }
 
     fn process(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
         match self {
-            KernelBound::Client(c) => step(c.process_tls_records(incoming), outgoing),
-            KernelBound::Server(s) => step(s.process_tls_records(incoming), outgoing),
+            TlsSession::Client(c) => step(c.process_tls_records(incoming), outgoing),
+            TlsSession::Server(s) => step(s.process_tls_records(incoming), outgoing),
         }
     }
 
@@ -315,7 +272,7 @@ impl KernelBound {
     /// nothing past the handshake is read into user space, and sending what rustls encodes
     /// (including the alert when the handshake fails). Returns the server name from the
     /// ClientHello when we are the server.
-    async fn handshake(
+    async fn drive_handshake(
         &mut self,
         sock: &mut TcpStream,
         peer: &str,
@@ -329,7 +286,7 @@ impl KernelBound {
         let mut outgoing = Vec::new();
         let mut buf = crate::buffers::Buffer::with_len(18 * 1024);
         // The first record, kept whole while we are the server: the ClientHello, for its SNI.
-        let mut first_record = matches!(self, KernelBound::Server(_)).then(Vec::new);
+        let mut first_record = matches!(self, TlsSession::Server(_)).then(Vec::new);
         let mut server_name = None;
         loop {
             let (discard, next) = self.process(&mut incoming, &mut outgoing);
@@ -398,8 +355,8 @@ impl KernelBound {
     fn close_notify_record(&mut self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; 64];
         let written = match self {
-            KernelBound::Client(c) => queue_close_notify(c.process_tls_records(&mut []), &mut out),
-            KernelBound::Server(s) => queue_close_notify(s.process_tls_records(&mut []), &mut out),
+            TlsSession::Client(c) => queue_close_notify(c.process_tls_records(&mut []), &mut out),
+            TlsSession::Server(s) => queue_close_notify(s.process_tls_records(&mut []), &mut out),
         }?;
         out.truncate(written);
         Ok(out)
@@ -421,34 +378,7 @@ fn queue_close_notify<Data>(
     }
 }
 
-/// One TLS leg of a connection, during and after its handshake, held the way its data path
-/// needs it.
-pub enum TlsLeg {
-    /// rustls keeps the record layer (the userspace path).
-    User(Connection),
-    /// Driven with rustls' unbuffered API so the session can go to the kernel with its key
-    /// schedule (the ktls path).
-    Kernel(KernelBound),
-}
-
-impl fmt::Debug for TlsLeg {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            TlsLeg::User(_) => f.write_str("TlsLeg::User"),
-            TlsLeg::Kernel(k) => write!(f, "TlsLeg::{k:?}"),
-        }
-    }
-}
-
-impl TlsLeg {
-    /// rustls' view of the session: version, cipher, ALPN, peer certificates.
-    pub fn common(&self) -> &CommonState {
-        match self {
-            TlsLeg::User(c) => c,
-            TlsLeg::Kernel(k) => k.common(),
-        }
-    }
-
+impl TlsSession {
     /// Runs the handshake on `sock` to its end; returns the client's server name when we are
     /// the server.
     pub async fn handshake(
@@ -456,31 +386,14 @@ impl TlsLeg {
         sock: &mut TcpStream,
         peer: &str,
     ) -> Result<Option<String>, HandshakeError> {
-        match self {
-            TlsLeg::User(conn) => {
-                user_handshake(conn, sock, peer).await?;
-                Ok(match conn {
-                    Connection::Server(s) => s.server_name().map(str::to_owned),
-                    Connection::Client(_) => None,
-                })
-            }
-            TlsLeg::Kernel(k) => k.handshake(sock, peer).await,
-        }
+        self.drive_handshake(sock, peer).await
     }
 
     /// Sends a close_notify on a finished session whose record layer is still in user space
     /// (the FIN is the caller's).
     pub async fn send_close_notify(&mut self, sock: &impl StreamSocket) -> io::Result<()> {
-        match self {
-            TlsLeg::User(conn) => {
-                conn.send_close_notify();
-                flush_tls(conn, &mut Vec::new(), sock).await
-            }
-            TlsLeg::Kernel(k) => {
-                let record = k.close_notify_record()?;
-                net::write_all(sock, &record).await
-            }
-        }
+        let record = self.close_notify_record()?;
+        net::write_all(sock, &record).await
     }
 }
 

@@ -10,7 +10,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 
-use super::KernelBound;
+use super::TlsSession;
 use crate::ktls::{self, Cipher, CryptoInfo, Direction, KtlsError, TlsVersion};
 
 /// Why a session could not be handed to the kernel.
@@ -34,7 +34,7 @@ pub enum HandoffError {
     },
 }
 
-impl KernelBound {
+impl TlsSession {
     /// Moves the session into the kernel: attaches the TLS ULP and installs TX and RX state.
     /// The extracted secrets are zeroized before this returns; what rustls keeps can only derive
     /// the next keys (KeyUpdate) and take session tickets.
@@ -48,11 +48,11 @@ impl KernelBound {
             source,
         };
         let (secrets, conn) = match self {
-            KernelBound::Client(c) => {
+            TlsSession::Client(c) => {
                 let (secrets, k) = c.dangerous_into_kernel_connection().map_err(extract)?;
                 (secrets, KernelConn::Client(k))
             }
-            KernelBound::Server(s) => {
+            TlsSession::Server(s) => {
                 let (secrets, k) = s.dangerous_into_kernel_connection().map_err(extract)?;
                 (secrets, KernelConn::Server(k))
             }

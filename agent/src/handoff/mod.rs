@@ -1,8 +1,11 @@
-//! A connection's TLS sessions: the handshake, run without reading past it ([`handshake`]), and
-//! the handoff of a finished session to the kernel ([`kernel`]).
+//! A connection's TLS sessions: the handshake, run without reading past it ([`handshake`]),
+//! then either the handoff of the session to the kernel ([`kernel`]) or its record layer in
+//! user space ([`records`]).
 
 mod handshake;
 mod kernel;
+mod records;
 
-pub use handshake::{HandshakeError, KernelBound, LegSide, RecordBoundary, TlsLeg, flush_tls};
+pub use handshake::{HandshakeError, LegSide, RecordBoundary, TlsSession};
 pub use kernel::{HandoffError, KernelSession, KtlsSession, SessionError};
+pub use records::{Received, RecordError, UserSession};

@@ -4,11 +4,10 @@
 //!   server name, optionally with a client certificate) to the upstream;
 //! - originate: plaintext in from a local app, TLS to the upstream.
 //!
-//! [`establish`] runs the handshakes (each reads one record at a time, so no byte past it is
-//! read into user space), connects the upstream, sends the PROXY header, and asks the path
-//! choice ([`crate::path::choose`]) twice: before the handshakes, whether they run for the
-//! kernel (rustls' unbuffered API, whose session can go to the kernel with its key schedule) or
-//! in user space; after them, which data path the negotiated sessions take.
+//! [`establish`] runs the handshakes (rustls' unbuffered API, each reading one record at a
+//! time, so no byte past it is read into user space and the session can go to the kernel with
+//! its key schedule or stay in user space), connects the upstream, sends the PROXY header, and
+//! asks the path choice ([`crate::path::choose`]) which data path the negotiated sessions take.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,14 +15,14 @@ use std::time::Duration;
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::server::UnbufferedServerConnection;
-use rustls::{ClientConfig, ClientConnection, CommonState, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, CommonState, ServerConfig};
 use tokio::net::TcpStream;
 
 use super::relay::ktls::RekeyPolicy;
 use super::relay::{Established, Plan};
 use super::state::ListenerState;
 use super::upstream::{Target, write_proxy_header};
-use crate::handoff::{KernelBound, LegSide, TlsLeg};
+use crate::handoff::{LegSide, TlsSession};
 use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
 use crate::net::Upstream;
@@ -44,18 +43,15 @@ pub(crate) async fn establish(
         // Config validation requires an upstream for these modes.
         return Err(Failure::new(Reason::Internal, "listener has no upstream").lingering(client));
     };
-    let for_kernel = state.choose(Negotiated::Pending).path() == Some(DataPath::Ktls);
     // The material as it is now: a reload swaps it for later handshakes only.
     let material = state.tls.current();
 
     let mut client_tls = match &material.server {
         None => None,
-        Some(config) => {
-            match client_handshake(state, config, &mut client, peer, for_kernel, facts).await {
-                Ok(done) => Some(done),
-                Err(failure) => return Err(failure.lingering(client)),
-            }
-        }
+        Some(config) => match client_handshake(state, config, &mut client, peer, facts).await {
+            Ok(done) => Some(done),
+            Err(failure) => return Err(failure.lingering(client)),
+        },
     };
     let info = match client_tls
         .as_ref()
@@ -87,9 +83,7 @@ pub(crate) async fn establish(
         None => None,
         Some((config, name)) => {
             let done = match &mut upstream {
-                Upstream::Tcp(sock) => {
-                    upstream_handshake(state, config, name, sock, for_kernel, facts).await
-                }
+                Upstream::Tcp(sock) => upstream_handshake(state, config, name, sock, facts).await,
                 Upstream::Unix(_) => Err(Failure::new(
                     Reason::Internal,
                     "upstream TLS over a unix socket",
@@ -138,16 +132,16 @@ pub(crate) async fn establish(
     };
     let plan = match path {
         DataPath::Ktls => Plan::Ktls {
-            client: kernel_bound(client_tls)?.map(Box::new),
-            upstream: kernel_bound(upstream_tls)?.map(Box::new),
+            client: client_tls.map(Box::new),
+            upstream: upstream_tls.map(Box::new),
             rekey: RekeyPolicy {
                 kernel: state.caps.rekey(),
                 after_records: cfg.rekey_after_records,
             },
         },
         DataPath::Userspace => Plan::Userspace {
-            client: user_space(client_tls)?.map(Box::new),
-            upstream: user_space(upstream_tls)?.map(Box::new),
+            client: client_tls.map(Box::new),
+            upstream: upstream_tls.map(Box::new),
         },
         other => {
             return Err(Failure::new(
@@ -167,33 +161,11 @@ pub(crate) async fn establish(
 
 /// A failure after the client's session was set up: close_notify to the client, then the
 /// failure, which closes the socket gently.
-async fn closing(client: TcpStream, tls: Option<TlsLeg>, failure: Failure) -> Failure {
+async fn closing(client: TcpStream, tls: Option<TlsSession>, failure: Failure) -> Failure {
     if let Some(mut leg) = tls {
         let _ = leg.send_close_notify(&client).await;
     }
     failure.lingering(client)
-}
-
-fn kernel_bound(leg: Option<TlsLeg>) -> Result<Option<KernelBound>, Failure> {
-    match leg {
-        None => Ok(None),
-        Some(TlsLeg::Kernel(k)) => Ok(Some(k)),
-        Some(TlsLeg::User(_)) => Err(Failure::new(
-            Reason::Internal,
-            "a user-space session on the kernel path",
-        )),
-    }
-}
-
-fn user_space(leg: Option<TlsLeg>) -> Result<Option<rustls::Connection>, Failure> {
-    match leg {
-        None => Ok(None),
-        Some(TlsLeg::User(c)) => Ok(Some(c)),
-        Some(TlsLeg::Kernel(_)) => Err(Failure::new(
-            Reason::Internal,
-            "a kernel-bound session on the userspace path",
-        )),
-    }
 }
 
 /// The client leg's handshake: it waits for the client's first bytes, takes a place under the
@@ -204,16 +176,11 @@ async fn client_handshake(
     config: &Arc<ServerConfig>,
     client: &mut TcpStream,
     peer: SocketAddr,
-    for_kernel: bool,
     facts: &mut Facts,
-) -> Result<(TlsLeg, Option<String>), Failure> {
-    let leg = if for_kernel {
-        UnbufferedServerConnection::new(config.clone())
-            .map(|c| TlsLeg::Kernel(KernelBound::Server(c)))
-    } else {
-        ServerConnection::new(config.clone()).map(|c| TlsLeg::User(c.into()))
-    }
-    .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
+) -> Result<(TlsSession, Option<String>), Failure> {
+    let leg = UnbufferedServerConnection::new(config.clone())
+        .map(TlsSession::Server)
+        .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
     let deadline = state.config.handshake_timeout();
     let started = tokio::time::Instant::now();
     first_flight(client, deadline).await?;
@@ -231,16 +198,11 @@ async fn upstream_handshake(
     config: &Arc<ClientConfig>,
     name: &rustls::pki_types::ServerName<'static>,
     upstream: &mut TcpStream,
-    for_kernel: bool,
     facts: &mut Facts,
-) -> Result<TlsLeg, Failure> {
-    let leg = if for_kernel {
-        UnbufferedClientConnection::new(config.clone(), name.clone())
-            .map(|c| TlsLeg::Kernel(KernelBound::Client(c)))
-    } else {
-        ClientConnection::new(config.clone(), name.clone()).map(|c| TlsLeg::User(c.into()))
-    }
-    .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
+) -> Result<TlsSession, Failure> {
+    let leg = UnbufferedClientConnection::new(config.clone(), name.clone())
+        .map(TlsSession::Client)
+        .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
     let _permit = state.handshake_permit()?;
     let who = upstream
         .peer_addr()
@@ -252,13 +214,13 @@ async fn upstream_handshake(
 
 /// Runs one handshake within `deadline` and records how it ended in `facts`.
 async fn handshake(
-    mut leg: TlsLeg,
+    mut leg: TlsSession,
     sock: &mut TcpStream,
     peer: String,
     deadline: Duration,
     side: LegSide,
     facts: &mut Facts,
-) -> Result<(TlsLeg, Option<String>), Failure> {
+) -> Result<(TlsSession, Option<String>), Failure> {
     let ended = tokio::time::timeout(deadline, leg.handshake(sock, &peer)).await;
     let counted = match side {
         LegSide::Client => &mut facts.client_handshake,

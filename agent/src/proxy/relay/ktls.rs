@@ -14,7 +14,7 @@ use tokio::io::Interest;
 
 use super::RelayOutcome;
 use super::splice::{self, RecordLayer};
-use crate::handoff::{KernelBound, KernelSession};
+use crate::handoff::{KernelSession, TlsSession};
 use crate::ktls::{self, Direction, RecordType, TlsVersion};
 use crate::net::StreamSocket;
 use crate::outcome::{Failure, Reason};
@@ -79,12 +79,12 @@ pub(crate) async fn relay(
 /// Moves each leg's session, if it has one, into the kernel.
 pub(crate) fn into_kernel(
     client: &tokio::net::TcpStream,
-    client_tls: Option<Box<KernelBound>>,
+    client_tls: Option<Box<TlsSession>>,
     upstream: &crate::net::Upstream,
-    upstream_tls: Option<Box<KernelBound>>,
+    upstream_tls: Option<Box<TlsSession>>,
     rekey: &RekeyPolicy,
 ) -> Result<KernelLegs, Failure> {
-    let leg = |tls: Option<Box<KernelBound>>, sock: &dyn AsFd, who: String| {
+    let leg = |tls: Option<Box<TlsSession>>, sock: &dyn AsFd, who: String| {
         tls.map(|k| {
             k.into_kernel(sock.as_fd(), &who)
                 .map(|session| KtlsLeg::new(session, rekey.clone()))

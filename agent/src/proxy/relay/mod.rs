@@ -24,11 +24,10 @@ pub(crate) mod userspace;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::time::Duration;
 
-use rustls::Connection;
 use tokio::net::TcpStream;
 
 use crate::bpf::LoadedBpf;
-use crate::handoff::KernelBound;
+use crate::handoff::TlsSession;
 use crate::net::{self, Upstream};
 use crate::outcome::{DataPath, Facts, Failure, Reason};
 use crate::splice::PipePool;
@@ -40,18 +39,18 @@ pub(crate) enum Plan {
     /// Every TLS leg goes to the kernel, then both directions are spliced.
     Ktls {
         /// The client leg's session (terminate, reencrypt).
-        client: Option<Box<KernelBound>>,
+        client: Option<Box<TlsSession>>,
         /// The upstream leg's session (reencrypt, originate).
-        upstream: Option<Box<KernelBound>>,
+        upstream: Option<Box<TlsSession>>,
         /// When the kernel legs change keys.
         rekey: ktls::RekeyPolicy,
     },
     /// rustls keeps every TLS leg's record layer; a copy loop moves the plaintext.
     Userspace {
         /// The client leg's session, when the agent holds one.
-        client: Option<Box<Connection>>,
+        client: Option<Box<TlsSession>>,
         /// The upstream leg's session, when the agent holds one.
-        upstream: Option<Box<Connection>>,
+        upstream: Option<Box<TlsSession>>,
     },
     /// Plain legs spliced through pipes borrowed from the node's pool.
     Splice,
@@ -177,8 +176,9 @@ pub(crate) async fn run(
                     };
                     // A short-lived connection ends without being parked: parking costs it
                     // two registrations each way, more than its task costs it for a second.
+                    // On the heap, as its relay below: the other paths' tasks need neither.
                     if let Some(after) = park_after
-                        && sockmap_quiet(&client, &tcp, after).await
+                        && Box::pin(sockmap_quiet(&client, &tcp, after)).await
                     {
                         let idle = IdleSockmap::new(client, tcp, pair, starts, idle_timeout)?;
                         return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
@@ -191,7 +191,7 @@ pub(crate) async fn run(
                         idle_timeout,
                         last: None,
                     };
-                    return sockmap_to_end(legs, None, facts, drained)
+                    return Box::pin(sockmap_to_end(legs, None, facts, drained))
                         .await
                         .map(|()| Relayed::Done);
                 }

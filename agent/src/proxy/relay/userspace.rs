@@ -1,24 +1,23 @@
-//! The userspace data path: rustls keeps the record layer of every TLS leg, and a copy loop
-//! moves the plaintext between the legs (plain legs are copied as they are). Used when the
+//! The userspace data path: rustls keeps the record layer of every TLS leg (its unbuffered API:
+//! the buffers are lent for each read and write, so an idle connection holds none), and a copy
+//! loop moves the plaintext between the legs (plain legs are copied as they are). Used when the
 //! kernel cannot offload the session, when the listener says `data_path = "userspace"`, and for
 //! passthrough listeners that say so.
 
-use std::io::{self, Read, Write};
-
-use rustls::Connection;
+use std::io;
 
 use super::RelayOutcome;
 use crate::buffers::Buffer;
-use crate::handoff::flush_tls;
+use crate::handoff::{RecordError, TlsSession, UserSession};
 use crate::net::{self, StreamSocket};
 use crate::outcome::{Failure, Reason};
 
 /// rustls in user space on every TLS leg and a copy loop between the legs.
 pub(crate) async fn relay(
     client: &impl StreamSocket,
-    client_tls: Option<Box<Connection>>,
+    client_tls: Option<Box<TlsSession>>,
     upstream: &impl StreamSocket,
-    upstream_tls: Option<Box<Connection>>,
+    upstream_tls: Option<Box<TlsSession>>,
 ) -> RelayOutcome {
     let mut c = Leg::new(client, client_tls);
     let mut u = Leg::new(upstream, upstream_tls);
@@ -27,95 +26,86 @@ pub(crate) async fn relay(
     RelayOutcome::moved(up, down, result)
 }
 
-/// The reason a rustls error on an established session is counted under.
-fn tls_failure(e: &rustls::Error) -> Reason {
-    match e {
-        rustls::Error::AlertReceived(_) => Reason::AlertReceived,
-        rustls::Error::InappropriateMessage { .. }
-        | rustls::Error::InappropriateHandshakeMessage { .. }
-        | rustls::Error::PeerMisbehaved(_) => Reason::UnexpectedMessage,
-        _ => Reason::RecordError,
-    }
+/// The failure of a TLS leg's record layer, under the reason it is counted by.
+fn record_failure(e: &RecordError) -> Failure {
+    let reason = match e {
+        RecordError::Tls(rustls::Error::AlertReceived(_)) => Reason::AlertReceived,
+        RecordError::Tls(
+            rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. }
+            | rustls::Error::PeerMisbehaved(_),
+        ) => Reason::UnexpectedMessage,
+        RecordError::Tls(_) | RecordError::State(_) => Reason::RecordError,
+    };
+    Failure::new(reason, e.to_string())
 }
 
 /// Bytes read from a socket at once: two full TLS records.
 const READ_BYTES: usize = 32 * 1024;
 
-/// Plaintext taken out of rustls at once on its way to the other leg: one record's worth.
-const PLAINTEXT_BYTES: usize = 16 * 1024;
-
-/// One side of a user-space relay: a socket and, for a TLS leg, its rustls connection. It holds
-/// no buffer of its own: an idle connection costs its sockets and its TLS sessions, and the
+/// One side of a user-space relay: a socket and, for a TLS leg, its session. It holds no
+/// buffer of its own: an idle connection costs its sockets and its TLS sessions, and the
 /// buffers a forward needs are borrowed for that forward only.
 struct Leg<'a, S> {
     sock: &'a S,
-    tls: Option<Box<Connection>>,
+    tls: Option<UserSession>,
     /// Still reading from this leg.
     open: bool,
 }
 
 impl<'a, S: StreamSocket> Leg<'a, S> {
-    fn new(sock: &'a S, tls: Option<Box<Connection>>) -> Self {
+    fn new(sock: &'a S, tls: Option<Box<TlsSession>>) -> Self {
         Self {
             sock,
-            tls,
+            tls: tls.map(UserSession::new),
             open: true,
         }
     }
 
-    /// Sends every record rustls has queued on this leg, through `scratch`.
-    async fn flush(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
+    /// Sends plaintext to this leg's peer (sealed into records in `scratch` on a TLS leg).
+    async fn send(&mut self, data: &[u8], scratch: &mut Vec<u8>) -> Result<(), Failure> {
         match &mut self.tls {
-            Some(conn) => flush_tls(conn, scratch, self.sock).await,
-            None => Ok(()),
-        }
-    }
-
-    /// Sends plaintext to this leg's peer (TLS records go through `scratch`).
-    async fn send(&mut self, mut data: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
-        match &mut self.tls {
-            None => net::write_all(self.sock, data).await,
-            Some(conn) => {
-                // rustls buffers a bounded amount of plaintext: hand it over in pieces,
-                // sending the records each piece becomes.
-                while !data.is_empty() {
-                    let taken = conn.writer().write(data)?;
-                    data = &data[taken..];
-                    flush_tls(conn, scratch, self.sock).await?;
-                }
-                Ok(())
+            None => Ok(net::write_all(self.sock, data).await?),
+            Some(session) => {
+                scratch.clear();
+                session
+                    .seal(data, scratch)
+                    .map_err(|e| record_failure(&e))?;
+                Ok(net::write_all(self.sock, scratch).await?)
             }
         }
     }
 
     /// Ends what we send to this leg's peer: close_notify on TLS, then FIN.
-    async fn close_write(&mut self, scratch: &mut Vec<u8>) -> io::Result<()> {
-        if let Some(conn) = &mut self.tls {
-            conn.send_close_notify();
+    async fn close_write(&mut self, scratch: &mut Vec<u8>) -> Result<(), Failure> {
+        let mut result = Ok(());
+        if let Some(session) = &mut self.tls {
+            scratch.clear();
+            match session.close_notify(scratch) {
+                Ok(()) => result = net::write_all(self.sock, scratch).await,
+                Err(e) => return Err(record_failure(&e)),
+            }
         }
-        let result = match self.flush(scratch).await {
-            Ok(()) => net::shutdown_write(self.sock),
-            Err(e) => Err(e),
-        };
+        let result = result.and_then(|()| net::shutdown_write(self.sock));
         match result {
             Err(e) if net::peer_gone(&e) => Ok(()),
-            other => other,
+            other => Ok(other?),
         }
     }
 }
 
-/// Handles bytes read from `src`: decrypts if `src` is TLS and forwards the plaintext to
-/// `dst`, adding it to `forwarded`; a clean end of `src` half-closes `dst`. The buffers it
-/// needs live as long as this call.
+/// Handles bytes read from `src` (empty: its end): decrypts if `src` is TLS and forwards the
+/// plaintext to `dst`, adding it to `forwarded`; a clean end of `src` half-closes `dst`. The
+/// buffers it needs live as long as this call.
 async fn forward<A: StreamSocket, B: StreamSocket>(
     src: &mut Leg<'_, A>,
     dst: &mut Leg<'_, B>,
-    input: &[u8],
+    input: &mut [u8],
     forwarded: &mut u64,
 ) -> Result<(), Failure> {
     let mut scratch = Buffer::empty();
     let Leg { tls, open, sock } = src;
-    let Some(conn) = tls.as_mut() else {
+    let Some(session) = tls.as_mut() else {
         if input.is_empty() {
             *open = false;
             dst.close_write(&mut scratch).await?;
@@ -131,33 +121,23 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
             "peer closed TCP without close_notify",
         ));
     }
-    let mut plain: Option<Buffer> = None;
-    // rustls holds a bounded amount of plaintext: decrypt a piece, pass it on, then the next.
-    let mut rest = input;
-    while !rest.is_empty() && *open {
-        conn.read_tls(&mut rest)
-            .map_err(|e| Failure::new(Reason::RecordError, format!("reading TLS records: {e}")))?;
-        if let Err(e) = conn.process_new_packets() {
-            // rustls queued the alert that explains the failure: send it before closing.
-            let _ = flush_tls(conn, &mut scratch, *sock).await;
-            return Err(Failure::new(tls_failure(&e), e.to_string()));
+    let (mut plain, mut answer) = (Buffer::empty(), Vec::new());
+    let received = session.receive(input, &mut plain, &mut answer);
+    // What rustls answers on this leg (its KeyUpdate, or the alert that explains a failure).
+    if !answer.is_empty() {
+        let sent = net::write_all(*sock, &answer).await;
+        if received.is_ok() {
+            sent?;
         }
-        loop {
-            let plain = plain.get_or_insert_with(|| Buffer::with_len(PLAINTEXT_BYTES));
-            match conn.reader().read(plain) {
-                Ok(0) => {
-                    *open = false;
-                    dst.close_write(&mut scratch).await?;
-                    break;
-                }
-                Ok(m) => {
-                    dst.send(&plain[..m], &mut scratch).await?;
-                    *forwarded += m as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(Failure::io("reading plaintext from rustls", &e)),
-            }
-        }
+    }
+    let received = received.map_err(|e| record_failure(&e))?;
+    if !plain.is_empty() {
+        dst.send(&plain, &mut scratch).await?;
+        *forwarded += plain.len() as u64;
+    }
+    if received.peer_closed {
+        *open = false;
+        dst.close_write(&mut scratch).await?;
     }
     Ok(())
 }
@@ -178,11 +158,6 @@ async fn copy_loop<A: StreamSocket, B: StreamSocket>(
     // holds none, a busy one reuses it.
     let mut buf: Option<Buffer> = None;
     loop {
-        // Session tickets, alerts and handshake replies rustls queued on either leg.
-        let mut scratch = Buffer::empty();
-        c.flush(&mut scratch).await?;
-        u.flush(&mut scratch).await?;
-        drop(scratch);
         if !c.open && !u.open {
             return Ok(());
         }
@@ -203,7 +178,7 @@ async fn copy_loop<A: StreamSocket, B: StreamSocket>(
             }
             Err(e) => return Err(e.into()),
         };
-        let bytes = &bytes[..n];
+        let bytes = &mut bytes[..n];
         match ready {
             Ready::Client => forward(c, u, bytes, up).await?,
             Ready::Upstream => forward(u, c, bytes, down).await?,
