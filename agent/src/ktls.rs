@@ -94,6 +94,23 @@ pub enum Cipher {
 }
 
 impl Cipher {
+    /// The AEAD of a TLS 1.2 or 1.3 cipher suite, when the kernel has one for it.
+    pub fn from_suite(suite: rustls::CipherSuite) -> Option<Self> {
+        use rustls::CipherSuite as S;
+        match suite {
+            S::TLS13_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Some(Cipher::Aes128Gcm),
+            S::TLS13_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+            | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Some(Cipher::Aes256Gcm),
+            S::TLS13_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
+            | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Some(Cipher::Chacha20Poly1305),
+            _ => None,
+        }
+    }
+
     /// All offloadable ciphers.
     pub const ALL: [Cipher; 3] = [
         Cipher::Aes128Gcm,

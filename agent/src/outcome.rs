@@ -5,6 +5,7 @@
 //! [`Reason`] and [`DataPath`] are defined in `tlsplice-common`, next to the counter keys that
 //! store them, so the agent and `tlsplice stats` read the same names and numbers.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -102,6 +103,20 @@ impl HandshakeOutcome {
             suite: 0,
         }
     }
+
+    /// The negotiated version and cipher as the kernel knows them (`TLSv1.3 AES-128-GCM`), else
+    /// as rustls names them.
+    pub fn session_text(&self) -> String {
+        let version = rustls::ProtocolVersion::from(self.version);
+        let suite = rustls::CipherSuite::from(self.suite);
+        match (
+            crate::ktls::TlsVersion::from_rustls(version),
+            crate::ktls::Cipher::from_suite(suite),
+        ) {
+            (Some(v), Some(c)) => format!("{v} {c}"),
+            _ => format!("{version:?} {suite:?}"),
+        }
+    }
 }
 
 /// What is known of a connection so far. The connection code fills it in as it goes; the
@@ -110,10 +125,11 @@ impl HandshakeOutcome {
 pub struct Facts {
     /// The data path taken, once chosen.
     pub data_path: Option<DataPath>,
-    /// Why that data path.
-    pub path_reason: String,
-    /// Negotiated versions, ciphers and ALPN, or the passthrough server name.
-    pub session: String,
+    /// Why that data path (fixed text where it can be: held as long as the connection).
+    pub path_reason: Cow<'static, str>,
+    /// What was negotiated: its text is made only for a log line or the report
+    /// ([`Facts::session_text`]).
+    pub session: Session,
     /// The verified client certificate's names (mTLS listeners).
     pub client_identity: Option<String>,
     /// The client leg's handshake, when the agent ran one.
@@ -130,11 +146,54 @@ pub struct Facts {
     pub tickets: u64,
 }
 
+/// What a connection negotiated, kept typed: every parked connection holds it, and its text is
+/// needed only for a log line or the report.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum Session {
+    /// Nothing negotiated (yet).
+    #[default]
+    None,
+    /// The agent's TLS legs completed their handshakes (each leg's version and suite are in
+    /// its [`HandshakeOutcome`]), with the protocol the client's leg agreed by ALPN.
+    Tls {
+        /// The ALPN protocol, if one was agreed.
+        alpn: Option<Box<[u8]>>,
+    },
+    /// Passthrough: the server name in the ClientHello, if it had one.
+    Sni(Option<Box<str>>),
+}
+
 impl Facts {
+    /// The negotiated versions, ciphers and ALPN (`client TLSv1.3 AES-128-GCM, upstream ...,
+    /// ALPN h2`), or the passthrough server name (`SNI example.com`); empty before either.
+    pub fn session_text(&self) -> String {
+        match &self.session {
+            Session::None => String::new(),
+            Session::Sni(name) => format!("SNI {}", name.as_deref().unwrap_or("(none)")),
+            Session::Tls { alpn } => {
+                let legs = [
+                    ("client", &self.client_handshake),
+                    ("upstream", &self.upstream_handshake),
+                ];
+                let mut parts: Vec<String> = legs
+                    .into_iter()
+                    .filter_map(|(leg, hs)| {
+                        let hs = hs.as_ref().filter(|h| h.outcome == Reason::Ok)?;
+                        Some(format!("{leg} {}", hs.session_text()))
+                    })
+                    .collect();
+                if let Some(alpn) = alpn {
+                    parts.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
+                }
+                parts.join(", ")
+            }
+        }
+    }
+
     /// Records the data path and why.
-    pub fn take_path(&mut self, path: DataPath, why: String) {
+    pub fn take_path(&mut self, path: DataPath, why: impl Into<Cow<'static, str>>) {
         self.data_path = Some(path);
-        self.path_reason = why;
+        self.path_reason = why.into();
     }
 }
 
@@ -179,14 +238,15 @@ impl ConnectionReport {
             Ok(()) => (Reason::Ok, None),
             Err(f) => (f.reason, Some(f.detail)),
         };
+        let session = facts.session_text();
         Self {
             listener: listener.to_owned(),
             peer,
             outcome,
             error,
             data_path: facts.data_path,
-            path_reason: facts.path_reason,
-            session: facts.session,
+            path_reason: facts.path_reason.into_owned(),
+            session,
             client_identity: facts.client_identity,
             bytes_up: facts.bytes_up,
             bytes_down: facts.bytes_down,
@@ -221,7 +281,7 @@ mod tests {
     #[test]
     fn a_report_carries_the_facts_and_the_typed_outcome() {
         let mut facts = Facts::default();
-        facts.take_path(DataPath::Splice, "why".into());
+        facts.take_path(DataPath::Splice, "why");
         facts.bytes_up = 5;
         let peer = "127.0.0.1:1".parse().expect("addr");
         let r = ConnectionReport::new(
@@ -236,5 +296,68 @@ mod tests {
         assert_eq!(r.bytes_up, 5);
         let ok = ConnectionReport::new("web", peer, Facts::default(), Ok(()));
         assert_eq!((ok.outcome, ok.error), (Reason::Ok, None));
+    }
+
+    #[test]
+    fn the_session_text_is_made_from_the_typed_session_and_handshakes() {
+        let done = |version: u16, suite: u16| {
+            Some(HandshakeOutcome {
+                outcome: Reason::Ok,
+                version,
+                suite,
+            })
+        };
+        // TLS 1.3 AES-128-GCM (0x1301), TLS 1.2 ECDHE-ECDSA ChaCha20 (0xcca9), TLS 1.3
+        // AES-128-CCM (0x1304: no kTLS code in the agent).
+        let cases: [(
+            Session,
+            Option<HandshakeOutcome>,
+            Option<HandshakeOutcome>,
+            &str,
+        ); 7] = [
+            (Session::None, done(0x0304, 0x1301), None, ""),
+            (
+                Session::Tls { alpn: None },
+                done(0x0304, 0x1301),
+                done(0x0303, 0xcca9),
+                "client TLSv1.3 AES-128-GCM, upstream TLSv1.2 CHACHA20-POLY1305",
+            ),
+            (
+                Session::Tls {
+                    alpn: Some(Box::from(&b"h2"[..])),
+                },
+                done(0x0304, 0x1301),
+                None,
+                "client TLSv1.3 AES-128-GCM, ALPN h2",
+            ),
+            (
+                Session::Tls { alpn: None },
+                None,
+                done(0x0304, 0x1301),
+                "upstream TLSv1.3 AES-128-GCM",
+            ),
+            (
+                Session::Tls { alpn: None },
+                done(0x0304, 0x1304),
+                Some(HandshakeOutcome::failed(Reason::UpstreamHandshakeFailed)),
+                "client TLSv1_3 TLS13_AES_128_CCM_SHA256",
+            ),
+            (
+                Session::Sni(Some("b.test".into())),
+                None,
+                None,
+                "SNI b.test",
+            ),
+            (Session::Sni(None), None, None, "SNI (none)"),
+        ];
+        for (session, client_handshake, upstream_handshake, want) in cases {
+            let facts = Facts {
+                session: session.clone(),
+                client_handshake,
+                upstream_handshake,
+                ..Facts::default()
+            };
+            assert_eq!(facts.session_text(), want, "{session:?}");
+        }
     }
 }

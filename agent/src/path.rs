@@ -3,6 +3,7 @@
 //! choice. The connection code ([`crate::proxy`]), `tlsplice probe --config` ([`summary`]) and
 //! the table test below all ask [`choose`]; the I/O code only carries its answer out.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
@@ -255,8 +256,9 @@ pub struct PathInputs<'a> {
 /// The path choice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Choice {
-    /// Take this data path, for this reason.
-    Take(DataPath, String),
+    /// Take this data path, for this reason (borrowed where it is fixed text: a connection
+    /// holds its reason as long as it lives).
+    Take(DataPath, Cow<'static, str>),
     /// The listener's policy cannot be met: close the connection, for this reason.
     Refuse(String),
 }
@@ -289,11 +291,12 @@ pub fn choose(i: &PathInputs<'_>) -> Choice {
                 format!(
                     "passthrough: plain legs redirected in the kernel ({})",
                     i.plain.why()
-                ),
+                )
+                .into(),
             ),
             DataPathPolicy::Auto => Choice::Take(
                 DataPath::Splice,
-                format!("{PLAIN_LEGS} ({})", i.plain.why()),
+                format!("{PLAIN_LEGS} ({})", i.plain.why()).into(),
             ),
         };
     }
@@ -302,7 +305,7 @@ pub fn choose(i: &PathInputs<'_>) -> Choice {
         (DataPathPolicy::Userspace, ..) => {
             Choice::Take(DataPath::Userspace, USERSPACE_BY_POLICY.into())
         }
-        (DataPathPolicy::Auto, Err(why), _) => Choice::Take(DataPath::Userspace, why),
+        (DataPathPolicy::Auto, Err(why), _) => Choice::Take(DataPath::Userspace, why.into()),
         (DataPathPolicy::Auto, Ok(()), Negotiated::Pending) => Choice::Take(
             DataPath::Ktls,
             "kernel offloads every version and cipher rustls may negotiate".into(),
@@ -315,11 +318,12 @@ pub fn choose(i: &PathInputs<'_>) -> Choice {
         ),
         (DataPathPolicy::Ktls, Err(why), Negotiated::Pending) => Choice::Take(
             DataPath::Ktls,
-            format!("data_path = \"ktls\": handshake run for the kernel, though {why}"),
+            format!("data_path = \"ktls\": handshake run for the kernel, though {why}").into(),
         ),
         (DataPathPolicy::Auto | DataPathPolicy::Ktls, _, Negotiated::Legs(legs)) => {
             match offload_legs(i.kernel, legs) {
-                Ok(sessions) => Choice::Take(DataPath::Ktls, format!("kernel offloads {sessions}")),
+                // Which versions and ciphers: the connection's session says.
+                Ok(()) => Choice::Take(DataPath::Ktls, OFFLOADS_EVERY_LEG.into()),
                 Err(why) => Choice::Refuse(format!("listener requires ktls: {why}")),
             }
         }
@@ -337,18 +341,17 @@ pub fn sockmap_refused(why: &str) -> (DataPath, String) {
     )
 }
 
-/// Every leg offloadable: their sessions as text; else the first leg that is not, and why.
-fn offload_legs(kernel: &KernelCaps, legs: &[LegSession]) -> Result<String, String> {
-    let mut sessions = Vec::new();
+/// Why a connection whose every leg the kernel offloads takes the ktls path.
+const OFFLOADS_EVERY_LEG: &str = "kernel offloads every leg's version and cipher";
+
+/// Every leg offloadable; else the first leg that is not, and why.
+fn offload_legs(kernel: &KernelCaps, legs: &[LegSession]) -> Result<(), String> {
     for l in legs {
         kernel
             .offload(l.version, l.cipher)
             .map_err(|why| format!("{} leg: {why}", l.leg))?;
-        if let (Some(v), Some(c)) = (l.version, l.cipher) {
-            sessions.push(format!("{} {v} {c}", l.leg));
-        }
     }
-    Ok(sessions.join(", "))
+    Ok(())
 }
 
 /// What a listener's connections will get on this kernel, in one line, from [`choose`]: `Err`
@@ -493,19 +496,19 @@ mod tests {
         let table: &[(Mode, DataPathPolicy, Kernel, bool, Hs, Want)] = &[
             // terminate, every policy, every kernel, before and after the handshake
             (Terminate, Auto, All, false, Hs::Pending, Want::Take(Ktls, "every version and cipher")),
-            (Terminate, Auto, All, false, Hs::Done(V13, AES128), Want::Take(Ktls, "client TLSv1.3 AES-128-GCM")),
-            (Terminate, Auto, All, false, Hs::Done(V12, AES256), Want::Take(Ktls, "client TLSv1.2 AES-256-GCM")),
-            (Terminate, Auto, All, false, Hs::Done(V13, CHACHA), Want::Take(Ktls, "CHACHA20-POLY1305")),
+            (Terminate, Auto, All, false, Hs::Done(V13, AES128), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
+            (Terminate, Auto, All, false, Hs::Done(V12, AES256), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
+            (Terminate, Auto, All, false, Hs::Done(V13, CHACHA), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
             (Terminate, Auto, NoKtls, false, Hs::Pending, Want::Take(Userspace, "kernel has no kTLS")),
             (Terminate, Auto, NoKtls, false, Hs::Done(V13, AES128), Want::Take(Userspace, "kernel has no kTLS")),
             (Terminate, Auto, NoChacha, false, Hs::Pending, Want::Take(Userspace, "cannot offload TLSv1.2 CHACHA20-POLY1305")),
             (Terminate, Auto, NoChacha, false, Hs::Done(V13, AES128), Want::Take(Userspace, "CHACHA20-POLY1305 (TX and RX)")),
             (Terminate, PKtls, All, false, Hs::Pending, Want::Take(Ktls, "every version and cipher")),
-            (Terminate, PKtls, All, false, Hs::Done(V13, AES256), Want::Take(Ktls, "client TLSv1.3 AES-256-GCM")),
+            (Terminate, PKtls, All, false, Hs::Done(V13, AES256), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
             (Terminate, PKtls, NoKtls, false, Hs::Pending, Want::Take(Ktls, "handshake run for the kernel, though kernel has no kTLS")),
             (Terminate, PKtls, NoKtls, false, Hs::Done(V13, AES128), Want::Refuse("listener requires ktls: client leg: kernel has no kTLS")),
             (Terminate, PKtls, NoChacha, false, Hs::Pending, Want::Take(Ktls, "though kernel cannot offload")),
-            (Terminate, PKtls, NoChacha, false, Hs::Done(V13, AES128), Want::Take(Ktls, "client TLSv1.3 AES-128-GCM")),
+            (Terminate, PKtls, NoChacha, false, Hs::Done(V13, AES128), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
             (Terminate, PKtls, NoChacha, false, Hs::Done(V13, CHACHA), Want::Refuse("client leg: kernel cannot offload TLSv1.3 CHACHA20-POLY1305")),
             (Terminate, PKtls, NoChacha, false, Hs::Done(V12, CHACHA), Want::Refuse("TLSv1.2 CHACHA20-POLY1305")),
             (Terminate, PKtls, All, false, Hs::Unknown, Want::Refuse("negotiated version or cipher cannot be offloaded")),
@@ -515,7 +518,7 @@ mod tests {
             // the node's passthrough choice does not touch TLS modes
             (Terminate, Auto, All, true, Hs::Done(V13, AES128), Want::Take(Ktls, "kernel offloads")),
             // reencrypt: two legs, both must offload
-            (Reencrypt, Auto, All, false, Hs::Done(V13, AES128), Want::Take(Ktls, "client TLSv1.3 AES-128-GCM, upstream TLSv1.3 AES-128-GCM")),
+            (Reencrypt, Auto, All, false, Hs::Done(V13, AES128), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
             (Reencrypt, Auto, NoKtls, false, Hs::Done(V13, AES128), Want::Take(Userspace, "kernel has no kTLS")),
             (Reencrypt, Auto, NoChacha, false, Hs::Pending, Want::Take(Userspace, "cannot offload")),
             (Reencrypt, PKtls, NoKtls, false, Hs::Done(V12, AES128), Want::Refuse("client leg: kernel has no kTLS")),
@@ -523,7 +526,7 @@ mod tests {
             (Reencrypt, PUser, All, false, Hs::Done(V13, AES128), Want::Take(Userspace, "listener data_path = userspace")),
             // originate: one TLS leg, the upstream
             (Originate, Auto, All, false, Hs::Pending, Want::Take(Ktls, "every version and cipher")),
-            (Originate, Auto, All, false, Hs::Done(V12, AES128), Want::Take(Ktls, "upstream TLSv1.2 AES-128-GCM")),
+            (Originate, Auto, All, false, Hs::Done(V12, AES128), Want::Take(Ktls, OFFLOADS_EVERY_LEG)),
             (Originate, Auto, NoKtls, false, Hs::Done(V13, AES128), Want::Take(Userspace, "kernel has no kTLS")),
             (Originate, PKtls, NoChacha, false, Hs::Done(V13, CHACHA), Want::Refuse("upstream leg: kernel cannot offload")),
             (Originate, PUser, All, false, Hs::Pending, Want::Take(Userspace, "listener data_path = userspace")),

@@ -138,7 +138,7 @@ async fn handle(
     };
     tracing::debug!(listener = %state.config.name, %peer,
         data_path = %established.plan.path(), reason = %facts.path_reason,
-        session = %facts.session, "data path chosen");
+        session = %facts.session_text(), "data path chosen");
     let pipes = &state.limits.pipes;
     let bpf = state.telemetry.bpf();
     relay::run(established, bpf, pipes, facts, drained, park_after).await

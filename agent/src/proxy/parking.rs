@@ -61,8 +61,6 @@ struct Slot {
     parked: Box<Parked>,
     /// When it last moved a byte.
     last: LastProgress,
-    /// How often its progress is read: a quarter of its idle timeout, as a relay's watch does.
-    every: Duration,
     /// Its next check; a check in the queue at another time is stale.
     due: Instant,
     /// A leg signalled readable, and is looked at [`SETTLE`] later (at most one such look is
@@ -75,7 +73,15 @@ impl Slot {
     /// out if nothing moves before, whichever comes first.
     fn next_check(&self, now: Instant) -> Instant {
         let idles_out = self.last.since + self.parked.idle.idle_timeout();
-        (now + self.every).min(idles_out).max(now)
+        (now + self.every()).min(idles_out).max(now)
+    }
+
+    /// How often its progress is read: a quarter of its idle timeout, as a relay's watch does.
+    /// Worked out when needed rather than stored: every byte of a slot is paid for by each
+    /// parked connection.
+    fn every(&self) -> Duration {
+        (self.parked.idle.idle_timeout() / 4)
+            .clamp(Duration::from_millis(25), Duration::from_secs(5))
     }
 
     /// Whether the connection has idled out.
@@ -176,8 +182,6 @@ impl Parking {
                 return Err(parked);
             }
         }
-        let every = (parked.idle.idle_timeout() / 4)
-            .clamp(Duration::from_millis(25), Duration::from_secs(5));
         let [client, _] = parked.idle.fds();
         let last = parked
             .idle
@@ -187,7 +191,6 @@ impl Parking {
         let slot = Slot {
             parked,
             last,
-            every,
             due: now,
             readable: false,
         };

@@ -15,7 +15,7 @@ use super::state::ListenerState;
 use super::upstream::{connect_tcp, write_proxy_header};
 use crate::client_hello::{self, ClientHelloError, MAX_CLIENT_HELLO, Peek};
 use crate::net::Upstream;
-use crate::outcome::{DataPath, Facts, Failure, Reason};
+use crate::outcome::{DataPath, Facts, Failure, Reason, Session};
 use crate::path::{Choice, Negotiated};
 
 /// Sets up one accepted passthrough connection: its route by server name, its upstream leg and
@@ -55,7 +55,7 @@ pub(crate) async fn establish(
                 .lingering(client));
             }
         };
-    facts.session = format!("SNI {}", server_name.as_deref().unwrap_or("(none)"));
+    facts.session = Session::Sni(server_name.as_deref().map(Box::from));
     let route = server_name
         .as_ref()
         .and_then(|name| cfg.sni.get(name))
@@ -85,7 +85,10 @@ pub(crate) async fn establish(
             },
             why,
         ),
-        Choice::Take(DataPath::Ktls, why) | Choice::Refuse(why) => {
+        Choice::Take(DataPath::Ktls, why) => {
+            return Err(Failure::new(Reason::Internal, why).lingering(client));
+        }
+        Choice::Refuse(why) => {
             return Err(Failure::new(Reason::Internal, why).lingering(client));
         }
     };

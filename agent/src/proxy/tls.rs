@@ -26,7 +26,7 @@ use crate::handoff::{LegSide, TlsSession};
 use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
 use crate::net::Upstream;
-use crate::outcome::{DataPath, Facts, Failure, HandshakeOutcome, Reason};
+use crate::outcome::{DataPath, Facts, Failure, HandshakeOutcome, Reason, Session};
 use crate::path::{Choice, LegSession, Negotiated};
 use crate::proxy_protocol::ClientTls;
 
@@ -98,22 +98,19 @@ pub(crate) async fn establish(
 
     // Every TLS leg's session, for the path choice and the report.
     let mut legs = Vec::new();
-    let mut sessions = Vec::new();
     for (name, tls) in [("client", &client_tls), ("upstream", &upstream_tls)] {
         if let Some(tls) = tls {
-            let (version, cipher, text) = session_of(tls.common());
+            let (version, cipher) = session_of(tls.common());
             legs.push(LegSession {
                 leg: name,
                 version,
                 cipher,
             });
-            sessions.push(format!("{name} {text}"));
         }
     }
-    if let Some(alpn) = info.as_ref().and_then(|i| i.alpn.as_deref()) {
-        sessions.push(format!("ALPN {}", String::from_utf8_lossy(alpn)));
-    }
-    facts.session = sessions.join(", ");
+    facts.session = Session::Tls {
+        alpn: info.as_ref().and_then(|i| i.alpn.as_deref()).map(Box::from),
+    };
     let path = match state.choose(Negotiated::Legs(&legs)) {
         Choice::Take(path, why) => {
             facts.take_path(path, why);
@@ -275,30 +272,13 @@ async fn first_flight(client: &TcpStream, deadline: Duration) -> Result<(), Fail
 }
 
 fn cipher_of(common: &CommonState) -> Option<Cipher> {
-    use rustls::CipherSuite as S;
-    match common.negotiated_cipher_suite()?.suite() {
-        S::TLS13_AES_128_GCM_SHA256
-        | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-        | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => Some(Cipher::Aes128Gcm),
-        S::TLS13_AES_256_GCM_SHA384
-        | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
-        | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => Some(Cipher::Aes256Gcm),
-        S::TLS13_CHACHA20_POLY1305_SHA256
-        | S::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256
-        | S::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256 => Some(Cipher::Chacha20Poly1305),
-        _ => None,
-    }
+    Cipher::from_suite(common.negotiated_cipher_suite()?.suite())
 }
 
 /// Version and cipher of a finished handshake, as the kernel would need them, and as text.
-fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>, String) {
+fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>) {
     let version = common.protocol_version().and_then(TlsVersion::from_rustls);
-    let cipher = cipher_of(common);
-    let text = match (version, cipher) {
-        (Some(v), Some(c)) => format!("{v} {c}"),
-        _ => format!("{:?}", common.negotiated_cipher_suite()),
-    };
-    (version, cipher, text)
+    (version, cipher_of(common))
 }
 
 /// What the upstream learns of the client's TLS session through a PROXY v2 header; also where

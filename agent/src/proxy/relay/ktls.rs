@@ -39,8 +39,9 @@ pub(crate) struct RekeyPolicy {
 }
 
 /// A connection's legs whose record layer is in the kernel: the client's, the upstream's
-/// (`None` for a plain leg).
-pub(crate) type KernelLegs = (Option<KtlsLeg>, Option<KtlsLeg>);
+/// (`None` for a plain leg; both `None` on the splice path). Each on the heap on its own, so a
+/// connection holds only the legs it has (terminate: one), every one in a 640-byte size class.
+pub(crate) type KernelLegs = (Option<Box<KtlsLeg>>, Option<Box<KtlsLeg>>);
 
 /// Splices both directions of a connection whose TLS legs are in the kernel ([`into_kernel`]);
 /// with `park_after`, it may stop idle (see [`splice::relay`]), the legs kept for the next run.
@@ -87,7 +88,7 @@ pub(crate) fn into_kernel(
     let leg = |tls: Option<Box<TlsSession>>, sock: &dyn AsFd, who: String| {
         tls.map(|k| {
             k.into_kernel(sock.as_fd(), &who)
-                .map(|session| KtlsLeg::new(session, rekey.clone()))
+                .map(|session| Box::new(KtlsLeg::new(session, rekey)))
                 .map_err(|e| Failure::new(Reason::KtlsRefused, e.to_string()))
         })
         .transpose()
@@ -114,11 +115,13 @@ pub(crate) struct KtlsLeg {
     /// from the kernel's own sequence number whenever it nears the limit.
     tx_records: AtomicU64,
     key_updates: AtomicU64,
-    rekey: RekeyPolicy,
+    /// `None` when the kernel takes new TLS 1.3 keys on a live socket, else why not (see
+    /// [`RekeyPolicy::kernel`]).
+    cannot_rekey: Option<Arc<str>>,
 }
 
 impl KtlsLeg {
-    fn new(session: KernelSession, rekey: RekeyPolicy) -> Self {
+    fn new(session: KernelSession, rekey: &RekeyPolicy) -> Self {
         let limit = rekey
             .after_records
             .unwrap_or_else(|| session.confidentiality_limit() / 2);
@@ -127,7 +130,7 @@ impl KtlsLeg {
             tx_threshold: limit - limit / 8,
             tx_records: AtomicU64::new(0),
             key_updates: AtomicU64::new(0),
-            rekey,
+            cannot_rekey: rekey.kernel.clone().err(),
         }
     }
 
@@ -160,7 +163,7 @@ impl KtlsLeg {
                 ));
             }
         };
-        if let Err(why) = &self.rekey.kernel {
+        if let Some(why) = &self.cannot_rekey {
             let _ = send_control(sock, RecordType::Alert, &INTERNAL_ERROR).await;
             return Err(Failure::new(
                 Reason::RekeyUnsupported,
@@ -294,9 +297,9 @@ impl RecordLayer for KtlsLeg {
         if sent < threshold {
             return Ok(());
         }
-        let cannot = match (&self.rekey.kernel, session.version) {
-            (Ok(()), TlsVersion::Tls13) => None,
-            (Err(why), TlsVersion::Tls13) => Some(why.to_string()),
+        let cannot = match (&self.cannot_rekey, session.version) {
+            (None, TlsVersion::Tls13) => None,
+            (Some(why), TlsVersion::Tls13) => Some(why.to_string()),
             (_, TlsVersion::Tls12) => Some("TLS 1.2 has no KeyUpdate".to_owned()),
         };
         match cannot {

@@ -200,18 +200,16 @@ pub(crate) async fn run(
                 Err(why) => {
                     let (path, reason) = crate::path::sockmap_refused(&why);
                     facts.take_path(path, format!("{reason}; upstream {}", upstream.peer()));
-                    None
+                    (None, None)
                 }
             }
         }
-        Plan::Splice => None,
+        Plan::Splice => (None, None),
         Plan::Ktls {
             client: c,
             upstream: u,
             rekey,
-        } => Some(Box::new(ktls::into_kernel(
-            &client, c, &upstream, u, &rekey,
-        )?)),
+        } => ktls::into_kernel(&client, c, &upstream, u, &rekey)?,
         Plan::Userspace {
             client: c,
             upstream: u,
@@ -247,9 +245,9 @@ pub(crate) async fn run(
 struct SplicedConn {
     client: TcpStream,
     upstream: Upstream,
-    /// Its legs whose records are in the kernel; `None`: both plain. On the heap: every
-    /// connection's task holds this value whatever its path.
-    legs: Option<Box<ktls::KernelLegs>>,
+    /// Its legs whose records are in the kernel, each on the heap: every connection's task
+    /// holds this value whatever its path.
+    legs: ktls::KernelLegs,
     idle_timeout: Duration,
     /// When it last moved a byte, when it was parked before.
     last: Option<LastProgress>,
@@ -269,10 +267,7 @@ async fn spliced(
     let started = tokio::time::Instant::now();
     let (outcome, stopped) = {
         let (client, upstream) = (&conn.client, &conn.upstream);
-        let (c, u) = conn
-            .legs
-            .as_deref()
-            .map_or((None, None), |(c, u)| (c.as_ref(), u.as_ref()));
+        let (c, u) = (conn.legs.0.as_deref(), conn.legs.1.as_deref());
         // On the heap: see `run`.
         let moving = Box::pin(ktls::relay(pipes, client, c, upstream, u, park_after));
         let timeout = conn.idle_timeout;
@@ -401,7 +396,7 @@ impl IdleSockmap {
 pub(crate) struct IdleSpliced {
     client: std::net::TcpStream,
     upstream: IdleUpstream,
-    legs: Option<Box<ktls::KernelLegs>>,
+    legs: ktls::KernelLegs,
     idle_timeout: Duration,
     last: LastProgress,
 }
@@ -805,11 +800,12 @@ mod tests {
                 1536,
             ),
             (
-                // Their sessions (rustls' state for KeyUpdate and tickets): on the heap, kept
-                // while the connection is parked.
-                "ktls legs",
-                size_of::<ktls::KernelLegs>(),
-                1536,
+                // One per TLS leg, on the heap and kept while the connection is parked: its
+                // session (rustls' state for KeyUpdate and tickets) and its record counts.
+                // jemalloc's size class above 640 bytes is 768.
+                "ktls leg",
+                size_of::<ktls::KtlsLeg>(),
+                640,
             ),
             (
                 "userspace relay",

@@ -884,7 +884,19 @@ impl Bench {
             }
             Workload::Idle => row.secs = wall,
         }
-        row.path_observed = path_difference(&paths_before, &observed_paths(running.admin));
+        let mut after = observed_paths(running.admin);
+        if workload == Workload::Idle && running.admin.is_some() {
+            // The agent reports a connection when it has closed it: 10,000 closes on an
+            // emulated CPU take seconds, and a row read before they are all reported would
+            // say nothing about their path.
+            let want = row.connections.unwrap_or(0) as f64;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while reported(&paths_before, &after) < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(500));
+                after = observed_paths(running.admin);
+            }
+        }
+        row.path_observed = path_difference(&paths_before, &after);
         Ok(row)
     }
 
@@ -971,6 +983,14 @@ fn observed_paths(admin: Option<SocketAddr>) -> BTreeMap<String, f64> {
         }
     }
     seen
+}
+
+/// How many connections the agent reported between two readings of its per-path counters.
+fn reported(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
 }
 
 fn path_difference(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
