@@ -342,7 +342,7 @@ pub fn sockmap_refused(why: &str) -> (DataPath, String) {
 }
 
 /// Why a connection whose every leg the kernel offloads takes the ktls path.
-const OFFLOADS_EVERY_LEG: &str = "kernel offloads every leg's version and cipher";
+const OFFLOADS_EVERY_LEG: &str = "kernel offloads every leg's version and cipher (see session)";
 
 /// Every leg offloadable; else the first leg that is not, and why.
 fn offload_legs(kernel: &KernelCaps, legs: &[LegSession]) -> Result<(), String> {

@@ -97,8 +97,9 @@ impl UserSession {
     }
 
     /// Decrypts every complete record in what is held plus `input` (read from the socket),
-    /// appending the plaintext to `plain` and the records rustls has to send in answer (a
-    /// KeyUpdate, an alert) to `outgoing`. The start of a record not yet complete is kept for
+    /// appending the plaintext to `plain` and the records rustls has to send in answer (the
+    /// alert that explains a failure) to `outgoing`; its answer to a KeyUpdate goes out ahead of
+    /// the next record sealed. The start of a record not yet complete is kept for
     /// the next call.
     pub fn receive(
         &mut self,
@@ -117,8 +118,13 @@ impl UserSession {
         joined.extend_from_slice(input);
         let (consumed, received) = self.records_in(&mut joined, plain, outgoing)?;
         joined.drain(..consumed);
-        joined.shrink_to_fit();
-        self.partial = joined;
+        // Kept with its capacity while a record is still coming (a peer that sends a record a
+        // byte at a time must not cost a copy of it per byte); freed once none is.
+        self.partial = if joined.is_empty() {
+            Vec::new()
+        } else {
+            joined
+        };
         Ok(received)
     }
 

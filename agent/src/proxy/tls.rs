@@ -275,7 +275,7 @@ fn cipher_of(common: &CommonState) -> Option<Cipher> {
     Cipher::from_suite(common.negotiated_cipher_suite()?.suite())
 }
 
-/// Version and cipher of a finished handshake, as the kernel would need them, and as text.
+/// Version and cipher of a finished handshake, as the kernel would need them.
 fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>) {
     let version = common.protocol_version().and_then(TlsVersion::from_rustls);
     (version, cipher_of(common))

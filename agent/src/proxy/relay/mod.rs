@@ -177,10 +177,14 @@ pub(crate) async fn run(
                     // A short-lived connection ends without being parked: parking costs it
                     // two registrations each way, more than its task costs it for a second.
                     // On the heap, as its relay below: the other paths' tasks need neither.
+                    // Its idle clock starts now, not when it parks; and a timeout shorter than
+                    // the quiet wait is not overrun by it.
+                    let entered = LastProgress::now(client.as_fd());
                     if let Some(after) = park_after
-                        && Box::pin(sockmap_quiet(&client, &tcp, after)).await
+                        && Box::pin(sockmap_quiet(&client, &tcp, after.min(idle_timeout))).await
                     {
-                        let idle = IdleSockmap::new(client, tcp, pair, starts, idle_timeout)?;
+                        let idle =
+                            IdleSockmap::new(client, tcp, pair, starts, idle_timeout, entered)?;
                         return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
                     }
                     let legs = SockmapLegs {
@@ -363,7 +367,7 @@ pub(crate) struct IdleSockmap {
     keys: crate::bpf::SockmapKeys,
     starts: sockmap::SendStarts,
     idle_timeout: Duration,
-    /// When it last moved a byte (once it has been parked).
+    /// When it last moved a byte (from when it entered the sock hash).
     last: Option<LastProgress>,
 }
 
@@ -376,6 +380,7 @@ impl IdleSockmap {
         pair: crate::bpf::SockmapPair<'_>,
         starts: sockmap::SendStarts,
         idle_timeout: Duration,
+        entered: LastProgress,
     ) -> Result<Self, Failure> {
         // On failure the pair, dropped, takes both legs out of the maps.
         let client = off_runtime(client.into_std(), "client")?;
@@ -386,7 +391,7 @@ impl IdleSockmap {
             keys: pair.into_keys(),
             starts,
             idle_timeout,
-            last: None,
+            last: Some(entered),
         })
     }
 }

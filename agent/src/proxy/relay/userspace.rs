@@ -123,7 +123,8 @@ async fn forward<A: StreamSocket, B: StreamSocket>(
     }
     let (mut plain, mut answer) = (Buffer::empty(), Vec::new());
     let received = session.receive(input, &mut plain, &mut answer);
-    // What rustls answers on this leg (its KeyUpdate, or the alert that explains a failure).
+    // What rustls answers on this leg (the alert that explains a failure; its answer to a
+    // KeyUpdate goes out ahead of the next record sealed for this leg).
     if !answer.is_empty() {
         let sent = net::write_all(*sock, &answer).await;
         if received.is_ok() {

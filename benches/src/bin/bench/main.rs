@@ -642,8 +642,12 @@ impl Bench {
                     dir = self.dir.display(),
                     log = log.display(),
                     // A stream connection is two worker connections (client and upstream): as
-                    // many as a worker's descriptors allow, one worker may hold them all.
-                    nofile = tlsplice_benches::open_files_limit().saturating_sub(200),
+                    // many as a worker's descriptors allow, one worker may hold them all. Capped:
+                    // nginx allocates every worker connection up front (about 400 bytes each),
+                    // and a guest's limit of a million would take 400 MiB of its 2 GiB.
+                    nofile = tlsplice_benches::open_files_limit()
+                        .min(40_000)
+                        .saturating_sub(200),
                 );
                 let file = self.dir.join(format!("{tag}.conf"));
                 std::fs::write(&file, config)?;
