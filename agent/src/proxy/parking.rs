@@ -182,11 +182,7 @@ impl Parking {
                 return Err(parked);
             }
         }
-        let [client, _] = parked.idle.fds();
-        let last = parked
-            .idle
-            .last_progress()
-            .unwrap_or_else(|| LastProgress::now(client));
+        let last = parked.idle.last_progress();
         parked.conn.state.telemetry.parked_connections(1);
         let slot = Slot {
             parked,

@@ -271,14 +271,13 @@ async fn first_flight(client: &TcpStream, deadline: Duration) -> Result<(), Fail
     }
 }
 
-fn cipher_of(common: &CommonState) -> Option<Cipher> {
-    Cipher::from_suite(common.negotiated_cipher_suite()?.suite())
-}
-
 /// Version and cipher of a finished handshake, as the kernel would need them.
 fn session_of(common: &CommonState) -> (Option<TlsVersion>, Option<Cipher>) {
     let version = common.protocol_version().and_then(TlsVersion::from_rustls);
-    (version, cipher_of(common))
+    let cipher = common
+        .negotiated_cipher_suite()
+        .and_then(|s| Cipher::from_suite(s.suite()));
+    (version, cipher)
 }
 
 /// What the upstream learns of the client's TLS session through a PROXY v2 header; also where

@@ -322,18 +322,18 @@ impl IdleConn {
         }
     }
 
-    /// When it last moved a byte, if known.
-    pub(crate) fn last_progress(&self) -> Option<LastProgress> {
+    /// When it last moved a byte.
+    pub(crate) fn last_progress(&self) -> LastProgress {
         match self {
             IdleConn::Sockmap(s) => s.last,
-            IdleConn::Spliced(s) => Some(s.last),
+            IdleConn::Spliced(s) => s.last,
         }
     }
 
     /// Records when it last moved a byte (seen while parked).
     pub(crate) fn set_last_progress(&mut self, last: LastProgress) {
         match self {
-            IdleConn::Sockmap(s) => s.last = Some(last),
+            IdleConn::Sockmap(s) => s.last = last,
             IdleConn::Spliced(s) => s.last = last,
         }
     }
@@ -368,7 +368,7 @@ pub(crate) struct IdleSockmap {
     starts: sockmap::SendStarts,
     idle_timeout: Duration,
     /// When it last moved a byte (from when it entered the sock hash).
-    last: Option<LastProgress>,
+    last: LastProgress,
 }
 
 impl IdleSockmap {
@@ -391,7 +391,7 @@ impl IdleSockmap {
             keys: pair.into_keys(),
             starts,
             idle_timeout,
-            last: Some(entered),
+            last: entered,
         })
     }
 }
@@ -599,7 +599,7 @@ async fn resume_sockmap(
         pair,
         starts,
         idle_timeout,
-        last,
+        last: Some(last),
     };
     sockmap_to_end(legs, stop_now, facts, drained).await
 }

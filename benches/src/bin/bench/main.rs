@@ -989,21 +989,25 @@ fn observed_paths(admin: Option<SocketAddr>) -> BTreeMap<String, f64> {
     seen
 }
 
+/// What grew between two readings of the per-path counters, and by how much.
+fn growth<'a>(
+    before: &'a BTreeMap<String, f64>,
+    after: &'a BTreeMap<String, f64>,
+) -> impl Iterator<Item = (&'a String, f64)> {
+    after.iter().filter_map(|(k, v)| {
+        let d = v - before.get(k).copied().unwrap_or(0.0);
+        (d > 0.0).then_some((k, d))
+    })
+}
+
 /// How many connections the agent reported between two readings of its per-path counters.
 fn reported(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> f64 {
-    after
-        .iter()
-        .map(|(k, v)| (v - before.get(k).copied().unwrap_or(0.0)).max(0.0))
-        .sum()
+    growth(before, after).map(|(_, d)| d).sum()
 }
 
 fn path_difference(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>) -> String {
-    let parts: Vec<String> = after
-        .iter()
-        .filter_map(|(k, v)| {
-            let d = v - before.get(k).copied().unwrap_or(0.0);
-            (d > 0.0).then(|| format!("{k} +{d}"))
-        })
+    let parts: Vec<String> = growth(before, after)
+        .map(|(k, d)| format!("{k} +{d}"))
         .collect();
     parts.join(", ")
 }
