@@ -104,6 +104,10 @@ struct NodeFlags {
     /// connections hold none). Overrides `limits.max_splice_pipes`.
     #[arg(long, env = "TLSPLICE_MAX_SPLICE_PIPES")]
     max_splice_pipes: Option<usize>,
+    /// TLS 1.3 KeyUpdates a kTLS peer may send per connection in one second. Overrides
+    /// `limits.key_updates_per_second`.
+    #[arg(long, env = "TLSPLICE_KEY_UPDATES_PER_SECOND")]
+    key_updates_per_second: Option<u16>,
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
@@ -120,6 +124,9 @@ impl NodeFlags {
         }
         if let Some(n) = self.max_splice_pipes {
             c.limits.max_splice_pipes = n;
+        }
+        if let Some(n) = self.key_updates_per_second {
+            c.limits.key_updates_per_second = n;
         }
         if let Some(ms) = self.drain_timeout_ms {
             c.limits.drain_timeout_ms = ms;

@@ -46,14 +46,16 @@ impl Failure {
 
     /// A failure of an I/O call while bytes were moving, by what the kernel said: a peer that
     /// reset or left is [`Reason::PeerReset`], a record the kernel would not decrypt
-    /// ([`Reason::RecordError`]), anything else [`Reason::RelayError`]. `what` names the call.
+    /// ([`Reason::RecordError`]) or would not take as too long ([`Reason::RecordOverflow`]),
+    /// anything else [`Reason::RelayError`]. `what` names the call.
     pub fn io(what: &str, e: &io::Error) -> Self {
         let reason = match e.raw_os_error() {
             Some(libc::ECONNRESET | libc::EPIPE | libc::ENOTCONN | libc::ECONNABORTED) => {
                 Reason::PeerReset
             }
             // kTLS: a record that does not authenticate (EBADMSG) or is too long (EMSGSIZE).
-            Some(libc::EBADMSG | libc::EMSGSIZE) => Reason::RecordError,
+            Some(libc::EBADMSG) => Reason::RecordError,
+            Some(libc::EMSGSIZE) => Reason::RecordOverflow,
             _ => Reason::RelayError,
         };
         Self::new(reason, format!("{what}: {e}"))
@@ -268,7 +270,7 @@ mod tests {
             (libc::ECONNRESET, Reason::PeerReset),
             (libc::EPIPE, Reason::PeerReset),
             (libc::EBADMSG, Reason::RecordError),
-            (libc::EMSGSIZE, Reason::RecordError),
+            (libc::EMSGSIZE, Reason::RecordOverflow),
             (libc::EIO, Reason::RelayError),
         ];
         for (errno, reason) in cases {

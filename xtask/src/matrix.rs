@@ -93,6 +93,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &[],
     },
     MatrixTest {
+        target: "hostile",
+        needs: &[],
+        tools: &["openssl"],
+    },
+    MatrixTest {
         target: "demo",
         needs: &[],
         tools: &[],
@@ -111,9 +116,10 @@ const END: &str = "TLSPLICE-TEST-END";
 /// Per-test time limit on the host.
 const HOST_TEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Per-guest time limit.
-/// Each guest took 14-16 min in a clean run (2026-12-02); a loaded machine pushed two past
-/// 20 min. 30 min keeps a slow run whole and, for three guests two at a time, inside CI's limit.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(1800);
+/// Each guest took 14-21 min in clean runs two at a time (2026-12-02, 12-03); three at once on
+/// two cores may take half as long again if they are busy. 45 min keeps a slow run whole and
+/// inside CI's limit.
+const GUEST_TIMEOUT: Duration = Duration::from_secs(2700);
 
 /// The first need a kernel of `version` does not meet. Features (kTLS, sockmap) are not
 /// decided here: every guest loads tls.ko and has BPF, and on the host the test probes the
@@ -323,17 +329,24 @@ fn guest_image(
 /// Each test's outcome, by `target::test` name.
 type Results = Vec<(String, Outcome)>;
 
-/// Runs every guest of the matrix, as many at once as the machine has cores (a TCG guest is one
-/// vCPU thread, so two side by side on two cores take about the time of one), and returns each
-/// guest's results in the order given. Guest lines stay labelled with the kernel's name.
+/// Runs every guest of the matrix at once (`TLSPLICE_GUESTS_AT_ONCE` sets fewer) and returns
+/// each guest's results in the order given. Guest lines stay labelled with the kernel's name.
+///
+/// A TCG guest is one vCPU thread, but the tests in it spend much of their time waiting
+/// (timers, handshakes, agent starts): on 2026-12-03 the third guest, run alone after the
+/// first two, took as long as each of the pair (1,291 s against 1,190 s), with a core idle.
+/// All three at once on two cores finish in less than a pair and then one.
 fn run_guests(
     root: &Path,
     guests: &[(&str, GuestKernel)],
     agent: &Path,
     binaries: &[TestBinary],
 ) -> Result<Vec<(String, Results)>> {
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let at_once = cores.clamp(1, guests.len().max(1));
+    let at_once = std::env::var("TLSPLICE_GUESTS_AT_ONCE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(guests.len())
+        .clamp(1, guests.len().max(1));
     println!("matrix: {} guests, {at_once} at a time", guests.len());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<std::sync::Mutex<Option<Result<Results>>>> =

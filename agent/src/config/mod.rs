@@ -301,6 +301,13 @@ pub struct LimitsConfig {
     /// `tlsplice_splice_pipe_waits_total`).
     #[serde(default = "default_max_splice_pipes")]
     pub max_splice_pipes: usize,
+    /// TLS 1.3 KeyUpdates a peer may send on one connection in one second (kTLS data path:
+    /// each costs the agent a key derivation and a kernel call); the next one in that second
+    /// closes the connection (reason `key update rate limit`). HAProxy's
+    /// `tune.ssl.keyupdate-rate-limit` has the same default. On the user-space path rustls
+    /// applies its own rule (32 in a row without data between them), counted the same way.
+    #[serde(default = "default_key_updates_per_second")]
+    pub key_updates_per_second: u16,
 }
 
 fn default_max_connections() -> usize {
@@ -319,6 +326,10 @@ fn default_max_splice_pipes() -> usize {
     4_096
 }
 
+fn default_key_updates_per_second() -> u16 {
+    100
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
@@ -326,6 +337,7 @@ impl Default for LimitsConfig {
             max_handshakes: default_max_handshakes(),
             drain_timeout_ms: default_drain_timeout_ms(),
             max_splice_pipes: default_max_splice_pipes(),
+            key_updates_per_second: default_key_updates_per_second(),
         }
     }
 }

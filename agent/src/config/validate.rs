@@ -17,6 +17,9 @@ impl Config {
         if self.limits.max_connections == 0 {
             top("limits.max_connections", "must be above 0");
         }
+        if self.limits.key_updates_per_second == 0 {
+            top("limits.key_updates_per_second", "must be above 0");
+        }
         if self.limits.max_handshakes == 0 {
             top("limits.max_handshakes", "must be above 0");
         }

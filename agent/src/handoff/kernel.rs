@@ -144,6 +144,12 @@ impl KernelSession {
         self.session
     }
 
+    /// Whether the agent is the TLS client on this leg (the upstream's leg of reencrypt and
+    /// originate), not the server.
+    pub fn is_client(&self) -> bool {
+        matches!(self.conn, KernelConn::Client(_))
+    }
+
     /// How many records may be sent under one key before the agent must rekey or close: the
     /// cipher suite's confidentiality limit as rustls states it.
     pub fn confidentiality_limit(&self) -> u64 {

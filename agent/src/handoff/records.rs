@@ -15,6 +15,18 @@ pub enum RecordError {
     /// caller's outgoing buffer, to be sent before the connection closes.
     #[error("{0}")]
     Tls(rustls::Error),
+    /// The failing record is longer than its version allows (RFC 8446 5.2: 2^14 + 256 bytes
+    /// of ciphertext; RFC 5246 6.2.3: 2^14 + 2048). rustls reads up to the larger bound and
+    /// then fails to decrypt; this names the cause as the kernel's record layer does.
+    #[error("a record of {length} bytes, over the {limit} its TLS version allows ({source})")]
+    Oversized {
+        /// The record's length field.
+        length: usize,
+        /// The version's bound.
+        limit: usize,
+        /// What rustls said of it.
+        source: rustls::Error,
+    },
     /// The session is in a state where it cannot do what was asked (it is closed; a state the
     /// data phase cannot reach).
     #[error("{0}")]
@@ -159,8 +171,22 @@ impl UserSession {
                 ReadNext::PeerClosed => received.peer_closed = true,
                 ReadNext::Drained => return Ok((consumed, received)),
                 ReadNext::Failed(e) => {
+                    let limit = match self.session.common().protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_2) => (1 << 14) + 2048,
+                        _ => (1 << 14) + 256,
+                    };
+                    let length = incoming
+                        .get(consumed + 3..consumed + 5)
+                        .map(|l| usize::from(u16::from_be_bytes([l[0], l[1]])));
                     self.encode_alert(&mut incoming[consumed..], outgoing);
-                    return Err(RecordError::Tls(e));
+                    return Err(match length {
+                        Some(length) if length > limit => RecordError::Oversized {
+                            length,
+                            limit,
+                            source: e,
+                        },
+                        _ => RecordError::Tls(e),
+                    });
                 }
                 ReadNext::Unexpected(what) => return Err(RecordError::State(what)),
             }

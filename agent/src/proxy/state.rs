@@ -25,6 +25,8 @@ pub(crate) struct SharedLimits {
     pub(crate) lingering: Arc<Semaphore>,
     /// The pipes spliced directions borrow while their bytes are in flight.
     pub(crate) pipes: Arc<PipePool>,
+    /// A kTLS peer's KeyUpdates followed in one second, per connection.
+    pub(crate) key_updates_per_second: u16,
 }
 
 /// Refused connections closed gently at once; past it they are closed without waiting.
@@ -42,6 +44,7 @@ impl SharedLimits {
                 limits.max_splice_pipes,
                 super::relay::splice::SPLICE_CHUNK,
             )),
+            key_updates_per_second: limits.key_updates_per_second,
         }
     }
 }

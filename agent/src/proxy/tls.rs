@@ -134,6 +134,7 @@ pub(crate) async fn establish(
             rekey: RekeyPolicy {
                 kernel: state.caps.rekey(),
                 after_records: cfg.rekey_after_records,
+                key_updates_per_second: state.limits.key_updates_per_second,
             },
         },
         DataPath::Userspace => Plan::Userspace {

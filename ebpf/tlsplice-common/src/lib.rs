@@ -279,6 +279,13 @@ reasons! {
     /// A failure of the agent itself (a rustls session that could not be created, a
     /// poisoned lock).
     Internal = 34, "internal error";
+    /// A TLS record longer than its version allows (RFC 8446 5.1, 5.2: 2^14 bytes of
+    /// plaintext, 2^14 + 256 of ciphertext); answered with record_overflow where the agent
+    /// answers.
+    RecordOverflow = 35, "record overflow";
+    /// A peer sent TLS 1.3 KeyUpdates faster than `limits.key_updates_per_second` (kTLS), or
+    /// more in a row than rustls allows without data between them (user space).
+    KeyUpdateRateLimit = 36, "key update rate limit";
 }
 
 impl core::fmt::Display for Reason {

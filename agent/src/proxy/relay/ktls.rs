@@ -7,7 +7,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::Interest;
@@ -28,6 +28,28 @@ const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
 /// An internal_error alert (fatal): the session cannot go on safely, and the peer should know.
 const INTERNAL_ERROR: [u8; 2] = [2, 80];
 
+/// A no_renegotiation alert (warning, RFC 5246 7.2.2): the TLS 1.2 session goes on unchanged.
+const NO_RENEGOTIATION: [u8; 2] = [1, 100];
+
+/// Alert descriptions the agent sends when it ends a kTLS session for a protocol error
+/// (RFC 8446 6.2).
+pub(crate) mod alert {
+    /// unexpected_message (10).
+    pub(crate) const UNEXPECTED_MESSAGE: u8 = 10;
+    /// bad_record_mac (20).
+    pub(crate) const BAD_RECORD_MAC: u8 = 20;
+    /// record_overflow (22).
+    pub(crate) const RECORD_OVERFLOW: u8 = 22;
+    /// illegal_parameter (47).
+    pub(crate) const ILLEGAL_PARAMETER: u8 = 47;
+    /// decode_error (50).
+    pub(crate) const DECODE_ERROR: u8 = 50;
+}
+
+/// TLS 1.2 renegotiation requests refused with a warning before the next one ends the
+/// connection (rustls refuses the same way in user space).
+const RENEGOTIATIONS_REFUSED: u8 = 1;
+
 /// When the kernel legs change keys.
 #[derive(Debug, Clone)]
 pub(crate) struct RekeyPolicy {
@@ -36,6 +58,93 @@ pub(crate) struct RekeyPolicy {
     /// Records sent under one key before the agent rekeys (or, where it cannot, closes);
     /// `None`: half the cipher suite's confidentiality limit.
     pub(crate) after_records: Option<u64>,
+    /// A peer's KeyUpdates followed in one second; the next one in that second ends the
+    /// connection (`limits.key_updates_per_second`).
+    pub(crate) key_updates_per_second: u16,
+}
+
+/// What the agent does with one post-handshake message from a kTLS peer (RFC 8446 4.6,
+/// RFC 5246 7.4.1): decided from the message alone, carried out by [`KtlsLeg`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PostHandshake {
+    /// A NewSessionTicket from the TLS 1.3 server the agent is a client of: kept.
+    Ticket,
+    /// A TLS 1.3 KeyUpdate; `requested`: the peer asks the agent to update its own key too.
+    KeyUpdate { requested: bool },
+    /// A TLS 1.2 renegotiation request (a ClientHello to the agent as server, a HelloRequest
+    /// to it as client): refused with a no_renegotiation warning, the session goes on.
+    RefuseRenegotiation,
+    /// A protocol error: the connection ends with this alert.
+    Fatal {
+        reason: Reason,
+        alert: u8,
+        why: &'static str,
+    },
+}
+
+/// Judges one post-handshake handshake message of type `kind` with body `body` on a leg of
+/// `version` where the agent is the client (`we_are_client`) or the server.
+fn judge_post_handshake(
+    version: TlsVersion,
+    we_are_client: bool,
+    kind: u8,
+    body: &[u8],
+) -> PostHandshake {
+    let unexpected = |why| PostHandshake::Fatal {
+        reason: Reason::UnexpectedMessage,
+        alert: alert::UNEXPECTED_MESSAGE,
+        why,
+    };
+    match (version, kind) {
+        // NewSessionTicket (RFC 8446 4.6.1): only a server sends one.
+        (TlsVersion::Tls13, 4) if we_are_client => PostHandshake::Ticket,
+        (TlsVersion::Tls13, 4) => unexpected("a client sent a NewSessionTicket"),
+        // KeyUpdate (RFC 8446 4.6.3)
+        (TlsVersion::Tls13, 24) => match body {
+            [0] => PostHandshake::KeyUpdate { requested: false },
+            [1] => PostHandshake::KeyUpdate { requested: true },
+            [_] => PostHandshake::Fatal {
+                reason: Reason::UnexpectedMessage,
+                alert: alert::ILLEGAL_PARAMETER,
+                why: "a KeyUpdate's request_update is neither 0 nor 1",
+            },
+            _ => PostHandshake::Fatal {
+                reason: Reason::UnexpectedMessage,
+                alert: alert::DECODE_ERROR,
+                why: "a KeyUpdate whose body is not one byte",
+            },
+        },
+        (TlsVersion::Tls13, 1) => unexpected("a ClientHello after the TLS 1.3 handshake"),
+        // ClientHello to a server, HelloRequest to a client (RFC 5246 7.4.1.1, RFC 5746 4.2)
+        (TlsVersion::Tls12, 1) if !we_are_client => PostHandshake::RefuseRenegotiation,
+        (TlsVersion::Tls12, 0) if we_are_client => PostHandshake::RefuseRenegotiation,
+        (TlsVersion::Tls12, 24) => unexpected("a KeyUpdate in TLS 1.2"),
+        _ => unexpected("a handshake message type not allowed after the handshake"),
+    }
+}
+
+/// Admits one KeyUpdate into a one-second window of at most `limit`. `window` packs the
+/// window's start (milliseconds, upper 44 bits) and its count (lower 20 bits, saturating);
+/// returns the new window and whether this KeyUpdate is within the limit.
+fn admit_key_update(window: u64, now_ms: u64, limit: u16) -> (u64, bool) {
+    const COUNT_BITS: u32 = 20;
+    const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+    let (start, count) = (window >> COUNT_BITS, window & COUNT_MASK);
+    let (start, count) = if window == 0 || now_ms.saturating_sub(start) >= 1000 {
+        (now_ms, 1)
+    } else {
+        (start, (count + 1).min(COUNT_MASK))
+    };
+    // Never 0, so a window that starts at 0 ms still reads as started.
+    let packed = ((start << COUNT_BITS) | count).max(1);
+    (packed, count <= u64::from(limit))
+}
+
+/// Milliseconds on the agent's monotonic clock (from its first use), for the KeyUpdate window.
+fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(std::time::Instant::now);
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A connection's legs whose record layer is in the kernel: the client's, the upstream's
@@ -67,7 +176,7 @@ pub(crate) async fn relay(
     outcome.key_updates = legs
         .iter()
         .flatten()
-        .map(|l| l.key_updates.load(Ordering::Relaxed))
+        .map(|l| u64::from(l.key_updates.load(Ordering::Relaxed)))
         .sum();
     outcome.tickets = legs
         .iter()
@@ -114,7 +223,14 @@ pub(crate) struct KtlsLeg {
     /// Records sent under the current TX key: an estimate from the bytes spliced, corrected
     /// from the kernel's own sequence number whenever it nears the limit.
     tx_records: AtomicU64,
-    key_updates: AtomicU64,
+    /// The current second's window of the peer's KeyUpdates ([`admit_key_update`]).
+    key_update_window: AtomicU64,
+    /// KeyUpdates followed and sent.
+    key_updates: AtomicU32,
+    /// The peer's KeyUpdates allowed in one second.
+    key_updates_per_second: u16,
+    /// TLS 1.2 renegotiation requests refused so far.
+    renegotiations_refused: AtomicU8,
     /// `None` when the kernel takes new TLS 1.3 keys on a live socket, else why not (see
     /// [`RekeyPolicy::kernel`]).
     cannot_rekey: Option<Arc<str>>,
@@ -129,7 +245,10 @@ impl KtlsLeg {
             session: Mutex::new(session),
             tx_threshold: limit - limit / 8,
             tx_records: AtomicU64::new(0),
-            key_updates: AtomicU64::new(0),
+            key_update_window: AtomicU64::new(0),
+            key_updates: AtomicU32::new(0),
+            key_updates_per_second: rekey.key_updates_per_second,
+            renegotiations_refused: AtomicU8::new(0),
             cannot_rekey: rekey.kernel.clone().err(),
         }
     }
@@ -151,18 +270,24 @@ impl KtlsLeg {
         Ok(())
     }
 
-    /// Follows a peer's KeyUpdate with body `body` (one byte: update_requested or not).
-    async fn key_update(&self, sock: &impl StreamSocket, body: &[u8]) -> Result<(), Failure> {
-        let requested = match body {
-            [0] => false,
-            [1] => true,
-            _ => {
-                return Err(Failure::new(
-                    Reason::UnexpectedMessage,
-                    "malformed KeyUpdate from a kTLS peer",
-                ));
-            }
-        };
+    /// Follows a peer's KeyUpdate (`requested`: it asks for ours too), within the rate limit.
+    async fn key_update(&self, sock: &impl StreamSocket, requested: bool) -> Result<(), Failure> {
+        let (window, admitted) = admit_key_update(
+            self.key_update_window.load(Ordering::Relaxed),
+            monotonic_ms(),
+            self.key_updates_per_second,
+        );
+        self.key_update_window.store(window, Ordering::Relaxed);
+        if !admitted {
+            // No alert names a rate; the peer sees the close (HAProxy closes the same way).
+            return Err(Failure::new(
+                Reason::KeyUpdateRateLimit,
+                format!(
+                    "peer sent more than {} TLS 1.3 KeyUpdates in a second: closing",
+                    self.key_updates_per_second
+                ),
+            ));
+        }
         if let Some(why) = &self.cannot_rekey {
             let _ = send_control(sock, RecordType::Alert, &INTERNAL_ERROR).await;
             return Err(Failure::new(
@@ -186,6 +311,25 @@ impl KtlsLeg {
     }
 }
 
+impl KtlsLeg {
+    /// Ends the session for a protocol error: sends the fatal alert `description` (best
+    /// effort: the peer may be gone) and returns the failure to record.
+    async fn fatal(
+        &self,
+        sock: &impl StreamSocket,
+        reason: Reason,
+        description: u8,
+        why: String,
+    ) -> Failure {
+        let name = tlsplice_common::alert_name(u16::from(description)).unwrap_or("alert");
+        let sent = match send_control(sock, RecordType::Alert, &[2, description]).await {
+            Ok(()) => format!("sent {name}"),
+            Err(e) => format!("could not send {name}: {}", e.detail),
+        };
+        Failure::new(reason, format!("kTLS peer sent {why}: {sent}"))
+    }
+}
+
 impl RecordLayer for KtlsLeg {
     /// Reads one control record and acts on it:
     /// - close_notify: the end of this direction;
@@ -203,7 +347,13 @@ impl RecordLayer for KtlsLeg {
             .try_io(Interest::READABLE, || {
                 ktls::recv_record(sock.as_fd(), &mut buf)
             })
-            .map_err(|e| Failure::io("reading a control record", &e))?;
+            .map_err(|e| {
+                let mut failure = Failure::io("reading a control record", &e);
+                if let Some(sent) = self.record_refused(sock, failure.reason) {
+                    failure.detail = format!("{}: {sent}", failure.detail);
+                }
+                failure
+            })?;
         match record_type {
             RecordType::Alert if n >= 2 && buf[1] == 0 => Ok(true),
             RecordType::Alert => {
@@ -220,45 +370,79 @@ impl RecordLayer for KtlsLeg {
             RecordType::Handshake => {
                 let mut messages = &buf[..n];
                 while !messages.is_empty() {
-                    let truncated = || {
-                        Failure::new(
-                            Reason::UnexpectedMessage,
-                            "truncated post-handshake message from a kTLS peer",
-                        )
+                    // A message split over records is legal TLS, but no post-handshake
+                    // message the agent accepts needs it; it is refused as undecodable.
+                    let header = messages.split_first_chunk::<4>().and_then(|(h, rest)| {
+                        let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+                        (rest.len() >= len).then(|| (h[0], rest.split_at(len)))
+                    });
+                    let Some((kind, (body, next))) = header else {
+                        return Err(self
+                            .fatal(
+                                sock,
+                                Reason::UnexpectedMessage,
+                                alert::DECODE_ERROR,
+                                "a post-handshake message cut short or split over records"
+                                    .to_owned(),
+                            )
+                            .await);
                     };
-                    let (&[kind, a, b, c], rest) =
-                        messages.split_first_chunk::<4>().ok_or_else(truncated)?;
-                    let len = u32::from_be_bytes([0, a, b, c]) as usize;
-                    if rest.len() < len {
-                        return Err(truncated());
-                    }
-                    let (body, next) = rest.split_at(len);
                     messages = next;
-                    match kind {
-                        // NewSessionTicket (RFC 8446 4.6.1)
-                        4 => self
+                    let (version, we_are_client) = {
+                        let session = self.session()?;
+                        (session.session().version, session.is_client())
+                    };
+                    match judge_post_handshake(version, we_are_client, kind, body) {
+                        PostHandshake::Ticket => self
                             .session()?
                             .take_ticket(body)
                             .map_err(|e| Failure::new(Reason::UnexpectedMessage, e.to_string()))?,
-                        // KeyUpdate (RFC 8446 4.6.3)
-                        24 => self.key_update(sock, body).await?,
-                        other => {
-                            return Err(Failure::new(
-                                Reason::UnexpectedMessage,
-                                format!(
-                                    "unexpected post-handshake message type {other} from a kTLS peer"
-                                ),
-                            ));
+                        PostHandshake::KeyUpdate { requested } => {
+                            self.key_update(sock, requested).await?;
+                        }
+                        PostHandshake::RefuseRenegotiation => {
+                            let refused =
+                                self.renegotiations_refused.fetch_add(1, Ordering::Relaxed);
+                            if refused >= RENEGOTIATIONS_REFUSED {
+                                return Err(self
+                                    .fatal(
+                                        sock,
+                                        Reason::UnexpectedMessage,
+                                        alert::UNEXPECTED_MESSAGE,
+                                        format!(
+                                            "peer asked to renegotiate TLS 1.2 again after {refused} refusal(s)"
+                                        ),
+                                    )
+                                    .await);
+                            }
+                            tracing::info!(
+                                "a kTLS peer asked to renegotiate TLS 1.2: refused (no_renegotiation), the session goes on"
+                            );
+                            send_control(sock, RecordType::Alert, &NO_RENEGOTIATION).await?;
+                        }
+                        PostHandshake::Fatal { reason, alert, why } => {
+                            return Err(self
+                                .fatal(
+                                    sock,
+                                    reason,
+                                    alert,
+                                    format!("{why} (handshake type {kind})"),
+                                )
+                                .await);
                         }
                     }
                 }
                 Ok(false)
             }
             RecordType::ApplicationData if n == 0 => Ok(true),
-            other => Err(Failure::new(
-                Reason::UnexpectedMessage,
-                format!("unexpected {other:?} record from a kTLS peer"),
-            )),
+            other => Err(self
+                .fatal(
+                    sock,
+                    Reason::UnexpectedMessage,
+                    alert::UNEXPECTED_MESSAGE,
+                    format!("a {other:?} record after the handshake"),
+                )
+                .await),
         }
     }
 
@@ -321,6 +505,28 @@ impl RecordLayer for KtlsLeg {
         // level warning (1), description close_notify (0)
         ktls::send_record(sock.as_fd(), RecordType::Alert, &[1, 0]).map(|_| ())
     }
+
+    fn record_refused(&self, sock: &impl StreamSocket, reason: Reason) -> Option<String> {
+        let description = refused_record_alert(reason)?;
+        let name = tlsplice_common::alert_name(u16::from(description)).unwrap_or("alert");
+        // One try, not waiting for room: the session is over either way.
+        Some(
+            match ktls::send_record(sock.as_fd(), RecordType::Alert, &[2, description]) {
+                Ok(_) => format!("sent {name}"),
+                Err(e) => format!("could not send {name}: {e}"),
+            },
+        )
+    }
+}
+
+/// The alert for a record the kernel refused (RFC 8446 5.2, 6.2): one that did not
+/// authenticate, one too long.
+fn refused_record_alert(reason: Reason) -> Option<u8> {
+    match reason {
+        Reason::RecordError => Some(alert::BAD_RECORD_MAC),
+        Reason::RecordOverflow => Some(alert::RECORD_OVERFLOW),
+        _ => None,
+    }
 }
 
 /// Sends a control record on a kTLS socket, waiting for room in the socket buffer.
@@ -338,5 +544,100 @@ async fn send_control(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(Failure::io("sending a control record", &e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn post_handshake_messages_are_judged_as_the_rfcs_say() {
+        use PostHandshake::*;
+        use TlsVersion::{Tls12, Tls13};
+        let fatal =
+            |alert| move |p: PostHandshake| matches!(p, Fatal { alert: a, .. } if a == alert);
+        let unexpected = fatal(alert::UNEXPECTED_MESSAGE);
+        // (version, agent is client, type, body, verdict)
+        type Verdict<'a> = &'a dyn Fn(PostHandshake) -> bool;
+        let cases: [(TlsVersion, bool, u8, &[u8], Verdict); 15] = [
+            (Tls13, true, 4, b"ticket", &|p| p == Ticket),
+            (Tls13, false, 4, b"ticket", &unexpected),
+            (Tls12, true, 4, b"ticket", &unexpected),
+            (Tls13, false, 24, &[0], &|p| {
+                p == KeyUpdate { requested: false }
+            }),
+            (Tls13, true, 24, &[1], &|p| {
+                p == KeyUpdate { requested: true }
+            }),
+            (Tls13, false, 24, &[2], &fatal(alert::ILLEGAL_PARAMETER)),
+            (Tls13, false, 24, &[], &fatal(alert::DECODE_ERROR)),
+            (Tls13, false, 24, &[0, 0], &fatal(alert::DECODE_ERROR)),
+            (Tls12, false, 24, &[0], &unexpected),
+            (Tls13, false, 1, b"hello", &unexpected),
+            (Tls12, false, 1, b"hello", &|p| p == RefuseRenegotiation),
+            (Tls12, true, 1, b"hello", &unexpected),
+            (Tls12, true, 0, b"", &|p| p == RefuseRenegotiation),
+            (Tls12, false, 0, b"", &unexpected),
+            (Tls13, false, 20, b"finished", &unexpected),
+        ];
+        for (version, client, kind, body, ok) in cases {
+            let verdict = judge_post_handshake(version, client, kind, body);
+            assert!(
+                ok(verdict),
+                "{version:?} client={client} type {kind} {body:?}: {verdict:?}"
+            );
+            if let Fatal { reason, .. } = verdict {
+                assert_eq!(reason, Reason::UnexpectedMessage);
+            }
+        }
+    }
+
+    #[test]
+    fn key_updates_are_admitted_up_to_the_limit_in_each_second() {
+        let limit = 3;
+        // (ms since the first, admitted)
+        let steps = [
+            (0, true),
+            (10, true),
+            (20, true),
+            (30, false),
+            (999, false),
+            // A new window a second after the first one's start.
+            (1000, true),
+            (1001, true),
+            (1002, true),
+            (1003, false),
+            (5000, true),
+        ];
+        let mut window = 0;
+        for (ms, admitted) in steps {
+            let (next, ok) = admit_key_update(window, ms, limit);
+            assert_eq!(ok, admitted, "at {ms} ms");
+            assert_ne!(next, 0);
+            window = next;
+        }
+        // A storm never wraps the count back under the limit.
+        let mut window = 0;
+        let mut admitted = 0;
+        for _ in 0..3_000_000u32 {
+            let (next, ok) = admit_key_update(window, 7, u16::MAX);
+            window = next;
+            admitted += u32::from(ok);
+        }
+        assert_eq!(admitted, u32::from(u16::MAX));
+    }
+
+    #[test]
+    fn refused_records_get_the_rfc_alert() {
+        assert_eq!(
+            refused_record_alert(Reason::RecordError),
+            Some(alert::BAD_RECORD_MAC)
+        );
+        assert_eq!(
+            refused_record_alert(Reason::RecordOverflow),
+            Some(alert::RECORD_OVERFLOW)
+        );
+        assert_eq!(refused_record_alert(Reason::PeerReset), None);
     }
 }

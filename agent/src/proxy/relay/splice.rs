@@ -14,7 +14,7 @@ use tokio::io::Interest;
 
 use super::RelayOutcome;
 use crate::net::{self, StreamSocket};
-use crate::outcome::Failure;
+use crate::outcome::{Failure, Reason};
 use crate::splice::{self, PipePool};
 
 /// Bytes asked of one splice call, and the pipe size the pool asks for.
@@ -45,6 +45,11 @@ pub(crate) trait RecordLayer: Sync {
 
     /// Tells this leg's peer that nothing more will be sent (close_notify; the FIN follows).
     fn close_notify(&self, sock: &impl StreamSocket) -> io::Result<()>;
+
+    /// The kernel refused a record from this leg's peer for `reason`: tells the peer with the
+    /// alert RFC 8446 names for it, if there is one and the socket still takes it, and says
+    /// what was sent.
+    fn record_refused(&self, sock: &impl StreamSocket, reason: Reason) -> Option<String>;
 }
 
 /// The record layer of a plain leg: there is none.
@@ -64,6 +69,9 @@ impl RecordLayer for Plain {
         match *self {}
     }
     fn close_notify(&self, _: &impl StreamSocket) -> io::Result<()> {
+        match *self {}
+    }
+    fn record_refused(&self, _: &impl StreamSocket, _: Reason) -> Option<String> {
         match *self {}
     }
 }
@@ -205,7 +213,14 @@ async fn pump<L: RecordLayer>(
                         _ => continue,
                     }
                 }
-                Err(e) => return Err(Failure::io("splice from a socket", &e)),
+                Err(e) => {
+                    let mut failure = Failure::io("splice from a socket", &e);
+                    if let Some(sent) = src_leg.and_then(|l| l.record_refused(src, failure.reason))
+                    {
+                        failure.detail = format!("{}: {sent}", failure.detail);
+                    }
+                    return Err(failure);
+                }
             };
             if n == 0 {
                 drop(pipe);

@@ -30,8 +30,19 @@ pub(crate) async fn relay(
 fn record_failure(e: &RecordError) -> Failure {
     let reason = match e {
         RecordError::Tls(rustls::Error::AlertReceived(_)) => Reason::AlertReceived,
+        RecordError::Tls(rustls::Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::TooManyKeyUpdateRequests,
+        )) => Reason::KeyUpdateRateLimit,
+        RecordError::Oversized { .. }
+        | RecordError::Tls(
+            rustls::Error::PeerSentOversizedRecord
+            | rustls::Error::InvalidMessage(rustls::InvalidMessage::MessageTooLarge),
+        ) => Reason::RecordOverflow,
+        // A message that does not decode is one the agent does not accept: the kTLS path
+        // names it the same way.
         RecordError::Tls(
-            rustls::Error::InappropriateMessage { .. }
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
             | rustls::Error::InappropriateHandshakeMessage { .. }
             | rustls::Error::PeerMisbehaved(_),
         ) => Reason::UnexpectedMessage,
