@@ -133,8 +133,15 @@ pub fn peek(bytes: &[u8]) -> Result<Peek, ClientHelloError> {
             let name_type = list.u8("server name type")?;
             let name = list.vec16("server name")?;
             if name_type == 0 {
+                // RFC 6066 3: a HostName is 1 to 2^16-1 bytes of ASCII. An empty one would
+                // route as "" (found by the client_hello fuzz target).
+                if name.is_empty() {
+                    return Err(ClientHelloError::Malformed("empty server name"));
+                }
                 let name = std::str::from_utf8(name)
-                    .map_err(|_| ClientHelloError::Malformed("server name is not ASCII"))?;
+                    .ok()
+                    .filter(|n| n.is_ascii())
+                    .ok_or(ClientHelloError::Malformed("server name is not ASCII"))?;
                 return Ok(Peek::ClientHello {
                     server_name: Some(name.to_ascii_lowercase()),
                 });
@@ -178,6 +185,30 @@ mod tests {
         for n in 0..hello.len() {
             assert_eq!(peek(&hello[..n]), Ok(Peek::Incomplete), "prefix {n}");
         }
+    }
+
+    #[test]
+    fn an_empty_or_non_ascii_server_name_is_malformed() {
+        let hello = client_hello("ab.example");
+        let at = hello.windows(10).position(|w| w == b"ab.example").unwrap();
+        // The name's 16-bit length is just before it; the list's and the extension's before
+        // that. Rewrite the name as "\u{e9}b.example" (two UTF-8 bytes for one).
+        let mut accented = hello.clone();
+        accented[at..at + 2].copy_from_slice("\u{e9}".as_bytes());
+        assert_eq!(
+            peek(&accented),
+            Err(ClientHelloError::Malformed("server name is not ASCII"))
+        );
+        // The regression seed the fuzz target found: a server_name entry of length 0.
+        let crash = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fuzz/corpus/client_hello/seed-empty-server-name"
+        ))
+        .unwrap();
+        assert_eq!(
+            peek(&crash),
+            Err(ClientHelloError::Malformed("empty server name"))
+        );
     }
 
     #[test]

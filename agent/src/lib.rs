@@ -41,3 +41,27 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod splice;
 pub mod sys;
+
+/// Entry points for the fuzz targets in `tests/fuzz` (built with `--cfg fuzzing` by cargo
+/// fuzz) into parsers that are not public otherwise.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Judges every message of a post-handshake handshake record as the kTLS path does: each
+    /// message's type, body length and whether it ended the connection.
+    pub fn post_handshake_record(
+        tls13: bool,
+        we_are_client: bool,
+        record: &[u8],
+    ) -> Vec<(u8, usize, bool)> {
+        let version = if tls13 {
+            crate::ktls::TlsVersion::Tls13
+        } else {
+            crate::ktls::TlsVersion::Tls12
+        };
+        crate::proxy::relay::ktls::judge_record(version, we_are_client, record)
+            .iter()
+            .map(|j| (j.kind, j.body.len(), j.is_fatal()))
+            .collect()
+    }
+}

@@ -225,6 +225,10 @@ pub struct LegSession {
     pub version: Option<TlsVersion>,
     /// Negotiated cipher, `None` when kTLS has no code for it.
     pub cipher: Option<Cipher>,
+    /// The leg's socket is still established: its peer has not closed its side. The kernel's
+    /// TLS takes only an established socket (a client that sends its request and half-closes
+    /// right after the handshake is already past that when the keys are ready).
+    pub established: bool,
 }
 
 /// How far the connection's handshakes are.
@@ -320,6 +324,18 @@ pub fn choose(i: &PathInputs<'_>) -> Choice {
             DataPath::Ktls,
             format!("data_path = \"ktls\": handshake run for the kernel, though {why}").into(),
         ),
+        (policy, _, Negotiated::Legs(legs))
+            if let Some(closed) = legs.iter().find(|l| !l.established) =>
+        {
+            let why = format!(
+                "the {} leg's peer closed its side before the handoff, and the kernel's TLS takes only an established socket",
+                closed.leg
+            );
+            match policy {
+                DataPathPolicy::Ktls => Choice::Refuse(format!("listener requires ktls: {why}")),
+                _ => Choice::Take(DataPath::Userspace, why.into()),
+            }
+        }
         (DataPathPolicy::Auto | DataPathPolicy::Ktls, _, Negotiated::Legs(legs)) => {
             match offload_legs(i.kernel, legs) {
                 // Which versions and ciphers: the connection's session says.
@@ -395,6 +411,7 @@ pub fn summary(
                         leg: "client",
                         version: Some(v),
                         cipher: Some(c),
+                        established: true,
                     }];
                     choose_for(Negotiated::Legs(&leg)).path() == Some(DataPath::Ktls)
                 })
@@ -484,6 +501,8 @@ mod tests {
         Pending,
         Done(TlsVersion, Cipher),
         Unknown,
+        /// Negotiated, but this leg's peer closed its side before the handoff.
+        Closed(TlsVersion, Cipher, &'static str),
     }
 
     #[test]
@@ -515,6 +534,11 @@ mod tests {
             (Terminate, PUser, All, false, Hs::Pending, Want::Take(Userspace, "listener data_path = userspace")),
             (Terminate, PUser, All, false, Hs::Done(V13, AES128), Want::Take(Userspace, "listener data_path = userspace")),
             (Terminate, PUser, NoKtls, false, Hs::Pending, Want::Take(Userspace, "listener data_path = userspace")),
+            // a leg whose peer closed its side before the handoff cannot go to the kernel
+            (Terminate, Auto, All, false, Hs::Closed(V13, AES128, "client"), Want::Take(Userspace, "the client leg's peer closed its side before the handoff")),
+            (Terminate, PKtls, All, false, Hs::Closed(V13, AES128, "client"), Want::Refuse("listener requires ktls: the client leg's peer closed")),
+            (Terminate, PUser, All, false, Hs::Closed(V13, AES128, "client"), Want::Take(Userspace, "listener data_path = userspace")),
+            (Reencrypt, Auto, All, false, Hs::Closed(V12, AES256, "upstream"), Want::Take(Userspace, "the upstream leg's peer closed")),
             // the node's passthrough choice does not touch TLS modes
             (Terminate, Auto, All, true, Hs::Done(V13, AES128), Want::Take(Ktls, "kernel offloads")),
             // reencrypt: two legs, both must offload
@@ -545,7 +569,11 @@ mod tests {
             let plain = plain(*sockmap);
             let legs: Vec<LegSession> = match hs {
                 Hs::Pending => Vec::new(),
-                Hs::Done(v, c) => {
+                Hs::Done(v, c) | Hs::Closed(v, c, _) => {
+                    let closed = match hs {
+                        Hs::Closed(_, _, leg) => Some(*leg),
+                        _ => None,
+                    };
                     let names: &[&str] = match mode {
                         Mode::Reencrypt => &["client", "upstream"],
                         Mode::Originate => &["upstream"],
@@ -557,6 +585,7 @@ mod tests {
                             leg,
                             version: Some(*v),
                             cipher: Some(*c),
+                            established: closed != Some(leg),
                         })
                         .collect()
                 }
@@ -564,6 +593,7 @@ mod tests {
                     leg: "client",
                     version: Some(V13),
                     cipher: None,
+                    established: true,
                 }],
             };
             let negotiated = match hs {
@@ -617,6 +647,7 @@ mod tests {
                         leg: "client",
                         version: Some(v),
                         cipher: Some(c),
+                        established: true,
                     }];
                     let after = choose_for(Negotiated::Legs(&leg));
                     match before {

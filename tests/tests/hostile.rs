@@ -597,3 +597,59 @@ fn unexpected_post_handshake_messages_get_unexpected_message() {
     println!("{}", table.join("\n"));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn a_client_that_half_closes_right_after_its_handshake_is_served() {
+    // The request, close_notify and FIN go out right behind the client's Finished, as
+    // `printf 'GET /' | openssl s_client` or a scanner sends them. The kernel's TLS takes only
+    // an established socket: when the FIN is in before the handoff, the connection stays in
+    // user space and says why; either way the request is answered and the half-close kept.
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let mut agent = Agent::start(listener(
+        Mode::Terminate,
+        &dir,
+        serve(echo),
+        DataPathPolicy::Auto,
+    ));
+    let (expected, _) = tlsplice_tests::expected_auto_path();
+    let mut paths = Vec::new();
+    for round in 0..5 {
+        let sock = TcpStream::connect(agent.addr).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut conn = rustls::ClientConnection::new(pki.client_config(), name).expect("client");
+        let mut io = &sock;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut io).expect("handshake");
+        }
+        conn.writer().write_all(b"request").expect("queue");
+        conn.send_close_notify();
+        while conn.wants_write() {
+            conn.write_tls(&mut io).expect("request");
+        }
+        sock.shutdown(std::net::Shutdown::Write).expect("FIN");
+        let mut stream = rustls::Stream::new(&mut conn, &mut io);
+        let mut answer = Vec::new();
+        stream
+            .read_to_end(&mut answer)
+            .expect("the answer, then close_notify");
+        assert_eq!(answer, b"request", "round {round}");
+        let report = agent.next_report();
+        assert_eq!(report.outcome, Reason::Ok, "round {round}: {report:?}");
+        match report.data_path {
+            Some(DataPath::Userspace) if expected == DataPath::Ktls => assert!(
+                report
+                    .path_reason
+                    .contains("closed its side before the handoff"),
+                "{report:?}"
+            ),
+            Some(path) => assert_eq!(path, expected, "{report:?}"),
+            None => panic!("no data path: {report:?}"),
+        }
+        paths.push(format!("{:?}: {}", report.data_path, report.path_reason));
+    }
+    println!("{}", paths.join("\n"));
+}

@@ -177,6 +177,7 @@ fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
         line.name,
         Duration::from_secs(timeout),
         2048,
+        &[],
     )?;
     let console = out.join("guest-console.log");
     std::fs::write(&console, run.lines.join("\n"))?;

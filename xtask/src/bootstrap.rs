@@ -29,6 +29,41 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask scan` drives against the agent: a TLS scanner, and openssl.
+const SCAN_PACKAGES: [(&str, &str); 2] = [
+    ("testssl.sh", "/usr/bin/testssl"),
+    ("openssl", "/usr/bin/openssl"),
+];
+
+/// Installs the scan's tools that are missing.
+pub fn scan_tools() -> Result<()> {
+    install_missing(&SCAN_PACKAGES)
+}
+
+/// cargo-fuzz release for `cargo xtask fuzz`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Installs cargo-fuzz when `cargo fuzz` is missing (about 2 minutes).
+pub fn cargo_fuzz() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
+    }
+    println!("bootstrap: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 2 minutes)");
+    cmd::run(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+    ]))
+}
+
 /// The peers `cargo xtask bench` measures tlsplice against, from Debian's packages.
 const BENCH_PACKAGES: [(&str, &str); 5] = [
     ("haproxy", "/usr/sbin/haproxy"),

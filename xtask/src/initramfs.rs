@@ -28,6 +28,9 @@ const WANTED_MODULES: &[&str] = &[
     "chacha_x86_64",
     "poly1305_generic",
     "poly1305_x86_64",
+    // The network card of `cargo xtask vm --forward` (built in on some kernels).
+    "virtio_pci",
+    "virtio_net",
 ];
 
 /// Line printed by /init before the command runs.
@@ -213,6 +216,8 @@ fn init_script(contents: &Contents) -> String {
             "insmod /lib/tlsplice-modules/{m}.ko 2>/tmp/insmod.err || {{ grep -q 'File exists' /tmp/insmod.err || echo \"tlsplice-init: insmod {m}: $(cat /tmp/insmod.err)\"; }}\n"
         ));
     }
+    // `cargo xtask vm --forward`: QEMU's user network, the guest at its first DHCP address.
+    s.push_str("if [ -e /sys/class/net/eth0 ]; then ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; ip route add default via 10.0.2.2; fi\n");
     for (k, v) in &contents.env {
         s.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
     }

@@ -3,9 +3,11 @@
 mod bench;
 mod bootstrap;
 mod cmd;
+mod fuzz;
 mod initramfs;
 mod kernels;
 mod matrix;
+mod scan;
 mod vm;
 
 use std::path::PathBuf;
@@ -59,6 +61,11 @@ enum Task {
         /// Seconds before the guest is killed.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Ports on the host's loopback forwarded to the same port in the guest (QEMU user
+        /// networking with restrict=on: the guest reaches nothing else), e.g. 8443,9090. The
+        /// guest is 10.0.2.15 on eth0.
+        #[arg(long, value_delimiter = ',')]
+        forward: Vec<u16>,
         /// Command to run in the guest (busybox sh; the agent is /usr/bin/tlsplice).
         #[arg(last = true)]
         command: Vec<String>,
@@ -90,6 +97,27 @@ enum Task {
         #[arg(long = "relay")]
         relays: Vec<String>,
     },
+    /// openssl s_client (KeyUpdate both ways, TLS 1.2 renegotiation) and testssl.sh from this
+    /// host against a terminate listener: the host's agent, then one in a kTLS guest through
+    /// forwarded ports; what they find is asserted.
+    Scan {
+        /// Guest kernel (6.1, 6.12, sid).
+        #[arg(long, default_value = "sid")]
+        kernel: String,
+        /// Only this host: no guest.
+        #[arg(long)]
+        host_only: bool,
+    },
+    /// Run the cargo-fuzz targets in tests/fuzz (every parser that reads untrusted bytes),
+    /// each for a time, from their committed seeds (nightly; installs cargo-fuzz if missing).
+    Fuzz {
+        /// Seconds each target runs.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only these targets (client_hello, post_handshake, proxy_protocol, config; repeat).
+        #[arg(long = "target")]
+        targets: Vec<String>,
+    },
 }
 
 /// The workspace root (xtask lives one level below it).
@@ -118,8 +146,17 @@ fn run() -> Result<()> {
             test,
             with,
             timeout,
+            forward,
             command,
-        } => matrix::vm(&root, &kernel, test.as_deref(), &with, timeout, &command),
+        } => matrix::vm(
+            &root,
+            &kernel,
+            test.as_deref(),
+            &with,
+            timeout,
+            &forward,
+            &command,
+        ),
         Task::Kernels { refresh } => {
             bootstrap::run()?;
             for line in &kernels::MATRIX {
@@ -127,6 +164,11 @@ fn run() -> Result<()> {
                 println!("{:5} {} ({})", line.name, k.release, k.vmlinuz.display());
             }
             Ok(())
+        }
+        Task::Scan { kernel, host_only } => scan::run(&root, &kernel, host_only),
+        Task::Fuzz { seconds, targets } => {
+            bootstrap::run()?;
+            fuzz::run(&root, seconds, &targets)
         }
         Task::Bench {
             quick,

@@ -158,7 +158,7 @@ enum Outcome {
 }
 
 /// A test binary and the test names in it.
-struct TestBinary {
+pub(crate) struct TestBinary {
     target: &'static str,
     path: PathBuf,
     tests: Vec<String>,
@@ -282,7 +282,7 @@ fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Out
 }
 
 /// The agent binary, built for the guest (its build script builds and embeds the eBPF object).
-fn build_agent(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build_agent(root: &Path) -> Result<PathBuf> {
     cmd::run(
         Command::new("cargo")
             .args(["build", "-p", "tlsplice"])
@@ -292,7 +292,7 @@ fn build_agent(root: &Path) -> Result<PathBuf> {
 }
 
 /// Puts the agent, the given test binaries and tools into an initramfs for `kernel`.
-fn guest_image(
+pub(crate) fn guest_image(
     root: &Path,
     kernel: &GuestKernel,
     agent: &Path,
@@ -412,7 +412,14 @@ fn run_in_guest(
     }
     let tools = tools_of(&selected);
     let image = guest_image(root, kernel, agent, &selected, &tools, &script)?;
-    let run = vm::boot(kernel, &image, name, GUEST_TIMEOUT, vm::TEST_MEMORY_MIB)?;
+    let run = vm::boot(
+        kernel,
+        &image,
+        name,
+        GUEST_TIMEOUT,
+        vm::TEST_MEMORY_MIB,
+        &[],
+    )?;
     println!(
         "[{name}] guest finished in {:.0}s",
         run.elapsed.as_secs_f64()
@@ -459,22 +466,31 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     bootstrap::run()?;
     if lint {
         cmd::run(Command::new("cargo").args(["fmt", "--all", "--check"]))?;
-        cmd::run(Command::new("cargo").args([
-            "fmt",
-            "--check",
-            "--manifest-path",
-            "ebpf/tlsplice-ebpf/Cargo.toml",
-        ]))?;
-        cmd::run(Command::new("cargo").args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ]))?;
+        for manifest in ["ebpf/tlsplice-ebpf/Cargo.toml", "tests/fuzz/Cargo.toml"] {
+            cmd::run(Command::new("cargo").args(["fmt", "--check", "--manifest-path", manifest]))?;
+        }
+        // Without cargo's cache of compiler probes: on a fresh clone, with the cache `cargo
+        // xtask` itself just wrote, clippy's probe failed ("failed to run `rustc` to learn
+        // about target-specific information", its input another compiler's error text), and
+        // the failure stayed cached. CI failed that way on 2026-12-03; without the cache, or
+        // with the cache deleted, it passes every time (checked on fresh clones).
+        cmd::run(
+            Command::new("cargo")
+                .args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ])
+                .env("CARGO_CACHE_RUSTC_INFO", "0"),
+        )?;
     }
     cmd::run(Command::new("cargo").args(["test", "--workspace"]))?;
+    // Every parser that reads untrusted bytes, fuzzed for a moment from its seeds (the long
+    // run is `cargo xtask fuzz`).
+    crate::fuzz::run(root, crate::fuzz::SMOKE_SECONDS, &[])?;
 
     let lines: Vec<&kernels::KernelLine> = if kernel_names.is_empty() {
         kernels::MATRIX.iter().collect()
@@ -531,9 +547,12 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
     if failed > 0 {
         bail!("{failed} kernel matrix tests failed");
     }
+    // Real tools from the host: openssl's post-handshake commands and a TLS scanner, against
+    // the host's agent and one in the newest guest through forwarded ports.
+    let last = kernels::MATRIX.last().map_or("sid", |l| l.name);
+    crate::scan::run(root, last, false)?;
     // The benchmark harness's smoke run, so it cannot rot: every peer and tlsplice path, the
     // guest's kTLS rows, the report and the micro-benchmarks (each once).
-    let last = kernels::MATRIX.last().map_or("sid", |l| l.name);
     crate::bench::run(
         root,
         &crate::bench::Options {
@@ -553,6 +572,7 @@ pub fn vm(
     test: Option<&str>,
     tools: &[String],
     timeout: u64,
+    forward: &[u16],
     command: &[String],
 ) -> Result<()> {
     bootstrap::run()?;
@@ -593,6 +613,7 @@ pub fn vm(
         line.name,
         Duration::from_secs(timeout),
         vm::TEST_MEMORY_MIB,
+        forward,
     )?;
     match run.exit {
         Some(0) => Ok(()),
@@ -662,6 +683,7 @@ pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
         Some("demo"),
         &[],
         900,
+        &[],
         &["tlsplice".into(), "probe".into()],
     )
 }

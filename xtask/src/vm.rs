@@ -29,18 +29,46 @@ pub struct GuestRun {
 /// Guest memory for the test matrix (two guests may run side by side).
 pub const TEST_MEMORY_MIB: u32 = 1024;
 
+/// The guest's address on QEMU's user network (its first DHCP address, set statically by
+/// the guest's init).
+pub const GUEST_ADDR: &str = "10.0.2.15";
+
+/// QEMU arguments for a network card whose only way in is `forward`: each port on the host's
+/// loopback goes to the same port in the guest. `restrict=on` cuts the guest off from
+/// everything else (no route out, no DNS, nothing on the host but the forwarded ports).
+pub fn network_args(forward: &[u16]) -> Vec<String> {
+    if forward.is_empty() {
+        return Vec::new();
+    }
+    let mut netdev = String::from("user,id=net0,restrict=on");
+    for port in forward {
+        netdev.push_str(&format!(
+            ",hostfwd=tcp:127.0.0.1:{port}-{GUEST_ADDR}:{port}"
+        ));
+    }
+    vec![
+        "-netdev".into(),
+        netdev,
+        "-device".into(),
+        // No option ROM: the kernel is booted directly, network boot would only cost time.
+        "virtio-net-pci,netdev=net0,romfile=".into(),
+    ]
+}
+
 /// Boots `kernel` with `initrd` and `memory_mib` of memory; `label` prefixes the streamed
-/// console lines.
+/// console lines. `forward`: host loopback ports forwarded to the guest ([`network_args`]).
 pub fn boot(
     kernel: &GuestKernel,
     initrd: &Path,
     label: &str,
     timeout: Duration,
     memory_mib: u32,
+    forward: &[u16],
 ) -> Result<GuestRun> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args(network_args(forward))
         .args(["-m", &memory_mib.to_string()])
         .args([
             "-nographic",

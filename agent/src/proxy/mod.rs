@@ -11,7 +11,7 @@ mod listener;
 pub mod measure;
 pub(crate) mod parking;
 mod passthrough;
-mod relay;
+pub(crate) mod relay;
 mod state;
 mod tls;
 mod upstream;

@@ -10,6 +10,7 @@
 //! asks the path choice ([`crate::path::choose`]) which data path the negotiated sessions take.
 
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,13 +99,19 @@ pub(crate) async fn establish(
 
     // Every TLS leg's session, for the path choice and the report.
     let mut legs = Vec::new();
-    for (name, tls) in [("client", &client_tls), ("upstream", &upstream_tls)] {
+    let sockets: [(&str, _, std::os::fd::BorrowedFd<'_>); 2] = [
+        ("client", &client_tls, client.as_fd()),
+        ("upstream", &upstream_tls, upstream.as_fd()),
+    ];
+    for (name, tls, fd) in sockets {
         if let Some(tls) = tls {
             let (version, cipher) = session_of(tls.common());
             legs.push(LegSession {
                 leg: name,
                 version,
                 cipher,
+                // Unknown counts as established: the handoff then says what the kernel did.
+                established: crate::sys::tcp_established(fd).unwrap_or(true),
             });
         }
     }

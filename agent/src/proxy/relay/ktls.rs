@@ -66,7 +66,7 @@ pub(crate) struct RekeyPolicy {
 /// What the agent does with one post-handshake message from a kTLS peer (RFC 8446 4.6,
 /// RFC 5246 7.4.1): decided from the message alone, carried out by [`KtlsLeg`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PostHandshake {
+pub(crate) enum PostHandshake {
     /// A NewSessionTicket from the TLS 1.3 server the agent is a client of: kept.
     Ticket,
     /// A TLS 1.3 KeyUpdate; `requested`: the peer asks the agent to update its own key too.
@@ -121,6 +121,77 @@ fn judge_post_handshake(
         (TlsVersion::Tls12, 24) => unexpected("a KeyUpdate in TLS 1.2"),
         _ => unexpected("a handshake message type not allowed after the handshake"),
     }
+}
+
+/// One message of a post-handshake record, and what to do with it.
+#[derive(Debug)]
+pub(crate) struct Judged<'a> {
+    /// The handshake type (0 where the record could not be split).
+    pub(crate) kind: u8,
+    /// The message body, after its 4-byte header.
+    pub(crate) body: &'a [u8],
+    pub(crate) verdict: PostHandshake,
+}
+
+impl Judged<'_> {
+    /// Whether this message ends the connection.
+    #[cfg(fuzzing)]
+    pub(crate) fn is_fatal(&self) -> bool {
+        matches!(self.verdict, PostHandshake::Fatal { .. })
+    }
+}
+
+/// Splits a handshake record received after the handshake into its messages and judges each,
+/// in order; the list ends at the first fatal verdict. A message split over records is legal
+/// TLS, but no post-handshake message the agent accepts needs it: it is refused as
+/// undecodable, as is an empty record (RFC 8446 5.1 forbids zero-length handshake fragments).
+pub(crate) fn judge_record(
+    version: TlsVersion,
+    we_are_client: bool,
+    record: &[u8],
+) -> Vec<Judged<'_>> {
+    let mut judged = Vec::new();
+    let mut messages = record;
+    if messages.is_empty() {
+        judged.push(Judged {
+            kind: 0,
+            body: &[],
+            verdict: PostHandshake::Fatal {
+                reason: Reason::UnexpectedMessage,
+                alert: alert::UNEXPECTED_MESSAGE,
+                why: "an empty handshake record",
+            },
+        });
+    }
+    while !messages.is_empty() {
+        let header = messages.split_first_chunk::<4>().and_then(|(h, rest)| {
+            let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
+            (rest.len() >= len).then(|| (h[0], rest.split_at(len)))
+        });
+        let Some((kind, (body, next))) = header else {
+            judged.push(Judged {
+                kind: 0,
+                body: &[],
+                verdict: PostHandshake::Fatal {
+                    reason: Reason::UnexpectedMessage,
+                    alert: alert::DECODE_ERROR,
+                    why: "a post-handshake message cut short or split over records",
+                },
+            });
+            break;
+        };
+        messages = next;
+        let verdict = judge_post_handshake(version, we_are_client, kind, body);
+        judged.push(Judged {
+            kind,
+            body,
+            verdict,
+        });
+        if matches!(verdict, PostHandshake::Fatal { .. }) {
+            break;
+        }
+    }
+    judged
 }
 
 /// Admits one KeyUpdate into a one-second window of at most `limit`. `window` packs the
@@ -368,31 +439,17 @@ impl RecordLayer for KtlsLeg {
                 ))
             }
             RecordType::Handshake => {
-                let mut messages = &buf[..n];
-                while !messages.is_empty() {
-                    // A message split over records is legal TLS, but no post-handshake
-                    // message the agent accepts needs it; it is refused as undecodable.
-                    let header = messages.split_first_chunk::<4>().and_then(|(h, rest)| {
-                        let len = u32::from_be_bytes([0, h[1], h[2], h[3]]) as usize;
-                        (rest.len() >= len).then(|| (h[0], rest.split_at(len)))
-                    });
-                    let Some((kind, (body, next))) = header else {
-                        return Err(self
-                            .fatal(
-                                sock,
-                                Reason::UnexpectedMessage,
-                                alert::DECODE_ERROR,
-                                "a post-handshake message cut short or split over records"
-                                    .to_owned(),
-                            )
-                            .await);
-                    };
-                    messages = next;
-                    let (version, we_are_client) = {
-                        let session = self.session()?;
-                        (session.session().version, session.is_client())
-                    };
-                    match judge_post_handshake(version, we_are_client, kind, body) {
+                let (version, we_are_client) = {
+                    let session = self.session()?;
+                    (session.session().version, session.is_client())
+                };
+                for Judged {
+                    kind,
+                    body,
+                    verdict,
+                } in judge_record(version, we_are_client, &buf[..n])
+                {
+                    match verdict {
                         PostHandshake::Ticket => self
                             .session()?
                             .take_ticket(body)
@@ -591,6 +648,36 @@ mod tests {
                 assert_eq!(reason, Reason::UnexpectedMessage);
             }
         }
+    }
+
+    #[test]
+    fn a_record_is_split_into_messages_and_ends_at_the_first_fatal_one() {
+        let verdicts = |record: &[u8]| -> Vec<(u8, Option<u8>)> {
+            judge_record(TlsVersion::Tls13, true, record)
+                .iter()
+                .map(|j| match j.verdict {
+                    PostHandshake::Fatal { alert, .. } => (j.kind, Some(alert)),
+                    _ => (j.kind, None),
+                })
+                .collect()
+        };
+        // Two KeyUpdates and a ticket in one record.
+        let mut record = vec![24, 0, 0, 1, 0, 24, 0, 0, 1, 1];
+        record.extend([4, 0, 0, 2, 9, 9]);
+        assert_eq!(verdicts(&record), [(24, None), (24, None), (4, None)]);
+        // Cut short: the header claims more than the record holds.
+        assert_eq!(
+            verdicts(&[24, 0, 0, 1, 0, 24, 0, 0, 9, 1]),
+            [(24, None), (0, Some(alert::DECODE_ERROR))]
+        );
+        // Less than a header.
+        assert_eq!(verdicts(&[24, 0]), [(0, Some(alert::DECODE_ERROR))]);
+        assert_eq!(verdicts(&[]), [(0, Some(alert::UNEXPECTED_MESSAGE))]);
+        // Nothing after a fatal message is judged.
+        assert_eq!(
+            verdicts(&[2, 0, 0, 0, 24, 0, 0, 1, 0]),
+            [(2, Some(alert::UNEXPECTED_MESSAGE))]
+        );
     }
 
     #[test]
