@@ -23,6 +23,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Runs every bootstrap step.
 pub fn run() -> Result<()> {
+    null_device()?;
     apt()?;
     nightly_rust_src()?;
     bpf_linker()?;
@@ -62,6 +63,28 @@ pub fn cargo_fuzz() -> Result<()> {
         "--version",
         CARGO_FUZZ_VERSION,
     ]))
+}
+
+/// Makes sure `/dev/null` is the null device. On 2026-12-03 it was a regular file on this
+/// kind of machine, here and in CI: every `> /dev/null` appended to it, and every reader got
+/// what others had thrown away. Cargo's compiler probe under clippy read another build
+/// script's errors as its source and failed ("failed to run `rustc` to learn about
+/// target-specific information"), and CI with it. Recreated when it is not a character
+/// device (as root; otherwise the task stops and says why).
+fn null_device() -> Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let null = Path::new("/dev/null");
+    let meta = std::fs::symlink_metadata(null).context("reading /dev/null")?;
+    if meta.file_type().is_char_device() {
+        return Ok(());
+    }
+    println!(
+        "bootstrap: /dev/null is not the null device (a {:?} of {} bytes): recreating it",
+        meta.file_type(),
+        meta.len()
+    );
+    cmd::run(Command::new("sh").args(["-c", "rm -f /dev/null && mknod -m 666 /dev/null c 1 3"]))
+        .context("/dev/null must be the null device (mknod needs root)")
 }
 
 /// The peers `cargo xtask bench` measures tlsplice against, from Debian's packages.

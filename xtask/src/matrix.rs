@@ -469,23 +469,14 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
         for manifest in ["ebpf/tlsplice-ebpf/Cargo.toml", "tests/fuzz/Cargo.toml"] {
             cmd::run(Command::new("cargo").args(["fmt", "--check", "--manifest-path", manifest]))?;
         }
-        // Without cargo's cache of compiler probes: on a fresh clone, with the cache `cargo
-        // xtask` itself just wrote, clippy's probe failed ("failed to run `rustc` to learn
-        // about target-specific information", its input another compiler's error text), and
-        // the failure stayed cached. CI failed that way on 2026-12-03; without the cache, or
-        // with the cache deleted, it passes every time (checked on fresh clones).
-        cmd::run(
-            Command::new("cargo")
-                .args([
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ])
-                .env("CARGO_CACHE_RUSTC_INFO", "0"),
-        )?;
+        cmd::run(Command::new("cargo").args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     cmd::run(Command::new("cargo").args(["test", "--workspace"]))?;
     // Every parser that reads untrusted bytes, fuzzed for a moment from its seeds (the long
