@@ -13,7 +13,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,23 +78,7 @@ impl OpensslClient {
         pki_dir: &std::path::Path,
         tls: &str,
     ) -> Self {
-        let mut child = std::process::Command::new(openssl)
-            .args([
-                "s_client",
-                tls,
-                "-verify_return_error",
-                "-servername",
-                "localhost",
-            ])
-            .arg("-connect")
-            .arg(agent.to_string())
-            .arg("-CAfile")
-            .arg(pki_dir.join("ca.pem"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start openssl s_client");
+        let mut child = tlsplice_tests::s_client(openssl, agent, pki_dir, &[tls.as_ref()]);
         let out = Arc::new(Mutex::new(Vec::new()));
         for mut pipe in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,

@@ -98,7 +98,7 @@ fn judge_post_handshake(
     match (version, kind) {
         // NewSessionTicket (RFC 8446 4.6.1): only a server sends one.
         (TlsVersion::Tls13, 4) if we_are_client => PostHandshake::Ticket,
-        (TlsVersion::Tls13, 4) => unexpected("a client sent a NewSessionTicket"),
+        (TlsVersion::Tls13, 4) => unexpected("a NewSessionTicket, which only a server sends"),
         // KeyUpdate (RFC 8446 4.6.3)
         (TlsVersion::Tls13, 24) => match body {
             [0] => PostHandshake::KeyUpdate { requested: false },
@@ -106,7 +106,7 @@ fn judge_post_handshake(
             [_] => PostHandshake::Fatal {
                 reason: Reason::UnexpectedMessage,
                 alert: alert::ILLEGAL_PARAMETER,
-                why: "a KeyUpdate's request_update is neither 0 nor 1",
+                why: "a KeyUpdate whose request_update is neither 0 nor 1",
             },
             _ => PostHandshake::Fatal {
                 reason: Reason::UnexpectedMessage,
