@@ -402,7 +402,7 @@ fn run_in_guest(
         selected.push(b);
         for test in &b.tests {
             script.push_str(&format!(
-                "echo {BEGIN} {target}::{test}\n/tlsplice/bin/{target} --ignored --exact {test} --nocapture --test-threads=1\necho {END} {target}::{test} $?\n",
+                "echo {BEGIN} {target}::{test} $(cut -d' ' -f1 /proc/uptime)\n/tlsplice/bin/{target} --ignored --exact {test} --nocapture --test-threads=1\necho {END} {target}::{test} $? $(cut -d' ' -f1 /proc/uptime)\n",
                 target = b.target
             ));
         }
@@ -426,13 +426,25 @@ fn run_in_guest(
     );
     let mut current: Option<(String, String)> = None;
     let mut seen = BTreeMap::new();
+    // Guest seconds (its uptime) each test took, to show where the matrix's time goes.
+    let mut started = None;
+    let mut took = Vec::new();
     for line in &run.lines {
-        if let Some(id) = line.strip_prefix(BEGIN) {
-            current = Some((id.trim().to_owned(), String::new()));
+        if let Some(rest) = line.strip_prefix(BEGIN) {
+            let mut parts = rest.split_whitespace();
+            let id = parts.next().unwrap_or_default().to_owned();
+            started = parts.next().and_then(|t| t.parse::<f64>().ok());
+            current = Some((id, String::new()));
         } else if let Some(rest) = line.strip_prefix(END) {
             let mut parts = rest.split_whitespace();
             let id = parts.next().unwrap_or_default().to_owned();
             let ok = parts.next() == Some("0");
+            if let (Some(begin), Some(end)) = (
+                started.take(),
+                parts.next().and_then(|t| t.parse::<f64>().ok()),
+            ) {
+                took.push((end - begin, id.clone()));
+            }
             let text = current.take().map(|c| c.1).unwrap_or_default();
             seen.insert(id, classify(ok, &text));
         } else if let Some((_, text)) = current.as_mut() {
@@ -440,6 +452,7 @@ fn run_in_guest(
             text.push('\n');
         }
     }
+    println!("[{name}] {}", slowest(&mut took, 8));
     for b in &selected {
         for test in &b.tests {
             let id = format!("{}::{test}", b.target);
@@ -459,6 +472,22 @@ fn run_in_guest(
         }
     }
     Ok(results)
+}
+
+/// "slowest: a 12.0s, b 9.5s, ... (of N tests, T s in all)" from (guest seconds, test) pairs.
+fn slowest(took: &mut [(f64, String)], count: usize) -> String {
+    let total: f64 = took.iter().map(|t| t.0).sum();
+    took.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let top: Vec<String> = took
+        .iter()
+        .take(count)
+        .map(|(secs, id)| format!("{id} {secs:.0}s"))
+        .collect();
+    format!(
+        "slowest: {} (of {} tests, {total:.0}s of guest time in all)",
+        top.join(", "),
+        took.len()
+    )
 }
 
 /// `cargo xtask test`.
@@ -677,4 +706,22 @@ pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
         &[],
         &["tlsplice".into(), "probe".into()],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slowest;
+
+    #[test]
+    fn slowest_lists_the_longest_tests_first_with_the_total() {
+        let mut took = vec![
+            (1.0, "a::one".to_owned()),
+            (30.5, "b::two".to_owned()),
+            (4.0, "c::three".to_owned()),
+        ];
+        assert_eq!(
+            slowest(&mut took, 2),
+            "slowest: b::two 30s, c::three 4s (of 3 tests, 36s of guest time in all)"
+        );
+    }
 }
