@@ -132,6 +132,31 @@ pub fn tcp_established(fd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(tcp_info(fd)?.bytes8[0] == TCP_ESTABLISHED)
 }
 
+/// TCP states (include/net/tcp_states.h) in which the peer's FIN has been received.
+const PEER_CLOSED_STATES: [u8; 5] = [
+    TCP_CLOSE_WAIT,
+    6,  // TCP_TIME_WAIT
+    7,  // TCP_CLOSE
+    9,  // TCP_LAST_ACK
+    11, // TCP_CLOSING
+];
+
+/// What a TCP socket's receive side holds after a read of 0 bytes: whether the peer has sent
+/// its FIN, and the bytes still in the receive queue. A socket with the kernel's TLS reads 0
+/// for a zero-length application data record (RFC 8446 5.1 allows them) and for a FIN after
+/// part of a record, as well as at its end.
+pub fn receive_side(fd: BorrowedFd<'_>) -> io::Result<(bool, usize)> {
+    let peer_closed = PEER_CLOSED_STATES.contains(&tcp_info(fd)?.bytes8[0]);
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ on a TCP socket) writes one int to the pointer it is given,
+    // which is valid and writable for the call.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((peer_closed, usize::try_from(queued).unwrap_or(0)))
+}
+
 /// Whether a socket has something for a reader: bytes, its peer's end, or an error. Asked with
 /// a zero-timeout `poll`, which consumes nothing: a peek or `SO_ERROR` would take a pending
 /// error (a reset) off the socket, and the relay that reads it next would see an end instead.

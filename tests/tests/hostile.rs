@@ -17,6 +17,9 @@ use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rustls::crypto::cipher::{
+    InboundOpaqueMessage, MessageDecrypter, MessageEncrypter, OutboundChunks, OutboundPlainMessage,
+};
 use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::ktls::{self, RecordType};
 use tlsplice::outcome::{ConnectionReport, DataPath, Reason};
@@ -636,4 +639,426 @@ fn a_client_that_half_closes_right_after_its_handshake_is_served() {
         paths.push(format!("{:?}: {}", report.data_path, report.path_reason));
     }
     println!("{}", paths.join("\n"));
+}
+
+/// What the upstream of [`SealedClient`] tests writes after the client's side has ended: a
+/// client that reads it after its own close_notify proves the half-close was kept.
+const TRAILER: &[u8] = b"|after your close_notify";
+
+/// An upstream that echoes what it reads, then writes [`TRAILER`] and closes.
+fn echo_then_trailer(mut sock: TcpStream) {
+    let Ok(mut reader) = sock.try_clone() else {
+        return;
+    };
+    if std::io::copy(&mut reader, &mut sock).is_ok() {
+        let _ = sock.write_all(TRAILER);
+    }
+    let _ = sock.shutdown(std::net::Shutdown::Write);
+}
+
+/// A TLS 1.3 client (AES-128-GCM) whose records after the handshake are sealed here one by
+/// one, so a test can write what no TLS library sends: empty and padding-only records, records
+/// at and past the size limit, alerts of any level, a record cut short. Its reads open the
+/// agent's records the same way. rustls does the handshake and the AEAD; nothing else.
+struct SealedClient {
+    sock: TcpStream,
+    seal: Box<dyn MessageEncrypter>,
+    open: Box<dyn MessageDecrypter>,
+    tx_seq: u64,
+    rx_seq: u64,
+    inbound: Vec<u8>,
+}
+
+/// How the agent ended a [`SealedClient`]'s session, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// close_notify, then the TCP close.
+    CloseNotify,
+    /// An alert other than close_notify (its level and name).
+    Alert(&'static str, &'static str),
+    /// The TCP close without an alert.
+    TcpClose,
+    /// A read error (a reset, or a record that did not open).
+    Error(String),
+}
+
+impl SealedClient {
+    fn connect(agent: SocketAddr, pki: &TestPki) -> Self {
+        let sock = TcpStream::connect(agent).expect("connect");
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let suite = SuiteUnderTest::tls13_aes128gcm();
+        let mut conn = rustls::Connection::from(
+            rustls::ClientConnection::new(suite.client_config(pki), name).expect("client"),
+        );
+        tlsplice_tests::ktls_stream::complete_handshake(&mut conn, &sock).expect("handshake");
+        let secrets = conn.dangerous_extract_secrets().expect("secrets");
+        let aead = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+            .tls13()
+            .expect("a TLS 1.3 suite")
+            .aead_alg;
+        let keys = |secrets| match secrets {
+            rustls::ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (key, iv),
+            _ => panic!("the suite under test is AES-128-GCM"),
+        };
+        let (tx_key, tx_iv) = keys(secrets.tx.1);
+        let (rx_key, rx_iv) = keys(secrets.rx.1);
+        Self {
+            sock,
+            seal: aead.encrypter(tx_key, tx_iv),
+            open: aead.decrypter(rx_key, rx_iv),
+            tx_seq: secrets.tx.0,
+            rx_seq: secrets.rx.0,
+            inbound: Vec::new(),
+        }
+    }
+
+    /// One record whose TLS 1.3 inner plaintext is `payload` then the content type `typ`
+    /// (RFC 8446 5.2): padding is zeros at the end of `payload` with `typ` 0 after them.
+    fn record(&mut self, typ: u8, payload: &[u8]) -> Vec<u8> {
+        let message = OutboundPlainMessage {
+            typ: rustls::ContentType::from(typ),
+            version: rustls::ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let sealed = self.seal.encrypt(message, self.tx_seq).expect("seal");
+        self.tx_seq += 1;
+        sealed.encode()
+    }
+
+    fn send(&mut self, typ: u8, payload: &[u8]) {
+        let record = self.record(typ, payload);
+        (&self.sock).write_all(&record).expect("write a record");
+    }
+
+    fn send_data(&mut self, data: &[u8]) {
+        self.send(APPLICATION_DATA, data);
+    }
+
+    fn send_close_notify(&mut self) {
+        self.send(ALERT, &[1, 0]);
+    }
+
+    /// The agent's next record (content type, plaintext); `Ok(None)` at the TCP close.
+    fn next_record(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        loop {
+            if let [_, _, _, hi, lo, ..] = self.inbound[..] {
+                let len = 5 + usize::from(u16::from_be_bytes([hi, lo]));
+                if self.inbound.len() >= len {
+                    let mut payload: Vec<u8> = self.inbound.drain(..len).skip(5).collect();
+                    let sealed = InboundOpaqueMessage::new(
+                        rustls::ContentType::ApplicationData,
+                        rustls::ProtocolVersion::TLSv1_2,
+                        &mut payload,
+                    );
+                    let plain = self
+                        .open
+                        .decrypt(sealed, self.rx_seq)
+                        .map_err(std::io::Error::other)?;
+                    self.rx_seq += 1;
+                    return Ok(Some((u8::from(plain.typ), plain.payload.to_vec())));
+                }
+            }
+            let mut buf = [0u8; 32 * 1024];
+            match (&self.sock).read(&mut buf)? {
+                0 => return Ok(None),
+                n => self.inbound.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    /// Reads application data until `want` has come back (session tickets skipped).
+    fn expect_data(&mut self, want: &[u8]) {
+        let mut data = Vec::new();
+        while data.len() < want.len() {
+            match self.next_record() {
+                Ok(Some((APPLICATION_DATA, bytes))) => data.extend_from_slice(&bytes),
+                Ok(Some((HANDSHAKE, _))) => {}
+                other => panic!("waiting for {want:?}: {other:?}"),
+            }
+        }
+        assert_eq!(data, want);
+    }
+
+    /// Application data until `want` bytes have come (session tickets skipped), then how the
+    /// session ended.
+    fn read_then_ending(&mut self, want: usize) -> (Vec<u8>, Ending) {
+        let mut data = Vec::new();
+        loop {
+            match self.next_record() {
+                Ok(Some((APPLICATION_DATA, bytes))) => data.extend_from_slice(&bytes),
+                Ok(Some((HANDSHAKE, _))) => {}
+                Ok(Some((ALERT, alert))) if alert == [1, 0] || alert == [2, 0] => {
+                    // Nothing may follow close_notify but the TCP close.
+                    let after = self.next_record();
+                    assert!(matches!(after, Ok(None)), "after close_notify: {after:?}");
+                    return (data, Ending::CloseNotify);
+                }
+                Ok(Some((ALERT, alert))) => {
+                    let level = if alert.first() == Some(&2) {
+                        "fatal"
+                    } else {
+                        "warning"
+                    };
+                    let name = alert
+                        .get(1)
+                        .and_then(|&d| tlsplice_common::alert_name(u16::from(d)))
+                        .unwrap_or("unknown");
+                    return (data, Ending::Alert(level, name));
+                }
+                Ok(Some((other, _))) => {
+                    return (data, Ending::Error(format!("a record of type {other}")));
+                }
+                Ok(None) => return (data, Ending::TcpClose),
+                Err(e) => return (data, Ending::Error(e.to_string())),
+            }
+            if data.len() > want {
+                return (data, Ending::Error("more data than was sent".into()));
+            }
+        }
+    }
+}
+
+const APPLICATION_DATA: u8 = 23;
+const HANDSHAKE: u8 = 22;
+const ALERT: u8 = 21;
+
+/// What a [`SealedClient`] case writes after the handshake, and what it must come to.
+struct SealedCase {
+    case: &'static str,
+    /// Writes the case's records; returns the application data the upstream must echo.
+    write: fn(&mut SealedClient) -> Vec<u8>,
+    /// The agent's reason on the user-space path and on the kTLS path.
+    userspace: Reason,
+    ktls: Reason,
+}
+
+/// Runs each case on a fresh connection through a terminate agent on each path. An accepted
+/// case (reason `Ok`) ends with the client's close_notify and must read back its data, the
+/// upstream's [`TRAILER`] after it (the half-close kept) and the agent's close_notify.
+fn run_sealed_cases(test: &str, cases: &[SealedCase]) {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let mut table = Vec::new();
+    let mut failures = Vec::new();
+    for path in paths(test) {
+        let policy = match path {
+            DataPath::Ktls => DataPathPolicy::Ktls,
+            _ => DataPathPolicy::Userspace,
+        };
+        let mut agent = Agent::start(listener(
+            Mode::Terminate,
+            &dir,
+            serve(echo_then_trailer),
+            policy,
+        ));
+        for case in cases {
+            let expected = if path == DataPath::Ktls {
+                case.ktls
+            } else {
+                case.userspace
+            };
+            let mut client = SealedClient::connect(agent.addr, &pki);
+            let sent = (case.write)(&mut client);
+            let seen = if expected == Reason::PeerReset {
+                drop(client);
+                "reset by the client".to_owned()
+            } else if expected == Reason::Ok {
+                client.send_close_notify();
+                let mut want = sent.clone();
+                want.extend_from_slice(TRAILER);
+                let (got, ending) = client.read_then_ending(want.len());
+                if got != want || ending != Ending::CloseNotify {
+                    failures.push(format!(
+                        "{path}: {}: read {} of {} bytes (equal: {}), then {ending:?}",
+                        case.case,
+                        got.len(),
+                        want.len(),
+                        got == want
+                    ));
+                }
+                format!("{} bytes back, {ending:?}", got.len())
+            } else {
+                let (got, ending) = client.read_then_ending(sent.len());
+                format!("{} bytes back, {ending:?}", got.len())
+            };
+            let report = report_on(&mut agent, path);
+            table.push(format!(
+                "{path:9} {:52} -> {} | client: {seen} | {:?}",
+                case.case, report.outcome, report.error
+            ));
+            if report.outcome != expected {
+                failures.push(format!(
+                    "{path}: {}: reason {}, not {expected} ({:?}; client: {seen})",
+                    case.case, report.outcome, report.error
+                ));
+            }
+        }
+    }
+    println!("{}", table.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// 2^14, the most plaintext a record may carry (RFC 8446 5.1).
+const MAX_PLAINTEXT: usize = 1 << 14;
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn records_at_the_size_limits_are_relayed_and_those_past_them_refused() {
+    let cases = [
+        SealedCase {
+            case: "a zero-length application data record",
+            write: |c| {
+                c.send_data(b"before");
+                c.send_data(b"");
+                c.send_data(b"+after");
+                b"before+after".to_vec()
+            },
+            userspace: Reason::Ok,
+            ktls: Reason::Ok,
+        },
+        SealedCase {
+            case: "a record padded with 1,000 zero bytes",
+            write: |c| {
+                let mut inner = b"padded".to_vec();
+                inner.push(APPLICATION_DATA);
+                inner.resize(inner.len() + 999, 0);
+                c.send(0, &inner);
+                b"padded".to_vec()
+            },
+            userspace: Reason::Ok,
+            ktls: Reason::Ok,
+        },
+        SealedCase {
+            case: "a record of 2^14 bytes, the largest allowed",
+            write: |c| {
+                let data: Vec<u8> = (0..MAX_PLAINTEXT).map(|i| (i % 251) as u8).collect();
+                c.send_data(&data);
+                data
+            },
+            userspace: Reason::Ok,
+            ktls: Reason::Ok,
+        },
+        SealedCase {
+            case: "a record of padding only (no content type)",
+            write: |c| {
+                c.send(0, &[0; 32]);
+                Vec::new()
+            },
+            // RFC 8446 5.4 says unexpected_message. The kernel refuses the record with
+            // EBADMSG, as it refuses one that does not authenticate: on the kTLS path the
+            // agent cannot tell the two apart.
+            userspace: Reason::UnexpectedMessage,
+            ktls: Reason::RecordError,
+        },
+        SealedCase {
+            case: "a record of 2^14 + 1 bytes",
+            write: |c| {
+                c.send_data(&[7; MAX_PLAINTEXT + 1]);
+                Vec::new()
+            },
+            userspace: Reason::RecordOverflow,
+            ktls: Reason::RecordOverflow,
+        },
+    ];
+    run_sealed_cases(
+        "records_at_the_size_limits_are_relayed_and_those_past_them_refused",
+        &cases,
+    );
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn alerts_and_cut_records_mid_stream_end_the_session_as_the_rfc_says() {
+    let cases = [
+        SealedCase {
+            case: "close_notify mid-stream (the upstream answers after it)",
+            write: |c| {
+                c.send_data(b"last words");
+                b"last words".to_vec()
+            },
+            userspace: Reason::Ok,
+            ktls: Reason::Ok,
+        },
+        SealedCase {
+            case: "a user_canceled warning between two records",
+            write: |c| {
+                c.send_data(b"one");
+                c.send(ALERT, &[1, 90]);
+                c.send_data(b"+two");
+                b"one+two".to_vec()
+            },
+            userspace: Reason::Ok,
+            ktls: Reason::Ok,
+        },
+        SealedCase {
+            case: "five user_canceled warnings",
+            write: |c| {
+                c.send_data(b"one");
+                for _ in 0..5 {
+                    c.send(ALERT, &[1, 90]);
+                }
+                b"one".to_vec()
+            },
+            userspace: Reason::UnexpectedMessage,
+            ktls: Reason::UnexpectedMessage,
+        },
+        SealedCase {
+            case: "a warning alert TLS 1.3 does not allow",
+            write: |c| {
+                c.send_data(b"one");
+                c.send(ALERT, &[1, 40]);
+                b"one".to_vec()
+            },
+            userspace: Reason::AlertReceived,
+            ktls: Reason::AlertReceived,
+        },
+        SealedCase {
+            case: "a fatal alert mid-stream",
+            write: |c| {
+                c.send_data(b"one");
+                c.send(ALERT, &[2, 80]);
+                b"one".to_vec()
+            },
+            userspace: Reason::AlertReceived,
+            ktls: Reason::AlertReceived,
+        },
+        SealedCase {
+            case: "a record cut short by the client's FIN",
+            write: |c| {
+                c.send_data(b"one");
+                // Echoed: the connection is on its data path before the cut.
+                c.expect_data(b"one");
+                let record = c.record(APPLICATION_DATA, b"cut in two");
+                (&c.sock).write_all(&record[..9]).expect("half a record");
+                c.sock.shutdown(std::net::Shutdown::Write).expect("FIN");
+                Vec::new()
+            },
+            userspace: Reason::Truncated,
+            ktls: Reason::Truncated,
+        },
+        SealedCase {
+            case: "a record cut short by the client's RST",
+            write: |c| {
+                c.send_data(b"one");
+                // Echoed: the connection is on its data path before the cut.
+                c.expect_data(b"one");
+                let record = c.record(APPLICATION_DATA, b"cut in two");
+                (&c.sock).write_all(&record[..9]).expect("half a record");
+                std::thread::sleep(Duration::from_millis(200));
+                // The run drops the client next: with linger 0 its close sends the RST.
+                socket2::SockRef::from(&c.sock)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("linger 0");
+                Vec::new()
+            },
+            userspace: Reason::PeerReset,
+            ktls: Reason::PeerReset,
+        },
+    ];
+    run_sealed_cases(
+        "alerts_and_cut_records_mid_stream_end_the_session_as_the_rfc_says",
+        &cases,
+    );
 }

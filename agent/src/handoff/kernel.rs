@@ -35,7 +35,9 @@ pub enum HandoffError {
 }
 
 impl TlsSession {
-    /// Moves the session into the kernel: attaches the TLS ULP and installs TX and RX state.
+    /// Moves the session into the kernel: installs TX and RX state on `sock`, to which the
+    /// caller has attached the TLS ULP ([`crate::ktls::attach_ulp`]) while it could still keep
+    /// the session in user space if the kernel refused.
     /// The extracted secrets are zeroized before this returns; what rustls keeps can only derive
     /// the next keys (KeyUpdate) and take session tickets.
     pub fn into_kernel(
@@ -206,7 +208,7 @@ pub struct KtlsSession {
     pub cipher: Cipher,
 }
 
-/// Attaches the TLS ULP and installs both directions' keys from extracted secrets.
+/// Installs both directions' keys from extracted secrets on a socket with the TLS ULP.
 fn install(
     protocol: ProtocolVersion,
     secrets: rustls::ExtractedSecrets,
@@ -226,7 +228,6 @@ fn install(
     let rx = CryptoInfo::from_rustls(version, secrets.rx.0, &secrets.rx.1).map_err(kernel)?;
     // `secrets` holds rustls AeadKeys, which zeroize themselves on drop; `tx`/`rx` zeroize too.
     drop(secrets);
-    ktls::attach_ulp(sock).map_err(kernel)?;
     ktls::set_crypto_info(sock, Direction::Tx, &tx).map_err(kernel)?;
     ktls::set_crypto_info(sock, Direction::Rx, &rx).map_err(kernel)?;
     Ok(KtlsSession {

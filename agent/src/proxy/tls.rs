@@ -118,7 +118,35 @@ pub(crate) async fn establish(
     facts.session = Session::Tls {
         alpn: info.as_ref().and_then(|i| i.alpn.as_deref()).map(Box::from),
     };
-    let path = match state.choose(Negotiated::Legs(&legs)) {
+    let mut choice = state.choose(Negotiated::Legs(&legs));
+    if matches!(choice, Choice::Take(DataPath::Ktls, _)) {
+        // The kernel's TLS takes only an established socket, and checks it when the ULP
+        // attaches. A FIN that came in after the check above is found here, while rustls still
+        // holds the sessions: the choice is made again with that leg closed, so the connection
+        // goes on in user space (and says why) instead of being reset.
+        let sockets = [("client", client.as_fd()), ("upstream", upstream.as_fd())];
+        for leg in &mut legs {
+            let Some((_, fd)) = sockets.iter().find(|(name, _)| *name == leg.leg) else {
+                continue;
+            };
+            match crate::ktls::attach_ulp(*fd) {
+                Ok(()) => {}
+                Err(crate::ktls::KtlsError::AttachUlp { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOTCONN) =>
+                {
+                    leg.established = false;
+                }
+                Err(e) => {
+                    let failure = Failure::new(Reason::KtlsRefused, e.to_string());
+                    return Err(closing(client, client_tls.take(), failure).await);
+                }
+            }
+        }
+        if legs.iter().any(|l| !l.established) {
+            choice = state.choose(Negotiated::Legs(&legs));
+        }
+    }
+    let path = match choice {
         Choice::Take(path, why) => {
             facts.take_path(path, why);
             path

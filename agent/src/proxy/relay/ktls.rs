@@ -50,6 +50,40 @@ pub(crate) mod alert {
 /// connection (rustls refuses the same way in user space).
 const RENEGOTIATIONS_REFUSED: u8 = 1;
 
+/// Warning alerts (other than close_notify) a kTLS peer may send in one connection; the next
+/// ends it as unexpected_message. rustls allows the same number in user space.
+const WARNING_ALERTS_ALLOWED: u8 = 4;
+
+/// alert level warning (RFC 5246 7.2).
+const WARNING: u8 = 1;
+
+/// close_notify (0) and user_canceled (90), the two alerts TLS 1.3 lets a session outlive.
+const CLOSE_NOTIFY: u8 = 0;
+const USER_CANCELED: u8 = 90;
+
+/// What the agent does with an alert from a kTLS peer (RFC 8446 6, RFC 5246 7.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AlertVerdict {
+    /// close_notify: the peer sends no more; the other direction goes on (half-close).
+    EndOfDirection,
+    /// A warning the session outlives: any warning in TLS 1.2, user_canceled in TLS 1.3.
+    Ignore,
+    /// An error alert, or a warning TLS 1.3 does not allow: the connection ends.
+    End,
+}
+
+/// The verdict on alert (`level`, `description`), decided from the alert and the version alone
+/// as rustls decides it in user space, so both paths end (or go on) alike.
+pub(crate) fn judge_alert(version: TlsVersion, level: u8, description: u8) -> AlertVerdict {
+    match (version, level, description) {
+        (_, _, CLOSE_NOTIFY) => AlertVerdict::EndOfDirection,
+        (TlsVersion::Tls12, WARNING, _) | (TlsVersion::Tls13, WARNING, USER_CANCELED) => {
+            AlertVerdict::Ignore
+        }
+        _ => AlertVerdict::End,
+    }
+}
+
 /// When the kernel legs change keys.
 #[derive(Debug, Clone)]
 pub(crate) struct RekeyPolicy {
@@ -302,6 +336,8 @@ pub(crate) struct KtlsLeg {
     key_updates_per_second: u16,
     /// TLS 1.2 renegotiation requests refused so far.
     renegotiations_refused: AtomicU8,
+    /// Warning alerts the session outlived so far ([`WARNING_ALERTS_ALLOWED`]).
+    warning_alerts: AtomicU8,
     /// `None` when the kernel takes new TLS 1.3 keys on a live socket, else why not (see
     /// [`RekeyPolicy::kernel`]).
     cannot_rekey: Option<Arc<str>>,
@@ -320,6 +356,7 @@ impl KtlsLeg {
             key_updates: AtomicU32::new(0),
             key_updates_per_second: rekey.key_updates_per_second,
             renegotiations_refused: AtomicU8::new(0),
+            warning_alerts: AtomicU8::new(0),
             cannot_rekey: rekey.kernel.clone().err(),
         }
     }
@@ -426,17 +463,46 @@ impl RecordLayer for KtlsLeg {
                 failure
             })?;
         match record_type {
-            RecordType::Alert if n >= 2 && buf[1] == 0 => Ok(true),
+            RecordType::Alert if n != 2 => Err(self
+                .fatal(
+                    sock,
+                    Reason::UnexpectedMessage,
+                    alert::DECODE_ERROR,
+                    format!("an alert record of {n} bytes (an alert is 2)"),
+                )
+                .await),
             RecordType::Alert => {
-                let description = buf.get(1).copied().unwrap_or(0);
-                Err(Failure::new(
-                    Reason::AlertReceived,
-                    format!(
-                        "peer sent TLS alert level {} description {description} ({})",
-                        buf[0],
-                        tlsplice_common::alert_name(u16::from(description)).unwrap_or("unknown")
-                    ),
-                ))
+                let (level, description) = (buf[0], buf[1]);
+                let name = tlsplice_common::alert_name(u16::from(description)).unwrap_or("unknown");
+                let version = self.session()?.session().version;
+                match judge_alert(version, level, description) {
+                    AlertVerdict::EndOfDirection => Ok(true),
+                    AlertVerdict::Ignore => {
+                        let seen = self.warning_alerts.fetch_add(1, Ordering::Relaxed);
+                        if seen >= WARNING_ALERTS_ALLOWED {
+                            return Err(self
+                                .fatal(
+                                    sock,
+                                    Reason::UnexpectedMessage,
+                                    alert::UNEXPECTED_MESSAGE,
+                                    format!(
+                                        "warning alert {description} ({name}) after {seen} others"
+                                    ),
+                                )
+                                .await);
+                        }
+                        tracing::debug!(
+                            "a kTLS peer sent a warning alert {name}: the session goes on"
+                        );
+                        Ok(false)
+                    }
+                    AlertVerdict::End => Err(Failure::new(
+                        Reason::AlertReceived,
+                        format!(
+                            "peer sent TLS alert level {level} description {description} ({name})"
+                        ),
+                    )),
+                }
             }
             RecordType::Handshake => {
                 let (version, we_are_client) = {
@@ -713,6 +779,32 @@ mod tests {
             admitted += u32::from(ok);
         }
         assert_eq!(admitted, u32::from(u16::MAX));
+    }
+
+    #[test]
+    fn alerts_end_or_go_on_as_rustls_decides() {
+        use AlertVerdict::*;
+        use TlsVersion::{Tls12, Tls13};
+        let table = [
+            (Tls13, 1, 0, EndOfDirection),
+            (Tls13, 2, 0, EndOfDirection),
+            (Tls12, 1, 0, EndOfDirection),
+            (Tls13, 1, 90, Ignore),
+            (Tls13, 1, 40, End),
+            (Tls13, 2, 90, End),
+            (Tls13, 2, 80, End),
+            (Tls12, 1, 90, Ignore),
+            (Tls12, 1, 100, Ignore),
+            (Tls12, 2, 40, End),
+            (Tls13, 7, 40, End),
+        ];
+        for (version, level, description, verdict) in table {
+            assert_eq!(
+                judge_alert(version, level, description),
+                verdict,
+                "{version:?} level {level} description {description}"
+            );
+        }
     }
 
     #[test]

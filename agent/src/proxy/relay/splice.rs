@@ -17,6 +17,34 @@ use crate::net::{self, StreamSocket};
 use crate::outcome::{Failure, Reason};
 use crate::splice::{self, PipePool};
 
+/// Zero-length application data records a kTLS peer may send in a row: RFC 8446 5.1 allows
+/// them (against traffic analysis), but each costs a wakeup and moves nothing.
+const EMPTY_RECORDS_IN_A_ROW: u32 = 1024;
+
+/// What a read of 0 bytes from a kTLS leg was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ZeroRead {
+    /// A zero-length application data record: read on.
+    EmptyRecord,
+    /// The peer's FIN after its last whole record.
+    End,
+    /// The peer's FIN inside a record: the rest will never come.
+    Truncated,
+}
+
+/// Judges a read of 0 bytes from a kTLS leg from the receive side
+/// ([`crate::sys::receive_side`]): `queued_before` is what the queue held at the previous
+/// read of 0 bytes, if nothing was read since. Bytes left behind a FIN that a second read
+/// does not take are part of a record that will never be whole.
+fn judge_zero_read(peer_closed: bool, queued: usize, queued_before: Option<usize>) -> ZeroRead {
+    match (peer_closed, queued) {
+        (false, _) => ZeroRead::EmptyRecord,
+        (true, 0) => ZeroRead::End,
+        (true, q) if queued_before == Some(q) => ZeroRead::Truncated,
+        (true, _) => ZeroRead::EmptyRecord,
+    }
+}
+
 /// Bytes asked of one splice call, and the pipe size the pool asks for.
 pub(crate) const SPLICE_CHUNK: usize = 256 * 1024;
 
@@ -185,6 +213,10 @@ async fn pump<L: RecordLayer>(
     total: &AtomicU64,
     (quiet, started): (&Quiet, tokio::time::Instant),
 ) -> Result<(), Failure> {
+    // Zero-length application data records read since the last byte (kTLS legs only).
+    let mut empty_records = 0u32;
+    // What the receive queue held at the last read of 0 bytes, while nothing came since.
+    let mut queued_at_last_zero: Option<usize> = None;
     loop {
         quiet.waiting.fetch_add(1, Ordering::Relaxed);
         let readable = src.readable().await;
@@ -209,7 +241,11 @@ async fn pump<L: RecordLayer>(
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) && src_leg.is_some() => {
                     // Rare, and its future is large: on the heap for the moment it runs.
                     match src_leg {
-                        Some(leg) if Box::pin(leg.control_record(src)).await? => 0,
+                        Some(leg) if Box::pin(leg.control_record(src)).await? => {
+                            // close_notify: the end of this direction.
+                            drop(pipe);
+                            return end_direction(dst, dst_leg);
+                        }
                         _ => continue,
                     }
                 }
@@ -223,9 +259,45 @@ async fn pump<L: RecordLayer>(
                 }
             };
             if n == 0 {
-                drop(pipe);
-                return end_direction(dst, dst_leg);
+                let verdict = if src_leg.is_some() {
+                    crate::sys::receive_side(src.as_fd()).map_or(
+                        ZeroRead::End,
+                        |(closed, queued)| {
+                            let verdict = judge_zero_read(closed, queued, queued_at_last_zero);
+                            queued_at_last_zero = Some(queued);
+                            verdict
+                        },
+                    )
+                } else {
+                    ZeroRead::End
+                };
+                match verdict {
+                    ZeroRead::EmptyRecord => {
+                        empty_records += 1;
+                        if empty_records > EMPTY_RECORDS_IN_A_ROW {
+                            return Err(Failure::new(
+                                Reason::UnexpectedMessage,
+                                format!(
+                                    "kTLS peer sent more than {EMPTY_RECORDS_IN_A_ROW} zero-length records in a row"
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    ZeroRead::Truncated => {
+                        return Err(Failure::new(
+                            Reason::Truncated,
+                            "kTLS peer closed TCP inside a record",
+                        ));
+                    }
+                    ZeroRead::End => {
+                        drop(pipe);
+                        return end_direction(dst, dst_leg);
+                    }
+                }
             }
+            queued_at_last_zero = None;
+            empty_records = 0;
             pipe.filled(n);
             let mut left = n;
             while left > 0 {
@@ -305,5 +377,33 @@ fn end_direction<L: RecordLayer>(
         Err(e) if net::peer_gone(&e) => Ok(()),
         Err(e) => Err(Failure::io("ending a direction", &e)),
         Ok(()) => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ZeroRead, judge_zero_read};
+
+    #[test]
+    fn a_read_of_nothing_is_an_empty_record_the_end_or_a_cut_record() {
+        let table = [
+            // (peer closed, queued, queued at the last read of 0, verdict)
+            (false, 0, None, ZeroRead::EmptyRecord),
+            (false, 40, Some(40), ZeroRead::EmptyRecord),
+            (true, 0, None, ZeroRead::End),
+            (true, 0, Some(9), ZeroRead::End),
+            // An empty record with more records and the FIN queued behind it.
+            (true, 60, None, ZeroRead::EmptyRecord),
+            (true, 60, Some(80), ZeroRead::EmptyRecord),
+            // The same bytes left twice: part of a record, then the FIN.
+            (true, 9, Some(9), ZeroRead::Truncated),
+        ];
+        for (closed, queued, before, verdict) in table {
+            assert_eq!(
+                judge_zero_read(closed, queued, before),
+                verdict,
+                "closed {closed}, queued {queued}, before {before:?}"
+            );
+        }
     }
 }
