@@ -165,7 +165,7 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
-        Task::Scan { kernel, host_only } => scan::run(&root, &kernel, host_only),
+        Task::Scan { kernel, host_only } => scan::run(&root, &[kernel.as_str()], host_only),
         Task::Fuzz { seconds, targets } => {
             bootstrap::run()?;
             fuzz::run(&root, seconds, &targets)

@@ -568,9 +568,10 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
         bail!("{failed} kernel matrix tests failed");
     }
     // Real tools from the host: openssl's post-handshake commands and a TLS scanner, against
-    // the host's agent and one in the newest guest through forwarded ports.
+    // the host's agent and one in each guest of the run through forwarded ports.
+    let scanned: Vec<&str> = guests.iter().map(|(name, _)| *name).collect();
+    crate::scan::run(root, &scanned, false)?;
     let last = kernels::MATRIX.last().map_or("sid", |l| l.name);
-    crate::scan::run(root, last, false)?;
     // The benchmark harness's smoke run, so it cannot rot: every peer and tlsplice path, the
     // guest's kTLS rows, the report and the micro-benchmarks (each once).
     crate::bench::run(

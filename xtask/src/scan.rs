@@ -1,5 +1,5 @@
 //! `cargo xtask scan`: real TLS tools on the host against a terminate listener, on the host's
-//! agent (user space) and on an agent in a kTLS guest reached through forwarded ports
+//! agent (user space) and on an agent in each kTLS guest reached through forwarded ports
 //! (`cargo xtask vm --forward`):
 //! - openssl s_client's post-handshake commands: `k` and `K` (TLS 1.3 KeyUpdate, not
 //!   requested and requested) with data before and after each, and `R` (TLS 1.2
@@ -26,8 +26,8 @@ struct Scan {
     lines: Vec<String>,
 }
 
-/// Runs the scan on the host, then (unless `host_only`) in the guest `kernel_name`.
-pub fn run(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
+/// Runs the scan on the host, then (unless `host_only`) in each guest of `kernel_names`.
+pub fn run(root: &Path, kernel_names: &[&str], host_only: bool) -> Result<()> {
     bootstrap::run()?;
     bootstrap::scan_tools()?;
     let agent = matrix::build_agent(root)?;
@@ -36,7 +36,9 @@ pub fn run(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
     let pki = Pki::generate(&work)?;
     let mut scans = vec![scan_host(&work, &agent, &pki)?];
     if !host_only {
-        scans.push(scan_guest(root, &work, kernel_name, &agent, &pki)?);
+        for kernel_name in kernel_names {
+            scans.push(scan_guest(root, &work, kernel_name, &agent, &pki)?);
+        }
     }
     println!("\nscan:");
     for s in &scans {
@@ -129,6 +131,7 @@ fn scan_host(work: &Path, agent: &Path, pki: &Pki) -> Result<Scan> {
         pki,
         &dir,
         false,
+        Rekey::Follows,
     );
     let _ = agent.kill();
     let _ = agent.wait();
@@ -146,6 +149,13 @@ fn scan_guest(
 ) -> Result<Scan> {
     let line = kernels::line(kernel_name)?;
     let kernel = kernels::fetch(line, false)?;
+    // The kernel's TLS takes a peer's new keys from 6.14 on; before, the agent refuses a
+    // KeyUpdate with internal_error (outcome `rekey unsupported`).
+    let rekeys = if kernel.version() >= (6, 14) {
+        Rekey::Follows
+    } else {
+        Rekey::Refused
+    };
     let (tls, admin, stop) = (free_port()?, free_port()?, free_port()?);
     let guest = |port| SocketAddr::from(([0, 0, 0, 0], port));
     let text = config(guest(tls), guest(admin), 9000, "/tmp/scan", "auto");
@@ -185,8 +195,9 @@ fn scan_guest(
         listen,
         SocketAddr::from(([127, 0, 0, 1], admin)),
         pki,
-        &work.join("guest"),
+        &work.join(format!("guest-{kernel_name}")),
         true,
+        rekeys,
     );
     // Release the guest whatever the checks said, then wait for it to power off.
     let released = TcpStream::connect(("127.0.0.1", stop));
@@ -238,11 +249,15 @@ fn checks(
     pki: &Pki,
     dir: &Path,
     want_ktls: bool,
+    rekey: Rekey,
 ) -> Result<Scan> {
     std::fs::create_dir_all(dir)?;
     wait_for_agent(addr, pki)?;
     let mut lines = Vec::new();
-    lines.push(key_updates(addr, pki)?);
+    lines.push(match rekey {
+        Rekey::Follows => key_updates(addr, pki)?,
+        Rekey::Refused => key_update_refused(addr, pki)?,
+    });
     lines.push(renegotiation(addr, pki)?);
     lines.extend(testssl(addr, dir)?);
     let metrics = http_get(admin, "/metrics")?;
@@ -371,6 +386,41 @@ fn key_updates(addr: SocketAddr, pki: &Pki) -> Result<String> {
     c.finish();
     Ok(
         "openssl s_client -tls1_3: `k` and `K` followed, data echoed before, between and after"
+            .into(),
+    )
+}
+
+/// What the agent under scan does with a peer's KeyUpdate.
+#[derive(Debug, Clone, Copy)]
+enum Rekey {
+    /// Follows it (user space, or a kernel that takes new keys: 6.14 and later).
+    Follows,
+    /// Refuses it with internal_error: kTLS on a kernel before 6.14.
+    Refused,
+}
+
+/// TLS 1.3 on a kTLS kernel before 6.14: data, then `k`, which the agent must refuse with an
+/// internal_error alert rather than decrypt what follows with a key it cannot install.
+fn key_update_refused(addr: SocketAddr, pki: &Pki) -> Result<String> {
+    let mut c = SClient::start(addr, pki, "-tls1_3")?;
+    c.line("before")?;
+    c.wait_for("before\n", 1)?;
+    c.line("k")?;
+    c.wait_for("KEYUPDATE", 1)?;
+    c.line("after")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !c.output().contains("internal error") && !c.output().contains("alert number 80") {
+        if Instant::now() > deadline {
+            bail!(
+                "s_client -tls1_3 `k` on a kernel without rekey: no internal_error alert:\n{}",
+                c.output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.finish();
+    Ok(
+        "openssl s_client -tls1_3: `k` refused with internal_error (the kernel cannot rekey)"
             .into(),
     )
 }

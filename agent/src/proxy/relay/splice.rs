@@ -290,6 +290,15 @@ async fn pump<L: RecordLayer>(
                             "kTLS peer closed TCP inside a record",
                         ));
                     }
+                    // A TLS peer ends its side with close_notify (read above as a control
+                    // record): a FIN without one may be an attacker's cut, and user space
+                    // (rustls) names it the same way.
+                    ZeroRead::End if src_leg.is_some() => {
+                        return Err(Failure::new(
+                            Reason::Truncated,
+                            "kTLS peer closed TCP without close_notify",
+                        ));
+                    }
                     ZeroRead::End => {
                         drop(pipe);
                         return end_direction(dst, dst_leg);
