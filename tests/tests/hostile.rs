@@ -51,13 +51,13 @@ fn paths(test: &str) -> Vec<DataPath> {
     paths
 }
 
-/// A terminate agent on `path` in front of an echo server.
-fn agent_on(path: DataPath, pki_dir: &std::path::Path) -> Agent {
+/// A terminate agent forced onto `path` in front of `upstream`.
+fn agent_on(path: DataPath, pki_dir: &std::path::Path, upstream: SocketAddr) -> Agent {
     let policy = match path {
         DataPath::Ktls => DataPathPolicy::Ktls,
         _ => DataPathPolicy::Userspace,
     };
-    Agent::start(listener(Mode::Terminate, pki_dir, serve(echo), policy))
+    Agent::start(listener(Mode::Terminate, pki_dir, upstream, policy))
 }
 
 /// The next connection report, which must be on `path`.
@@ -187,7 +187,7 @@ fn key_updates_from_openssl_are_followed_and_a_storm_is_cut() {
     let pki = TestPki::generate();
     let dir = pki.write_files();
     for path in paths(TEST) {
-        let mut agent = agent_on(path, &dir);
+        let mut agent = agent_on(path, &dir, serve(echo));
         // Where the kTLS path cannot rekey, a KeyUpdate ends the connection as documented.
         let refuses = path == DataPath::Ktls && !kernel_rekeys();
 
@@ -271,7 +271,7 @@ fn tls12_renegotiation_is_refused() {
     let pki = TestPki::generate();
     let dir = pki.write_files();
     for path in paths(TEST) {
-        let mut agent = agent_on(path, &dir);
+        let mut agent = agent_on(path, &dir, serve(echo));
         let mut client = OpensslClient::start(&openssl, agent.addr, &dir, "-tls1_2");
         client.line("before").expect("write");
         client.wait_for("before\n");
@@ -401,7 +401,7 @@ fn broken_records_end_the_connection_with_their_reason() {
     ];
     let mut table = Vec::new();
     for path in paths(TEST) {
-        let mut agent = agent_on(path, &dir);
+        let mut agent = agent_on(path, &dir, serve(echo));
         for (case, write, userspace, ktls) in &cases {
             let reason = if path == DataPath::Ktls {
                 ktls
@@ -526,7 +526,7 @@ fn unexpected_post_handshake_messages_get_unexpected_message() {
     let mut table = Vec::new();
     let mut failures = Vec::new();
     for path in paths(TEST) {
-        let mut agent = agent_on(path, &dir);
+        let mut agent = agent_on(path, &dir, serve(echo));
         for (case, record_type, body, alert) in cases {
             let sock = TcpStream::connect(agent.addr).expect("connect");
             sock.set_read_timeout(Some(Duration::from_secs(30)))
@@ -843,16 +843,7 @@ fn run_sealed_cases(test: &str, cases: &[SealedCase]) {
     let mut table = Vec::new();
     let mut failures = Vec::new();
     for path in paths(test) {
-        let policy = match path {
-            DataPath::Ktls => DataPathPolicy::Ktls,
-            _ => DataPathPolicy::Userspace,
-        };
-        let mut agent = Agent::start(listener(
-            Mode::Terminate,
-            &dir,
-            serve(echo_then_trailer),
-            policy,
-        ));
+        let mut agent = agent_on(path, &dir, serve(echo_then_trailer));
         for case in cases {
             let expected = if path == DataPath::Ktls {
                 case.ktls

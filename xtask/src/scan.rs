@@ -344,13 +344,17 @@ impl SClient {
 
     /// Waits (up to 60 s) until s_client has printed `text` `count` times.
     fn wait_for(&self, text: &str, count: usize) -> Result<()> {
+        self.wait_until(&format!("{text:?} ({count} times)"), |out| {
+            out.matches(text).count() >= count
+        })
+    }
+
+    /// Waits (up to 60 s) until what s_client printed satisfies `done`; `what` names it.
+    fn wait_until(&self, what: &str, done: impl Fn(&str) -> bool) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while self.output().matches(text).count() < count {
+        while !done(&self.output()) {
             if Instant::now() > deadline {
-                bail!(
-                    "s_client never printed {text:?} ({count} times):\n{}",
-                    self.output()
-                );
+                bail!("s_client never printed {what}:\n{}", self.output());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -410,16 +414,9 @@ fn key_update_refused(addr: SocketAddr, pki: &Pki) -> Result<String> {
     c.wait_for("KEYUPDATE", 1)?;
     // Nothing more is written: the agent's alert ends s_client, and a write to its stdin
     // could then fail with EPIPE.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !c.output().contains("internal error") && !c.output().contains("alert number 80") {
-        if Instant::now() > deadline {
-            bail!(
-                "s_client -tls1_3 `k` on a kernel without rekey: no internal_error alert:\n{}",
-                c.output()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until("an internal_error alert (the kernel cannot rekey)", |out| {
+        out.contains("internal error") || out.contains("alert number 80")
+    })?;
     c.finish();
     Ok(
         "openssl s_client -tls1_3: `k` refused with internal_error (the kernel cannot rekey)"

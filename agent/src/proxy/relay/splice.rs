@@ -26,7 +26,8 @@ const EMPTY_RECORDS_IN_A_ROW: u32 = 1024;
 enum ZeroRead {
     /// A zero-length application data record: read on.
     EmptyRecord,
-    /// The peer's FIN after its last whole record.
+    /// The peer's FIN after its last whole record (with no close_notify: that one is read
+    /// as a control record).
     End,
     /// The peer's FIN inside a record: the rest will never come.
     Truncated,
@@ -259,18 +260,18 @@ async fn pump<L: RecordLayer>(
                 }
             };
             if n == 0 {
-                let verdict = if src_leg.is_some() {
-                    crate::sys::receive_side(src.as_fd()).map_or(
-                        ZeroRead::End,
-                        |(closed, queued)| {
-                            let verdict = judge_zero_read(closed, queued, queued_at_last_zero);
-                            queued_at_last_zero = Some(queued);
-                            verdict
-                        },
-                    )
-                } else {
-                    ZeroRead::End
-                };
+                if src_leg.is_none() {
+                    drop(pipe);
+                    return end_direction(dst, dst_leg);
+                }
+                let verdict = crate::sys::receive_side(src.as_fd()).map_or(
+                    ZeroRead::End,
+                    |(closed, queued)| {
+                        let verdict = judge_zero_read(closed, queued, queued_at_last_zero);
+                        queued_at_last_zero = Some(queued);
+                        verdict
+                    },
+                );
                 match verdict {
                     ZeroRead::EmptyRecord => {
                         empty_records += 1;
@@ -293,15 +294,11 @@ async fn pump<L: RecordLayer>(
                     // A TLS peer ends its side with close_notify (read above as a control
                     // record): a FIN without one may be an attacker's cut, and user space
                     // (rustls) names it the same way.
-                    ZeroRead::End if src_leg.is_some() => {
+                    ZeroRead::End => {
                         return Err(Failure::new(
                             Reason::Truncated,
                             "kTLS peer closed TCP without close_notify",
                         ));
-                    }
-                    ZeroRead::End => {
-                        drop(pipe);
-                        return end_direction(dst, dst_leg);
                     }
                 }
             }
