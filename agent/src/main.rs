@@ -100,6 +100,10 @@ struct NodeFlags {
     /// TLS handshakes in progress at once. Overrides `limits.max_handshakes`.
     #[arg(long, env = "TLSPLICE_MAX_HANDSHAKES")]
     max_handshakes: Option<usize>,
+    /// TLS handshakes that may wait for a place when max_handshakes are in progress (0:
+    /// refuse at once). Overrides `limits.handshake_queue`.
+    #[arg(long, env = "TLSPLICE_HANDSHAKE_QUEUE")]
+    handshake_queue: Option<usize>,
     /// Pipes the splice and kTLS data paths hold at once (two descriptors each; idle
     /// connections hold none). Overrides `limits.max_splice_pipes`.
     #[arg(long, env = "TLSPLICE_MAX_SPLICE_PIPES")]
@@ -108,6 +112,26 @@ struct NodeFlags {
     /// `limits.key_updates_per_second`.
     #[arg(long, env = "TLSPLICE_KEY_UPDATES_PER_SECOND")]
     key_updates_per_second: Option<u16>,
+    /// Connections one source may hold at once on one listener. Overrides
+    /// `limits.per_source_connections`.
+    #[arg(long, env = "TLSPLICE_PER_SOURCE_CONNECTIONS")]
+    per_source_connections: Option<u32>,
+    /// New connections (handshakes) one source may open per second on one listener.
+    /// Overrides `limits.per_source_handshakes_per_second`.
+    #[arg(long, env = "TLSPLICE_PER_SOURCE_HANDSHAKES_PER_SECOND")]
+    per_source_handshakes_per_second: Option<u32>,
+    /// New connections one source may open at once. Overrides
+    /// `limits.per_source_handshake_burst`.
+    #[arg(long, env = "TLSPLICE_PER_SOURCE_HANDSHAKE_BURST")]
+    per_source_handshake_burst: Option<u32>,
+    /// Leading bits of an IPv4 client address that make its source (32, or 24 for a /24).
+    /// Overrides `limits.source_prefix_v4`.
+    #[arg(long, env = "TLSPLICE_SOURCE_PREFIX_V4")]
+    source_prefix_v4: Option<u8>,
+    /// Leading bits of an IPv6 client address that make its source (128, or 64 for a /64).
+    /// Overrides `limits.source_prefix_v6`.
+    #[arg(long, env = "TLSPLICE_SOURCE_PREFIX_V6")]
+    source_prefix_v6: Option<u8>,
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
@@ -122,11 +146,29 @@ impl NodeFlags {
         if let Some(n) = self.max_handshakes {
             c.limits.max_handshakes = n;
         }
+        if let Some(n) = self.handshake_queue {
+            c.limits.handshake_queue = Some(n);
+        }
         if let Some(n) = self.max_splice_pipes {
             c.limits.max_splice_pipes = n;
         }
         if let Some(n) = self.key_updates_per_second {
             c.limits.key_updates_per_second = n;
+        }
+        if let Some(n) = self.per_source_connections {
+            c.limits.per_source_connections = Some(n);
+        }
+        if let Some(n) = self.per_source_handshakes_per_second {
+            c.limits.per_source_handshakes_per_second = Some(n);
+        }
+        if let Some(n) = self.per_source_handshake_burst {
+            c.limits.per_source_handshake_burst = Some(n);
+        }
+        if let Some(bits) = self.source_prefix_v4 {
+            c.limits.source_prefix_v4 = bits;
+        }
+        if let Some(bits) = self.source_prefix_v6 {
+            c.limits.source_prefix_v6 = bits;
         }
         if let Some(ms) = self.drain_timeout_ms {
             c.limits.drain_timeout_ms = ms;

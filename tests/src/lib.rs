@@ -2,6 +2,8 @@
 //! to one cipher suite, a deterministic data pattern, and the kernel-requirement gate that makes
 //! a test skip visibly (or fail, inside the VM matrix) when the kernel lacks what it needs.
 
+pub mod ops;
+
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -620,6 +622,9 @@ pub fn listener(
         rekey_after_records: None,
         certs: vec![],
         max_connections: None,
+        per_source_connections: None,
+        per_source_handshakes_per_second: None,
+        per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
     }
 }

@@ -62,6 +62,9 @@ fn passthrough_listener(
         rekey_after_records: None,
         certs: vec![],
         max_connections: None,
+        per_source_connections: None,
+        per_source_handshakes_per_second: None,
+        per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
     }
 }

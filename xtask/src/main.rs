@@ -8,6 +8,7 @@ mod initramfs;
 mod kernels;
 mod matrix;
 mod scan;
+mod soak;
 mod vm;
 
 use std::path::PathBuf;
@@ -108,6 +109,26 @@ enum Task {
         #[arg(long)]
         host_only: bool,
     },
+    /// The soak (mixed traffic through every mode, a flood from one source, then everything
+    /// the agent holds back to where it was) run long: on this host with a release agent, then
+    /// in a kTLS guest; and 20 certificate rotations under 200 handshakes a second.
+    Soak {
+        /// Connections on this host.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// Connections in the guest.
+        #[arg(long, default_value_t = 10_000)]
+        guest_connections: u64,
+        /// The most seconds each soak runs (each stops at its connection count first).
+        #[arg(long, default_value_t = 5_400)]
+        seconds: u64,
+        /// Guest kernel (6.1, 6.12, sid).
+        #[arg(long, default_value = "sid")]
+        kernel: String,
+        /// Only this host: no guest.
+        #[arg(long)]
+        host_only: bool,
+    },
     /// Run the cargo-fuzz targets in tests/fuzz (every parser that reads untrusted bytes),
     /// each for a time, from their committed seeds (nightly; installs cargo-fuzz if missing).
     Fuzz {
@@ -166,6 +187,22 @@ fn run() -> Result<()> {
             Ok(())
         }
         Task::Scan { kernel, host_only } => scan::run(&root, &[kernel.as_str()], host_only),
+        Task::Soak {
+            connections,
+            guest_connections,
+            seconds,
+            kernel,
+            host_only,
+        } => soak::run(
+            &root,
+            &soak::Options {
+                connections,
+                guest_connections,
+                seconds,
+                kernel,
+                host_only,
+            },
+        ),
         Task::Fuzz { seconds, targets } => {
             bootstrap::run()?;
             fuzz::run(&root, seconds, &targets)

@@ -98,6 +98,16 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &["openssl"],
     },
     MatrixTest {
+        target: "abuse",
+        needs: &[],
+        tools: &[],
+    },
+    MatrixTest {
+        target: "soak",
+        needs: &[],
+        tools: &[],
+    },
+    MatrixTest {
         target: "demo",
         needs: &[],
         tools: &[],
@@ -159,13 +169,13 @@ enum Outcome {
 
 /// A test binary and the test names in it.
 pub(crate) struct TestBinary {
-    target: &'static str,
-    path: PathBuf,
+    pub(crate) target: &'static str,
+    pub(crate) path: PathBuf,
     tests: Vec<String>,
 }
 
 /// Builds the matrix test binaries and lists their tests.
-fn build_test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
+pub(crate) fn build_test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
     let mut c = Command::new("cargo");
     c.args([
         "test",
@@ -596,6 +606,40 @@ pub fn vm(
     forward: &[u16],
     command: &[String],
 ) -> Result<()> {
+    guest_run(
+        root,
+        kernel_name,
+        test,
+        &[],
+        tools,
+        timeout,
+        forward,
+        command,
+    )
+}
+
+/// Runs matrix test target `test` in a `kernel_name` guest with `env` set for it.
+pub(crate) fn vm_with_env(
+    root: &Path,
+    kernel_name: &str,
+    test: &str,
+    env: &[(String, String)],
+    timeout: u64,
+) -> Result<()> {
+    guest_run(root, kernel_name, Some(test), env, &[], timeout, &[], &[])
+}
+
+#[allow(clippy::too_many_arguments)] // the two entry points above name them
+fn guest_run(
+    root: &Path,
+    kernel_name: &str,
+    test: Option<&str>,
+    env: &[(String, String)],
+    tools: &[String],
+    timeout: u64,
+    forward: &[u16],
+    command: &[String],
+) -> Result<()> {
     bootstrap::run()?;
     let line = kernels::line(kernel_name)?;
     let kernel = kernels::fetch(line, false)?;
@@ -613,8 +657,9 @@ pub fn vm(
     }
     let mut script = String::new();
     for b in &selected {
+        let env: String = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
         script.push_str(&format!(
-            "/tlsplice/bin/{} --ignored --nocapture --test-threads=1 || exit $?\n",
+            "{env}/tlsplice/bin/{} --ignored --nocapture --test-threads=1 || exit $?\n",
             b.target
         ));
     }

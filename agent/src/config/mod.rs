@@ -142,6 +142,15 @@ pub struct ListenerConfig {
     /// (reason `listener connection limit`). No limit of its own by default.
     #[serde(default)]
     pub max_connections: Option<usize>,
+    /// Overrides `limits.per_source_connections` on this listener.
+    #[serde(default)]
+    pub per_source_connections: Option<u32>,
+    /// Overrides `limits.per_source_handshakes_per_second` on this listener.
+    #[serde(default)]
+    pub per_source_handshakes_per_second: Option<u32>,
+    /// Overrides `limits.per_source_handshake_burst` on this listener.
+    #[serde(default)]
+    pub per_source_handshake_burst: Option<u32>,
 }
 
 /// A listener certificate chosen by the client's server name.
@@ -185,6 +194,38 @@ impl ListenerConfig {
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
     }
+
+    /// The per-source limits this listener applies: its own keys over the node's.
+    pub fn per_source(&self, node: &LimitsConfig) -> PerSourceLimits {
+        let per_second = self
+            .per_source_handshakes_per_second
+            .or(node.per_source_handshakes_per_second);
+        let burst = self
+            .per_source_handshake_burst
+            .or(node.per_source_handshake_burst);
+        PerSourceLimits {
+            connections: self.per_source_connections.or(node.per_source_connections),
+            handshakes_per_second: per_second,
+            handshake_burst: per_second.map(|r| burst.unwrap_or(r).max(1)),
+            prefix_v4: node.source_prefix_v4,
+            prefix_v6: node.source_prefix_v6,
+        }
+    }
+}
+
+/// The per-source limits in force on one listener (its keys over `[limits]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSourceLimits {
+    /// Connections one source may hold at once.
+    pub connections: Option<u32>,
+    /// New connections one source may open per second, on average.
+    pub handshakes_per_second: Option<u32>,
+    /// New connections one source may open at once (set whenever the rate is).
+    pub handshake_burst: Option<u32>,
+    /// Leading bits of an IPv4 address that make its source.
+    pub prefix_v4: u8,
+    /// Leading bits of an IPv6 address that make its source.
+    pub prefix_v6: u8,
 }
 
 /// Whether the agent loads its eBPF programs.
@@ -290,6 +331,13 @@ pub struct LimitsConfig {
     /// connections are closed before their handshake and counted (reason `handshake limit`).
     #[serde(default = "default_max_handshakes")]
     pub max_handshakes: usize,
+    /// TLS handshakes that may wait for a place when `max_handshakes` are in progress (default:
+    /// as many as `max_handshakes`; 0 refuses at once). Places go to the waiting sources in
+    /// turn, so one source's queue does not hold back another's; a handshake waits at most its
+    /// `handshake_timeout_ms` (which the wait counts against), then is closed (reason
+    /// `handshake limit`), as is one that finds the queue full.
+    #[serde(default)]
+    pub handshake_queue: Option<usize>,
     /// On SIGTERM: milliseconds established connections may go on after the listeners close;
     /// those still open then are closed (reason `drain deadline`).
     #[serde(default = "default_drain_timeout_ms")]
@@ -308,6 +356,37 @@ pub struct LimitsConfig {
     /// applies its own rule (32 in a row without data between them), counted the same way.
     #[serde(default = "default_key_updates_per_second")]
     pub key_updates_per_second: u16,
+    /// Connections one source (a client address, or its network under `source_prefix_v4` /
+    /// `source_prefix_v6`) may hold at once on one listener; over it new ones are closed before
+    /// a byte is read (reason `source connection limit`). No limit by default. A listener's
+    /// `per_source_connections` overrides it.
+    #[serde(default)]
+    pub per_source_connections: Option<u32>,
+    /// New connections (each a handshake) one source may open per second on one listener, on
+    /// average (a token bucket); over it they are closed before a byte is read (reason `source
+    /// rate limit`). No limit by default. A listener's key of the same name overrides it.
+    #[serde(default)]
+    pub per_source_handshakes_per_second: Option<u32>,
+    /// How many new connections one source may open at once after a quiet spell (the token
+    /// bucket's size); default one second's worth of `per_source_handshakes_per_second`.
+    #[serde(default)]
+    pub per_source_handshake_burst: Option<u32>,
+    /// Leading bits of an IPv4 client address that make its source: 32 (each address, the
+    /// default), 24 (its /24), any of 0-32.
+    #[serde(default = "default_source_prefix_v4")]
+    pub source_prefix_v4: u8,
+    /// Leading bits of an IPv6 client address that make its source: 128 (each address, the
+    /// default), 64 (its /64, what one host usually has), any of 0-128.
+    #[serde(default = "default_source_prefix_v6")]
+    pub source_prefix_v6: u8,
+}
+
+fn default_source_prefix_v4() -> u8 {
+    32
+}
+
+fn default_source_prefix_v6() -> u8 {
+    128
 }
 
 fn default_max_connections() -> usize {
@@ -335,9 +414,15 @@ impl Default for LimitsConfig {
         Self {
             max_connections: default_max_connections(),
             max_handshakes: default_max_handshakes(),
+            handshake_queue: None,
             drain_timeout_ms: default_drain_timeout_ms(),
             max_splice_pipes: default_max_splice_pipes(),
             key_updates_per_second: default_key_updates_per_second(),
+            per_source_connections: None,
+            per_source_handshakes_per_second: None,
+            per_source_handshake_burst: None,
+            source_prefix_v4: default_source_prefix_v4(),
+            source_prefix_v6: default_source_prefix_v6(),
         }
     }
 }
@@ -567,5 +652,56 @@ mod tests {
             let c = Config::parse(text, Path::new(name)).unwrap();
             assert_eq!(format!("{:?}", c.listeners[0].mode).to_lowercase(), name);
         }
+    }
+
+    /// A listener's per-source keys over the node's; the burst defaults to a second's worth.
+    #[test]
+    fn per_source_limits_take_the_listener_keys_over_the_node_ones() {
+        let c = Config::parse(
+            r#"
+            [limits]
+            per_source_connections = 100
+            per_source_handshakes_per_second = 50
+            source_prefix_v4 = 24
+            source_prefix_v6 = 64
+            [[listener]]
+            name = "node-wide"
+            mode = "passthrough"
+            listen = "127.0.0.1:1"
+            upstream = "127.0.0.1:2"
+            [[listener]]
+            name = "own"
+            mode = "passthrough"
+            listen = "127.0.0.1:3"
+            upstream = "127.0.0.1:2"
+            per_source_connections = 4
+            per_source_handshakes_per_second = 5
+            per_source_handshake_burst = 20
+            "#,
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let node = c.listeners[0].per_source(&c.limits);
+        let own = c.listeners[1].per_source(&c.limits);
+        let cases = [
+            (node, (Some(100), Some(50), Some(50))),
+            (own, (Some(4), Some(5), Some(20))),
+            (
+                c.listeners[0].per_source(&LimitsConfig::default()),
+                (None, None, None),
+            ),
+        ];
+        for (i, (got, (connections, rate, burst))) in cases.into_iter().enumerate() {
+            assert_eq!(
+                (
+                    got.connections,
+                    got.handshakes_per_second,
+                    got.handshake_burst
+                ),
+                (connections, rate, burst),
+                "case {i}"
+            );
+        }
+        assert_eq!((node.prefix_v4, node.prefix_v6), (24, 64));
     }
 }

@@ -29,6 +29,22 @@ impl Config {
                 "must be between 1 and 1,000,000 (two descriptors each)",
             );
         }
+        let l = &self.limits;
+        if l.per_source_connections == Some(0) {
+            top("limits.per_source_connections", "must be above 0");
+        }
+        if l.per_source_handshakes_per_second == Some(0) {
+            top("limits.per_source_handshakes_per_second", "must be above 0");
+        }
+        if l.per_source_handshake_burst == Some(0) {
+            top("limits.per_source_handshake_burst", "must be above 0");
+        }
+        if l.source_prefix_v4 > 32 {
+            top("limits.source_prefix_v4", "must be between 0 and 32");
+        }
+        if l.source_prefix_v6 > 128 {
+            top("limits.source_prefix_v6", "must be between 0 and 128");
+        }
         if self.certs.reload_interval_ms < 100 {
             top(
                 "certs.reload_interval_ms",
@@ -78,6 +94,18 @@ impl ListenerConfig {
         }
         if l.max_connections == Some(0) {
             bad("max_connections", "must be above 0".into());
+        }
+        for (key, value) in [
+            ("per_source_connections", l.per_source_connections),
+            (
+                "per_source_handshakes_per_second",
+                l.per_source_handshakes_per_second,
+            ),
+            ("per_source_handshake_burst", l.per_source_handshake_burst),
+        ] {
+            if value == Some(0) {
+                bad(key, "must be above 0".into());
+            }
         }
         if l.mode == Mode::Passthrough {
             if l.upstream_unix.is_some() {
@@ -294,6 +322,7 @@ mod tests {
         let text = r#"
             [limits]
             max_connections = 0
+            source_prefix_v4 = 33
             [[listener]]
             name = "web"
             mode = "terminate"
@@ -301,6 +330,7 @@ mod tests {
             upstream = "127.0.0.1:2"
             key = "k"
             handshake_timeout_ms = 0
+            per_source_handshakes_per_second = 0
             [[listener.certs]]
             cert = "a.pem"
             key = "a.key"
@@ -319,7 +349,9 @@ mod tests {
             lines,
             [
                 "node.toml: limits.max_connections: must be above 0",
+                "node.toml: limits.source_prefix_v4: must be between 0 and 32",
                 "node.toml: listener \"web\": handshake_timeout_ms: must be above 0",
+                "node.toml: listener \"web\": per_source_handshakes_per_second: must be above 0",
                 "node.toml: listener \"web\": cert: mode terminate needs a certificate chain",
                 "node.toml: listener \"web\": certs[0].server_names: \"*.*.example\" is not a server name (a wildcard is only \"*.\" first)",
                 "node.toml: listener \"pt\": upstream: mode passthrough needs sni routes or an upstream",

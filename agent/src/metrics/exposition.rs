@@ -269,6 +269,16 @@ impl Collector for TelemetryCollector {
                 )?
                 .encode_counter::<NoLabelSet, _, u64>(&pipes.waits, None)?;
         }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            encoder
+                .encode_descriptor(
+                    "tlsplice_runtime_tasks",
+                    "Tasks alive in the agent's runtime: a connection being set up or moving bytes holds one, a parked one none; the accept loops and the admin server one each",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&i64::try_from(runtime.metrics().num_alive_tasks()).unwrap_or(i64::MAX))?;
+        }
         if let Some(heap) = crate::memory::heap() {
             let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
             let mut metric = encoder.encode_descriptor(

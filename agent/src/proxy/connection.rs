@@ -194,7 +194,17 @@ pub(crate) fn record(
     ended: Result<(), Failure>,
 ) {
     let report = ConnectionReport::new(&state.config.name, peer, facts, ended);
-    log(&report);
+    if !super::state::is_limit_refusal(report.outcome) {
+        log(&report);
+    } else if let Some(unlogged) = state.limits.refusals.log_now(state.index, report.outcome) {
+        let error = report.error.as_deref().unwrap_or_default();
+        let outcome = report.outcome.as_str();
+        tracing::warn!(listener = %report.listener, peer = %report.peer, data_path = "none",
+            outcome = %outcome, reason = %outcome, error = %error,
+            unlogged_since_last = unlogged,
+            "connection refused by a limit (one line per limit and listener every 10 s; \
+             tlsplice_connections_total counts each)");
+    }
     state.telemetry.record(state.index, &report);
     if let Some(tx) = &state.reports {
         let _ = tx.send(report);

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use super::connection;
 use super::parking::{Parking, Woken};
 use super::relay::{self, Drained};
+use super::sources::SourceTable;
 use super::state::ListenerState;
 use crate::outcome::Facts;
 
@@ -25,8 +26,9 @@ fn admit(
     peer: std::net::SocketAddr,
     drained: &Drained,
     parking: Option<&Arc<Parking>>,
+    sources: &Arc<SourceTable>,
 ) {
-    match state.admit() {
+    match state.admit(sources, peer) {
         Ok(admission) => {
             let serving = connection::serve(
                 state.clone(),
@@ -72,6 +74,8 @@ pub(crate) async fn accept_loop(
     let current = || states.borrow().clone();
     let mut state = current();
     let mut connections = JoinSet::new();
+    // Kept across reloads, so a source's connections and rate count on under new settings.
+    let sources = Arc::new(SourceTable::default());
     // Some(deadline) once the drain deadline has passed: every connection task watches it.
     let (drain_tx, drained) = watch::channel(None);
     // Dropped with this loop, which stops its driver.
@@ -107,7 +111,7 @@ pub(crate) async fn accept_loop(
                     if let Err(e) = sock.set_nodelay(true) {
                         tracing::debug!(listener = %state.config.name, %peer, error = %e, "TCP_NODELAY");
                     }
-                    admit(&state, &mut connections, sock, peer, &drained, parking.as_ref());
+                    admit(&state, &mut connections, sock, peer, &drained, parking.as_ref(), &sources);
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.

@@ -12,6 +12,7 @@ pub mod measure;
 pub(crate) mod parking;
 mod passthrough;
 pub(crate) mod relay;
+pub(crate) mod sources;
 mod state;
 mod tls;
 mod upstream;

@@ -12,13 +12,18 @@ use crate::outcome::{ConnectionReport, Failure, Reason};
 use crate::path::{Choice, KernelCaps, Negotiated, PathInputs, PlainPath, choose};
 use crate::splice::PipePool;
 
+use super::sources::{
+    GateRefusal, HandshakeGate, HandshakePlace, Source, SourceLimits, SourcePlace, SourceRefusal,
+    SourceTable,
+};
+
 /// The node-wide limits every listener shares.
 #[derive(Debug, Clone)]
 pub(crate) struct SharedLimits {
     /// Connections held at once, over all listeners.
     connections: Arc<Semaphore>,
-    /// TLS handshakes in progress at once, over all listeners.
-    handshakes: Arc<Semaphore>,
+    /// TLS handshakes in progress at once, over all listeners, and those waiting for a place.
+    handshakes: Arc<HandshakeGate>,
     max_connections: usize,
     max_handshakes: usize,
     /// Refused connections being closed gently (each up to a second), over all listeners.
@@ -27,6 +32,10 @@ pub(crate) struct SharedLimits {
     pub(crate) pipes: Arc<PipePool>,
     /// A kTLS peer's KeyUpdates followed in one second, per connection.
     pub(crate) key_updates_per_second: u16,
+    /// The node's `[limits]`, for what listeners take from them (the per-source limits).
+    node: LimitsConfig,
+    /// When connections refused by a limit were last logged.
+    pub(crate) refusals: Arc<RefusalLog>,
 }
 
 /// Refused connections closed gently at once; past it they are closed without waiting.
@@ -36,7 +45,10 @@ impl SharedLimits {
     pub(crate) fn new(limits: &LimitsConfig) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
-            handshakes: Arc::new(Semaphore::new(limits.max_handshakes)),
+            handshakes: HandshakeGate::new(
+                limits.max_handshakes,
+                limits.handshake_queue.unwrap_or(limits.max_handshakes),
+            ),
             max_connections: limits.max_connections,
             max_handshakes: limits.max_handshakes,
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
@@ -45,8 +57,58 @@ impl SharedLimits {
                 super::relay::splice::SPLICE_CHUNK,
             )),
             key_updates_per_second: limits.key_updates_per_second,
+            node: limits.clone(),
+            refusals: Arc::default(),
         }
     }
+}
+
+/// How often refusals by one limit on one listener are logged: a flood is refused thousands of
+/// times a second, and a log line each would cost more than the refusals. The counters count
+/// every one.
+const REFUSAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connections refused by a limit, logged at most once per [`REFUSAL_LOG_INTERVAL`] per
+/// listener and reason; each line says how many went unlogged since the one before.
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    /// By (listener index, reason): when last logged, and refusals since.
+    last: std::sync::Mutex<std::collections::HashMap<(u16, Reason), (std::time::Instant, u64)>>,
+}
+
+impl RefusalLog {
+    /// Whether a refusal now by `reason` on listener `index` gets its log line; if so, how many
+    /// refusals by it were not logged since the last line.
+    pub(crate) fn log_now(&self, index: u16, reason: Reason) -> Option<u64> {
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(&(index, reason)) {
+            Some((at, unlogged)) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => {
+                *unlogged += 1;
+                None
+            }
+            Some((at, unlogged)) => {
+                *at = now;
+                Some(std::mem::take(unlogged))
+            }
+            None => {
+                last.insert((index, reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// Whether `reason` is a refusal by a limit, logged at most once per interval.
+pub(crate) fn is_limit_refusal(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::ConnectionLimit
+            | Reason::ListenerConnectionLimit
+            | Reason::HandshakeLimit
+            | Reason::SourceConnectionLimit
+            | Reason::SourceRateLimit
+    )
 }
 
 /// A listener ready to accept, with everything its connections share.
@@ -64,6 +126,8 @@ pub(crate) struct ListenerState {
     pub(crate) limits: SharedLimits,
     /// This listener's own connection limit.
     pub(crate) connections: Option<Arc<Semaphore>>,
+    /// The per-source limits on this listener (its keys over the node's).
+    pub(crate) per_source: SourceLimits,
 }
 
 /// An admitted connection, as its end needs it: its listener's settings when it arrived, its
@@ -81,6 +145,9 @@ pub(crate) struct Admitted {
 
 /// A connection's places under the connection limits, given back when it ends.
 pub(crate) struct Admission {
+    // Boxed: a parked connection carries its admission, and most listeners have no per-source
+    // limit (8 bytes then, not 40).
+    _source: Option<Box<SourcePlace>>,
     _node: OwnedSemaphorePermit,
     _own: Option<OwnedSemaphorePermit>,
 }
@@ -103,8 +170,9 @@ impl ListenerState {
             index,
             telemetry,
             passthrough: PlainPath::default(),
-            limits,
             connections: l.max_connections.map(|n| Arc::new(Semaphore::new(n))),
+            per_source: l.per_source(&limits.node).into(),
+            limits,
         })
     }
 
@@ -120,9 +188,38 @@ impl ListenerState {
         })
     }
 
-    /// Takes this connection's places under the node-wide and the listener's limits, or says
-    /// which limit refuses it.
-    pub(crate) fn admit(&self) -> Result<Admission, Failure> {
+    /// Takes this connection's places under its source's, the node-wide and the listener's
+    /// limits (sources counted in `sources`), or says which limit refuses it.
+    pub(crate) fn admit(
+        &self,
+        sources: &Arc<SourceTable>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Admission, Failure> {
+        let source = if self.per_source.any() {
+            let source = Source::of(peer.ip(), &self.per_source);
+            let place =
+                sources
+                    .admit(source, &self.per_source)
+                    .map_err(|refused| match refused {
+                        SourceRefusal::Connections(n) => Failure::new(
+                            Reason::SourceConnectionLimit,
+                            format!(
+                                "source {source} holds {n} connections (per_source_connections)"
+                            ),
+                        ),
+                        SourceRefusal::Rate(r) => Failure::new(
+                            Reason::SourceRateLimit,
+                            format!(
+                                "source {source} opened connections faster than {} a second, {} at \
+                             once (per_source_handshakes_per_second, per_source_handshake_burst)",
+                                r.per_second, r.burst
+                            ),
+                        ),
+                    })?;
+            Some(Box::new(place))
+        } else {
+            None
+        };
         let node = self
             .limits
             .connections
@@ -150,22 +247,43 @@ impl ListenerState {
             })?),
         };
         Ok(Admission {
+            _source: source,
             _node: node,
             _own: own,
         })
     }
 
-    /// A place under the handshake limit for one TLS handshake, or why not.
-    pub(crate) fn handshake_permit(&self) -> Result<OwnedSemaphorePermit, Failure> {
+    /// A place under the handshake limit for one TLS handshake of a client at `peer`: at once
+    /// when one is free, else in its source's turn (sources take turns), waiting at most
+    /// `wait`; or why not.
+    pub(crate) async fn handshake_place(
+        &self,
+        peer: std::net::SocketAddr,
+        wait: std::time::Duration,
+    ) -> Result<HandshakePlace, Failure> {
+        let node = &self.limits.node;
+        let source = Source::of(
+            peer.ip(),
+            &SourceLimits {
+                connections: None,
+                rate: None,
+                prefix_v4: node.source_prefix_v4,
+                prefix_v6: node.source_prefix_v6,
+            },
+        );
         self.limits
             .handshakes
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
+            .place(source, wait)
+            .await
+            .map_err(|refused| {
+                let why = match refused {
+                    GateRefusal::QueueFull => "and as many waiting (limits.handshake_queue)",
+                    GateRefusal::Waited => "for the whole handshake deadline",
+                };
                 Failure::new(
                     Reason::HandshakeLimit,
                     format!(
-                        "{} TLS handshakes in progress (limits.max_handshakes)",
+                        "{} TLS handshakes in progress (limits.max_handshakes), {why}",
                         self.limits.max_handshakes
                     ),
                 )

@@ -84,7 +84,9 @@ pub(crate) async fn establish(
         None => None,
         Some((config, name)) => {
             let done = match &mut upstream {
-                Upstream::Tcp(sock) => upstream_handshake(state, config, name, sock, facts).await,
+                Upstream::Tcp(sock) => {
+                    upstream_handshake(state, config, name, sock, peer, facts).await
+                }
                 Upstream::Unix(_) => Err(Failure::new(
                     Reason::Internal,
                     "upstream TLS over a unix socket",
@@ -218,8 +220,9 @@ async fn client_handshake(
     let started = tokio::time::Instant::now();
     first_flight(client, deadline).await?;
     // A place under the handshake limit once the client has sent something: a client that
-    // connects and says nothing holds none.
-    let _permit = state.handshake_permit()?;
+    // connects and says nothing holds none. Waiting for it counts against the deadline.
+    let left = deadline.saturating_sub(started.elapsed());
+    let _place = state.handshake_place(peer, left).await?;
     let left = deadline.saturating_sub(started.elapsed());
     let (leg, sni) = handshake(leg, client, peer.to_string(), left, LegSide::Client, facts).await?;
     Ok((leg, sni))
@@ -231,17 +234,21 @@ async fn upstream_handshake(
     config: &Arc<ClientConfig>,
     name: &rustls::pki_types::ServerName<'static>,
     upstream: &mut TcpStream,
+    client: SocketAddr,
     facts: &mut Facts,
 ) -> Result<TlsSession, Failure> {
     let leg = UnbufferedClientConnection::new(config.clone(), name.clone())
         .map(TlsSession::Client)
         .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
-    let _permit = state.handshake_permit()?;
+    let deadline = state.config.handshake_timeout();
+    let started = tokio::time::Instant::now();
+    // In the client's turn: the place is the client's source's.
+    let _place = state.handshake_place(client, deadline).await?;
     let who = upstream
         .peer_addr()
         .map_or_else(|_| "the upstream".to_owned(), |a| a.to_string());
-    let deadline = state.config.handshake_timeout();
-    let (leg, _) = handshake(leg, upstream, who, deadline, LegSide::Upstream, facts).await?;
+    let left = deadline.saturating_sub(started.elapsed());
+    let (leg, _) = handshake(leg, upstream, who, left, LegSide::Upstream, facts).await?;
     Ok(leg)
 }
 

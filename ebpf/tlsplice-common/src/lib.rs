@@ -286,6 +286,12 @@ reasons! {
     /// A peer sent TLS 1.3 KeyUpdates faster than `limits.key_updates_per_second` (kTLS), or
     /// more in a row than rustls allows without data between them (user space).
     KeyUpdateRateLimit = 36, "key update rate limit";
+    /// The client's source (address, or network under `limits.source_prefix_v4/v6`) held
+    /// `per_source_connections` on the listener already.
+    SourceConnectionLimit = 37, "source connection limit";
+    /// The client's source opened connections faster than `per_source_handshakes_per_second`
+    /// (with its burst) allows.
+    SourceRateLimit = 38, "source rate limit";
 }
 
 impl core::fmt::Display for Reason {

@@ -824,7 +824,8 @@ mod tests {
                 384,
             ),
         ];
-        let admission = state.admit().unwrap();
+        let sources = Arc::new(crate::proxy::sources::SourceTable::default());
+        let admission = state.admit(&sources, addr).unwrap();
         let state = Arc::new(state);
         let task = crate::proxy::connection::serve(state, admission, client, addr, drained, None);
         let task_size = size_of_val(&task);
