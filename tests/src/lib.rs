@@ -670,6 +670,23 @@ impl Agent {
     }
 }
 
+/// The data paths a terminate listener can be forced onto here: user space always, kTLS where
+/// the kernel has it (in the matrix's guests it must; on a host without it, `test` prints why
+/// it skips that path).
+pub fn tls_data_paths(test: &str) -> Vec<tlsplice::outcome::DataPath> {
+    let mut paths = vec![tlsplice::outcome::DataPath::Userspace];
+    let ktls = tlsplice::probe::ktls_available()
+        .err()
+        .map(|e| e.to_string());
+    if require(
+        &format!("{test} (ktls path)"),
+        ktls.map(|e| format!("no kTLS here: {e}")),
+    ) {
+        paths.push(tlsplice::outcome::DataPath::Ktls);
+    }
+    paths
+}
+
 /// The data path a connection must take on this kernel when the listener allows kTLS, and a
 /// phrase its reason must contain when that is not kTLS.
 pub fn expected_auto_path() -> (tlsplice::outcome::DataPath, Option<String>) {

@@ -19,6 +19,23 @@ pub fn echo_upstream() -> SocketAddr {
     })
 }
 
+/// A TLS upstream (the test PKI's "localhost") that echoes every byte back.
+pub fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
+    let config = pki.server_config();
+    serve(move |sock| {
+        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+            return;
+        };
+        let mut tls = StreamOwned::new(conn, sock);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = tls.read(&mut buf) {
+            if n == 0 || tls.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    })
+}
+
 /// A fresh directory for one test's files.
 pub fn test_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tlsplice-{name}-{}", std::process::id()));

@@ -16,7 +16,7 @@ use tlsplice_tests::ops::{
     trusting,
 };
 use tlsplice_tests::{
-    Agent, AgentProcess, TestPki, eventually, free_port, listener, metric, require, serve,
+    Agent, AgentProcess, TestPki, eventually, free_port, listener, metric, serve, tls_data_paths,
 };
 
 const GOOD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
@@ -266,17 +266,7 @@ fn slow_and_silent_peers_end_by_their_timeouts_with_their_reason() {
         let wrote = wrote.clone();
         serve(move |sock| slow_upstream(sock, wrote.clone()))
     };
-    let mut paths = vec![DataPath::Userspace];
-    let ktls = tlsplice::probe::ktls_available()
-        .err()
-        .map(|e| e.to_string());
-    if require(
-        &format!("{test} (ktls path)"),
-        ktls.map(|e| format!("no kTLS here: {e}")),
-    ) {
-        paths.push(DataPath::Ktls);
-    }
-    for path in paths {
+    for path in tls_data_paths(test) {
         let policy = match path {
             DataPath::Ktls => DataPathPolicy::Ktls,
             _ => DataPathPolicy::Userspace,

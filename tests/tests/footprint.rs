@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
+use tlsplice_tests::ops::tls_echo_upstream;
 use tlsplice_tests::{
     AgentProcess, TestPki, bpffs_or_skip, eventually, expected_auto_path, free_port, in_guest,
     metric, serve, skip,
@@ -33,23 +34,6 @@ fn test_dir(name: &str) -> PathBuf {
 fn echo_upstream() -> SocketAddr {
     serve(|sock| {
         let _ = std::io::copy(&mut &sock, &mut &sock);
-    })
-}
-
-/// A TLS upstream (the test PKI's "localhost") that echoes every byte back.
-fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
-    let config = pki.server_config();
-    serve(move |sock| {
-        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-            return;
-        };
-        let mut tls = StreamOwned::new(conn, sock);
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = tls.read(&mut buf) {
-            if n == 0 || tls.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
     })
 }
 

@@ -24,7 +24,9 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::ktls::{self, RecordType};
 use tlsplice::outcome::{ConnectionReport, DataPath, Reason};
 use tlsplice_tests::ktls_stream::KtlsStream;
-use tlsplice_tests::{Agent, SuiteUnderTest, TestPki, listener, require, serve, tool_or_skip};
+use tlsplice_tests::{
+    Agent, SuiteUnderTest, TestPki, listener, require, serve, tls_data_paths, tool_or_skip,
+};
 
 /// An upstream that echoes what it reads until the agent closes.
 fn echo(mut sock: TcpStream) {
@@ -33,22 +35,6 @@ fn echo(mut sock: TcpStream) {
     };
     let _ = std::io::copy(&mut reader, &mut sock);
     let _ = sock.shutdown(std::net::Shutdown::Write);
-}
-
-/// The data paths a terminate listener can be forced onto here: user space always, kTLS where
-/// the kernel has it (in the matrix's guests it must).
-fn paths(test: &str) -> Vec<DataPath> {
-    let mut paths = vec![DataPath::Userspace];
-    let ktls = tlsplice::probe::ktls_available()
-        .err()
-        .map(|e| e.to_string());
-    if require(
-        &format!("{test} (ktls path)"),
-        ktls.map(|e| format!("no kTLS here: {e}")),
-    ) {
-        paths.push(DataPath::Ktls);
-    }
-    paths
 }
 
 /// A terminate agent forced onto `path` in front of `upstream`.
@@ -186,7 +172,7 @@ fn key_updates_from_openssl_are_followed_and_a_storm_is_cut() {
     };
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    for path in paths(TEST) {
+    for path in tls_data_paths(TEST) {
         let mut agent = agent_on(path, &dir, serve(echo));
         // Where the kTLS path cannot rekey, a KeyUpdate ends the connection as documented.
         let refuses = path == DataPath::Ktls && !kernel_rekeys();
@@ -270,7 +256,7 @@ fn tls12_renegotiation_is_refused() {
     };
     let pki = TestPki::generate();
     let dir = pki.write_files();
-    for path in paths(TEST) {
+    for path in tls_data_paths(TEST) {
         let mut agent = agent_on(path, &dir, serve(echo));
         let mut client = OpensslClient::start(&openssl, agent.addr, &dir, "-tls1_2");
         client.line("before").expect("write");
@@ -400,7 +386,7 @@ fn broken_records_end_the_connection_with_their_reason() {
         ),
     ];
     let mut table = Vec::new();
-    for path in paths(TEST) {
+    for path in tls_data_paths(TEST) {
         let mut agent = agent_on(path, &dir, serve(echo));
         for (case, write, userspace, ktls) in &cases {
             let reason = if path == DataPath::Ktls {
@@ -525,7 +511,7 @@ fn unexpected_post_handshake_messages_get_unexpected_message() {
     ];
     let mut table = Vec::new();
     let mut failures = Vec::new();
-    for path in paths(TEST) {
+    for path in tls_data_paths(TEST) {
         let mut agent = agent_on(path, &dir, serve(echo));
         for (case, record_type, body, alert) in cases {
             let sock = TcpStream::connect(agent.addr).expect("connect");
@@ -842,7 +828,7 @@ fn run_sealed_cases(test: &str, cases: &[SealedCase]) {
     let dir = pki.write_files();
     let mut table = Vec::new();
     let mut failures = Vec::new();
-    for path in paths(test) {
+    for path in tls_data_paths(test) {
         let mut agent = agent_on(path, &dir, serve(echo_then_trailer));
         for case in cases {
             let expected = if path == DataPath::Ktls {

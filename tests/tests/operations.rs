@@ -446,17 +446,7 @@ fn certificates_rotated_under_a_handshake_load_fail_no_handshake() {
     // A broken rotation (a certificate that does not fit its key) keeps the last one serving.
     let last = &pkis[rotations];
     volume.publish(&pkis[rotations + 1].server_cert_pem, &last.server_key_pem);
-    eventually(
-        Duration::from_secs(20),
-        "the reload failure to show",
-        || {
-            metric(
-                &agent.metrics(),
-                "tlsplice_certificate_reload_failing",
-                &["listener=\"web\""],
-            ) == 1.0
-        },
-    );
+    until_reload_fails(&agent, "web");
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     let mut seen: Vec<_> = clients
@@ -512,6 +502,22 @@ fn certificates_rotated_under_a_handshake_load_fail_no_handshake() {
         ),
         rotations as f64,
         "{m}"
+    );
+}
+
+/// Waits until `listener`'s certificate reload shows as failing.
+fn until_reload_fails(agent: &AgentProcess, listener: &str) {
+    let label = format!("listener=\"{listener}\"");
+    eventually(
+        Duration::from_secs(20),
+        "the reload failure to show",
+        || {
+            metric(
+                &agent.metrics(),
+                "tlsplice_certificate_reload_failing",
+                &[&label],
+            ) == 1.0
+        },
     );
 }
 
@@ -581,17 +587,7 @@ fn certificate_reload_while_200_connections_stream() {
 
     // A certificate that does not fit its key: the new one keeps serving, and it is reported.
     volume.publish(&old.server_cert_pem, &new.server_key_pem);
-    eventually(
-        Duration::from_secs(20),
-        "the reload failure to show",
-        || {
-            metric(
-                &agent.metrics(),
-                "tlsplice_certificate_reload_failing",
-                &["listener=\"web\""],
-            ) == 1.0
-        },
-    );
+    until_reload_fails(&agent, "web");
     assert_eq!(
         served_leaf(addr, both.clone()),
         Some(new.server_cert.clone()),

@@ -1,5 +1,5 @@
-//! Soak: mixed traffic through terminate, reencrypt and passthrough (sockmap where the eBPF
-//! programs load) for a set time — good sessions of many sizes, resumed sessions, bad
+//! Soak: mixed traffic through terminate, reencrypt, originate and passthrough (sockmap where
+//! the eBPF programs load) for a set time — good sessions of many sizes, resumed sessions, bad
 //! handshakes, resets mid-stream, and a flood from one source while another works — then
 //! everything the agent holds must come back to where it was: descriptors, tasks, parked
 //! connections, pipes, sockmap entries, kernel TLS contexts and memory.
@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
-use tlsplice_tests::ops::{connect_from, echo_upstream, test_dir};
-use tlsplice_tests::{AgentProcess, TestPki, bpffs_missing, free_port, in_guest, metric, serve};
+use tlsplice_tests::ops::{connect_from, echo_upstream, test_dir, tls_echo_upstream};
+use tlsplice_tests::{AgentProcess, TestPki, bpffs_missing, free_port, in_guest, metric};
 
 const GOOD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
 const FLOODER: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
@@ -25,23 +25,6 @@ fn env_or(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// A TLS upstream (the test PKI's "localhost") that echoes every byte back.
-fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
-    let config = pki.server_config();
-    serve(move |sock| {
-        let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-            return;
-        };
-        let mut tls = StreamOwned::new(conn, sock);
-        let mut buf = vec![0u8; 64 * 1024];
-        while let Ok(n) = tls.read(&mut buf) {
-            if n == 0 || tls.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-    })
 }
 
 /// What the agent holds, read from the outside (/proc) and from its /metrics.
@@ -132,6 +115,29 @@ fn good_session(
     Ok((handshake, resumed))
 }
 
+/// One good session through an originate listener at `addr`: plaintext in, `size` bytes
+/// echoed by the TLS upstream.
+fn plain_session(addr: SocketAddr, size: usize) -> Result<(), String> {
+    let mut sock = connect_from(GOOD, addr).map_err(|e| format!("connect: {e}"))?;
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    let payload: Vec<u8> = (0..size).map(|i| (i * 5 + size) as u8).collect();
+    let mut back = vec![0u8; 64 * 1024];
+    for chunk in payload.chunks(64 * 1024) {
+        sock.write_all(chunk).map_err(|e| format!("write: {e}"))?;
+        sock.read_exact(&mut back[..chunk.len()])
+            .map_err(|e| format!("read {size}: {e}"))?;
+        if back[..chunk.len()] != *chunk {
+            return Err(format!("{size} bytes: the echo differs"));
+        }
+    }
+    sock.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    let _ = sock.read_to_end(&mut rest);
+    Ok(())
+}
+
 /// A bad handshake: bytes that are no TLS record, then the agent's close awaited.
 fn bad_handshake(addr: SocketAddr) {
     if let Ok(mut s) = connect_from(GOOD, addr) {
@@ -180,7 +186,7 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     let dir = test_dir("soak");
     let pki = TestPki::generate();
     let files = pki.write_files();
-    let (term, re, pass) = (free_port(), free_port(), free_port());
+    let (term, re, pass, orig) = (free_port(), free_port(), free_port(), free_port());
     let tls_upstream = tls_echo_upstream(&pki);
     let listener = |name: &str, mode: &str, port: u16, upstream: SocketAddr, tls: bool| {
         let mut l = format!(
@@ -194,7 +200,7 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
                 files.join("server.key").display()
             );
         }
-        if mode == "reencrypt" {
+        if mode == "reencrypt" || mode == "originate" {
             l += &format!(
                 "[listener.upstream_tls]\nserver_name = \"localhost\"\nca = \"{}\"\n",
                 files.join("ca.pem").display()
@@ -205,10 +211,11 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     // The flood's source is held to 50 new connections a second per listener; the good
     // source stays under that.
     let config = format!(
-        "[limits]\nper_source_handshakes_per_second = 50\nper_source_handshake_burst = 50\n{}{}{}",
+        "[limits]\nper_source_handshakes_per_second = 50\nper_source_handshake_burst = 50\n{}{}{}{}",
         listener("term", "terminate", term, echo_upstream(), true),
         listener("re", "reencrypt", re, tls_upstream, true),
         listener("pass", "passthrough", pass, tls_upstream, false),
+        listener("orig", "originate", orig, tls_upstream, false),
     );
     let sockmap = bpffs_missing().is_none();
     let flags: &[&str] = if sockmap {
@@ -223,23 +230,25 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     let agent = AgentProcess::start(&dir, &config, &[], flags);
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let targets = [at(term), at(re), at(pass)];
+    let originate = at(orig);
     let client = pki.client_config();
 
     // Warm up (every listener, every size), then the baseline.
-    for addr in targets {
-        for size in [1024, 70_000] {
+    for size in [1024, 70_000] {
+        for addr in targets {
             good_session(addr, &client, size).expect("warm-up");
         }
+        plain_session(originate, size).expect("warm-up");
     }
     std::thread::sleep(Duration::from_secs(3));
     let base = held(&agent);
 
-    // Four good workers for the whole time, each session timed; the middle third has a flood
-    // from another source.
+    // Four good workers for the whole run, each session timed; the middle third of the run
+    // (by time or by connections, whichever is further) has a flood from another source.
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
-    let third = Duration::from_secs(seconds) / 3;
     let opened = Arc::new(AtomicU64::new(0));
+    let flooding = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(Mutex::new(Vec::<String>::new()));
     let (quiet, flooded) = (
         Arc::new(Mutex::new(Vec::new())),
@@ -248,8 +257,9 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     let resumed = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..4u64)
         .map(|w| {
-            let (opened, failures, quiet, flooded, resumed, client) = (
+            let (opened, flooding, failures, quiet, flooded, resumed, client) = (
                 opened.clone(),
+                flooding.clone(),
                 failures.clone(),
                 quiet.clone(),
                 flooded.clone(),
@@ -257,7 +267,13 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
                 client.clone(),
             );
             std::thread::spawn(move || {
-                let sizes = [1024usize, 4096, 16 * 1024, 64 * 1024, 256 * 1024, 1 << 20];
+                // An emulated guest moves a few MiB a second: there, up to 64 KiB, and 1 MiB
+                // every 50th session.
+                let sizes: &[usize] = if in_guest() {
+                    &[1024, 4096, 16 * 1024, 64 * 1024]
+                } else {
+                    &[1024, 4096, 16 * 1024, 64 * 1024, 256 * 1024, 1 << 20]
+                };
                 let mut i = w;
                 while Instant::now() < deadline
                     && opened.fetch_add(1, Ordering::Relaxed) < max_connections
@@ -266,13 +282,28 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
                     match i % 10 {
                         3 => bad_handshake(addr),
                         7 => reset_mid_stream(addr, &client),
+                        // Originate: plaintext in, every tenth connection.
+                        9 => {
+                            let size = sizes[((i / 10) % sizes.len() as u64) as usize];
+                            if let Err(e) = plain_session(originate, size) {
+                                failures
+                                    .lock()
+                                    .expect("failures")
+                                    .push(format!("{originate} {size} bytes: {e}"));
+                            }
+                        }
                         _ => {
-                            let size = sizes[((i / 3) % sizes.len() as u64) as usize];
-                            let when = started.elapsed();
+                            let size = if i % 50 == 1 {
+                                1 << 20
+                            } else {
+                                sizes[((i / 3) % sizes.len() as u64) as usize]
+                            };
+                            let flood_before = flooding.load(Ordering::Relaxed);
                             match good_session(addr, &client, size) {
                                 Ok((handshake, again)) => {
                                     resumed.fetch_add(u64::from(again), Ordering::Relaxed);
-                                    let during_flood = when >= third && when < 2 * third;
+                                    let during_flood =
+                                        flood_before && flooding.load(Ordering::Relaxed);
                                     let into = if during_flood { &flooded } else { &quiet };
                                     into.lock().expect("samples").push(handshake);
                                 }
@@ -290,16 +321,26 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
             })
         })
         .collect();
-    std::thread::sleep(third);
+    let progress = || {
+        let by_time = started.elapsed().as_secs_f64() / seconds as f64;
+        let by_count = opened.load(Ordering::Relaxed) as f64 / max_connections as f64;
+        by_time.max(by_count)
+    };
+    let until = |share: f64, workers: &[std::thread::JoinHandle<()>]| {
+        while progress() < share && !workers.iter().all(|w| w.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    until(1.0 / 3.0, &workers);
     let stop_flood = Arc::new(AtomicBool::new(false));
     let flood = {
         let (stop, hello) = (stop_flood.clone(), pki.client_hello());
         std::thread::spawn(move || {
             // Bounded: 2,000 connections a second at most (200 in an emulated guest, whose one
-            // CPU runs the flood's own connects too), 100,000 in all.
+            // CPU runs the flood's own connects too), 1,000,000 in all.
             let pause = Duration::from_micros(if in_guest() { 5_000 } else { 500 });
             let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) && n < 100_000 {
+            while !stop.load(Ordering::Relaxed) && n < 1_000_000 {
                 if let Ok(mut s) = connect_from(FLOODER, targets[0]) {
                     let _ = s.write_all(&hello);
                 }
@@ -309,7 +350,9 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
             n
         })
     };
-    std::thread::sleep(third);
+    flooding.store(true, Ordering::Relaxed);
+    until(2.0 / 3.0, &workers);
+    flooding.store(false, Ordering::Relaxed);
     stop_flood.store(true, Ordering::Relaxed);
     let flooded_with = flood.join().expect("flood");
     for w in workers {

@@ -174,6 +174,26 @@ pub(crate) struct TestBinary {
     tests: Vec<String>,
 }
 
+/// `run` (a test binary, or a wrapper such as `timeout` given its arguments) set to run one
+/// test of `b` on this host against `agent`, as the matrix does.
+pub(crate) fn host_test<'a>(
+    run: &'a mut Command,
+    b: &TestBinary,
+    test: &str,
+    agent: &Path,
+) -> &'a mut Command {
+    run.arg(&b.path)
+        .args([
+            "--ignored",
+            "--exact",
+            test,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env_remove(REQUIRE_ENV)
+        .env(AGENT_BIN_ENV, agent)
+}
+
 /// Builds the matrix test binaries and lists their tests.
 pub(crate) fn build_test_binaries(root: &Path) -> Result<Vec<TestBinary>> {
     let mut c = Command::new("cargo");
@@ -256,18 +276,9 @@ fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Out
         }
         for test in &b.tests {
             // coreutils `timeout` kills a hung test (exit status 124) so the run always ends.
-            let out = Command::new("timeout")
-                .arg(HOST_TEST_TIMEOUT.as_secs().to_string())
-                .arg(&b.path)
-                .args([
-                    "--ignored",
-                    "--exact",
-                    test,
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env_remove(REQUIRE_ENV)
-                .env(AGENT_BIN_ENV, agent)
+            let mut run = Command::new("timeout");
+            run.arg(HOST_TEST_TIMEOUT.as_secs().to_string());
+            let out = host_test(&mut run, b, test, agent)
                 .output()
                 .with_context(|| format!("running {}", b.path.display()))?;
             let text = format!(

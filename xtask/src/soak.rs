@@ -37,30 +37,21 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         binaries
             .iter()
             .find(|b| b.target == target)
-            .map(|b| b.path.clone())
             .with_context(|| format!("the {target} test binary"))
     };
-    let host = |path: &Path, test: &str, env: &[(&str, String)]| -> Result<()> {
+    let host = |b: &matrix::TestBinary, test: &str, env: &[(&str, String)]| -> Result<()> {
         println!("soak: host: {test} {env:?}");
-        let status = Command::new(path)
-            .args([
-                "--ignored",
-                "--exact",
-                test,
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env("TLSPLICE_AGENT_BIN", &agent)
+        let status = matrix::host_test(&mut Command::new("env"), b, test, &agent)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .status()
-            .with_context(|| format!("running {}", path.display()))?;
+            .with_context(|| format!("running {}", b.path.display()))?;
         if !status.success() {
             bail!("{test} failed on this host ({status})");
         }
         Ok(())
     };
     host(
-        &binary("soak")?,
+        binary("soak")?,
         "soak_mixed_traffic_leaves_nothing_behind",
         &[
             ("TLSPLICE_SOAK_CONNECTIONS", o.connections.to_string()),
@@ -68,7 +59,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         ],
     )?;
     host(
-        &binary("operations")?,
+        binary("operations")?,
         "certificates_rotated_under_a_handshake_load_fail_no_handshake",
         &[
             ("TLSPLICE_ROTATIONS", "20".into()),
