@@ -19,7 +19,9 @@ pub fn echo_upstream() -> SocketAddr {
     })
 }
 
-/// A TLS upstream (the test PKI's "localhost") that echoes every byte back.
+/// A TLS upstream (the test PKI's "localhost") that echoes every byte back, and answers the
+/// agent's close_notify with its own (without it, the agent reports the upstream's end as
+/// `truncated`).
 pub fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
     let config = pki.server_config();
     serve(move |sock| {
@@ -29,7 +31,12 @@ pub fn tls_echo_upstream(pki: &TestPki) -> SocketAddr {
         let mut tls = StreamOwned::new(conn, sock);
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n) = tls.read(&mut buf) {
-            if n == 0 || tls.write_all(&buf[..n]).is_err() {
+            if n == 0 {
+                tls.conn.send_close_notify();
+                let _ = tls.flush();
+                break;
+            }
+            if tls.write_all(&buf[..n]).is_err() {
                 break;
             }
         }

@@ -208,10 +208,11 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
         }
         l
     };
-    // The flood's source is held to 50 new connections a second per listener; the good
-    // source stays under that.
+    // The flood's source is held to 100 new connections a second per listener (10 in an
+    // emulated guest, where the flood is slower); the good source stays under that.
+    let rate = if in_guest() { 10 } else { 100 };
     let config = format!(
-        "[limits]\nper_source_handshakes_per_second = 50\nper_source_handshake_burst = 50\n{}{}{}{}",
+        "[limits]\nper_source_handshakes_per_second = {rate}\nper_source_handshake_burst = {rate}\n{}{}{}{}",
         listener("term", "terminate", term, echo_upstream(), true),
         listener("re", "reencrypt", re, tls_upstream, true),
         listener("pass", "passthrough", pass, tls_upstream, false),
@@ -233,12 +234,24 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     let originate = at(orig);
     let client = pki.client_config();
 
-    // Warm up (every listener, every size), then the baseline.
-    for size in [1024, 70_000] {
-        for addr in targets {
-            good_session(addr, &client, size).expect("warm-up");
-        }
-        plain_session(originate, size).expect("warm-up");
+    // Warm up as the run will go (four at once, every listener, every size): the baseline is
+    // a serving agent's, its allocator's caches and its threads' stacks grown, not a fresh
+    // one's.
+    let warm: Vec<_> = (0..4)
+        .map(|_| {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                for size in [1024, 16 * 1024, 256 * 1024, 1 << 20] {
+                    for addr in targets {
+                        good_session(addr, &client, size).expect("warm-up");
+                    }
+                    plain_session(originate, size).expect("warm-up");
+                }
+            })
+        })
+        .collect();
+    for w in warm {
+        w.join().expect("warm-up");
     }
     std::thread::sleep(Duration::from_secs(3));
     let base = held(&agent);
@@ -267,12 +280,12 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
                 client.clone(),
             );
             std::thread::spawn(move || {
-                // An emulated guest moves a few MiB a second: there, up to 64 KiB, and 1 MiB
-                // every 50th session.
+                // Up to 256 KiB (64 KiB in an emulated guest, which moves a few MiB a second),
+                // and 1 MiB every 50th session.
                 let sizes: &[usize] = if in_guest() {
                     &[1024, 4096, 16 * 1024, 64 * 1024]
                 } else {
-                    &[1024, 4096, 16 * 1024, 64 * 1024, 256 * 1024, 1 << 20]
+                    &[1024, 4096, 16 * 1024, 64 * 1024, 256 * 1024]
                 };
                 let mut i = w;
                 while Instant::now() < deadline
@@ -315,8 +328,8 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
                         }
                     }
                     i += 4;
-                    // Under the per-source rate on each listener.
-                    std::thread::sleep(Duration::from_millis(20));
+                    // Well under the per-source rate on each listener.
+                    std::thread::sleep(Duration::from_millis(2));
                 }
             })
         })
@@ -403,9 +416,15 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     assert!(resumed.load(Ordering::Relaxed) > 0, "no session resumed");
     assert!(refused > 0.0, "the flood was not refused:\n{m}");
     // The flood is refused before it costs a handshake: the good source's handshakes stay
-    // within 3x of their time without it.
-    assert!(
-        flooded_n == 0 || p99_flooded <= p99_quiet * 3,
-        "good handshake p99 {p99_flooded:?} under the flood, {p99_quiet:?} without"
-    );
+    // within 3x of their time without it. A p99 needs samples: under 20 in either phase
+    // (a short run in an emulated guest) it is printed, not compared.
+    const SAMPLES: usize = 20;
+    if quiet_n < SAMPLES || flooded_n < SAMPLES {
+        println!("p99 not compared: {quiet_n} and {flooded_n} samples, under {SAMPLES} in a phase");
+    } else {
+        assert!(
+            p99_flooded <= p99_quiet * 3,
+            "good handshake p99 {p99_flooded:?} under the flood, {p99_quiet:?} without"
+        );
+    }
 }
