@@ -128,6 +128,9 @@ enum Task {
         /// Only this host: no guest.
         #[arg(long)]
         host_only: bool,
+        /// Only the guest.
+        #[arg(long, conflicts_with = "host_only")]
+        guest_only: bool,
     },
     /// Run the cargo-fuzz targets in tests/fuzz (every parser that reads untrusted bytes),
     /// each for a time, from their committed seeds (nightly; installs cargo-fuzz if missing).
@@ -193,6 +196,7 @@ fn run() -> Result<()> {
             seconds,
             kernel,
             host_only,
+            guest_only,
         } => soak::run(
             &root,
             &soak::Options {
@@ -201,6 +205,7 @@ fn run() -> Result<()> {
                 seconds,
                 kernel,
                 host_only,
+                guest_only,
             },
         ),
         Task::Fuzz { seconds, targets } => {

@@ -21,11 +21,31 @@ pub struct Options {
     pub kernel: String,
     /// No guest.
     pub host_only: bool,
+    /// Only the guest.
+    pub guest_only: bool,
 }
 
 /// Runs the soak and the rotation test on this host, then the soak in the guest.
 pub fn run(root: &Path, o: &Options) -> Result<()> {
     crate::bootstrap::run()?;
+    if !o.guest_only {
+        host(root, o)?;
+    }
+    if o.host_only {
+        return Ok(());
+    }
+    let env = vec![
+        (
+            "TLSPLICE_SOAK_CONNECTIONS".to_owned(),
+            o.guest_connections.to_string(),
+        ),
+        ("TLSPLICE_SOAK_SECONDS".to_owned(), o.seconds.to_string()),
+    ];
+    matrix::vm_with_env(root, &o.kernel, "soak", &env, o.seconds + 900)
+}
+
+/// The soak and the rotation test on this host, with a release agent.
+fn host(root: &Path, o: &Options) -> Result<()> {
     cmd::run(
         Command::new("cargo")
             .args(["build", "--release", "-p", "tlsplice"])
@@ -39,7 +59,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             .find(|b| b.target == target)
             .with_context(|| format!("the {target} test binary"))
     };
-    let host = |b: &matrix::TestBinary, test: &str, env: &[(&str, String)]| -> Result<()> {
+    let run_test = |b: &matrix::TestBinary, test: &str, env: &[(&str, String)]| -> Result<()> {
         println!("soak: host: {test} {env:?}");
         let status = matrix::host_test(&mut Command::new("env"), b, test, &agent)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -50,7 +70,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
         }
         Ok(())
     };
-    host(
+    run_test(
         binary("soak")?,
         "soak_mixed_traffic_leaves_nothing_behind",
         &[
@@ -58,7 +78,7 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             ("TLSPLICE_SOAK_SECONDS", o.seconds.to_string()),
         ],
     )?;
-    host(
+    run_test(
         binary("operations")?,
         "certificates_rotated_under_a_handshake_load_fail_no_handshake",
         &[
@@ -66,15 +86,5 @@ pub fn run(root: &Path, o: &Options) -> Result<()> {
             ("TLSPLICE_ROTATION_HANDSHAKES_PER_SECOND", "200".into()),
         ],
     )?;
-    if o.host_only {
-        return Ok(());
-    }
-    let env = vec![
-        (
-            "TLSPLICE_SOAK_CONNECTIONS".to_owned(),
-            o.guest_connections.to_string(),
-        ),
-        ("TLSPLICE_SOAK_SECONDS".to_owned(), o.seconds.to_string()),
-    ];
-    matrix::vm_with_env(root, &o.kernel, "soak", &env, o.seconds + 900)
+    Ok(())
 }
