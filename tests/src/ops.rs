@@ -131,9 +131,14 @@ pub fn connect_tls_from(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
 ) -> Result<Client, String> {
-    let mut sock = connect_from(source, addr).map_err(|e| format!("connect: {e}"))?;
+    let sock = connect_from(source, addr).map_err(|e| format!("connect: {e}"))?;
     sock.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| e.to_string())?;
+    tls_over(sock, config)
+}
+
+/// A TLS session for "localhost" over `sock`, its handshake completed, or the handshake error.
+pub fn tls_over(mut sock: TcpStream, config: Arc<ClientConfig>) -> Result<Client, String> {
     let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
     let mut conn = ClientConnection::new(config, name).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {

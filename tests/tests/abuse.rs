@@ -13,7 +13,7 @@ use tlsplice::config::{DataPathPolicy, Mode};
 use tlsplice::outcome::{ConnectionReport, DataPath, Reason};
 use tlsplice_tests::ops::{
     connect_from, connect_tls_from, echo, echo_upstream, finish, terminate_listener, test_dir,
-    trusting,
+    tls_over, trusting,
 };
 use tlsplice_tests::{
     Agent, AgentProcess, TestPki, eventually, free_port, listener, metric, serve, tls_data_paths,
@@ -229,20 +229,6 @@ fn start_case(
     }
 }
 
-/// A TLS session over `sock`, handshake done.
-fn session(
-    sock: TcpStream,
-    config: Arc<rustls::ClientConfig>,
-) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
-    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-    let conn = rustls::ClientConnection::new(config, name).expect("client");
-    let mut s = rustls::StreamOwned::new(conn, sock);
-    while s.conn.is_handshaking() {
-        s.conn.complete_io(&mut s.sock).expect("handshake");
-    }
-    s
-}
-
 /// Reads until the agent closes (an error counts), bounded at 60 s.
 fn until_closed(mut r: impl Read) {
     let mut buf = [0u8; 4096];
@@ -300,7 +286,7 @@ fn slow_and_silent_peers_end_by_their_timeouts_with_their_reason() {
                 &pki,
                 Reason::IdleTimeout,
                 |s, c, _| {
-                    let s = session(s, c);
+                    let s = tls_over(s, c).expect("handshake");
                     until_closed(s.sock);
                 },
             ),
@@ -312,7 +298,7 @@ fn slow_and_silent_peers_end_by_their_timeouts_with_their_reason() {
                 {
                     let done = done.clone();
                     move |s, c, _| {
-                        let mut s = session(s, c);
+                        let mut s = tls_over(s, c).expect("handshake");
                         s.write_all(b"flood\n").expect("request");
                         s.flush().expect("flush");
                         // Reads nothing while the upstream writes, until the agent's report is in.
@@ -329,7 +315,7 @@ fn slow_and_silent_peers_end_by_their_timeouts_with_their_reason() {
                 &pki,
                 Reason::IdleTimeout,
                 |s, c, _| {
-                    let mut s = session(s, c);
+                    let mut s = tls_over(s, c).expect("handshake");
                     s.write_all(b"mute\n").expect("request");
                     s.flush().expect("flush");
                     until_closed(s);
@@ -341,7 +327,7 @@ fn slow_and_silent_peers_end_by_their_timeouts_with_their_reason() {
                 &pki,
                 Reason::IdleTimeout,
                 |s, c, _| {
-                    let mut s = session(s, c);
+                    let mut s = tls_over(s, c).expect("handshake");
                     s.write_all(b"deaf\n").expect("request");
                     s.sock
                         .set_write_timeout(Some(Duration::from_millis(200)))

@@ -75,16 +75,17 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    /// The source `ip` belongs to under these prefixes.
-    pub(crate) fn of(ip: IpAddr, limits: &SourceLimits) -> Self {
+    /// The source `ip` belongs to when IPv4 sources are `prefix_v4` bits long and IPv6 ones
+    /// `prefix_v6`.
+    pub(crate) fn of(ip: IpAddr, prefix_v4: u8, prefix_v6: u8) -> Self {
         match ip.to_canonical() {
             IpAddr::V4(v4) => {
-                let bits = limits.prefix_v4.min(32);
+                let bits = prefix_v4.min(32);
                 let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
                 Source::V4(u32::from(v4) & mask, bits)
             }
             IpAddr::V6(v6) => {
-                let bits = limits.prefix_v6.min(128);
+                let bits = prefix_v6.min(128);
                 let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
                 Source::V6(u128::from(v6) & mask, bits)
             }
@@ -492,23 +493,41 @@ mod tests {
         let v4: IpAddr = "10.1.2.3".parse().expect("v4");
         let mapped: IpAddr = "::ffff:10.1.2.3".parse().expect("mapped");
         let v6: IpAddr = "2001:db8:1:2:3:4:5:6".parse().expect("v6");
-        assert_eq!(Source::of(v4, &l).to_string(), "10.1.2.3");
-        assert_eq!(Source::of(mapped, &l), Source::of(v4, &l));
-        assert_eq!(Source::of(v6, &l).to_string(), "2001:db8:1:2:3:4:5:6");
+        assert_eq!(
+            Source::of(v4, l.prefix_v4, l.prefix_v6).to_string(),
+            "10.1.2.3"
+        );
+        assert_eq!(
+            Source::of(mapped, l.prefix_v4, l.prefix_v6),
+            Source::of(v4, l.prefix_v4, l.prefix_v6)
+        );
+        assert_eq!(
+            Source::of(v6, l.prefix_v4, l.prefix_v6).to_string(),
+            "2001:db8:1:2:3:4:5:6"
+        );
         l.prefix_v4 = 24;
         l.prefix_v6 = 64;
-        assert_eq!(Source::of(v4, &l).to_string(), "10.1.2.0/24");
-        assert_eq!(Source::of(v6, &l).to_string(), "2001:db8:1:2::/64");
+        assert_eq!(
+            Source::of(v4, l.prefix_v4, l.prefix_v6).to_string(),
+            "10.1.2.0/24"
+        );
+        assert_eq!(
+            Source::of(v6, l.prefix_v4, l.prefix_v6).to_string(),
+            "2001:db8:1:2::/64"
+        );
         l.prefix_v4 = 0;
-        assert_eq!(Source::of(v4, &l).to_string(), "0.0.0.0/0");
+        assert_eq!(
+            Source::of(v4, l.prefix_v4, l.prefix_v6).to_string(),
+            "0.0.0.0/0"
+        );
     }
 
     #[test]
     fn the_table_counts_places_and_forgets_idle_sources() {
         let table = Arc::new(SourceTable::default());
         let l = limits(Some(2), None);
-        let a = Source::of("10.0.0.1".parse().expect("a"), &l);
-        let b = Source::of("10.0.0.2".parse().expect("b"), &l);
+        let a = Source::of("10.0.0.1".parse().expect("a"), l.prefix_v4, l.prefix_v6);
+        let b = Source::of("10.0.0.2".parse().expect("b"), l.prefix_v4, l.prefix_v6);
         let a1 = table.admit(a, &l).expect("a first");
         let a2 = table.admit(a, &l).expect("a second");
         assert_eq!(

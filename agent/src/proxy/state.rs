@@ -196,7 +196,8 @@ impl ListenerState {
         peer: std::net::SocketAddr,
     ) -> Result<Admission, Failure> {
         let source = if self.per_source.any() {
-            let source = Source::of(peer.ip(), &self.per_source);
+            let l = &self.per_source;
+            let source = Source::of(peer.ip(), l.prefix_v4, l.prefix_v6);
             let place =
                 sources
                     .admit(source, &self.per_source)
@@ -262,15 +263,7 @@ impl ListenerState {
         wait: std::time::Duration,
     ) -> Result<HandshakePlace, Failure> {
         let node = &self.limits.node;
-        let source = Source::of(
-            peer.ip(),
-            &SourceLimits {
-                connections: None,
-                rate: None,
-                prefix_v4: node.source_prefix_v4,
-                prefix_v6: node.source_prefix_v6,
-            },
-        );
+        let source = Source::of(peer.ip(), node.source_prefix_v4, node.source_prefix_v6);
         self.limits
             .handshakes
             .place(source, wait)
