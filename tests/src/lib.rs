@@ -632,6 +632,14 @@ pub fn listener(
 impl Agent {
     /// Binds and starts serving `listener`.
     pub fn start(listener: tlsplice::config::ListenerConfig) -> Self {
+        Self::start_with_limits(listener, tlsplice::config::LimitsConfig::default())
+    }
+
+    /// Binds and starts serving `listener` under the node limits `limits`.
+    pub fn start_with_limits(
+        listener: tlsplice::config::ListenerConfig,
+        limits: tlsplice::config::LimitsConfig,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -641,7 +649,7 @@ impl Agent {
             listeners: vec![listener],
             ebpf: tlsplice::config::EbpfConfig::default(),
             admin: tlsplice::config::AdminConfig::default(),
-            limits: tlsplice::config::LimitsConfig::default(),
+            limits,
             certs: tlsplice::config::CertsConfig::default(),
         };
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();

@@ -302,14 +302,37 @@ fn run_on_host(binaries: &[TestBinary], agent: &Path) -> Result<Vec<(String, Out
     Ok(results)
 }
 
-/// The agent binary, built for the guest (its build script builds and embeds the eBPF object).
+/// The agent binary the matrix, the demo and the scans run, on the host and in guests (its build
+/// script builds and embeds the eBPF object).
 pub(crate) fn build_agent(root: &Path) -> Result<PathBuf> {
+    // The test profile (optimised, with debug assertions) and not dev: an unoptimised agent
+    // in a TCG guest is tens of times slower than a shipped one, so slow that a flood's
+    // connects outpace its accept loop by far and the load tests measure the build, not the
+    // agent (an echo behind a flood took 30 s, against 2-3 s optimised). The test binaries
+    // have already compiled nearly every dependency in this profile; a release build would
+    // compile them all a third time (3.5 min on 2 cores).
     cmd::run(
         Command::new("cargo")
-            .args(["build", "-p", "tlsplice"])
+            .args([
+                "build",
+                "--profile",
+                "test",
+                "-p",
+                "tlsplice",
+                "--bin",
+                "tlsplice",
+            ])
             .current_dir(root),
     )?;
-    Ok(root.join("target/debug/tlsplice"))
+    // The test profile's outputs share target/debug with dev's, which a later dev build of the
+    // agent would replace: a copy of its own.
+    let built = root.join("target/debug/tlsplice");
+    let dir = root.join("target/matrix-agent");
+    std::fs::create_dir_all(&dir)?;
+    let agent = dir.join("tlsplice");
+    std::fs::copy(&built, &agent)
+        .with_context(|| format!("copying {} to {}", built.display(), agent.display()))?;
+    Ok(agent)
 }
 
 /// Puts the agent, the given test binaries and tools into an initramfs for `kernel`.
