@@ -167,25 +167,6 @@ async fn read_in_record(
     Ok(n)
 }
 
-/// Turns at the CPU for a handshake's costly steps. Each complete handshake record rustls
-/// processes may cost a key exchange, a signature or a certificate chain's verification: a
-/// millisecond on a real core, far more in an emulated one. A handshake waits for a turn before
-/// each, so when handshakes arrive faster than the node can compute them they wait for turns
-/// (against their deadline) instead of queueing on the runtime ahead of the established
-/// connections' bytes and of other clients' handshakes.
-pub trait Turns: Sync {
-    /// A turn held; dropping it gives it back.
-    type Turn: Send;
-    /// Waits for a turn.
-    fn take(&self) -> impl std::future::Future<Output = Self::Turn> + Send;
-}
-
-/// No turns to wait for: each step runs as soon as its record is in.
-impl Turns for () {
-    type Turn = ();
-    async fn take(&self) {}
-}
-
 /// One TLS leg's rustls session, driven through the unbuffered API: only that API yields a
 /// [`rustls::kernel::KernelConnection`] (which derives the keys after a KeyUpdate and keeps a
 /// server's session tickets once the record layer is in the kernel), and in user space it
@@ -295,7 +276,6 @@ impl TlsSession {
         &mut self,
         sock: &mut TcpStream,
         peer: &str,
-        turns: &impl Turns,
     ) -> Result<Option<String>, HandshakeError> {
         let io_fail = |source: io::Error| HandshakeError::Io {
             peer: peer.to_owned(),
@@ -308,29 +288,19 @@ impl TlsSession {
         // The first record, kept whole while we are the server: the ClientHello, for its SNI.
         let mut first_record = matches!(self, TlsSession::Server(_)).then(Vec::new);
         let mut server_name = None;
-        // A complete record is in `incoming`: processing it is a costly step, taken in a turn
-        // held until what it produced is sent or more must be read.
-        let mut record_in = false;
-        let mut turn = None;
         loop {
-            if record_in && turn.is_none() {
-                turn = Some(turns.take().await);
-            }
             let (discard, next) = self.process(&mut incoming, &mut outgoing);
             incoming.drain(..discard);
             match next {
                 Step::Encoded => {}
                 Step::Transmit => {
-                    (turn, record_in) = (None, false);
                     sock.write_all(&outgoing).await.map_err(io_fail)?;
                     outgoing.clear();
                 }
                 Step::Read => {
-                    turn = None;
                     let n = read_in_record(sock, &mut boundary, &mut buf)
                         .await
                         .map_err(io_fail)?;
-                    record_in = boundary.at_boundary();
                     incoming.extend_from_slice(&buf[..n]);
                     if let Some(hello) = &mut first_record {
                         hello.extend_from_slice(&buf[..n]);
@@ -357,7 +327,6 @@ impl TlsSession {
                     // rustls queued the alert that explains the failure: encode and send it.
                     // Only while records are queued, since each call pops one before it would
                     // parse `incoming` again (which still holds the offending bytes).
-                    // The turn is not held while the alert waits for room to be sent.
                     outgoing.clear();
                     while self.common().wants_write() {
                         let (discard, next) = self.process(&mut incoming, &mut outgoing);
@@ -366,7 +335,6 @@ impl TlsSession {
                             break;
                         }
                     }
-                    drop(turn.take());
                     let _ = sock.write_all(&outgoing).await;
                     return Err(HandshakeError::Tls {
                         peer: peer.to_owned(),
@@ -411,15 +379,14 @@ fn queue_close_notify<Data>(
 }
 
 impl TlsSession {
-    /// Runs the handshake on `sock` to its end, each costly step in one of `turns`; returns
-    /// the client's server name when we are the server.
+    /// Runs the handshake on `sock` to its end; returns the client's server name when we are
+    /// the server.
     pub async fn handshake(
         &mut self,
         sock: &mut TcpStream,
         peer: &str,
-        turns: &impl Turns,
     ) -> Result<Option<String>, HandshakeError> {
-        self.drive_handshake(sock, peer, turns).await
+        self.drive_handshake(sock, peer).await
     }
 
     /// Sends a close_notify on a finished session whose record layer is still in user space
@@ -433,82 +400,6 @@ impl TlsSession {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Turns from a semaphore the test hands out, counted.
-    struct Counted {
-        turns: std::sync::Arc<tokio::sync::Semaphore>,
-        taken: std::sync::atomic::AtomicUsize,
-    }
-
-    impl Turns for Counted {
-        type Turn = tokio::sync::OwnedSemaphorePermit;
-        async fn take(&self) -> Self::Turn {
-            self.taken
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.turns.clone().acquire_owned().await.expect("open")
-        }
-    }
-
-    #[tokio::test]
-    async fn a_handshake_processes_each_complete_record_in_a_turn_and_waits_for_one() {
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let key = rcgen::KeyPair::generate().expect("key");
-        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .expect("params")
-            .self_signed(&key)
-            .expect("cert");
-        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-            )
-            .expect("server config");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.der().clone()).expect("root");
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let peer = std::thread::spawn(move || {
-            let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
-            let mut conn =
-                rustls::ClientConnection::new(std::sync::Arc::new(client), name).expect("client");
-            let mut sock = std::net::TcpStream::connect(addr).expect("connect");
-            while conn.is_handshaking() {
-                conn.complete_io(&mut sock).expect("client handshake");
-            }
-        });
-        let (sock, _) = listener.accept().expect("accept");
-        sock.set_nonblocking(true).expect("nonblocking");
-        let mut sock = TcpStream::from_std(sock).expect("tokio socket");
-        let mut session = TlsSession::Server(
-            UnbufferedServerConnection::new(std::sync::Arc::new(server)).expect("server"),
-        );
-        let turns = Counted {
-            turns: std::sync::Arc::new(tokio::sync::Semaphore::new(0)),
-            taken: Default::default(),
-        };
-        // No turn to be had: the ClientHello waits, unprocessed.
-        let handshake = session.handshake(&mut sock, "client", &turns);
-        tokio::pin!(handshake);
-        let waited =
-            tokio::time::timeout(std::time::Duration::from_millis(300), &mut handshake).await;
-        assert!(waited.is_err(), "the handshake went on without a turn");
-        assert_eq!(turns.taken.load(std::sync::atomic::Ordering::Relaxed), 1);
-        // Turns to spare: it completes, one turn per record that came in whole (the
-        // ClientHello, the compatibility ChangeCipherSpec and the Finished).
-        turns.turns.add_permits(16);
-        handshake.await.expect("handshake");
-        peer.join().expect("client");
-        assert_eq!(turns.taken.load(std::sync::atomic::Ordering::Relaxed), 3);
-        assert_eq!(turns.turns.available_permits(), 16, "every turn given back");
-    }
 
     #[test]
     fn the_boundary_stops_at_each_record_end_and_reassembles_split_headers() {

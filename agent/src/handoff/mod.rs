@@ -6,6 +6,6 @@ mod handshake;
 mod kernel;
 mod records;
 
-pub use handshake::{HandshakeError, LegSide, RecordBoundary, TlsSession, Turns};
+pub use handshake::{HandshakeError, LegSide, RecordBoundary, TlsSession};
 pub use kernel::{HandoffError, KernelSession, KtlsSession, SessionError};
 pub use records::{Received, RecordError, UserSession};

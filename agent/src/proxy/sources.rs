@@ -262,11 +262,10 @@ impl Drop for SourcePlace {
     }
 }
 
-/// Places shared fairly among sources: when all are taken, a new handshake waits in its
-/// source's queue, and each place given back goes to the next source in turn (round robin), so
-/// a source with many handshakes waiting delays another source's by one turn, not by its whole
-/// queue. The node's handshake places are one such gate (`max_handshakes`), its turns at the
-/// CPU for handshakes' costly steps another (one per runtime worker).
+/// The node's handshake places, shared fairly among sources: when all are taken, a new
+/// handshake waits in its source's queue, and each place given back goes to the next source in
+/// turn (round robin), so a source with many handshakes waiting delays another source's by one
+/// turn, not by its whole queue.
 #[derive(Debug)]
 pub(crate) struct HandshakeGate {
     state: Mutex<GateState>,
@@ -336,7 +335,6 @@ impl HandshakeGate {
                 state.in_use += 1;
                 return Ok(HandshakePlace {
                     gate: Some(self.clone()),
-                    waited: false,
                 });
             }
             if state.waiting >= self.max_waiting {
@@ -380,7 +378,6 @@ impl HandshakeGate {
             state.waiting -= 1;
             let place = HandshakePlace {
                 gate: Some(self.clone()),
-                waited: true,
             };
             match tx.send(place) {
                 Ok(()) => return,
@@ -398,15 +395,6 @@ impl HandshakeGate {
 #[derive(Debug)]
 pub(crate) struct HandshakePlace {
     gate: Option<Arc<HandshakeGate>>,
-    /// It was handed over by another's give-back rather than free when asked for.
-    waited: bool,
-}
-
-impl HandshakePlace {
-    /// Whether the place was waited for (every place was taken when it was asked for).
-    pub(crate) fn waited(&self) -> bool {
-        self.waited
-    }
 }
 
 impl Drop for HandshakePlace {

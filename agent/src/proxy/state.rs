@@ -24,9 +24,6 @@ pub(crate) struct SharedLimits {
     connections: Arc<Semaphore>,
     /// TLS handshakes in progress at once, over all listeners, and those waiting for a place.
     handshakes: Arc<HandshakeGate>,
-    /// Turns at the CPU for handshakes' costly steps, one per runtime worker, taken by source
-    /// in turn: see [`crate::handoff::Turns`].
-    turns: Arc<HandshakeGate>,
     max_connections: usize,
     max_handshakes: usize,
     /// Refused connections being closed gently (each up to a second), over all listeners.
@@ -52,7 +49,6 @@ impl SharedLimits {
                 limits.max_handshakes,
                 limits.handshake_queue.unwrap_or(limits.max_handshakes),
             ),
-            turns: HandshakeGate::new(runtime_workers(), usize::MAX),
             max_connections: limits.max_connections,
             max_handshakes: limits.max_handshakes,
             lingering: Arc::new(Semaphore::new(MAX_LINGERING)),
@@ -64,43 +60,6 @@ impl SharedLimits {
             node: limits.clone(),
             refusals: Arc::default(),
         }
-    }
-}
-
-/// The worker threads of the runtime the limits are made on (the CPUs, outside one): as many
-/// handshake steps may run at once as there are threads to run them.
-fn runtime_workers() -> usize {
-    tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_workers())
-        .or_else(|_| std::thread::available_parallelism().map(usize::from))
-        .unwrap_or(1)
-        .max(1)
-}
-
-/// A client's turns at the CPU for its handshakes' costly steps (its source's, in turn with
-/// other sources'), until the handshake's deadline; a step whose turn does not come by then
-/// runs without one, and the deadline ends the handshake.
-pub(crate) struct SourceTurns<'a> {
-    gate: &'a Arc<HandshakeGate>,
-    source: Source,
-    until: tokio::time::Instant,
-}
-
-impl crate::handoff::Turns for SourceTurns<'_> {
-    type Turn = Option<HandshakePlace>;
-
-    async fn take(&self) -> Option<HandshakePlace> {
-        let wait = self
-            .until
-            .saturating_duration_since(tokio::time::Instant::now());
-        let turn = self.gate.place(self.source, wait).await.ok();
-        if turn.as_ref().is_some_and(HandshakePlace::waited) {
-            // Handed over by the step before, which woke this task to run next on its worker:
-            // to the back of the run queue first, so every other task (established
-            // connections' bytes among them) runs between two costly steps.
-            tokio::task::yield_now().await;
-        }
-        turn
     }
 }
 
@@ -293,21 +252,6 @@ impl ListenerState {
             _node: node,
             _own: own,
         })
-    }
-
-    /// The turns at the CPU for the handshake steps of a client at `peer`, until `deadline`
-    /// from now.
-    pub(crate) fn turns(
-        &self,
-        peer: std::net::SocketAddr,
-        deadline: std::time::Duration,
-    ) -> SourceTurns<'_> {
-        let node = &self.limits.node;
-        SourceTurns {
-            gate: &self.limits.turns,
-            source: Source::of(peer.ip(), node.source_prefix_v4, node.source_prefix_v6),
-            until: tokio::time::Instant::now() + deadline,
-        }
     }
 
     /// A place under the handshake limit for one TLS handshake of a client at `peer`: at once

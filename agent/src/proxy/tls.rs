@@ -23,7 +23,7 @@ use super::relay::ktls::RekeyPolicy;
 use super::relay::{Established, Plan};
 use super::state::ListenerState;
 use super::upstream::{Target, write_proxy_header};
-use crate::handoff::{LegSide, TlsSession, Turns};
+use crate::handoff::{LegSide, TlsSession};
 use crate::identity;
 use crate::ktls::{Cipher, TlsVersion};
 use crate::net::Upstream;
@@ -224,17 +224,7 @@ async fn client_handshake(
     let left = deadline.saturating_sub(started.elapsed());
     let _place = state.handshake_place(peer, left).await?;
     let left = deadline.saturating_sub(started.elapsed());
-    let turns = state.turns(peer, left);
-    let (leg, sni) = handshake(
-        leg,
-        client,
-        peer.to_string(),
-        left,
-        LegSide::Client,
-        facts,
-        &turns,
-    )
-    .await?;
+    let (leg, sni) = handshake(leg, client, peer.to_string(), left, LegSide::Client, facts).await?;
     Ok((leg, sni))
 }
 
@@ -258,8 +248,7 @@ async fn upstream_handshake(
         .peer_addr()
         .map_or_else(|_| "the upstream".to_owned(), |a| a.to_string());
     let left = deadline.saturating_sub(started.elapsed());
-    let turns = state.turns(client, left);
-    let (leg, _) = handshake(leg, upstream, who, left, LegSide::Upstream, facts, &turns).await?;
+    let (leg, _) = handshake(leg, upstream, who, left, LegSide::Upstream, facts).await?;
     Ok(leg)
 }
 
@@ -271,9 +260,8 @@ async fn handshake(
     deadline: Duration,
     side: LegSide,
     facts: &mut Facts,
-    turns: &impl Turns,
 ) -> Result<(TlsSession, Option<String>), Failure> {
-    let ended = tokio::time::timeout(deadline, leg.handshake(sock, &peer, turns)).await;
+    let ended = tokio::time::timeout(deadline, leg.handshake(sock, &peer)).await;
     let counted = match side {
         LegSide::Client => &mut facts.client_handshake,
         LegSide::Upstream => &mut facts.upstream_handshake,
