@@ -406,6 +406,9 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
         Ok(n) => tracing::info!(open_files = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
     }
+    if let Err(e) = tlsplice::sys::disable_transparent_huge_pages() {
+        tracing::warn!(error = %e, "transparent huge pages stay on: memory freed after a burst may stay resident");
+    }
     let caps = Arc::new(tlsplice::path::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
 

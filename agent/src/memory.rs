@@ -5,7 +5,9 @@
 //! (`dirty_decay_ms`) from a background thread, so an agent that has gone quiet shrinks without
 //! any allocation to trigger it. Its per-thread caches are off (`tcache:false`): a worker thread
 //! that goes idle never flushes its cache, and after ten bursts of 1,000 connections they held
-//! 2-3 MiB for good (+0.7 MiB without them). The settings are built in from .cargo/config.toml.
+//! 2-3 MiB for good (+0.7 MiB without them). Its mappings get no transparent huge pages
+//! (`thp:never`): a kernel with them always on (Debian's) backed the sparse heap with 2 MiB pages
+//! that stayed resident after a burst. The settings are built in from .cargo/config.toml.
 
 /// What the heap holds, from jemalloc's statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

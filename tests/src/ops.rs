@@ -1,6 +1,7 @@
 //! What the tests that run the agent binary share: an echo upstream, a test directory, TLS
 //! clients (from a chosen source address, too) and a terminate listener's TOML.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -10,7 +11,7 @@ use std::time::Duration;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
-use crate::{TestPki, serve};
+use crate::{AgentProcess, TestPki, serve};
 
 /// An upstream that echoes every byte back until the client closes.
 pub fn echo_upstream() -> SocketAddr {
@@ -145,4 +146,42 @@ pub fn tls_over(mut sock: TcpStream, config: Arc<ClientConfig>) -> Result<Client
         conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
     }
     Ok(StreamOwned::new(conn, sock))
+}
+
+/// The agent's open descriptors, by what they are (socket, pipe, anon_inode, file).
+pub fn descriptors(agent: &AgentProcess) -> Vec<String> {
+    let dir = format!("/proc/{}/fd", agent.child.id());
+    std::fs::read_dir(&dir)
+        .expect("the agent's fd directory")
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| {
+            let t = t.to_string_lossy().into_owned();
+            t.split(':').next().unwrap_or(&t).to_owned()
+        })
+        .collect()
+}
+
+/// The agent's descriptor count once it is steady (a certificate check opens a file for a
+/// moment: two equal readings in a row).
+pub fn steady_descriptors(agent: &AgentProcess) -> usize {
+    let mut last = descriptors(agent).len();
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = descriptors(agent).len();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
+/// The agent's descriptors counted by kind.
+pub fn descriptors_by_kind(agent: &AgentProcess) -> BTreeMap<String, usize> {
+    let mut kinds = BTreeMap::new();
+    for k in descriptors(agent) {
+        *kinds.entry(k).or_default() += 1;
+    }
+    kinds
 }

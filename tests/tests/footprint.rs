@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
-use tlsplice_tests::ops::tls_echo_upstream;
+use tlsplice_tests::ops::{
+    descriptors, descriptors_by_kind, steady_descriptors, tls_echo_upstream,
+};
 use tlsplice_tests::{
     AgentProcess, TestPki, bpffs_or_skip, eventually, expected_auto_path, free_port, in_guest,
     metric, serve, skip,
@@ -49,43 +51,6 @@ fn exchanged(addr: SocketAddr, config: &Arc<ClientConfig>) -> std::io::Result<Cl
     let mut back = [0u8; 1];
     c.read_exact(&mut back)?;
     Ok(c)
-}
-
-/// The agent's open descriptors, by what they are (socket, pipe, anon_inode, file).
-fn descriptors(agent: &AgentProcess) -> Vec<String> {
-    let dir = format!("/proc/{}/fd", agent.child.id());
-    std::fs::read_dir(&dir)
-        .expect("the agent's fd directory")
-        .flatten()
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .map(|t| {
-            let t = t.to_string_lossy().into_owned();
-            t.split(':').next().unwrap_or(&t).to_owned()
-        })
-        .collect()
-}
-
-/// The agent's descriptor count once it is steady (a certificate check opens a file for a
-/// moment: two equal readings in a row).
-fn steady_descriptors(agent: &AgentProcess) -> usize {
-    let mut last = descriptors(agent).len();
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(100));
-        let now = descriptors(agent).len();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    last
-}
-
-fn by_kind(agent: &AgentProcess) -> String {
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-    for k in descriptors(agent) {
-        *kinds.entry(k).or_default() += 1;
-    }
-    format!("{kinds:?}")
 }
 
 /// Connections held per path: enough that a per-connection descriptor cannot hide, few enough
@@ -127,7 +92,7 @@ fn assert_two_per_connection(
     );
     let pooled_before = metric(&m, "tlsplice_splice_pipes", &["state=\"idle\""]) as usize;
     let before = steady_descriptors(agent);
-    let before_kinds = by_kind(agent);
+    let before_kinds = descriptors_by_kind(agent);
     let clients: Vec<Client> = (0..n)
         .map(|i| exchanged(listen, config).unwrap_or_else(|e| panic!("{listener} #{i}: {e}")))
         .collect();
@@ -139,16 +104,16 @@ fn assert_two_per_connection(
     let grown = 2 * (pooled(&m) - pooled_before);
     println!(
         "{listener}: {before} descriptors before, {after} with {n} idle connections ({} per \
-         connection, {grown} for pipes the pool keeps); before {before_kinds}, after {}",
+         connection, {grown} for pipes the pool keeps); before {before_kinds:?}, after {:?}",
         (after as f64 - before as f64 - grown as f64) / n as f64,
-        by_kind(agent)
+        descriptors_by_kind(agent)
     );
     assert_eq!(
         after,
         before + 2 * n + grown,
         "{listener}: expected {before} + 2 x {n} (+ {grown} pooled) descriptors; before \
-         {before_kinds}, after {}",
-        by_kind(agent)
+         {before_kinds:?}, after {:?}",
+        descriptors_by_kind(agent)
     );
     assert_eq!(
         metric(&m, "tlsplice_splice_pipes", &["state=\"in_use\""]),

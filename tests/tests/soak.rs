@@ -7,6 +7,7 @@
 //! `cargo xtask test` runs it short (TLSPLICE_SOAK_SECONDS, TLSPLICE_SOAK_CONNECTIONS);
 //! `cargo xtask soak` runs it long with a release agent.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,7 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
-use tlsplice_tests::ops::{connect_from, echo_upstream, test_dir, tls_echo_upstream};
+use tlsplice_tests::ops::{
+    connect_from, descriptors_by_kind, echo_upstream, steady_descriptors, test_dir,
+    tls_echo_upstream,
+};
 use tlsplice_tests::{AgentProcess, TestPki, bpffs_missing, free_port, in_guest, metric};
 
 const GOOD: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
@@ -30,7 +34,8 @@ fn env_or(name: &str, default: u64) -> u64 {
 /// What the agent holds, read from the outside (/proc) and from its /metrics.
 #[derive(Debug, Clone, PartialEq)]
 struct Held {
-    descriptors: usize,
+    /// Open descriptors by kind (socket, pipe, anon_inode, file), read when steady.
+    descriptors: BTreeMap<String, usize>,
     tasks: f64,
     parked: f64,
     pipes_in_use: f64,
@@ -48,6 +53,9 @@ struct Held {
     /// printed beside RSS to tell what the program holds from what the allocator keeps.
     heap_allocated_mib: f64,
     heap_resident_mib: f64,
+    /// The agent's threads (tokio's blocking pool grows on demand and shrinks after 10 s idle):
+    /// printed, not compared.
+    threads: u64,
 }
 
 fn held(agent: &AgentProcess) -> Held {
@@ -69,7 +77,10 @@ fn held(agent: &AgentProcess) -> Held {
     };
     let rss_kib = kib("VmRSS:");
     Held {
-        descriptors: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
+        descriptors: {
+            steady_descriptors(agent);
+            descriptors_by_kind(agent)
+        },
         tasks: metric(&m, "tlsplice_runtime_tasks", &[]),
         parked: metric(&m, "tlsplice_parked_connections", &[]),
         pipes_in_use: metric(&m, "tlsplice_splice_pipes", &["state=\"in_use\""]),
@@ -80,10 +91,83 @@ fn held(agent: &AgentProcess) -> Held {
         rss_file_mib: kib("RssFile:") / 1024.0,
         heap_allocated_mib: metric(&m, "tlsplice_heap_bytes", &["state=\"allocated\""]) / MIB,
         heap_resident_mib: metric(&m, "tlsplice_heap_bytes", &["state=\"resident\""]) / MIB,
+        threads: kib("Threads:") as u64,
     }
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
+
+/// One of the agent's mappings (/proc/PID/smaps), in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mapping {
+    anonymous: u64,
+    /// Of it, in transparent huge pages.
+    huge: u64,
+    /// Of it, freed by the program with MADV_FREE but not yet taken back by the kernel.
+    lazy_free: u64,
+}
+
+/// Each of the agent's mappings, keyed by its smaps header line: where RSS grew when it did
+/// not come back.
+fn anon_by_mapping(pid: u32) -> BTreeMap<String, Mapping> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut mappings: BTreeMap<String, Mapping> = BTreeMap::new();
+    let mut current = String::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if !first.ends_with(':') {
+            current = line.split_whitespace().collect::<Vec<_>>().join(" ");
+            continue;
+        }
+        let kib = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let m = mappings.entry(current.clone()).or_default();
+        match first {
+            "Anonymous:" => m.anonymous = kib,
+            "AnonHugePages:" => m.huge = kib,
+            "LazyFree:" => m.lazy_free = kib,
+            _ => {}
+        }
+    }
+    mappings
+}
+
+/// The mappings whose anonymous memory grew from `base` to `now` by 64 KiB or more, largest
+/// first, the total of all growth, and the kernel's transparent huge page setting.
+fn anon_growth(base: &BTreeMap<String, Mapping>, now: &BTreeMap<String, Mapping>) -> String {
+    let mut grown: Vec<(u64, &String, Mapping, Mapping)> = now
+        .iter()
+        .filter_map(|(name, m)| {
+            let before = base.get(name).copied().unwrap_or_default();
+            let grew = m.anonymous.saturating_sub(before.anonymous);
+            (grew >= 64).then_some((grew, name, before, *m))
+        })
+        .collect();
+    grown.sort_by_key(|g| std::cmp::Reverse(g.0));
+    let total: u64 = grown.iter().map(|g| g.0).sum();
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let mut out = format!(
+        "anonymous memory grew by {total} KiB in {} mappings ({} mappings before, {} now; \
+         transparent huge pages: {})",
+        grown.len(),
+        base.len(),
+        now.len(),
+        thp.trim()
+    );
+    for (kib, name, before, after) in grown.iter().take(12) {
+        out += &format!(
+            "\n  +{kib} KiB {name}: anonymous {} -> {}, huge pages {} -> {}, lazy free {} -> {}",
+            before.anonymous,
+            after.anonymous,
+            before.huge,
+            after.huge,
+            before.lazy_free,
+            after.lazy_free
+        );
+    }
+    out
+}
 
 /// Whether `now` is back where `base` was: every count equal, the agent's anonymous memory
 /// within +10% or +2 MiB (the footprint rule's bound).
@@ -96,6 +180,7 @@ fn back_to(base: &Held, now: &Held) -> bool {
             rss_file_mib: base.rss_file_mib,
             heap_allocated_mib: base.heap_allocated_mib,
             heap_resident_mib: base.heap_resident_mib,
+            threads: base.threads,
             ..now.clone()
         } == *base
 }
@@ -252,6 +337,17 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
         &["--ebpf", "off"]
     };
     let agent = AgentProcess::start(&dir, &config, &[], flags);
+    // Transparent huge pages off for the agent (else a kernel with them always on keeps a
+    // burst's memory resident in 2 MiB pages): the kernel says so in the agent's status.
+    let thp = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:").map(|v| v.trim().to_owned()));
+    assert_eq!(
+        thp.as_deref(),
+        Some("0"),
+        "transparent huge pages for the agent"
+    );
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
     let targets = [at(term), at(re), at(pass)];
     let originate = at(orig);
@@ -278,6 +374,7 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     }
     std::thread::sleep(Duration::from_secs(3));
     let base = held(&agent);
+    let base_mappings = anon_by_mapping(agent.child.id());
 
     // Four good workers for the whole run, each session timed; the middle third of the run
     // (by time or by connections, whichever is further) has a flood from another source.
@@ -416,12 +513,13 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
         &["outcome=\"source rate limit\""],
     );
     let failures = failures.lock().expect("failures").clone();
+    let growth = anon_growth(&base_mappings, &anon_by_mapping(agent.child.id()));
     println!(
         "soak: {} connections in {ran:?} ({} resumed), {flooded_with} flood connections from \
          another source ({refused} refused by its rate)\n\
          good handshake p99: {p99_quiet:?} without the flood ({quiet_n} samples), \
          {p99_flooded:?} during it ({flooded_n})\n\
-         start: {base:?}\nend:   {end:?} ({:?} after the last connection)",
+         start: {base:?}\nend:   {end:?} ({:?} after the last connection)\n{growth}",
         opened.load(Ordering::Relaxed).min(max_connections),
         resumed.load(Ordering::Relaxed),
         settled.elapsed()
@@ -434,7 +532,7 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     );
     assert!(
         back_to(&base, &end),
-        "not back to the start:\n{base:?}\n{end:?}"
+        "not back to the start:\n{base:?}\n{end:?}\n{growth}"
     );
     assert!(resumed.load(Ordering::Relaxed) > 0, "no session resumed");
     assert!(refused > 0.0, "the flood was not refused:\n{m}");
