@@ -4,7 +4,7 @@
 //! Modules by concern, from the kernel up:
 //! - kernel interfaces, the only modules that call them (and the only ones with `unsafe`):
 //!   [`ktls`] (kTLS setsockopt and record-type cmsgs), [`splice`] (splice(2) and pipes),
-//!   [`sys`] (TCP_INFO, socket options, rlimit, the bpffs mount), and [`bpf`] (the eBPF programs
+//!   [`sys`] (TCP_INFO, socket options, rlimit, THP off, the bpffs mount), and [`bpf`] (the eBPF programs
 //!   and maps, through aya);
 //! - [`net`]: connected sockets as the relays drive them;
 //! - [`outcome`]: a connection's typed end ([`outcome::Reason`]) and its report;

@@ -1,6 +1,7 @@
 //! The small kernel interfaces that are neither kTLS ([`crate::ktls`]), splice
 //! ([`crate::splice`]) nor BPF ([`crate::bpf`]): TCP state and counters (`TCP_INFO`,
-//! `SIOCOUTQ`), socket cookies and options, the open-file limit, and the file-system calls that
+//! `SIOCOUTQ`), socket cookies and options, the open-file limit, transparent huge pages off for
+//! the process (`PR_SET_THP_DISABLE`), and the file-system calls that
 //! the BPF pin directory needs (statfs, flock, mount), and the epoll set of parked connections
 //! put on the runtime. The only place they are called.
 #![allow(unsafe_code)]
@@ -41,9 +42,11 @@ pub fn raise_open_files() -> io::Result<u64> {
 /// 30-second soak while the allocator held 3.4 MiB, and RSS did not come back). The agent's
 /// memory is many small connection states, which huge pages do not speed up.
 pub fn disable_transparent_huge_pages() -> io::Result<()> {
+    // The kernel reads each argument as an unsigned long.
+    let (on, unused): (libc::c_ulong, libc::c_ulong) = (1, 0);
     // SAFETY: PR_SET_THP_DISABLE takes an integer flag and three zero arguments; it reads and
     // writes no memory of this process.
-    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, on, unused, unused, unused) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

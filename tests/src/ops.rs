@@ -148,7 +148,7 @@ pub fn tls_over(mut sock: TcpStream, config: Arc<ClientConfig>) -> Result<Client
     Ok(StreamOwned::new(conn, sock))
 }
 
-/// The agent's open descriptors, by what they are (socket, pipe, anon_inode, file).
+/// The agent's open descriptors, by what they are (socket, pipe, anon_inode, or a file's path).
 pub fn descriptors(agent: &AgentProcess) -> Vec<String> {
     let dir = format!("/proc/{}/fd", agent.child.id());
     std::fs::read_dir(&dir)
@@ -162,13 +162,19 @@ pub fn descriptors(agent: &AgentProcess) -> Vec<String> {
         .collect()
 }
 
-/// The agent's descriptor count once it is steady (a certificate check opens a file for a
-/// moment: two equal readings in a row).
+/// The agent's descriptor count once it is steady ([`steady_descriptors_by_kind`]).
 pub fn steady_descriptors(agent: &AgentProcess) -> usize {
-    let mut last = descriptors(agent).len();
+    steady_descriptors_by_kind(agent).values().sum()
+}
+
+/// The agent's descriptors by kind once they are steady: a certificate check opens a file for a
+/// moment, a `/metrics` request holds a socket until the agent has answered it, so two equal
+/// readings in a row (at most 2 s of tries).
+pub fn steady_descriptors_by_kind(agent: &AgentProcess) -> BTreeMap<String, usize> {
+    let mut last = descriptors_by_kind(agent);
     for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(100));
-        let now = descriptors(agent).len();
+        let now = descriptors_by_kind(agent);
         if now == last {
             return now;
         }
@@ -177,7 +183,7 @@ pub fn steady_descriptors(agent: &AgentProcess) -> usize {
     last
 }
 
-/// The agent's descriptors counted by kind.
+/// The agent's descriptors counted by kind (a file by its path).
 pub fn descriptors_by_kind(agent: &AgentProcess) -> BTreeMap<String, usize> {
     let mut kinds = BTreeMap::new();
     for k in descriptors(agent) {

@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 use tlsplice_tests::ops::{
-    connect_from, descriptors_by_kind, echo_upstream, steady_descriptors, test_dir,
-    tls_echo_upstream,
+    connect_from, echo_upstream, steady_descriptors_by_kind, test_dir, tls_echo_upstream,
 };
 use tlsplice_tests::{AgentProcess, TestPki, bpffs_missing, free_port, in_guest, metric};
 
@@ -77,10 +76,7 @@ fn held(agent: &AgentProcess) -> Held {
     };
     let rss_kib = kib("VmRSS:");
     Held {
-        descriptors: {
-            steady_descriptors(agent);
-            descriptors_by_kind(agent)
-        },
+        descriptors: steady_descriptors_by_kind(agent),
         tasks: metric(&m, "tlsplice_runtime_tasks", &[]),
         parked: metric(&m, "tlsplice_parked_connections", &[]),
         pipes_in_use: metric(&m, "tlsplice_splice_pipes", &["state=\"in_use\""]),
@@ -91,6 +87,7 @@ fn held(agent: &AgentProcess) -> Held {
         rss_file_mib: kib("RssFile:") / 1024.0,
         heap_allocated_mib: metric(&m, "tlsplice_heap_bytes", &["state=\"allocated\""]) / MIB,
         heap_resident_mib: metric(&m, "tlsplice_heap_bytes", &["state=\"resident\""]) / MIB,
+        // A count, read as the KiB fields are.
         threads: kib("Threads:") as u64,
     }
 }
@@ -133,7 +130,9 @@ fn anon_by_mapping(pid: u32) -> BTreeMap<String, Mapping> {
 }
 
 /// The mappings whose anonymous memory grew from `base` to `now` by 64 KiB or more, largest
-/// first, the total of all growth, and the kernel's transparent huge page setting.
+/// first, beside the net change over all mappings (a mapping is known by its address range,
+/// so one that moved or merged counts whole as growth), and the kernel's transparent huge
+/// page setting.
 fn anon_growth(base: &BTreeMap<String, Mapping>, now: &BTreeMap<String, Mapping>) -> String {
     let mut grown: Vec<(u64, &String, Mapping, Mapping)> = now
         .iter()
@@ -144,15 +143,17 @@ fn anon_growth(base: &BTreeMap<String, Mapping>, now: &BTreeMap<String, Mapping>
         })
         .collect();
     grown.sort_by_key(|g| std::cmp::Reverse(g.0));
-    let total: u64 = grown.iter().map(|g| g.0).sum();
+    let sum = |ms: &BTreeMap<String, Mapping>| ms.values().map(|m| m.anonymous).sum::<u64>();
     let thp =
         std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     let mut out = format!(
-        "anonymous memory grew by {total} KiB in {} mappings ({} mappings before, {} now; \
-         transparent huge pages: {})",
-        grown.len(),
+        "anonymous memory {} -> {} KiB in {} -> {} mappings, {} of them grew by 64 KiB or more \
+         (transparent huge pages: {})",
+        sum(base),
+        sum(now),
         base.len(),
         now.len(),
+        grown.len(),
         thp.trim()
     );
     for (kib, name, before, after) in grown.iter().take(12) {
@@ -494,8 +495,8 @@ fn soak_mixed_traffic_leaves_nothing_behind() {
     let ran = started.elapsed();
 
     // Everything back: within a minute of the last connection.
-    let mut end = held(&agent);
     let settled = Instant::now();
+    let mut end = held(&agent);
     while !back_to(&base, &end) && settled.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(500));
         end = held(&agent);
