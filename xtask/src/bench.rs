@@ -23,6 +23,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Only these relays, by label (empty: all).
     pub relays: Vec<String>,
+    /// Runs per host row (each figure their median, with the spread beside it).
+    pub host_repeat: u32,
 }
 
 impl Options {
@@ -83,6 +85,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     if opts.quick {
         host.arg("--quick");
     }
+    host.args(["--repeat", &opts.host_repeat.to_string()]);
     host.args(opts.filters());
     let host_result = cmd::run(&mut host);
     if host_json.exists() {

@@ -97,6 +97,10 @@ enum Task {
         /// Only these relays, by label ("tlsplice ktls", "nginx ktls", "haproxy"; repeat).
         #[arg(long = "relay")]
         relays: Vec<String>,
+        /// Host rows are the median of this many runs, shown with their spread (default 3;
+        /// 1 with --quick).
+        #[arg(long)]
+        repeat: Option<u32>,
     },
     /// openssl s_client (KeyUpdate both ways, TLS 1.2 renegotiation) and testssl.sh from this
     /// host against a terminate listener: the host's agent, then one in a kTLS guest through
@@ -218,6 +222,7 @@ fn run() -> Result<()> {
             kernel,
             only,
             relays,
+            repeat,
         } => bench::run(
             &root,
             &bench::Options {
@@ -226,6 +231,7 @@ fn run() -> Result<()> {
                 kernel,
                 only,
                 relays,
+                host_repeat: repeat.unwrap_or(if quick { 1 } else { 3 }),
             },
         ),
     }

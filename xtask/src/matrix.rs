@@ -626,6 +626,7 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
             kernel: last.to_owned(),
             only: Vec::new(),
             relays: Vec::new(),
+            host_repeat: 1,
         },
     )
 }

@@ -63,6 +63,10 @@ enum Cmd {
         /// flag; default: all).
         #[arg(long = "relay")]
         relays: Vec<String>,
+        /// Measure each row this many times and keep each figure's median, with the smallest
+        /// and largest value beside it.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=9))]
+        repeat: u32,
     },
     /// Write report.md, the SVG charts and results.json from `run` outputs.
     Report {
@@ -350,6 +354,12 @@ struct Row {
     path_observed: String,
     errors: u64,
     first_error: Option<String>,
+    /// How many runs the figures are the median of (`--repeat`).
+    #[serde(default)]
+    runs: u32,
+    /// For a row of several runs: each figure's smallest and largest value, by figure name.
+    #[serde(default)]
+    spread: repeat::Spreads,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -377,6 +387,9 @@ struct Results {
     sizes: Sizes,
     /// Descriptors one process may hold here (RLIMIT_NOFILE after raising it as far as allowed).
     open_files_limit: u64,
+    /// Runs per row (`--repeat`): each figure is their median.
+    #[serde(default)]
+    repeat: u32,
     rows: Vec<Row>,
     skipped: Vec<Skip>,
 }
@@ -1082,6 +1095,7 @@ fn run(
     loadgen: PathBuf,
     out: &str,
     only: &Only,
+    repeat: u32,
 ) -> Result<()> {
     raise_open_files_limit();
     let dir = std::env::temp_dir().join(format!("tlsplice-bench-{}", std::process::id()));
@@ -1176,11 +1190,12 @@ fn run(
         crypto_bytes_per_s: crypto_speed(quick),
         sizes: bench.sizes.clone(),
         open_files_limit: tlsplice_benches::open_files_limit(),
+        repeat,
         rows: Vec::new(),
         skipped: Vec::new(),
     };
     println!(
-        "bench: {:?} scope, kernel {}, {} x {}, quick={quick}",
+        "bench: {:?} scope, kernel {}, {} x {}, quick={quick}, {repeat} run(s) per row",
         scope, results.kernel, cpus, results.cpu
     );
     for mode in [Mode::Terminate, Mode::Reencrypt, Mode::Passthrough] {
@@ -1227,7 +1242,7 @@ fn run(
                     continue;
                 }
             };
-            for workload in WORKLOADS {
+            'workloads: for workload in WORKLOADS {
                 if !only.workloads.is_empty() && !only.workloads.contains(&workload) {
                     continue;
                 }
@@ -1239,37 +1254,51 @@ fn run(
                     });
                     continue;
                 }
-                if workload == Workload::Idle {
-                    // A fresh relay: what the earlier workloads left resident (allocator
-                    // arenas, pools) must not be mistaken for, or hide, per-connection memory.
-                    drop(running);
-                    running = match bench.start(relay, mode) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            results.rows.push(Row {
-                                mode: mode.name().into(),
-                                relay: relay.label(),
-                                peer: relay.is_peer(),
-                                workload: workload.label().into(),
-                                errors: 1,
-                                first_error: Some(format!(
-                                    "restarting for the idle workload: {e:#}"
-                                )),
-                                ..Row::default()
-                            });
-                            break;
-                        }
-                    };
+                let label = |mut row: Row| {
+                    row.mode = mode.name().into();
+                    row.relay = relay.label();
+                    row.peer = relay.is_peer();
+                    row.workload = workload.label().into();
+                    row
+                };
+                let mut runs = Vec::new();
+                for round in 1..=repeat {
+                    if workload == Workload::Idle {
+                        // A fresh relay: what the earlier workloads left resident (allocator
+                        // arenas, pools) must not be mistaken for, or hide, per-connection
+                        // memory.
+                        drop(running);
+                        running = match bench.start(relay, mode) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                // The relay is gone: its remaining workloads cannot run.
+                                let lost = label(Row {
+                                    errors: 1,
+                                    first_error: Some(format!(
+                                        "restarting for the idle workload: {e:#}"
+                                    )),
+                                    ..Row::default()
+                                });
+                                println!("bench: {}", one_line(&lost));
+                                runs.push(lost);
+                                results
+                                    .rows
+                                    .push(repeat::combine(std::mem::take(&mut runs)));
+                                break 'workloads;
+                            }
+                        };
+                    }
+                    let row = label(bench.measure(&running, workload).unwrap_or_else(|e| Row {
+                        errors: 1,
+                        first_error: Some(format!("{e:#}")),
+                        ..Row::default()
+                    }));
+                    if repeat > 1 {
+                        println!("bench: run {round}/{repeat}: {}", one_line(&row));
+                    }
+                    runs.push(row);
                 }
-                let mut row = bench.measure(&running, workload).unwrap_or_else(|e| Row {
-                    errors: 1,
-                    first_error: Some(format!("{e:#}")),
-                    ..Row::default()
-                });
-                row.mode = mode.name().into();
-                row.relay = relay.label();
-                row.peer = relay.is_peer();
-                row.workload = workload.label().into();
+                let row = repeat::combine(runs);
                 println!("bench: {}", one_line(&row));
                 results.rows.push(row);
             }
@@ -1341,6 +1370,9 @@ fn one_line(r: &Row) -> String {
     if !r.path_observed.is_empty() {
         s += &format!(" [{}]", r.path_observed);
     }
+    if r.runs > 1 {
+        s += &format!(" (medians of {} runs)", r.runs);
+    }
     if r.errors > 0 {
         s += &format!(
             " ERRORS {}: {}",
@@ -1372,6 +1404,7 @@ fn main() -> Result<()> {
             out,
             only,
             relays,
+            repeat,
         } => run(
             quick,
             scope,
@@ -1382,10 +1415,12 @@ fn main() -> Result<()> {
                 workloads: only,
                 relays,
             },
+            repeat,
         ),
         Cmd::Report { inputs, out } => report::write(&inputs, &out),
         Cmd::FromConsole { log, out } => from_console(&log, &out),
     }
 }
 
+mod repeat;
 mod report;

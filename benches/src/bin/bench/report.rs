@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use super::repeat::{SPREAD_LIMIT, path_totals, relative_spread, steady};
 use super::{GIB, MIB, Results, Row, svg};
 
 const MODES: [&str; 3] = ["terminate", "reencrypt", "passthrough"];
@@ -13,6 +14,23 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
     match v {
         Some(x) if x.is_finite() => format!("{x:.digits$}"),
         _ => "–".into(),
+    }
+}
+
+/// A figure of a row as the report shows it: the value, and for a row of several runs how far
+/// they spread (`±`: largest minus smallest over the median), flagged past [`SPREAD_LIMIT`].
+fn figure(r: &Row, name: &str, v: Option<f64>, digits: usize) -> String {
+    scaled(r, name, v, 1.0, digits)
+}
+
+/// [`figure`] for a value shown divided by `divisor` (bytes as KiB): the spread is the same
+/// fraction either way, computed on the value as the row holds it.
+fn scaled(r: &Row, name: &str, v: Option<f64>, divisor: f64, digits: usize) -> String {
+    let value = fmt(v.map(|x| x / divisor), digits);
+    match relative_spread(r, name, v) {
+        Some(spread) if spread > SPREAD_LIMIT => format!("{value} ±{:.0}% ⚠", spread * 100.0),
+        Some(spread) => format!("{value} ±{:.0}%", spread * 100.0),
+        None => value,
     }
 }
 
@@ -43,22 +61,43 @@ fn relays_of(rows: &[Row], mode: &str) -> Vec<String> {
     names
 }
 
-/// The best peer's value for one figure (`higher` is better or not), with its name.
+/// The best peer's value for one figure (`higher` is better or not), with its name; a peer
+/// whose runs spread past [`SPREAD_LIMIT`] on it is left out.
 fn best_peer(
     rows: &[Row],
     mode: &str,
     workload: &str,
-    figure: impl Fn(&Row) -> Option<f64>,
+    (name, figure): (&str, impl Fn(&Row) -> Option<f64>),
     higher: bool,
 ) -> Option<(String, f64)> {
     rows.iter()
         .filter(|r| r.mode == mode && r.peer && r.workload == workload && r.errors == 0)
+        .filter(|r| steady(r, name, figure(r)))
         .filter_map(|r| {
             figure(r)
                 .filter(|v| v.is_finite())
                 .map(|v| (r.relay.clone(), v))
         })
         .reduce(|a, b| if (b.1 > a.1) == higher { b } else { a })
+}
+
+/// tlsplice's figure `name` of `row` (`get` reads it) against the best peer's; none for a row
+/// with errors, and none but the spread for one whose runs spread past [`SPREAD_LIMIT`].
+fn our_ratio(
+    row: Option<&Row>,
+    (name, get): (&str, impl Fn(&Row) -> Option<f64>),
+    best: &Option<(String, f64)>,
+) -> String {
+    let Some(row) = row else {
+        return "–".into();
+    };
+    let ours = get(row);
+    match relative_spread(row, name, ours) {
+        Some(spread) if spread > SPREAD_LIMIT => {
+            format!("– (runs spread {:.0}%)", spread * 100.0)
+        }
+        _ => ratio(ours, best),
+    }
 }
 
 fn ratio(ours: Option<f64>, best: &Option<(String, f64)>) -> String {
@@ -103,8 +142,11 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
          included, which do the same work for every relay of a mode. On loopback the kernel's \
          receive work for a segment runs in the sender's context, so part of a relay's cost lands on \
          the generator (for sockmap, the verdict program itself): *node* is the fairer comparison, \
-         *relay* the one the crypto bound applies to. Each row is one run, not a median: differences \
-         of a few percent are noise.\n\n",
+         *relay* the one the crypto bound applies to. **Runs**: a row measured more than once \
+         (`--repeat`; `cargo xtask bench` measures host rows 3 times) shows each figure's median, \
+         `±` how far the runs spread (largest minus smallest, over the median); past 20% it is \
+         marked ⚠ and left out of every ratio. A row of one run has no `±`: differences of a few \
+         percent there are noise.\n\n",
     );
     for run in &runs {
         section(&mut md, run, out)?;
@@ -158,6 +200,14 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         run.sizes.idle_count,
         run.open_files_limit
     );
+    if run.repeat > 1 {
+        let _ = writeln!(
+            md,
+            "Each row: the median of {} runs, `±` their spread ({}% flags it).\n",
+            run.repeat,
+            SPREAD_LIMIT * 100.0
+        );
+    }
     let versions: Vec<String> = run.versions.values().cloned().collect();
     let _ = writeln!(md, "Versions: {}.\n", versions.join("; "));
     if let Some(speed) = run.crypto_bytes_per_s {
@@ -188,11 +238,11 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             let bulk = |w: &str| {
                 get(w).map_or(("–".into(), "–".into()), |r| {
                     (
-                        fmt(r.throughput_mib_s, 0),
+                        figure(r, "throughput_mib_s", r.throughput_mib_s, 0),
                         format!(
                             "{} / {}",
-                            fmt(r.cpu_s_per_gib, 2),
-                            fmt(r.node_cpu_s_per_gib, 2)
+                            figure(r, "cpu_s_per_gib", r.cpu_s_per_gib, 2),
+                            figure(r, "node_cpu_s_per_gib", r.node_cpu_s_per_gib, 2)
                         ),
                     )
                 })
@@ -202,7 +252,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
                     format!(
                         "{} / {} / {} (n={})",
                         fmt(r.p50_us, 0),
-                        fmt(tail(r.p99_us, 0.99, r.samples), 0),
+                        figure(r, "p99_us", tail(r.p99_us, 0.99, r.samples), 0),
                         fmt(tail(r.p999_us, 0.999, r.samples), 0),
                         r.samples.unwrap_or(0)
                     )
@@ -213,7 +263,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             let hs = get("handshakes, full").map_or("–".into(), |r| {
                 format!(
                     "{} ({})",
-                    fmt(r.handshakes_per_s, 0),
+                    figure(r, "handshakes_per_s", r.handshakes_per_s, 0),
                     fmt(r.cpu_ms_per_handshake, 2)
                 )
             });
@@ -227,23 +277,23 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             let idle = get("idle connections").map_or("–".into(), |r| {
                 format!(
                     "{} / {} ({})",
-                    fmt(r.rss_per_connection_bytes.map(|b| b / 1024.0), 1),
+                    scaled(
+                        r,
+                        "rss_per_connection_bytes",
+                        r.rss_per_connection_bytes,
+                        1024.0,
+                        1
+                    ),
                     fmt(r.kernel_bytes_per_connection.map(|b| b / 1024.0), 1),
                     fmt(r.fds_per_connection, 2)
                 )
             });
             // What carried this relay's connections over all its workloads, summed.
-            let mut totals: Vec<(String, f64)> = Vec::new();
-            for r in rows.iter().filter(|r| r.mode == mode && &r.relay == relay) {
-                for part in r.path_observed.split(", ").filter(|p| !p.is_empty()) {
-                    let (name, n) = part.rsplit_once(" +").unwrap_or((part, "0"));
-                    let n: f64 = n.parse().unwrap_or(0.0);
-                    match totals.iter_mut().find(|(k, _)| k == name) {
-                        Some((_, t)) => *t += n,
-                        None => totals.push((name.to_owned(), n)),
-                    }
-                }
-            }
+            let totals = path_totals(
+                rows.iter()
+                    .filter(|r| r.mode == mode && &r.relay == relay)
+                    .map(|r| r.path_observed.as_str()),
+            );
             let paths: Vec<String> = totals.iter().map(|(k, n)| format!("{k}: {n}")).collect();
             let errors: u64 = rows
                 .iter()
@@ -269,36 +319,20 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             "reencrypt" => Some(s / 2.0),
             _ => None,
         });
-        let best_tp = best_peer(
-            rows,
-            mode,
-            "bulk, 1 connection",
-            |r| r.throughput_mib_s,
-            true,
-        );
-        let best_cpu = best_peer(rows, mode, "bulk, 1 connection", |r| r.cpu_s_per_gib, false);
-        let best_node = best_peer(
-            rows,
-            mode,
-            "bulk, 1 connection",
-            |r| r.node_cpu_s_per_gib,
-            false,
-        );
-        let best_p99 = best_peer(
-            rows,
-            mode,
-            "request/response 1 KiB",
-            |r| tail(r.p99_us, 0.99, r.samples),
-            false,
-        );
-        let best_hs = best_peer(rows, mode, "handshakes, full", |r| r.handshakes_per_s, true);
-        let best_idle = best_peer(
-            rows,
-            mode,
-            "idle connections",
-            |r| r.rss_per_connection_bytes,
-            false,
-        );
+        let throughput = ("throughput_mib_s", |r: &Row| r.throughput_mib_s);
+        let cpu = ("cpu_s_per_gib", |r: &Row| r.cpu_s_per_gib);
+        let node = ("node_cpu_s_per_gib", |r: &Row| r.node_cpu_s_per_gib);
+        let p99 = ("p99_us", |r: &Row| tail(r.p99_us, 0.99, r.samples));
+        let handshakes = ("handshakes_per_s", |r: &Row| r.handshakes_per_s);
+        let idle = ("rss_per_connection_bytes", |r: &Row| {
+            r.rss_per_connection_bytes
+        });
+        let best_tp = best_peer(rows, mode, "bulk, 1 connection", throughput, true);
+        let best_cpu = best_peer(rows, mode, "bulk, 1 connection", cpu, false);
+        let best_node = best_peer(rows, mode, "bulk, 1 connection", node, false);
+        let best_p99 = best_peer(rows, mode, "request/response 1 KiB", p99, false);
+        let best_hs = best_peer(rows, mode, "handshakes, full", handshakes, true);
+        let best_idle = best_peer(rows, mode, "idle connections", idle, false);
         let _ = writeln!(
             md,
             "| tlsplice | throughput vs best peer | relay CPU-s/GiB vs best peer | node CPU-s/GiB vs best peer | throughput vs crypto bound | relay CPU-s/GiB vs crypto bound | 1 KiB p99 vs best peer | handshakes/s vs best peer | idle memory/conn vs best peer |\n\
@@ -306,34 +340,38 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         );
         for relay in relays.iter().filter(|r| r.starts_with("tlsplice")) {
             let bulk = clean(rows, mode, relay, "bulk, 1 connection");
-            let tp = bulk.and_then(|r| r.throughput_mib_s);
-            let cpu = bulk.and_then(|r| r.cpu_s_per_gib);
-            let node = bulk.and_then(|r| r.node_cpu_s_per_gib);
+            // Against the crypto bound only a figure whose runs agree.
+            let steady_figure = |(name, get): (&str, fn(&Row) -> Option<f64>)| {
+                bulk.filter(|r| steady(r, name, get(r))).and_then(get)
+            };
+            let tp = steady_figure(("throughput_mib_s", |r| r.throughput_mib_s));
+            let cpu_s = steady_figure(("cpu_s_per_gib", |r| r.cpu_s_per_gib));
             let (vs_bound_tp, vs_bound_cpu) = match bound {
                 Some(b) => (
                     fmt(tp.map(|t| t * MIB / b), 2),
-                    fmt(cpu.map(|c| c / (GIB / b)), 2),
+                    fmt(cpu_s.map(|c| c / (GIB / b)), 2),
                 ),
                 None => ("– (no crypto)".into(), "– (no crypto)".into()),
             };
             let _ = writeln!(
                 md,
                 "| {relay} | {} | {} | {} | {vs_bound_tp} | {vs_bound_cpu} | {} | {} | {} |",
-                ratio(tp, &best_tp),
-                ratio(cpu, &best_cpu),
-                ratio(node, &best_node),
-                ratio(
-                    clean(rows, mode, relay, "request/response 1 KiB")
-                        .and_then(|r| tail(r.p99_us, 0.99, r.samples)),
+                our_ratio(bulk, throughput, &best_tp),
+                our_ratio(bulk, cpu, &best_cpu),
+                our_ratio(bulk, node, &best_node),
+                our_ratio(
+                    clean(rows, mode, relay, "request/response 1 KiB"),
+                    p99,
                     &best_p99
                 ),
-                ratio(
-                    clean(rows, mode, relay, "handshakes, full").and_then(|r| r.handshakes_per_s),
+                our_ratio(
+                    clean(rows, mode, relay, "handshakes, full"),
+                    handshakes,
                     &best_hs
                 ),
-                ratio(
-                    clean(rows, mode, relay, "idle connections")
-                        .and_then(|r| r.rss_per_connection_bytes),
+                our_ratio(
+                    clean(rows, mode, relay, "idle connections"),
+                    idle,
                     &best_idle
                 ),
             );
