@@ -319,14 +319,14 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             "reencrypt" => Some(s / 2.0),
             _ => None,
         });
-        let throughput = ("throughput_mib_s", |r: &Row| r.throughput_mib_s);
-        let cpu = ("cpu_s_per_gib", |r: &Row| r.cpu_s_per_gib);
-        let node = ("node_cpu_s_per_gib", |r: &Row| r.node_cpu_s_per_gib);
-        let p99 = ("p99_us", |r: &Row| tail(r.p99_us, 0.99, r.samples));
-        let handshakes = ("handshakes_per_s", |r: &Row| r.handshakes_per_s);
-        let idle = ("rss_per_connection_bytes", |r: &Row| {
-            r.rss_per_connection_bytes
-        });
+        // Each figure a ratio is taken of: its name (for its spread) and how to read it.
+        type Named = (&'static str, fn(&Row) -> Option<f64>);
+        let throughput: Named = ("throughput_mib_s", |r| r.throughput_mib_s);
+        let cpu: Named = ("cpu_s_per_gib", |r| r.cpu_s_per_gib);
+        let node: Named = ("node_cpu_s_per_gib", |r| r.node_cpu_s_per_gib);
+        let p99: Named = ("p99_us", |r| tail(r.p99_us, 0.99, r.samples));
+        let handshakes: Named = ("handshakes_per_s", |r| r.handshakes_per_s);
+        let idle: Named = ("rss_per_connection_bytes", |r| r.rss_per_connection_bytes);
         let best_tp = best_peer(rows, mode, "bulk, 1 connection", throughput, true);
         let best_cpu = best_peer(rows, mode, "bulk, 1 connection", cpu, false);
         let best_node = best_peer(rows, mode, "bulk, 1 connection", node, false);
@@ -341,11 +341,10 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         for relay in relays.iter().filter(|r| r.starts_with("tlsplice")) {
             let bulk = clean(rows, mode, relay, "bulk, 1 connection");
             // Against the crypto bound only a figure whose runs agree.
-            let steady_figure = |(name, get): (&str, fn(&Row) -> Option<f64>)| {
-                bulk.filter(|r| steady(r, name, get(r))).and_then(get)
-            };
-            let tp = steady_figure(("throughput_mib_s", |r| r.throughput_mib_s));
-            let cpu_s = steady_figure(("cpu_s_per_gib", |r| r.cpu_s_per_gib));
+            let steady_figure =
+                |(name, get): Named| bulk.filter(|r| steady(r, name, get(r))).and_then(get);
+            let tp = steady_figure(throughput);
+            let cpu_s = steady_figure(cpu);
             let (vs_bound_tp, vs_bound_cpu) = match bound {
                 Some(b) => (
                     fmt(tp.map(|t| t * MIB / b), 2),
