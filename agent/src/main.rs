@@ -132,6 +132,9 @@ struct NodeFlags {
     /// Overrides `limits.source_prefix_v6`.
     #[arg(long, env = "TLSPLICE_SOURCE_PREFIX_V6")]
     source_prefix_v6: Option<u8>,
+    /// Threads that run connections (default: one per CPU). Overrides `limits.worker_threads`.
+    #[arg(long, env = "TLSPLICE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
@@ -172,6 +175,9 @@ impl NodeFlags {
         }
         if let Some(ms) = self.drain_timeout_ms {
             c.limits.drain_timeout_ms = ms;
+        }
+        if let Some(n) = self.worker_threads {
+            c.limits.worker_threads = Some(usize::from(n));
         }
         if let Some(mode) = self.ebpf {
             c.ebpf.mode = mode;
@@ -482,7 +488,14 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
         tracing::warn!(error = %e, "jemalloc's background thread did not start: freed memory goes back to the kernel only as the agent allocates");
     }
 
-    let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.limits.worker_threads {
+        runtime.worker_threads(n);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
     runtime.block_on(async {
         let mut hangups = signal(SignalKind::hangup())?;
         let mut terms = signal(SignalKind::terminate())?;

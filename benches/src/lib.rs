@@ -71,19 +71,85 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
-/// CPU seconds of every kernel thread (kworkers, ksoftirqd, ...): sockmap redirects and parts
-/// of kTLS run there, and no process is charged for them.
-pub fn kernel_threads_cpu_seconds() -> f64 {
+/// Every kernel thread (kworkers, ksoftirqd, ...): sockmap redirects and parts of kTLS run
+/// there, and no process is charged for them.
+pub fn kernel_threads() -> Vec<u32> {
     const PF_KTHREAD: u64 = 0x0020_0000;
     all_pids()
         .into_iter()
-        .filter_map(|p| {
-            let f = stat_fields(p)?;
-            // flags is field 9: 6 after the name.
-            let flags: u64 = f.get(6)?.parse().ok()?;
-            (flags & PF_KTHREAD != 0).then(|| process_cpu_seconds(p))
+        .filter(|&p| {
+            stat_fields(p)
+                // flags is field 9: 6 after the name.
+                .and_then(|f| f.get(6)?.parse::<u64>().ok())
+                .is_some_and(|flags| flags & PF_KTHREAD != 0)
         })
-        .sum()
+        .collect()
+}
+
+/// The CPU time each thread of some processes has run, read at one moment, to the nanosecond.
+///
+/// From `/proc/<pid>/task/<tid>/schedstat`, the scheduler's own run time: utime and stime in
+/// /proc/<pid>/stat come in 10 ms units, too coarse for a short row and, in a guest whose clock
+/// counts instructions, for a figure that must repeat within 2%. A thread that ends between two
+/// readings takes its time with it: the relays here keep their threads. A thread's figure is
+/// brought up to date when it is switched out or at a timer tick, so a reading is taken when the
+/// relay is idle (after its workload). A process whose
+/// threads cannot be read (no schedstat in the kernel) is read from /proc/<pid>/stat instead.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CpuReading {
+    /// Run time by thread id, nanoseconds.
+    threads: std::collections::BTreeMap<u32, u64>,
+}
+
+impl CpuReading {
+    /// Reads every thread of `pids`.
+    pub fn of(pids: impl IntoIterator<Item = u32>) -> Self {
+        let mut threads = std::collections::BTreeMap::new();
+        for pid in pids {
+            let read = thread_run_times(pid);
+            if read.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                static SAID: std::sync::Once = std::sync::Once::new();
+                SAID.call_once(|| {
+                    eprintln!(
+                        "bench: no schedstat for pid {pid}: CPU read in 10 ms ticks from /proc/<pid>/stat"
+                    );
+                });
+                // Seconds to nanoseconds: a whole number of 10 ms ticks.
+                threads.insert(pid, (process_cpu_seconds(pid) * 1e9).round() as u64);
+            }
+            threads.extend(read);
+        }
+        Self { threads }
+    }
+
+    /// CPU seconds run since `before`, by the threads read in both or started since.
+    pub fn seconds_since(&self, before: &CpuReading) -> f64 {
+        self.threads
+            .iter()
+            .map(|(tid, &ns)| ns.saturating_sub(before.threads.get(tid).copied().unwrap_or(0)))
+            .sum::<u64>() as f64
+            / 1e9
+    }
+}
+
+/// Run time in nanoseconds of each thread of `pid` (the first field of schedstat).
+fn thread_run_times(pid: u32) -> Vec<(u32, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| {
+            let t = t.ok()?;
+            let tid: u32 = t.file_name().to_str()?.parse().ok()?;
+            let text = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
+            Some((tid, parse_schedstat(&text)?))
+        })
+        .collect()
+}
+
+/// The run time (nanoseconds) in a schedstat line: "<run ns> <wait ns> <timeslices>".
+fn parse_schedstat(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
 }
 
 /// Proportional set size of a process, bytes (Pss from /proc/<pid>/smaps_rollup: shared pages
@@ -122,9 +188,29 @@ pub fn kernel_connection_memory_bytes() -> Option<u64> {
     Some(slab_kib * 1024 + pages * 4096)
 }
 
-/// Busy CPU seconds of the whole machine (see [`tlsplice::probe::node_busy_seconds`]).
+/// Busy CPU seconds of the whole machine so far: every CPU's time since boot less its idle time
+/// (/proc/uptime, in hundredths of a second). The kernel measures idle time as CPUs go idle and
+/// wake, where the busy fields of /proc/stat are sampled at timer ticks: the same resolution, no
+/// sampling error. NaN when the CPUs cannot be counted.
 pub fn node_busy_seconds() -> f64 {
-    tlsplice::probe::node_busy_seconds().unwrap_or(0.0)
+    let cpus = std::fs::read_to_string("/proc/stat")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+                .count()
+        })
+        .unwrap_or(0);
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| parse_uptime(&u))
+        .filter(|_| cpus > 0)
+        .map_or(f64::NAN, |(up, idle)| up * cpus as f64 - idle)
+}
+
+/// (seconds since boot, idle seconds summed over CPUs) from /proc/uptime.
+fn parse_uptime(text: &str) -> Option<(f64, f64)> {
+    let mut f = text.split_whitespace().map(str::parse::<f64>);
+    Some((f.next()?.ok()?, f.next()?.ok()?))
 }
 
 /// Sends `signal` to every process of the group `group` leads; a group already gone is fine.
@@ -188,4 +274,63 @@ fn nofile_limit() -> Option<libc::rlimit> {
     };
     // SAFETY: getrlimit writes one rlimit into the struct we pass and keeps no pointer.
     (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0).then_some(limit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_is_two_figures() {
+        assert_eq!(
+            parse_uptime("12023.45 23511.02\n"),
+            Some((12023.45, 23511.02))
+        );
+        assert_eq!(parse_uptime("12023.45"), None);
+    }
+
+    #[test]
+    fn schedstat_run_time_is_its_first_field() {
+        assert_eq!(parse_schedstat("97292 80790 2\n"), Some(97_292));
+        assert_eq!(parse_schedstat(""), None);
+        assert_eq!(parse_schedstat("x 1 2"), None);
+    }
+
+    #[test]
+    fn cpu_since_counts_threads_started_since_and_ignores_ended_ones() {
+        let before = CpuReading {
+            threads: [(1, 1_000_000_000), (2, 500_000_000)].into(),
+        };
+        // Thread 2 ended; thread 3 started.
+        let after = CpuReading {
+            threads: [(1, 1_250_000_000), (3, 100_000_000)].into(),
+        };
+        assert!((after.seconds_since(&before) - 0.35).abs() < 1e-12);
+        assert_eq!(before.seconds_since(&before), 0.0);
+    }
+
+    #[test]
+    fn this_process_has_run() {
+        let me = std::process::id();
+        let first = CpuReading::of([me]);
+        let start = std::time::Instant::now();
+        let mut x = 0u64;
+        // Until this thread has run 10 ms (on a busy machine that takes longer than 10 ms), or
+        // give up after 20 s.
+        loop {
+            let spin = std::time::Instant::now();
+            while spin.elapsed() < std::time::Duration::from_millis(5) {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+            }
+            // A running thread's figure is brought up to date when it is switched out.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            if CpuReading::of([me]).seconds_since(&first) > 0.01 {
+                break;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(20),
+                "20 s and this thread's schedstat has not moved 10 ms"
+            );
+        }
+    }
 }

@@ -1,4 +1,4 @@
-//! Two small SVG chart kinds for the benchmark report, written by hand: a plotting crate would
+//! Three small SVG chart kinds for the benchmark report, written by hand: a plotting crate would
 //! add far more build than these few lines.
 
 use std::fmt::Write;
@@ -124,24 +124,138 @@ pub fn latency_cdf(title: &str, series: &[(String, Vec<[f64; 2]>)]) -> String {
         );
     }
     for (i, (name, pts)) in series.iter().enumerate() {
-        let colour = PALETTE[i % PALETTE.len()];
-        let path: Vec<String> = pts
+        let placed: Vec<(f64, f64)> = pts
             .iter()
             .filter(|[x, p]| x.is_finite() && *p >= 0.5)
-            .map(|[x, p]| format!("{:.1},{:.1}", x_of(*x), y_of(*p)))
+            .map(|[x, p]| (x_of(*x), y_of(*p)))
             .collect();
-        let _ = writeln!(
-            s,
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>\
-             <text x=\"{lx}\" y=\"{ly}\" fill=\"{colour}\">{n}</text>",
-            path.join(" "),
-            lx = left + w + 10.0,
-            ly = top + 14.0 + 16.0 * i as f64,
-            n = escape(name)
-        );
+        line_with_legend(&mut s, &placed, (left + w + 10.0, top), i, name);
     }
     s.push_str("</svg>\n");
     s
+}
+
+/// Lines through points, one per `(name, points)`: x on a log scale (connections, message
+/// sizes), y linear from 0. Points that are not finite are left out of their line.
+pub fn lines(
+    title: &str,
+    x_unit: &str,
+    y_unit: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> String {
+    let (left, top, w, h) = (70.0, 30.0, 520.0, 240.0);
+    let finite: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().copied())
+        .filter(|(x, y)| x.is_finite() && *x > 0.0 && y.is_finite())
+        .collect();
+    if finite.is_empty() {
+        return format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"400\" height=\"40\" font-family=\"sans-serif\" font-size=\"12\">\
+             <text x=\"8\" y=\"24\">{}: no points</text></svg>\n",
+            escape(title)
+        );
+    }
+    let x_lo = finite.iter().map(|p| p.0).fold(f64::INFINITY, f64::min);
+    let x_hi = finite
+        .iter()
+        .map(|p| p.0)
+        .fold(0.0f64, f64::max)
+        .max(x_lo * 2.0);
+    let y_hi = finite
+        .iter()
+        .map(|p| p.1)
+        .fold(0.0f64, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let x_of = |x: f64| left + (x / x_lo).log10() / (x_hi / x_lo).log10() * w;
+    let y_of = |y: f64| top + h - y / (y_hi * 1.1) * h;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{sw}\" height=\"{sh}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"8\" y=\"18\" font-size=\"14\" font-weight=\"bold\">{t} ({yu})</text>\n\
+         <rect x=\"{left}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#999\"/>\n",
+        sw = left + w + 200.0,
+        sh = top + h + 40.0,
+        t = escape(title),
+        yu = escape(y_unit)
+    );
+    // A tick under every x value measured.
+    let mut xs: Vec<f64> = finite.iter().map(|p| p.0).collect();
+    xs.sort_by(f64::total_cmp);
+    xs.dedup();
+    for x in xs {
+        let _ = writeln!(
+            s,
+            "<line x1=\"{px:.1}\" y1=\"{top}\" x2=\"{px:.1}\" y2=\"{b}\" stroke=\"#eee\"/>\
+             <text x=\"{px:.1}\" y=\"{ty}\" text-anchor=\"middle\">{v}</text>",
+            px = x_of(x),
+            b = top + h,
+            ty = top + h + 16.0,
+            v = short(x)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "<text x=\"{x}\" y=\"{y}\" text-anchor=\"middle\">{u}</text>",
+        x = left + w / 2.0,
+        y = top + h + 32.0,
+        u = escape(x_unit)
+    );
+    for step in 0..=4 {
+        let y = y_hi * 1.1 * f64::from(step) / 4.0;
+        let py = y_of(y);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{py:.1}\" x2=\"{r}\" y2=\"{py:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{lx}\" y=\"{ty:.1}\" text-anchor=\"end\">{v}</text>",
+            r = left + w,
+            lx = left - 4.0,
+            ty = py + 4.0,
+            v = short(y)
+        );
+    }
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let placed: Vec<(f64, f64)> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && *x > 0.0 && y.is_finite())
+            .map(|&(x, y)| (x_of(x), y_of(y)))
+            .collect();
+        line_with_legend(&mut s, &placed, (left + w + 10.0, top), i, name);
+        for (x, y) in placed {
+            let _ = writeln!(
+                s,
+                "<circle cx=\"{x:.1}\" cy=\"{y:.1}\" r=\"2.5\" fill=\"{colour}\"/>"
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Series `i`'s line through `placed` (chart coordinates) in its colour, and its name in the
+/// legend whose top left is `legend`.
+fn line_with_legend(
+    s: &mut String,
+    placed: &[(f64, f64)],
+    legend: (f64, f64),
+    i: usize,
+    name: &str,
+) {
+    let colour = PALETTE[i % PALETTE.len()];
+    let path: Vec<String> = placed
+        .iter()
+        .map(|(x, y)| format!("{x:.1},{y:.1}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\" points=\"{}\"/>\
+         <text x=\"{lx}\" y=\"{ly}\" fill=\"{colour}\">{n}</text>",
+        path.join(" "),
+        lx = legend.0,
+        ly = legend.1 + 14.0 + 16.0 * i as f64,
+        n = escape(name)
+    );
 }
 
 /// A number in a few significant digits.
@@ -170,5 +284,23 @@ mod tests {
         assert!(c.contains("<polyline") && c.contains("p99.9"));
         let empty = latency_cdf("l", &[("x".into(), vec![[f64::NAN, 0.5]])]);
         assert!(empty.contains("no samples"));
+        let l = lines(
+            "cost",
+            "connections",
+            "G instr/GiB",
+            &[
+                (
+                    "a".into(),
+                    vec![(1.0, 5.0), (16.0, 6.0), (1000.0, f64::NAN)],
+                ),
+                ("b".into(), vec![(1.0, 7.0), (1000.0, 9.0)]),
+            ],
+        );
+        assert!(l.starts_with("<svg") && l.trim_end().ends_with("</svg>"));
+        // Two lines, four points drawn (the NaN left out), ticks at 1, 16 and 1000.
+        assert_eq!(l.matches("<polyline").count(), 2);
+        assert_eq!(l.matches("<circle").count(), 4);
+        assert!(l.contains(">1000<") && l.contains(">16.0<"));
+        assert!(lines("e", "x", "y", &[("a".into(), vec![])]).contains("no points"));
     }
 }

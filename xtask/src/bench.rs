@@ -8,15 +8,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::{bootstrap, cmd, initramfs, kernels, vm};
+use crate::{bootstrap, cmd, initramfs, kernels, peers, vm};
 
 /// What `cargo xtask bench` was asked for.
 #[derive(Debug)]
 pub struct Options {
-    /// Small sizes, debug builds, criterion benches run once each as tests.
+    /// Small sizes, test-profile builds, criterion benches run once each as tests.
     pub quick: bool,
     /// No guest (no kTLS rows).
     pub host_only: bool,
+    /// No host rows.
+    pub guest_only: bool,
     /// The guest kernel for the kTLS rows.
     pub kernel: String,
     /// Only these workloads (empty: all, and the micro-benchmarks).
@@ -42,6 +44,14 @@ impl Options {
     }
 }
 
+/// Guests that run the kTLS rows, side by side: their figures, instruction counts, must agree.
+const GUEST_RUNS: usize = 2;
+
+/// Tells `tlsplice-bench` in the guest where the newest nginx's stream module is.
+const NEWEST_STREAM_MODULE_ENV: &str = "TLSPLICE_BENCH_NEWEST_NGINX_STREAM_MODULE";
+/// Tells it why the newest peers are missing, when they are.
+const NEWEST_PEERS_MISSING_ENV: &str = "TLSPLICE_BENCH_NEWEST_PEERS_MISSING";
+
 /// The peers' programs the guest needs with nginx (its stream module is a loadable object).
 const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
@@ -50,8 +60,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     bootstrap::run()?;
     bootstrap::bench_peers()?;
     bootstrap::mount_bpffs()?;
-    // Quick runs check that the harness works, not how fast anything is: debug builds, which
-    // `cargo xtask test` has already compiled, save minutes of release compilation.
+    // Quick runs check that the harness works, not how fast anything is: the test profile
+    // (optimised, debug assertions on), whose dependencies `cargo xtask test` has already
+    // compiled, saves minutes of release compilation; unoptimised TLS in the TCG guests would
+    // take several times longer than the build saves.
     let profile = if opts.quick { "debug" } else { "release" };
     let mut build = Command::new("cargo");
     build.args([
@@ -62,7 +74,10 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
         "tlsplice-benches",
         "--bins",
     ]);
-    if !opts.quick {
+    if opts.quick {
+        // The test profile's outputs go to target/debug.
+        build.args(["--profile", "test"]);
+    } else {
         build.arg("--release");
     }
     cmd::run(build.current_dir(root))?;
@@ -71,23 +86,13 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     std::fs::create_dir_all(&out)?;
     let mut inputs = Vec::new();
 
-    println!("== bench: on this host ==");
     let host_json = out.join("host.json");
     let _ = std::fs::remove_file(&host_json);
-    let mut host = Command::new(bin.join("tlsplice-bench"));
-    host.args(["run", "--scope", "host"])
-        .arg("--agent")
-        .arg(bin.join("tlsplice"))
-        .arg("--loadgen")
-        .arg(bin.join("tlsplice-loadgen"))
-        .arg("--out")
-        .arg(&host_json);
-    if opts.quick {
-        host.arg("--quick");
+    let mut host_result = Ok(());
+    if !opts.guest_only {
+        println!("== bench: on this host ==");
+        host_result = host(&bin, &host_json, opts);
     }
-    host.args(["--repeat", &opts.host_repeat.to_string()]);
-    host.args(opts.filters());
-    let host_result = cmd::run(&mut host);
     if host_json.exists() {
         inputs.push(host_json);
     }
@@ -95,7 +100,7 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     let mut guest_result = Ok(());
     if !opts.host_only {
         println!(
-            "== bench: the kTLS rows in a guest ({} kernel, QEMU/TCG: emulated CPU) ==",
+            "== bench: the kTLS rows in {GUEST_RUNS} guests side by side ({} kernel, QEMU/TCG, CPU counted in instructions) ==",
             opts.kernel
         );
         let guest_json = out.join("guest.json");
@@ -131,6 +136,24 @@ pub fn run(root: &Path, opts: &Options) -> Result<()> {
     Ok(())
 }
 
+/// The host rows: `tlsplice-bench run --scope host`, each row the median of `host_repeat` runs.
+fn host(bin: &Path, json: &Path, opts: &Options) -> Result<()> {
+    let mut host = Command::new(bin.join("tlsplice-bench"));
+    host.args(["run", "--scope", "host"])
+        .arg("--agent")
+        .arg(bin.join("tlsplice"))
+        .arg("--loadgen")
+        .arg(bin.join("tlsplice-loadgen"))
+        .arg("--out")
+        .arg(json);
+    if opts.quick {
+        host.arg("--quick");
+    }
+    host.args(["--repeat", &opts.host_repeat.to_string()]);
+    host.args(opts.filters());
+    cmd::run(&mut host)
+}
+
 fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
     let line = kernels::line(&opts.kernel)?;
     let kernel = kernels::fetch(line, false)?;
@@ -151,6 +174,27 @@ fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
         contents.add_program(&host, &format!("/usr/bin/{tool}"))?;
     }
     contents.add_program(Path::new(NGINX_STREAM_MODULE), NGINX_STREAM_MODULE)?;
+    // The newest peers beside them: nginx 1.30 with OpenSSL 3.6 (kTLS both ways), HAProxy 3.4
+    // (kTLS), from Debian sid and experimental.
+    // Without them (no archive reachable) the Debian 12 peers still run, and the report says
+    // why the newest are missing.
+    match peers::fetch(false).and_then(|newest| {
+        peers::add_to(&mut contents, &newest)?;
+        Ok(newest)
+    }) {
+        Ok(newest) => {
+            println!(
+                "bench: newest peers: nginx {}, OpenSSL {}, HAProxy {}",
+                newest.nginx, newest.openssl, newest.haproxy
+            );
+            contents.env(NEWEST_STREAM_MODULE_ENV, peers::NGINX_STREAM_MODULE);
+        }
+        Err(e) => {
+            let why = format!("the newest peers could not be fetched: {e:#}");
+            println!("bench: {why}");
+            contents.env(NEWEST_PEERS_MISSING_ENV, &why);
+        }
+    }
     // nginx looks its worker user up even when told `user root`.
     contents.add_bytes("/etc/passwd", b"root:x:0:0:root:/tmp:/bin/sh\n".to_vec());
     contents.add_bytes("/etc/group", b"root:x:0:\n".to_vec());
@@ -165,40 +209,86 @@ fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
     // Quoted for the guest's shell: relay labels have spaces.
     let filters: String = opts.filters().iter().map(|a| format!(" '{a}'")).collect();
     contents.script(&format!(
-        "ulimit -n 65536\ntlsplice-bench run --scope guest{quick} --agent /usr/bin/tlsplice \
-         --loadgen /usr/bin/tlsplice-loadgen --out -{filters}\n"
+        "ulimit -n 65536\ntlsplice-bench run --scope guest{quick} --clock instructions \
+         --agent /usr/bin/tlsplice --loadgen /usr/bin/tlsplice-loadgen --out -{filters}\n"
     ));
     let image = work.join("initramfs.cpio");
     initramfs::write(&contents, Path::new("/bin/busybox"), &image)?;
-    // The full run's 10,000 idle connections take minutes of emulated handshakes per relay.
-    let timeout = if opts.quick { 1200 } else { 7200 };
-    // 10,000 idle connections: four sockets each in the guest's kernel, a TLS client session
-    // each in the load generator, besides the relay.
-    let run = vm::boot(
-        &kernel,
-        &image,
-        line.name,
-        Duration::from_secs(timeout),
-        2048,
-        &[],
-    )?;
-    let console = out.join("guest-console.log");
-    std::fs::write(&console, run.lines.join("\n"))?;
-    // The results are on the console even when a row failed (the run then exits 1).
-    let json = out.join("guest.json");
-    let reassembled = cmd::run(
-        Command::new(bin.join("tlsplice-bench"))
-            .args(["from-console", "--log"])
-            .arg(&console)
-            .arg("--out")
-            .arg(&json),
-    );
-    match run.exit {
-        Some(0) => reassembled,
-        Some(code) => bail!("the guest benchmark exited with status {code}"),
-        None if run.timed_out => bail!("the guest timed out after {timeout}s"),
-        None => bail!("the guest stopped before the benchmark finished"),
+    // A full run emulates every row of eight relays in two modes: the better part of an hour.
+    let timeout = if opts.quick { 1500 } else { 10800 };
+    // The same image in GUEST_RUNS guests at once, each on the instruction clock: a TCG guest is
+    // one host thread, so two side by side take the time of one on this 2-core machine, and
+    // neither's figures depend on the other's load. Each guest has 2 GiB: thousands of idle
+    // connections are four sockets each in the guest's kernel and a TLS client session each in
+    // the load generator, besides the relay.
+    let runs: Vec<Result<vm::GuestRun>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=GUEST_RUNS)
+            .map(|i| {
+                let (kernel, image) = (&kernel, &image);
+                let label = format!("{}#{i}", line.name);
+                scope.spawn(move || {
+                    vm::boot(
+                        kernel,
+                        image,
+                        &label,
+                        Duration::from_secs(timeout),
+                        2048,
+                        &[],
+                        vm::Clock::Instructions,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a guest's console thread panicked"))
+            })
+            .collect()
+    });
+    let mut jsons = Vec::new();
+    let mut failures = Vec::new();
+    for (i, run) in (1..=GUEST_RUNS).zip(runs) {
+        let run = run?;
+        let console = out.join(format!("guest-console-{i}.log"));
+        std::fs::write(&console, run.lines.join("\n"))?;
+        // The results are on the console even when a row failed (the run then exits 1).
+        let json = out.join(format!("guest-run{i}.json"));
+        let _ = std::fs::remove_file(&json);
+        let reassembled = cmd::run(
+            Command::new(bin.join("tlsplice-bench"))
+                .args(["from-console", "--log"])
+                .arg(&console)
+                .arg("--out")
+                .arg(&json),
+        );
+        if reassembled.is_ok() {
+            jsons.push(json);
+        }
+        match run.exit {
+            Some(0) => reassembled?,
+            Some(code) => failures.push(format!(
+                "guest {i}: the benchmark exited with status {code}"
+            )),
+            None if run.timed_out => {
+                failures.push(format!("guest {i}: timed out after {timeout}s"))
+            }
+            None => failures.push(format!("guest {i}: stopped before the benchmark finished")),
+        }
     }
+    if !jsons.is_empty() {
+        let mut merge = Command::new(bin.join("tlsplice-bench"));
+        merge.arg("merge").arg("--out").arg(out.join("guest.json"));
+        for j in &jsons {
+            merge.arg("--input").arg(j);
+        }
+        cmd::run(&mut merge)?;
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
+    Ok(())
 }
 
 /// Criterion micro-benchmarks: measured in a full run (output kept in target/bench/micro.txt);

@@ -64,10 +64,19 @@ impl Contents {
         Ok(())
     }
 
-    /// A file with the given contents.
+    /// A file with the given contents. Every file of the image is written executable (see
+    /// [`write`]), so a script added here can be run.
     pub fn add_bytes(&mut self, guest_path: &str, bytes: Vec<u8>) {
         self.files
             .insert(PathBuf::from(guest_path), FileSource::Bytes(bytes));
+    }
+
+    /// A host file at `guest_path`, read when the image is written (a symlink is followed).
+    /// Unlike [`Contents::add_program`], no libraries are looked up: the file may belong to
+    /// another root (the sid peers), whose libraries the host's `ldd` would get wrong.
+    pub fn add_file(&mut self, host: &Path, guest_path: &str) {
+        self.files
+            .insert(PathBuf::from(guest_path), FileSource::Host(host.to_owned()));
     }
 
     /// An environment variable for the command.
@@ -230,6 +239,7 @@ fn init_script(contents: &Contents) -> String {
 }
 
 /// Writes the image as an uncompressed cpio (newc) archive: the kernel unpacks it directly.
+/// Every added file gets mode 0755: programs, scripts and data alike.
 pub fn write(contents: &Contents, busybox: &Path, out: &Path) -> Result<()> {
     let mut archive = CpioWriter::default();
     archive.char_device("dev/console", 5, 1);

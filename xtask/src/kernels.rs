@@ -93,8 +93,18 @@ pub fn parse_version(release: &str) -> (u32, u32) {
     (major, minor)
 }
 
-/// How long a resolved kernel is used before apt is asked for a newer one.
+/// How long a resolved download (a kernel, the sid peers) is used before apt is asked for a
+/// newer one.
 const MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Whether the stamp written after a download exists and is younger than [`MAX_AGE`].
+pub(crate) fn is_fresh(stamp: &Path) -> bool {
+    std::fs::metadata(stamp)
+        .ok()
+        .and_then(|meta| meta.modified().ok())
+        .and_then(|m| SystemTime::now().duration_since(m).ok())
+        .is_some_and(|age| age < MAX_AGE)
+}
 
 /// Returns the kernel for `line`, downloading and unpacking it when the cache has none (or an
 /// old one, or `refresh`).
@@ -102,12 +112,7 @@ pub fn fetch(line: &KernelLine, refresh: bool) -> Result<GuestKernel> {
     let dir = cache_dir().join("kernels").join(line.name);
     let stamp = dir.join("resolved");
     if !refresh
-        && let Ok(meta) = std::fs::metadata(&stamp)
-        && meta
-            .modified()
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_some_and(|age| age < MAX_AGE)
+        && is_fresh(&stamp)
         && let Ok(kernel) = locate(&dir.join("root"))
     {
         return Ok(kernel);
@@ -118,7 +123,7 @@ pub fn fetch(line: &KernelLine, refresh: bool) -> Result<GuestKernel> {
         line.name,
         suites.join(" ")
     );
-    let apt = AptState::new(&dir, line)?;
+    let apt = AptState::new(&dir, line.suites)?;
     apt.update()?;
     let image = apt.resolve_image(line.meta)?;
     let mut packages = vec![image.clone()];
@@ -183,19 +188,21 @@ fn locate(root: &Path) -> Result<GuestKernel> {
     bail!("no kernel image and modules found under {}", root.display())
 }
 
-/// A private apt configuration for one suite.
-struct AptState {
+/// A private apt configuration (sources, lists, cache under `<dir>/apt`) for some suites' main
+/// components: the system's own apt state and sources are only read, never changed.
+pub(crate) struct AptState {
     options: Vec<String>,
 }
 
 impl AptState {
-    fn new(dir: &Path, line: &KernelLine) -> Result<Self> {
+    /// The state under `dir` for `suites`, each in its archive.
+    pub(crate) fn new(dir: &Path, suites: &[(Archive, &str)]) -> Result<Self> {
         let state = dir.join("apt");
         for sub in ["lists/partial", "cache/archives/partial"] {
             std::fs::create_dir_all(state.join(sub))?;
         }
         let mut list = String::new();
-        for (archive, suite) in line.suites {
+        for (archive, suite) in suites {
             let uri = archive_uri(*archive)?;
             list.push_str(&format!(
                 "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] {uri} {suite} main\n"
@@ -222,7 +229,8 @@ impl AptState {
         c
     }
 
-    fn update(&self) -> Result<()> {
+    /// Downloads the suites' package lists.
+    pub(crate) fn update(&self) -> Result<()> {
         cmd::output(self.command("apt-get").args(["-qq", "update"])).map(|_| ())
     }
 
@@ -236,6 +244,20 @@ impl AptState {
             .collect())
     }
 
+    /// The Section of `package`'s candidate version (`libs` for a shared library package);
+    /// none for a name no version of which can be downloaded, such as a virtual package.
+    pub(crate) fn section(&self, package: &str) -> Option<String> {
+        let out =
+            cmd::output(
+                self.command("apt-cache")
+                    .args(["show", "--no-all-versions", package]),
+            )
+            .ok()?;
+        out.lines()
+            .find_map(|l| l.strip_prefix("Section:"))
+            .map(|s| s.trim().to_owned())
+    }
+
     /// The concrete `linux-image-<version>` package the meta package points to.
     fn resolve_image(&self, meta: &str) -> Result<String> {
         self.depends(meta)?
@@ -247,7 +269,9 @@ impl AptState {
             .with_context(|| format!("{meta} depends on no linux-image-<version> package"))
     }
 
-    fn download(&self, packages: &[String], into: &Path) -> Result<()> {
+    /// Downloads the packages' .debs into `into` (nothing is installed). A name may carry a
+    /// suite (`haproxy/experimental`) or a version (`haproxy=3.4.1-1`).
+    pub(crate) fn download(&self, packages: &[String], into: &Path) -> Result<()> {
         cmd::output(
             self.command("apt-get")
                 .args(["-qq", "download"])

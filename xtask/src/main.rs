@@ -7,6 +7,7 @@ mod fuzz;
 mod initramfs;
 mod kernels;
 mod matrix;
+mod peers;
 mod scan;
 mod soak;
 mod vm;
@@ -67,6 +68,10 @@ enum Task {
         /// guest is 10.0.2.15 on eth0.
         #[arg(long, value_delimiter = ',')]
         forward: Vec<u16>,
+        /// Guest clocks follow executed instructions (QEMU -icount shift=0,sleep=off): guest
+        /// CPU time is then an instruction count, the same from run to run.
+        #[arg(long)]
+        icount: bool,
         /// Command to run in the guest (busybox sh; the agent is /usr/bin/tlsplice).
         #[arg(last = true)]
         command: Vec<String>,
@@ -81,12 +86,15 @@ enum Task {
     /// a guest; writes target/bench/report.md, SVG charts and raw JSON; then the criterion
     /// micro-benchmarks.
     Bench {
-        /// A smoke run of a few minutes (small sizes, debug builds): what CI runs.
+        /// A smoke run of a few minutes (small sizes, test-profile builds): what CI runs.
         #[arg(long)]
         quick: bool,
         /// Only this host: no guest, so no kTLS rows.
         #[arg(long)]
         host_only: bool,
+        /// Only the guests (the kTLS rows by instruction count): no host rows.
+        #[arg(long, conflicts_with = "host_only")]
+        guest_only: bool,
         /// Guest kernel for the kTLS rows (6.1, 6.12, sid).
         #[arg(long, default_value = "sid")]
         kernel: String,
@@ -175,6 +183,7 @@ fn run() -> Result<()> {
             with,
             timeout,
             forward,
+            icount,
             command,
         } => matrix::vm(
             &root,
@@ -183,6 +192,11 @@ fn run() -> Result<()> {
             &with,
             timeout,
             &forward,
+            if icount {
+                vm::Clock::Instructions
+            } else {
+                vm::Clock::Host
+            },
             &command,
         ),
         Task::Kernels { refresh } => {
@@ -219,6 +233,7 @@ fn run() -> Result<()> {
         Task::Bench {
             quick,
             host_only,
+            guest_only,
             kernel,
             only,
             relays,
@@ -228,6 +243,7 @@ fn run() -> Result<()> {
             &bench::Options {
                 quick,
                 host_only,
+                guest_only,
                 kernel,
                 only,
                 relays,

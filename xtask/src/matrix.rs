@@ -463,6 +463,7 @@ fn run_in_guest(
         GUEST_TIMEOUT,
         vm::TEST_MEMORY_MIB,
         &[],
+        vm::Clock::Host,
     )?;
     println!(
         "[{name}] guest finished in {:.0}s",
@@ -623,6 +624,7 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
         &crate::bench::Options {
             quick: true,
             host_only: false,
+            guest_only: false,
             kernel: last.to_owned(),
             only: Vec::new(),
             relays: Vec::new(),
@@ -632,6 +634,7 @@ pub fn test(root: &Path, kernel_names: &[String], lint: bool) -> Result<()> {
 }
 
 /// `cargo xtask vm`.
+#[allow(clippy::too_many_arguments)] // one per command-line option
 pub fn vm(
     root: &Path,
     kernel_name: &str,
@@ -639,6 +642,7 @@ pub fn vm(
     tools: &[String],
     timeout: u64,
     forward: &[u16],
+    clock: vm::Clock,
     command: &[String],
 ) -> Result<()> {
     guest_run(
@@ -649,6 +653,7 @@ pub fn vm(
         tools,
         timeout,
         forward,
+        clock,
         command,
     )
 }
@@ -661,7 +666,17 @@ pub(crate) fn vm_with_env(
     env: &[(String, String)],
     timeout: u64,
 ) -> Result<()> {
-    guest_run(root, kernel_name, Some(test), env, &[], timeout, &[], &[])
+    guest_run(
+        root,
+        kernel_name,
+        Some(test),
+        env,
+        &[],
+        timeout,
+        &[],
+        vm::Clock::Host,
+        &[],
+    )
 }
 
 #[allow(clippy::too_many_arguments)] // the two entry points above name them
@@ -673,6 +688,7 @@ fn guest_run(
     tools: &[String],
     timeout: u64,
     forward: &[u16],
+    clock: vm::Clock,
     command: &[String],
 ) -> Result<()> {
     bootstrap::run()?;
@@ -715,6 +731,7 @@ fn guest_run(
         Duration::from_secs(timeout),
         vm::TEST_MEMORY_MIB,
         forward,
+        clock,
     )?;
     match run.exit {
         Some(0) => Ok(()),
@@ -785,6 +802,7 @@ pub fn demo(root: &Path, kernel_name: &str, host_only: bool) -> Result<()> {
         &[],
         900,
         &[],
+        vm::Clock::Host,
         &["tlsplice".into(), "probe".into()],
     )
 }

@@ -187,6 +187,7 @@ fn scan_guest(
             Duration::from_secs(1800),
             vm::TEST_MEMORY_MIB,
             &ports,
+            vm::Clock::Host,
         )
     });
     let listen = SocketAddr::from(([127, 0, 0, 1], tls));

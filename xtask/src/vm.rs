@@ -55,8 +55,31 @@ pub fn network_args(forward: &[u16]) -> Vec<String> {
     ]
 }
 
+/// What the guest's clocks follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// The host's time: timers and timeouts behave as on a real machine (the test matrix).
+    Host,
+    /// Executed instructions (`-icount shift=0,sleep=off`): one instruction is one nanosecond of
+    /// guest time, and an idle guest skips ahead to its next timer. Guest CPU time becomes an
+    /// instruction count that does not depend on how busy the host is, so two runs of the same
+    /// build agree; throughput and latency in guest time are those of an imaginary 1 GHz
+    /// one-instruction-per-cycle CPU, not of any real one.
+    Instructions,
+}
+
+impl Clock {
+    fn qemu_args(self) -> &'static [&'static str] {
+        match self {
+            Clock::Host => &[],
+            Clock::Instructions => &["-icount", "shift=0,sleep=off"],
+        }
+    }
+}
+
 /// Boots `kernel` with `initrd` and `memory_mib` of memory; `label` prefixes the streamed
 /// console lines. `forward`: host loopback ports forwarded to the guest ([`network_args`]).
+/// `timeout` is host time, whatever the guest's `clock`.
 pub fn boot(
     kernel: &GuestKernel,
     initrd: &Path,
@@ -64,10 +87,12 @@ pub fn boot(
     timeout: Duration,
     memory_mib: u32,
     forward: &[u16],
+    clock: Clock,
 ) -> Result<GuestRun> {
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        .args(clock.qemu_args())
         .args(network_args(forward))
         .args(["-m", &memory_mib.to_string()])
         .args([

@@ -379,6 +379,11 @@ pub struct LimitsConfig {
     /// default), 64 (its /64, what one host usually has), any of 0-128.
     #[serde(default = "default_source_prefix_v6")]
     pub source_prefix_v6: u8,
+    /// Threads that run connections and handshakes (default: one per CPU the agent may use).
+    /// Fewer leave CPUs to the node's workloads; handshakes per second grow with them up to
+    /// the CPUs there are.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 fn default_source_prefix_v4() -> u8 {
@@ -422,6 +427,7 @@ impl Default for LimitsConfig {
             per_source_handshakes_per_second: None,
             per_source_handshake_burst: None,
             source_prefix_v4: default_source_prefix_v4(),
+            worker_threads: None,
             source_prefix_v6: default_source_prefix_v6(),
         }
     }

@@ -30,6 +30,9 @@ impl Config {
             );
         }
         let l = &self.limits;
+        if l.worker_threads.is_some_and(|n| n == 0 || n > 1024) {
+            top("limits.worker_threads", "must be between 1 and 1,024");
+        }
         if l.per_source_connections == Some(0) {
             top("limits.per_source_connections", "must be above 0");
         }
@@ -286,6 +289,30 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn worker_threads_are_between_1_and_1024() {
+        let limits = |n: &str| {
+            Config::parse(
+                &format!(
+                    "[limits]\nworker_threads = {n}\n[[listener]]\nname = \"l\"\nmode = \"terminate\"\n\
+                     listen = \"127.0.0.1:1\"\nupstream = \"127.0.0.1:2\"\ncert = \"c\"\nkey = \"k\"\n"
+                ),
+                Path::new("c.toml"),
+            )
+            .map(|c| c.limits.worker_threads)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(limits("1"), Ok(Some(1)));
+        assert_eq!(limits("1024"), Ok(Some(1024)));
+        for bad in ["0", "1025"] {
+            assert_eq!(
+                limits(bad),
+                Err("c.toml: limits.worker_threads: must be between 1 and 1,024".to_owned()),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! Each runs as its own process, so the CPU it spends (TLS on the client and upstream side) is
 //! never counted as the relay's. Every client workload prints one JSON object on stdout.
 //!
-//! The upstream speaks a one-byte protocol after its (optional) TLS handshake: `S` reads to the
-//! end of the stream and answers the byte count as 8 bytes big-endian (so the client knows every
-//! byte crossed the relay); `E` echoes everything back until the end of the stream.
+//! The upstream speaks a one-byte protocol after its (optional) TLS handshake: `L` and an 8-byte
+//! big-endian length, then that many bytes, which it counts and answers with the count as 8
+//! bytes big-endian (so the client knows every byte crossed the relay; the count is asked for
+//! by length, not by a half-close, which HAProxy 3.4 with kTLS answers by closing both ways
+//! before the answer is back); `E` echoes everything back until the end of the stream.
 //!
 //! TLS is TLS 1.3 with `TLS_AES_128_GCM_SHA256` only on both ends, so every relay negotiates
 //! the cipher the crypto bound is measured for; certificates are ECDSA P-256.
@@ -64,6 +66,11 @@ enum Command {
         secs: f64,
         #[arg(long, default_value_t = 4)]
         conns: usize,
+        /// Once every connection is open, print `{"connected": N}` and wait for a line on stdin
+        /// before the first request (the caller reads the relay's CPU between the two, so the
+        /// handshakes are not counted against the requests).
+        #[arg(long)]
+        wait: bool,
     },
     /// New connections per second: handshake, one echoed byte, close.
     Handshakes {
@@ -211,28 +218,32 @@ async fn serve_upstream(mut stream: Box<dyn Stream>) -> std::io::Result<()> {
     let mut first = [0u8; 1];
     stream.read_exact(&mut first).await?;
     match first[0] {
-        b'S' => {
+        b'L' => {
+            let mut length = [0u8; 8];
+            stream.read_exact(&mut length).await?;
+            let length = u64::from_be_bytes(length);
             let mut total = 0u64;
-            loop {
-                let n = match stream.read(&mut buf).await {
-                    // nginx half-closes a TLS upstream with a bare FIN (no close_notify): the
-                    // bytes before it all arrived, which is what this count is for.
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => 0,
-                    r => r?,
-                };
+            while total < length {
+                let want = buf
+                    .len()
+                    .min(usize::try_from(length - total).unwrap_or(usize::MAX));
+                let n = stream.read(&mut buf[..want]).await?;
                 if n == 0 {
                     break;
                 }
                 total += n as u64;
             }
             stream.write_all(&total.to_be_bytes()).await?;
+            stream.flush().await?;
         }
         _ => loop {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
+            // Out before the next read: TLS may hold records the socket had no room for.
             stream.write_all(&buf[..n]).await?;
+            stream.flush().await?;
         },
     }
     stream.shutdown().await
@@ -247,7 +258,8 @@ async fn bulk(target: Target, bytes: u64, conns: usize) -> Result<serde_json::Va
         tasks.push(tokio::spawn(async move {
             let (mut s, _) = connector.connect().await?;
             let chunk = vec![0x5au8; 256 * 1024];
-            s.write_all(b"S").await?;
+            s.write_all(b"L").await?;
+            s.write_all(&bytes.to_be_bytes()).await?;
             let mut sent = 0u64;
             while sent < bytes {
                 let n = chunk
@@ -256,11 +268,14 @@ async fn bulk(target: Target, bytes: u64, conns: usize) -> Result<serde_json::Va
                 s.write_all(&chunk[..n]).await?;
                 sent += n as u64;
             }
-            s.shutdown().await?;
+            // TLS may still hold the last records: out with them before waiting for the answer.
+            s.flush().await?;
             let mut count = [0u8; 8];
             s.read_exact(&mut count)
                 .await
                 .context("the upstream's byte count")?;
+            // The count is in: how the relay passes the close on is not measured here.
+            let _ = s.shutdown().await;
             let got = u64::from_be_bytes(count);
             if got != bytes {
                 bail!("the upstream received {got} bytes of {bytes}");
@@ -288,15 +303,26 @@ async fn request_response(
     rate: f64,
     secs: f64,
     conns: usize,
+    wait: bool,
 ) -> Result<serde_json::Value> {
     let connector = Connector::new(&target, false)?;
     let interval = Duration::from_secs_f64(conns as f64 / rate);
     let run_for = Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for c in 0..conns {
+    // Every connection open (and set to echo) before the first request: a thousand handshakes
+    // would otherwise run beside the first requests.
+    let mut streams = Vec::with_capacity(conns);
+    for _ in 0..conns {
         let (mut s, _) = connector.connect().await?;
+        s.write_all(b"E").await?;
+        streams.push(s);
+    }
+    if wait {
+        println!("{}", json!({ "connected": streams.len() }));
+        tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await??;
+    }
+    let mut tasks = Vec::new();
+    for (c, mut s) in streams.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            s.write_all(b"E").await?;
             let mut msg = vec![0x42u8; size];
             let mut samples = Vec::new();
             // Connections start staggered so the offered load is spread evenly.
@@ -310,6 +336,7 @@ async fn request_response(
                 tokio::time::sleep_until(due.into()).await;
                 let sent = Instant::now();
                 s.write_all(&msg).await?;
+                s.flush().await?;
                 s.read_exact(&mut msg).await?;
                 let done = Instant::now();
                 // On schedule, the clock starts at the send (the timer's own lateness is not the
@@ -478,7 +505,8 @@ async fn main() -> Result<()> {
             rate,
             secs,
             conns,
-        } => request_response(target, size, rate, secs, conns).await?,
+            wait,
+        } => request_response(target, size, rate, secs, conns, wait).await?,
         Command::Handshakes {
             target,
             secs,

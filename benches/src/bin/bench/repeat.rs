@@ -6,11 +6,15 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::Row;
+use super::{Results, Row};
 
 /// A figure whose runs spread wider than this fraction of their median is flagged in the
 /// report and left out of its ratios.
 pub const SPREAD_LIMIT: f64 = 0.20;
+
+/// Runs whose clock counts instructions (a guest under QEMU's icount) should give the same cost
+/// figures: two that differ by more than this fraction of their median are marked.
+pub const AGREEMENT_LIMIT: f64 = 0.02;
 
 /// The smallest and largest value of one figure over a row's runs (the row holds the median).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -158,6 +162,56 @@ pub fn combine(mut runs: Vec<Row>) -> Row {
     row
 }
 
+/// Separate runs of the same rows (two guests booted side by side) as one result: each row
+/// [`combine`]d from the runs that have it, in the first run's order (rows only a later run has
+/// follow); the crypto bounds their medians; the machine, versions and skips of the first run.
+/// `None` for no runs.
+pub fn merge_runs(runs: Vec<Results>) -> Option<Results> {
+    let count = runs.len() as u32;
+    let mut runs = runs.into_iter();
+    let mut merged = runs.next()?;
+    let rest: Vec<Results> = runs.collect();
+    let same =
+        |a: &Row, b: &Row| a.mode == b.mode && a.relay == b.relay && a.workload == b.workload;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut later: Vec<Row> = rest.iter().flat_map(|r| r.rows.iter().cloned()).collect();
+    for row in std::mem::take(&mut merged.rows) {
+        let mut group = vec![row];
+        let (matching, others): (Vec<Row>, Vec<Row>) =
+            later.into_iter().partition(|r| same(r, &group[0]));
+        group.extend(matching);
+        later = others;
+        rows.push(combine(group));
+    }
+    while let Some(row) = later.first().cloned() {
+        let (group, others): (Vec<Row>, Vec<Row>) = later.into_iter().partition(|r| same(r, &row));
+        later = others;
+        rows.push(combine(group));
+    }
+    merged.rows = rows;
+    let bound = |get: fn(&Results) -> Option<f64>, merged: &Results| {
+        let values: Vec<f64> = std::iter::once(merged)
+            .chain(&rest)
+            .filter_map(get)
+            .collect();
+        median(&values)
+    };
+    // What any run skipped, once.
+    for skip in rest.iter().flat_map(|r| &r.skipped) {
+        if !merged
+            .skipped
+            .iter()
+            .any(|s| s.mode == skip.mode && s.relay == skip.relay)
+        {
+            merged.skipped.push(skip.clone());
+        }
+    }
+    merged.crypto_bytes_per_s = bound(|r| r.crypto_bytes_per_s, &merged);
+    merged.chacha_bytes_per_s = bound(|r| r.chacha_bytes_per_s, &merged);
+    merged.repeat = count;
+    Some(merged)
+}
+
 /// The connections per path of `observed` texts ("ktls connections +12, splice connections
 /// +3"), summed by path, in the order first seen.
 pub fn path_totals<'a>(observed: impl IntoIterator<Item = &'a str>) -> Vec<(String, f64)> {
@@ -277,6 +331,59 @@ mod tests {
         assert_eq!(row.errors, 3);
         assert_eq!(row.first_error.as_deref(), Some("error at 101"));
         assert!(steady(&row, "throughput_mib_s", row.throughput_mib_s));
+    }
+
+    fn results(rows: Vec<Row>, crypto: f64) -> Results {
+        Results {
+            scope: super::super::Scope::Guest,
+            simulated: true,
+            quick: false,
+            build: "release".into(),
+            date: String::new(),
+            kernel: "7.2".into(),
+            cpu: String::new(),
+            cpus: 1,
+            memory_gib: 2.0,
+            versions: BTreeMap::new(),
+            crypto_bytes_per_s: Some(crypto),
+            chacha_bytes_per_s: None,
+            crypto_openssl: "openssl".into(),
+            sizes: super::super::Sizes::new(super::super::Scope::Guest, true),
+            open_files_limit: 1024,
+            repeat: 1,
+            clock: super::super::Clock::Instructions,
+            rows,
+            skipped: Vec::new(),
+        }
+    }
+
+    fn named(relay: &str, cpu: f64) -> Row {
+        Row {
+            mode: "terminate".into(),
+            relay: relay.into(),
+            workload: "bulk, 1 connection".into(),
+            ..run(10.0, cpu, "", 0)
+        }
+    }
+
+    #[test]
+    fn two_guests_merge_row_by_row_with_both_figures_kept() {
+        let merged = merge_runs(vec![
+            results(vec![named("a", 10.0), named("b", 20.0)], 100.0),
+            // Another order, a row the first run lacks, and one it has that this one lacks.
+            results(vec![named("c", 5.0), named("a", 10.1)], 102.0),
+        ])
+        .unwrap();
+        assert_eq!(merged.repeat, 2);
+        let relays: Vec<&str> = merged.rows.iter().map(|r| r.relay.as_str()).collect();
+        assert_eq!(relays, ["a", "b", "c"]);
+        let a = &merged.rows[0];
+        assert_eq!(a.runs, 2);
+        let cpu = a.spread["cpu_s_per_gib"];
+        assert_eq!((cpu.min, cpu.max), (10.0, 10.1));
+        assert_eq!(merged.rows[1].runs, 1);
+        assert_eq!(merged.crypto_bytes_per_s, Some(101.0));
+        assert!(merge_runs(Vec::new()).is_none());
     }
 
     #[test]

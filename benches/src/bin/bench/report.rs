@@ -3,10 +3,10 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use super::repeat::{SPREAD_LIMIT, path_totals, relative_spread, steady};
-use super::{GIB, MIB, Results, Row, svg};
+use super::repeat::{AGREEMENT_LIMIT, SPREAD_LIMIT, path_totals, relative_spread, steady};
+use super::{Clock, GIB, MIB, Results, Row, svg};
 
 const MODES: [&str; 3] = ["terminate", "reencrypt", "passthrough"];
 
@@ -67,12 +67,24 @@ fn best_peer(
     rows: &[Row],
     mode: &str,
     workload: &str,
+    figure: (&str, impl Fn(&Row) -> Option<f64>),
+    higher: bool,
+) -> Option<(String, f64)> {
+    best_peer_of(rows, mode, workload, figure, higher, |_| true)
+}
+
+/// [`best_peer`] among the peers `which` accepts.
+fn best_peer_of(
+    rows: &[Row],
+    mode: &str,
+    workload: &str,
     (name, figure): (&str, impl Fn(&Row) -> Option<f64>),
     higher: bool,
+    which: impl Fn(&Row) -> bool,
 ) -> Option<(String, f64)> {
     rows.iter()
         .filter(|r| r.mode == mode && r.peer && r.workload == workload && r.errors == 0)
-        .filter(|r| steady(r, name, figure(r)))
+        .filter(|r| which(r) && steady(r, name, figure(r)))
         .filter_map(|r| {
             figure(r)
                 .filter(|v| v.is_finite())
@@ -109,17 +121,420 @@ fn ratio(ours: Option<f64>, best: &Option<(String, f64)>) -> String {
     }
 }
 
+/// A figure measured in several runs, with each run's extremes and how far apart they are:
+/// "12.31 (12.30 / 12.33, 0.2%)", marked when past [`AGREEMENT_LIMIT`].
+fn with_runs(r: &Row, name: &str, v: Option<f64>, digits: usize) -> String {
+    let value = fmt(v, digits);
+    match (r.spread.get(name), relative_spread(r, name, v)) {
+        (Some(s), Some(rel)) => format!(
+            "{value} ({} / {}, {:.1}%{})",
+            fmt(Some(s.min), digits),
+            fmt(Some(s.max), digits),
+            rel * 100.0,
+            if rel > AGREEMENT_LIMIT { " ⚠" } else { "" }
+        ),
+        _ => value,
+    }
+}
+
+/// The deterministic figures of each row (CPU per GiB, per handshake, per idle connection), by
+/// instruction count, with the runs beside each and whether they agree within
+/// [`AGREEMENT_LIMIT`]; then the goals they are measured against.
+fn costs_by_instructions(md: &mut String, run: &Results) {
+    let runs = if run.repeat > 1 {
+        format!(
+            "{} guests ran the same build and image side by side; each figure is their median with \
+             the runs' smallest and largest in brackets and how far apart they are (largest minus \
+             smallest, over the median; ⚠ past {:.0}%).",
+            run.repeat,
+            AGREEMENT_LIMIT * 100.0
+        )
+    } else {
+        "One guest's figures only (the other did not finish: see the run's output), so nothing \
+         here says whether they repeat."
+            .to_owned()
+    };
+    let _ = writeln!(
+        md,
+        "### Cost by instruction count\n\n{runs} Relay: the relay's threads and every kernel \
+         thread; node: the whole guest, traffic generator and upstream included.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| mode | relay | relay G instr/GiB, bulk ×1 | node G instr/GiB, bulk ×1 | relay G instr/GiB, bulk ×16 | relay M instr per full handshake | relay KiB per idle connection | relay vs crypto bound |\n\
+         |---|---|---|---|---|---|---|---|"
+    );
+    let (mut agree, mut total, mut apart) = (0, 0, Vec::new());
+    for mode in ["terminate", "reencrypt"] {
+        let bound = run.crypto_bytes_per_s.map(|s| match mode {
+            "terminate" => GIB / s,
+            _ => 2.0 * GIB / s,
+        });
+        for relay in relays_of(&run.rows, mode) {
+            let get = |w: &str| clean(&run.rows, mode, &relay, w);
+            let mut cell = |w: &str, name: &'static str, f: fn(&Row) -> Option<f64>, div: f64| {
+                let Some(r) = get(w) else {
+                    return "–".to_owned();
+                };
+                let v = f(r).map(|x| x / div);
+                // Memory is not an instruction count: shown with its runs, not counted.
+                if let Some(rel) =
+                    relative_spread(r, name, f(r)).filter(|_| name != "rss_per_connection_bytes")
+                {
+                    total += 1;
+                    if rel <= AGREEMENT_LIMIT {
+                        agree += 1;
+                    } else {
+                        apart.push(format!("{mode} {relay} {name} {:.1}%", rel * 100.0));
+                    }
+                }
+                let mut r2 = r.clone();
+                if let Some(s) = r2.spread.get_mut(name) {
+                    s.min /= div;
+                    s.max /= div;
+                }
+                with_runs(&r2, name, v, 2)
+            };
+            let b1 = cell(
+                "bulk, 1 connection",
+                "cpu_s_per_gib",
+                |r| r.cpu_s_per_gib,
+                1.0,
+            );
+            let n1 = cell(
+                "bulk, 1 connection",
+                "node_cpu_s_per_gib",
+                |r| r.node_cpu_s_per_gib,
+                1.0,
+            );
+            let b16 = cell(
+                "bulk, 16 connections",
+                "cpu_s_per_gib",
+                |r| r.cpu_s_per_gib,
+                1.0,
+            );
+            let hs = cell(
+                "handshakes, full",
+                "cpu_ms_per_handshake",
+                |r| r.cpu_ms_per_handshake,
+                1.0,
+            );
+            let idle = cell(
+                "idle connections",
+                "rss_per_connection_bytes",
+                |r| r.rss_per_connection_bytes,
+                1024.0,
+            );
+            let vs_bound = bound
+                .zip(get("bulk, 1 connection").and_then(|r| r.cpu_s_per_gib))
+                .map_or("–".into(), |(b, c)| format!("{:.2}×", c / b));
+            let _ = writeln!(
+                md,
+                "| {mode} | {relay} | {b1} | {n1} | {b16} | {hs} | {idle} | {vs_bound} |"
+            );
+        }
+    }
+    md.push('\n');
+    if total > 0 {
+        let _ = writeln!(
+            md,
+            "**{agree} of {total} CPU figures measured in both runs agree within {:.0}%**{} \
+             (memory per connection is not an instruction count: shown, not counted).\n",
+            AGREEMENT_LIMIT * 100.0,
+            if apart.is_empty() {
+                String::new()
+            } else {
+                format!("; apart: {}", apart.join(", "))
+            }
+        );
+    }
+    goals(md, run);
+}
+
+/// The issue's goals for the kernel path, with the values this run measured. The figures are
+/// what they are: the benchmark is not tuned to them.
+fn goals(md: &mut String, run: &Results) {
+    let rows = &run.rows;
+    let cpu: (&str, fn(&Row) -> Option<f64>) = ("cpu_s_per_gib", |r| r.cpu_s_per_gib);
+    let per_handshake: (&str, fn(&Row) -> Option<f64>) =
+        ("cpu_ms_per_handshake", |r| r.cpu_ms_per_handshake);
+    // A kTLS peer: one whose rows must show the kernel's counters (and did, or the run failed).
+    let best = |mode: &str, w: &str, figure, ktls: bool| {
+        best_peer_of(rows, mode, w, figure, false, |r| {
+            r.ktls_expected.is_some() == ktls
+        })
+    };
+    let ours = |mode: &str, w: &str, get: fn(&Row) -> Option<f64>| {
+        clean(rows, mode, "tlsplice ktls", w).and_then(get)
+    };
+    let mut lines = Vec::new();
+    let mut goal = |what: &str, mode: &str, best: Option<(String, f64)>, limit: f64| {
+        let current = ours(mode, "bulk, 1 connection", |r| r.cpu_s_per_gib);
+        lines.push(goal_line(what, current, best, limit));
+    };
+    goal(
+        "reencrypt CPU/GiB ≤ 0.5× the best user-space peer",
+        "reencrypt",
+        best("reencrypt", "bulk, 1 connection", cpu, false),
+        0.5,
+    );
+    goal(
+        "reencrypt CPU/GiB ≤ 0.7× the best kTLS peer",
+        "reencrypt",
+        best("reencrypt", "bulk, 1 connection", cpu, true),
+        0.7,
+    );
+    goal(
+        "terminate CPU/GiB ≤ 0.6× the best user-space peer",
+        "terminate",
+        best("terminate", "bulk, 1 connection", cpu, false),
+        0.6,
+    );
+    if let Some(speed) = run.crypto_bytes_per_s {
+        for (mode, hops) in [("terminate", 1.0), ("reencrypt", 2.0)] {
+            lines.push(goal_line(
+                &format!("{mode} CPU/GiB within 1.5× of the crypto bound"),
+                ours(mode, "bulk, 1 connection", |r| r.cpu_s_per_gib),
+                Some(("crypto bound".into(), hops * GIB / speed)),
+                1.5,
+            ));
+        }
+    }
+    for mode in ["terminate", "reencrypt"] {
+        let peers = best_peer(rows, mode, "handshakes, full", per_handshake, false);
+        lines.push(goal_line(
+            &format!("{mode} handshakes per CPU-second ≥ the best peer's (CPU per handshake ≤ 1×)"),
+            ours(mode, "handshakes, full", |r| r.cpu_ms_per_handshake),
+            peers,
+            1.0,
+        ));
+    }
+    let _ = writeln!(
+        md,
+        "### Goals for the kernel path (tlsplice ktls)\n\n| goal | tlsplice ktls | against | ratio | met |\n|---|---|---|---|---|"
+    );
+    for l in lines {
+        let _ = writeln!(md, "{l}");
+    }
+    md.push('\n');
+}
+
+/// One row of the goals table: ours against `against` (a name and its figure), met when the
+/// ratio is at most `limit`.
+fn goal_line(what: &str, ours: Option<f64>, against: Option<(String, f64)>, limit: f64) -> String {
+    match (ours, against) {
+        (Some(o), Some((name, b))) if b > 0.0 => {
+            let r = o / b;
+            format!(
+                "| {what} | {o:.3} | {name}: {b:.3} | {r:.2}× | {} |",
+                if r <= limit { "yes" } else { "no" }
+            )
+        }
+        (o, a) => format!(
+            "| {what} | {} | {} | – | not measured |",
+            fmt(o, 3),
+            a.map_or("–".into(), |(n, b)| format!("{n}: {b:.3}"))
+        ),
+    }
+}
+
+/// How cost grows with connections and message size, for `mode`: a table of relay CPU per GiB
+/// and p99 at each point for every relay, and four line charts (returned by name) of tlsplice's
+/// kernel path beside the best user-space peer and the best kTLS peer (by relay CPU per GiB,
+/// bulk on one connection). Nothing when the run has no scaling points.
+fn scaling(
+    md: &mut String,
+    run: &Results,
+    mode: &str,
+    relays: &[String],
+    scope: &str,
+    out: &Path,
+) -> Result<Vec<String>> {
+    let sizes = &run.sizes;
+    let by_conns: Vec<(f64, String)> = sizes
+        .scale_conns
+        .iter()
+        .map(|&c| (c as f64, super::scale_label(c, sizes.scale_size)))
+        .collect();
+    let by_size: Vec<(f64, String)> = sizes
+        .scale_sizes
+        .iter()
+        .map(|&z| {
+            (
+                z as f64 / 1024.0,
+                super::scale_label(sizes.scale_size_conns, z),
+            )
+        })
+        .collect();
+    let rows = &run.rows;
+    let measured = |label: &String| rows.iter().any(|r| r.mode == mode && &r.workload == label);
+    if !by_conns.iter().chain(&by_size).any(|(_, l)| measured(l)) {
+        return Ok(Vec::new());
+    }
+    let cpu = if run.clock == Clock::Instructions {
+        "G instr/GiB"
+    } else {
+        "CPU-s/GiB"
+    };
+    let _ = writeln!(
+        md,
+        "#### {mode}: how cost grows\n\nRequest/response, each request echoed, at a fixed offered load \
+         ({:.0} KiB/s each way, at most {:.0} requests/s, for {} s per point), every connection open \
+         before the relay's CPU is read (handshakes not counted); relay {cpu} over the bytes relayed \
+         both ways / p99 µs (a p99 of fewer than 100 samples is about the largest). First over \
+         {} KiB messages and more connections, then over {} connections and larger messages.\n",
+        sizes.scale_bytes_per_s / 1024.0,
+        sizes.scale_max_rate,
+        sizes.scale_secs,
+        sizes.scale_size >> 10,
+        sizes.scale_size_conns
+    );
+    let header: Vec<String> = by_conns
+        .iter()
+        .map(|(c, _)| format!("{c} conns"))
+        .chain(by_size.iter().map(|(k, _)| format!("{k} KiB")))
+        .collect();
+    let _ = writeln!(
+        md,
+        "| relay | {} |\n|---|{}",
+        header.join(" | "),
+        "---|".repeat(header.len())
+    );
+    for relay in relays {
+        let cells: Vec<String> = by_conns
+            .iter()
+            .chain(&by_size)
+            .map(|(_, label)| {
+                find(rows, mode, relay, label).map_or("–".into(), |r| {
+                    if r.errors > 0 {
+                        "errors".into()
+                    } else {
+                        format!("{} / {}", fmt(r.cpu_s_per_gib, 2), fmt(r.p99_us, 0))
+                    }
+                })
+            })
+            .collect();
+        let _ = writeln!(md, "| {relay} | {} |", cells.join(" | "));
+    }
+    md.push('\n');
+    // Charted: the kernel path and the best peer of each kind.
+    let bulk_cpu: (&str, fn(&Row) -> Option<f64>) = ("cpu_s_per_gib", |r| r.cpu_s_per_gib);
+    let best = |ktls: bool| {
+        best_peer_of(rows, mode, "bulk, 1 connection", bulk_cpu, false, |r| {
+            r.ktls_expected.is_some() == ktls
+        })
+        .map(|(name, _)| name)
+    };
+    let charted: Vec<String> = ["tlsplice ktls".to_owned()]
+        .into_iter()
+        .chain(best(true))
+        .chain(best(false))
+        .filter(|r| relays.contains(r))
+        .collect();
+    let series = |points: &[(f64, String)], get: fn(&Row) -> Option<f64>| {
+        charted
+            .iter()
+            .map(|relay| {
+                let line = points
+                    .iter()
+                    .map(|(x, label)| {
+                        let y = find(rows, mode, relay, label)
+                            .filter(|r| r.errors == 0)
+                            .and_then(get)
+                            .unwrap_or(f64::NAN);
+                        (*x, y)
+                    })
+                    .collect();
+                (relay.clone(), line)
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut charts = Vec::new();
+    for (tag, points, x_unit) in [
+        ("connections", &by_conns, "connections"),
+        ("size", &by_size, "message KiB"),
+    ] {
+        if points.is_empty() {
+            continue;
+        }
+        for (what, unit, get) in [
+            ("cpu", cpu, (|r| r.cpu_s_per_gib) as fn(&Row) -> Option<f64>),
+            ("p99", "p99 µs", |r: &Row| r.p99_us),
+        ] {
+            let name = format!("{scope}-{mode}-scale-{what}-by-{tag}.svg");
+            std::fs::write(
+                out.join(&name),
+                svg::lines(
+                    &format!("{mode}: {what} by {tag}"),
+                    x_unit,
+                    unit,
+                    &series(points, get),
+                ),
+            )?;
+            charts.push(name);
+        }
+    }
+    Ok(charts)
+}
+
+/// Full handshakes per second by tlsplice's worker threads: a line and a chart, when measured.
+fn worker_threads(md: &mut String, run: &Results, scope: &str, out: &Path) -> Result<()> {
+    let points: Vec<(usize, &Row)> = run
+        .rows
+        .iter()
+        .filter_map(|r| Some((super::threads_of_label(&r.workload)?, r)))
+        .collect();
+    let Some((_, first)) = points.first() else {
+        return Ok(());
+    };
+    let cells: Vec<String> = points
+        .iter()
+        .map(|(n, r)| {
+            format!(
+                "{n}: {}",
+                figure(
+                    r,
+                    "handshakes_per_s",
+                    r.handshakes_per_s.filter(|_| r.errors == 0),
+                    0
+                )
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        md,
+        "### Handshakes by worker threads\n\n{} {}, full handshakes per second by `--worker-threads` \
+         ({} CPUs here; the load generator and upstream share them): {}.\n",
+        first.relay,
+        first.mode,
+        run.cpus,
+        cells.join(", ")
+    );
+    let name = format!("{scope}-handshakes-by-worker-threads.svg");
+    let line: Vec<(f64, f64)> = points
+        .iter()
+        .map(|(n, r)| {
+            let v = r.handshakes_per_s.filter(|_| r.errors == 0);
+            (*n as f64, v.unwrap_or(f64::NAN))
+        })
+        .collect();
+    std::fs::write(
+        out.join(&name),
+        svg::lines(
+            "full handshakes by worker threads",
+            "worker threads",
+            "handshakes/s",
+            &[(first.relay.clone(), line)],
+        ),
+    )?;
+    let _ = writeln!(md, "![{name}]({name})\n");
+    Ok(())
+}
+
 /// Writes everything under `out`.
 pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
     std::fs::create_dir_all(out)?;
-    let mut runs = Vec::new();
-    for input in inputs {
-        let text = std::fs::read_to_string(input)
-            .with_context(|| format!("reading {}", input.display()))?;
-        let run: Results =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", input.display()))?;
-        runs.push(run);
-    }
+    let runs = super::read_results(inputs)?;
     std::fs::write(
         out.join("results.json"),
         serde_json::to_string_pretty(&runs)?,
@@ -138,7 +553,7 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
          peers in the guest, the kernel's kTLS counters from /proc/net/tls_stat (`TlsTxSw` alone means \
          kTLS for sending only, decryption stayed in user space). **CPU**: *relay* is the relay's \
          process tree (every thread, ended children too) plus every kernel thread over the same \
-         interval; *node* is every CPU of the machine (/proc/stat), traffic generator and upstream \
+         interval; *node* is every CPU of the machine (time less idle, /proc/uptime), traffic generator and upstream \
          included, which do the same work for every relay of a mode. On loopback the kernel's \
          receive work for a segment runs in the sender's context, so part of a relay's cost lands on \
          the generator (for sockmap, the verdict program itself): *node* is the fairer comparison, \
@@ -158,7 +573,22 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
 
 fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
     let scope = if run.simulated { "guest" } else { "host" };
-    if run.simulated {
+    if run.simulated && run.clock == Clock::Instructions {
+        let _ = writeln!(
+            md,
+            "## In a QEMU/TCG guest — CPU counted in instructions\n\nKernel {}, 1 emulated CPU ({}). The guest's \
+             clock follows executed instructions (QEMU `-icount shift=0,sleep=off`: one instruction is one \
+             nanosecond of guest time, an idle guest skips to its next timer). **Every CPU figure in this \
+             section is an instruction count**: 1 CPU-s is 10⁹ instructions (G instr), 1 CPU-ms 10⁶, counted \
+             by the guest's scheduler per thread to the nanosecond, so a figure repeats from run to run \
+             where a timed one on a real or emulated CPU moves. An instruction is not a cycle: compare \
+             these figures **inside this section only**. Throughput and latency here are those of an \
+             imaginary CPU that runs one instruction per nanosecond: shapes, not speeds. The one CPU runs \
+             the traffic generator, the upstream and the relay together.\n",
+            run.kernel, run.cpu
+        );
+        costs_by_instructions(md, run);
+    } else if run.simulated {
         let _ = writeln!(
             md,
             "## In a QEMU/TCG guest — simulated (emulated CPU)\n\nKernel {}, 1 emulated CPU ({}). Every figure here comes from an emulated CPU: \
@@ -187,7 +617,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
          which is the same for every relay but kTLS contexts).\n",
         run.date,
         if run.quick {
-            " (quick smoke run: sizes too small and builds unoptimised, so no conclusions)"
+            " (quick smoke run: sizes too small and builds with debug assertions, so no conclusions)"
         } else {
             ""
         },
@@ -210,11 +640,23 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
     }
     let versions: Vec<String> = run.versions.values().cloned().collect();
     let _ = writeln!(md, "Versions: {}.\n", versions.join("; "));
+    if let Some(speed) = run.chacha_bytes_per_s {
+        let _ = writeln!(
+            md,
+            "For CPUs without AES instructions, chacha20-poly1305 (`{} speed -evp chacha20-poly1305`, \
+             16 KiB, one core): {:.0} MiB/s, {:.2} CPU-s/GiB to decrypt (no row here runs it: the load \
+             generator offers AES-128-GCM).\n",
+            run.crypto_openssl,
+            speed / MIB,
+            GIB / speed
+        );
+    }
     if let Some(speed) = run.crypto_bytes_per_s {
         let _ = writeln!(
             md,
-            "Crypto bound (`openssl speed -evp aes-128-gcm`, 16 KiB, one core): {:.0} MiB/s, i.e. {:.2} CPU-s/GiB \
+            "Crypto bound (`{} speed -evp aes-128-gcm`, 16 KiB, one core): {:.0} MiB/s, i.e. {:.2} CPU-s/GiB \
              to decrypt (terminate); a decrypt + encrypt hop (reencrypt) is bounded at half: {:.0} MiB/s, {:.2} CPU-s/GiB.\n",
+            run.crypto_openssl,
             speed / MIB,
             GIB / speed,
             speed / MIB / 2.0,
@@ -435,8 +877,33 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             )?;
             charts.push(name);
         }
+        charts.extend(scaling(md, run, mode, &relays, scope, out)?);
         for c in charts {
             let _ = writeln!(md, "![{c}]({c})");
+        }
+        md.push('\n');
+    }
+    worker_threads(md, run, scope, out)?;
+    let known: Vec<&Row> = run
+        .rows
+        .iter()
+        .filter(|r| r.known_failure.is_some())
+        .collect();
+    if !known.is_empty() {
+        let _ = writeln!(
+            md,
+            "Known failures of peers (run, and reported with their errors):\n"
+        );
+        for r in known {
+            let _ = writeln!(
+                md,
+                "- {} / {} / {}: {} (first error: {})",
+                r.mode,
+                r.relay,
+                r.workload,
+                r.known_failure.as_deref().unwrap_or(""),
+                r.first_error.as_deref().unwrap_or("–")
+            );
         }
         md.push('\n');
     }
@@ -448,4 +915,59 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         md.push('\n');
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::repeat::Spread;
+    use super::*;
+
+    #[test]
+    fn goals_are_met_at_or_under_their_ratio() {
+        let cases = [
+            (
+                Some(5.0),
+                Some(("nginx-sid ktls", 10.0)),
+                0.5,
+                "0.50× | yes",
+            ),
+            (Some(5.1), Some(("nginx-sid ktls", 10.0)), 0.5, "0.51× | no"),
+            (Some(2.0), Some(("crypto bound", 1.0)), 1.5, "2.00× | no"),
+            (Some(2.0), None, 0.7, "not measured"),
+            (None, Some(("haproxy-sid", 3.0)), 0.6, "not measured"),
+        ];
+        for (ours, against, limit, want) in cases {
+            let line = goal_line("g", ours, against.map(|(n, v)| (n.to_owned(), v)), limit);
+            assert!(line.contains(want), "{line}");
+        }
+    }
+
+    #[test]
+    fn two_runs_show_both_figures_and_whether_they_agree() {
+        let mut row = Row::default();
+        row.spread.insert(
+            "cpu_s_per_gib".into(),
+            Spread {
+                min: 9.92,
+                max: 9.93,
+            },
+        );
+        row.spread.insert(
+            "node_cpu_s_per_gib".into(),
+            Spread {
+                min: 15.52,
+                max: 15.88,
+            },
+        );
+        assert_eq!(
+            with_runs(&row, "cpu_s_per_gib", Some(9.925), 2),
+            "9.93 (9.92 / 9.93, 0.1%)"
+        );
+        assert_eq!(
+            with_runs(&row, "node_cpu_s_per_gib", Some(15.70), 2),
+            "15.70 (15.52 / 15.88, 2.3% ⚠)"
+        );
+        // One run: the figure alone.
+        assert_eq!(with_runs(&row, "p99_us", Some(120.0), 0), "120");
+    }
 }
