@@ -222,6 +222,15 @@ pub fn signal_group(group: u32, signal: libc::c_int) {
     unsafe { libc::kill(-group, signal) };
 }
 
+/// Sends `signal` to the process `pid`; one already gone is fine.
+pub fn signal_process(pid: u32, signal: libc::c_int) {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
+    // SAFETY: kill takes a process id and a signal number; no memory is passed.
+    unsafe { libc::kill(pid, signal) };
+}
+
 /// The value at `q` (0..=1) of sorted samples.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {

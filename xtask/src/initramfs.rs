@@ -344,10 +344,20 @@ impl CpioWriter {
 
 /// Makes a stripped copy of a binary (debug info only slows the guest's boot).
 pub fn stripped_copy(bin: &Path, dir: &Path) -> Result<PathBuf> {
+    strip(bin, dir, &[])
+}
+
+/// Makes a copy of a binary without its debug info but with its symbol table, so that a
+/// profile in the guest names its functions.
+pub fn debug_stripped_copy(bin: &Path, dir: &Path) -> Result<PathBuf> {
+    strip(bin, dir, &["--strip-debug"])
+}
+
+fn strip(bin: &Path, dir: &Path, how: &[&str]) -> Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
     let name = bin.file_name().context("binary without a file name")?;
     let out = dir.join(name);
-    cmd::output(Command::new("strip").arg("-o").arg(&out).arg(bin))?;
+    cmd::output(Command::new("strip").args(how).arg("-o").arg(&out).arg(bin))?;
     Ok(out)
 }
 

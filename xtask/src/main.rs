@@ -92,7 +92,8 @@ enum Task {
         /// Only this host: no guest, so no kTLS rows.
         #[arg(long)]
         host_only: bool,
-        /// Only the guests (the kTLS rows by instruction count): no host rows.
+        /// Only the guests (the kTLS rows by instruction count): no new host rows (the report
+        /// keeps those of the last run, under their date).
         #[arg(long, conflicts_with = "host_only")]
         guest_only: bool,
         /// Guest kernel for the kTLS rows (6.1, 6.12, sid).

@@ -1,6 +1,7 @@
 //! The newest Debian benchmark peers for the guest: nginx 1.30 and OpenSSL 3.6 from sid,
 //! HAProxy from experimental (3.4, which has kTLS: `ktls on`), with every shared library they
-//! load, taken from sid too.
+//! load, taken from sid too. Beside them sid's `perf` (linux-perf, the guest kernel's own
+//! version), for the report's profile of where a relay's instructions go.
 //!
 //! The packages are downloaded with apt against private state (like the guest kernels, see
 //! [`kernels::AptState`]), never installed: they are unpacked into the cache and run through
@@ -27,6 +28,8 @@ pub const NGINX: &str = "/usr/bin/nginx-sid";
 pub const HAPROXY: &str = "/usr/bin/haproxy-sid";
 /// The sid openssl command in the guest (a wrapper script; the arguments are openssl's).
 pub const OPENSSL: &str = "/usr/bin/openssl-sid";
+/// sid's perf in the guest (a wrapper script; the arguments are perf's).
+pub const PERF: &str = "/usr/bin/perf-sid";
 /// The sid nginx's stream module in the guest, for `load_module` (nginx only has the stream
 /// module it was built with when told to load it).
 pub const NGINX_STREAM_MODULE: &str = "/opt/sid/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -41,12 +44,14 @@ const PACKAGES: &[&str] = &[
     "openssl",
     "libssl3t64",
     "haproxy/experimental",
+    "linux-perf",
 ];
 /// The wrappers: (guest command, the program's path in the packages).
-const PROGRAMS: [(&str, &str); 3] = [
+const PROGRAMS: [(&str, &str); 4] = [
     (NGINX, "usr/sbin/nginx"),
     (HAPROXY, "usr/sbin/haproxy"),
     (OPENSSL, "usr/bin/openssl"),
+    (PERF, "usr/bin/perf"),
 ];
 /// The stream module in the packages (see [`NGINX_STREAM_MODULE`]).
 const STREAM_MODULE: &str = "usr/lib/nginx/modules/ngx_stream_module.so";
@@ -175,6 +180,8 @@ pub fn fetch(refresh: bool) -> Result<NewestPeers> {
         && kernels::is_fresh(&stamp)
         && let Ok(text) = std::fs::read_to_string(&stamp)
         && let Ok(peers) = NewestPeers::parse(&text, &root)
+        // A cache from before a program was added to the list is not complete.
+        && PROGRAMS.iter().all(|(_, p)| peers.files.contains(*p))
         && peers
             .files
             .iter()
@@ -182,7 +189,7 @@ pub fn fetch(refresh: bool) -> Result<NewestPeers> {
     {
         return Ok(peers);
     }
-    println!("peers: resolving nginx and OpenSSL in sid, HAProxy in experimental");
+    println!("peers: resolving nginx, OpenSSL and perf in sid, HAProxy in experimental");
     // A tree left half-built by a failed run must not pass for a complete one.
     let _ = std::fs::remove_file(&stamp);
     let _ = std::fs::remove_dir_all(&root);
@@ -534,7 +541,7 @@ fn wrapper(prefix: &str, peers: &NewestPeers, program: &str) -> Result<String> {
 }
 
 /// Puts the sid peers into a guest image: their files under [`GUEST_ROOT`] and the wrappers
-/// [`NGINX`], [`HAPROXY`] and [`OPENSSL`]. nginx then needs `load_module
+/// [`NGINX`], [`HAPROXY`], [`OPENSSL`] and [`PERF`]. nginx then needs `load_module
 /// <NGINX_STREAM_MODULE>;` for a `stream` block; HAProxy's kTLS is `ktls on` on a `bind` or
 /// `server` line that has `ssl`, allowed by `expose-experimental-directives` in `global`.
 pub fn add_to(contents: &mut Contents, peers: &NewestPeers) -> Result<()> {

@@ -266,6 +266,19 @@ impl Relay {
         }
     }
 
+    /// Whether the guest profiles this relay: tlsplice's kernel path, and the newest nginx
+    /// with kTLS and without (the peer that runs every workload, in both its ways).
+    fn profiled(self) -> bool {
+        matches!(
+            self,
+            Relay::Tlsplice("ktls")
+                | Relay::Nginx {
+                    build: Build::Newest,
+                    ..
+                }
+        )
+    }
+
     fn is_peer(self) -> bool {
         !matches!(self, Relay::Tlsplice(_) | Relay::Direct)
     }
@@ -536,11 +549,14 @@ enum Workload {
     Idle,
     /// CPU per GiB and p99 latency against connections and message size (request/response).
     Scale,
+    /// Where the instructions go: perf over tlsplice's kernel path and the newest nginx (kTLS
+    /// and not) in the guest, for bulk on one connection and the sweep's most connections.
+    Profile,
     /// Full handshakes per second against tlsplice's worker threads (the host's terminate).
     Threads,
 }
 
-const WORKLOADS: [Workload; 9] = [
+const WORKLOADS: [Workload; 10] = [
     Workload::Bulk1,
     Workload::Bulk16,
     Workload::Rr1k,
@@ -549,6 +565,7 @@ const WORKLOADS: [Workload; 9] = [
     Workload::HandshakeResumed,
     Workload::Idle,
     Workload::Scale,
+    Workload::Profile,
     Workload::Threads,
 ];
 
@@ -563,6 +580,7 @@ impl Workload {
             Workload::HandshakeResumed => "handshakes, resumption offered",
             Workload::Idle => "idle connections",
             Workload::Scale => "how cost grows",
+            Workload::Profile => "where the instructions go (perf)",
             Workload::Threads => "handshakes by worker threads",
         }
     }
@@ -672,6 +690,9 @@ struct Results {
     clock: Clock,
     rows: Vec<Row>,
     skipped: Vec<Skip>,
+    /// Where the instructions go, for the relays profiled (merged runs: the first run's).
+    #[serde(default)]
+    profiles: Vec<profile::Profile>,
 }
 
 /// Paths and addresses shared by every relay of a run.
@@ -1148,7 +1169,7 @@ impl Bench {
                     }
                 }
                 Workload::Idle => unreachable!("handled above"),
-                Workload::Scale | Workload::Threads => {
+                Workload::Scale | Workload::Profile | Workload::Threads => {
                     bail!("{} is measured point by point", workload.label())
                 }
             }
@@ -1201,7 +1222,9 @@ impl Bench {
                     row.cpu_ms_per_handshake = Some(cpu * 1000.0 / n as f64);
                 }
             }
-            Workload::Idle | Workload::Scale | Workload::Threads => row.secs = wall,
+            Workload::Idle | Workload::Scale | Workload::Profile | Workload::Threads => {
+                row.secs = wall
+            }
         }
         let closing = if workload == Workload::Idle {
             row.connections.unwrap_or(0)
@@ -1216,7 +1239,14 @@ impl Bench {
     /// connections at the offered rate of [`Sizes::scale_rate`]. The relay's CPU is read once
     /// every connection is open, so the handshakes are not counted against the bytes; CPU per
     /// GiB is over the bytes relayed both ways.
-    fn scale_point(&self, running: &Running, conns: usize, size: usize) -> Result<Row> {
+    /// With `record` (perf, its data file) the measured part is recorded.
+    fn scale_point(
+        &self,
+        running: &Running,
+        conns: usize,
+        size: usize,
+        record: Option<(&Path, &Path)>,
+    ) -> Result<Row> {
         let s = &self.sizes;
         let rate = s.scale_rate(size);
         // Before the connections open: the kernel's kTLS counters (the peers' path) count a
@@ -1240,6 +1270,9 @@ impl Bench {
         }
         // Settled: the handshakes' work (and its timers) out of the way.
         std::thread::sleep(Duration::from_secs(1));
+        let recording = record
+            .map(|(perf, data)| profile::PerfRecord::start(perf, data))
+            .transpose()?;
         let (cpu0, n0) = (running.cpu_mark(), node_busy_seconds());
         let start = Instant::now();
         loadgen.say("go")?;
@@ -1249,6 +1282,9 @@ impl Bench {
         std::thread::sleep(Duration::from_millis(300));
         let mut row = Row::default();
         (row.relay_cpu_s, row.kernel_threads_cpu_s) = running.cpu_mark().since(&cpu0);
+        if let Some(recording) = recording {
+            recording.stop()?;
+        }
         row.node_cpu_s = node_busy_seconds() - n0;
         let report: serde_json::Value = serde_json::from_str(line.trim())
             .with_context(|| format!("loadgen ({status}) printed {line:?}"))?;
@@ -1266,6 +1302,69 @@ impl Bench {
         row.rss_bytes = running.rss();
         row.path_observed = paths_once_reported(running, &paths_before, conns as u64);
         Ok(row)
+    }
+
+    /// Profiles a running relay with `perf` through one workload: bulk on one connection, or
+    /// the scaling sweep's point of `conns` connections. Not a row: perf's sampling costs
+    /// instructions of its own, so the counted rows are measured without it.
+    fn profile(
+        &self,
+        running: &Running,
+        perf: &Path,
+        workload: Workload,
+        conns: usize,
+    ) -> profile::Profile {
+        let data = self.dir.join("perf.data");
+        let recorded = || -> Result<(f64, String)> {
+            if workload == Workload::Scale {
+                let size = self.sizes.scale_size;
+                let row = self.scale_point(running, conns, size, Some((perf, &data)))?;
+                if row.errors > 0 {
+                    bail!("the point failed: {}", row.first_error.unwrap_or_default());
+                }
+                Ok((
+                    row.relay_cpu_s + row.kernel_threads_cpu_s,
+                    scale_label(conns, size),
+                ))
+            } else {
+                let bytes = self.sizes.bulk_bytes;
+                let mut args: Vec<String> = ["bulk", "--bytes", &bytes.to_string()]
+                    .into_iter()
+                    .map(str::to_owned)
+                    .chain(["--conns".into(), "1".into()])
+                    .collect();
+                args.extend(self.target_args(running.addr));
+                let recording = profile::PerfRecord::start(perf, &data)?;
+                let cpu0 = running.cpu_mark();
+                let report = self.loadgen(&args, Duration::from_secs(120 + (bytes >> 20)))?;
+                std::thread::sleep(Duration::from_millis(300));
+                let (relay, kernel) = running.cpu_mark().since(&cpu0);
+                recording.stop()?;
+                if report["errors"].as_u64().unwrap_or(0) > 0 {
+                    bail!("the transfer failed: {}", report["first_error"]);
+                }
+                Ok((relay + kernel, Workload::Bulk1.label().to_owned()))
+            }
+        };
+        let mut profile = profile::Profile::default();
+        let result = recorded().and_then(|(cpu, label)| {
+            profile.relay_cpu_s = cpu;
+            profile.workload = label;
+            // The relay's processes and the kernel's threads: what the rows' CPU counts.
+            let mut pids = running.pid().map(process_tree).unwrap_or_default();
+            pids.extend(kernel_threads());
+            profile::read(perf, &data, &pids)
+        });
+        match result {
+            Ok((samples, functions, objects)) => {
+                profile.samples = samples;
+                profile.functions = functions;
+                profile.objects = objects;
+            }
+            Err(e) => profile.error = Some(format!("{e:#}")),
+        }
+        let _ = std::fs::remove_file(&data);
+        profile
     }
 
     /// Opens the idle connections, waits for the relay to settle, reads what it and the kernel
@@ -1665,6 +1764,7 @@ fn run(
         clock,
         rows: Vec::new(),
         skipped: Vec::new(),
+        profiles: Vec::new(),
     };
     println!(
         "bench: {:?} scope, kernel {}, {} x {}, quick={quick}, {repeat} run(s) per row",
@@ -1740,16 +1840,15 @@ fn run(
                         continue;
                     }
                     for (conns, size) in bench.sizes.scale_points() {
-                        let mut row =
-                            bench
-                                .scale_point(&running, conns, size)
-                                .unwrap_or_else(|e| Row {
-                                    errors: 1,
-                                    first_error: Some(format!("{e:#}")),
-                                    connections: Some(conns as u64),
-                                    message_bytes: Some(size as u64),
-                                    ..Row::default()
-                                });
+                        let mut row = bench
+                            .scale_point(&running, conns, size, None)
+                            .unwrap_or_else(|e| Row {
+                                errors: 1,
+                                first_error: Some(format!("{e:#}")),
+                                connections: Some(conns as u64),
+                                message_bytes: Some(size as u64),
+                                ..Row::default()
+                            });
                         row.mode = mode.name().into();
                         row.relay = relay.label();
                         row.peer = relay.is_peer();
@@ -1758,6 +1857,41 @@ fn run(
                         row.runs = 1;
                         println!("bench: {}", one_line(&row));
                         results.rows.push(row);
+                    }
+                    continue;
+                }
+                if workload == Workload::Profile {
+                    // A quick run checks that profiling works, on tlsplice alone.
+                    let profiled = relay.profiled() && (!quick || relay == Relay::Tlsplice("ktls"));
+                    if scope != Scope::Guest || !profiled {
+                        continue;
+                    }
+                    let Some(perf) = tlsplice_benches::which("perf-sid") else {
+                        results.skipped.push(Skip {
+                            mode: mode.name().into(),
+                            relay: format!("{} ({})", relay.label(), workload.label()),
+                            why: "the guest has no perf (sid's linux-perf comes with the newest peers)".into(),
+                        });
+                        continue;
+                    };
+                    let most = bench.sizes.scale_conns.iter().copied().max();
+                    let points = std::iter::once((Workload::Bulk1, 1))
+                        .chain(most.map(|conns| (Workload::Scale, conns)));
+                    for (profiled, conns) in points {
+                        let mut p = bench.profile(&running, &perf, profiled, conns);
+                        p.mode = mode.name().into();
+                        p.relay = relay.label();
+                        println!(
+                            "bench: profile {} {} {}: {} samples{}",
+                            p.mode,
+                            p.relay,
+                            p.workload,
+                            p.samples,
+                            p.error
+                                .as_deref()
+                                .map_or(String::new(), |e| format!(", {e}"))
+                        );
+                        results.profiles.push(p);
                     }
                     continue;
                 }
@@ -1871,6 +2005,11 @@ fn run(
         .iter()
         .filter(|r| r.known_failure.is_none() && (r.errors > 0 || mismatched(r)))
         .map(one_line)
+        .chain(results.profiles.iter().filter_map(|p| {
+            p.error
+                .as_ref()
+                .map(|e| format!("profile {} {} {}: {e}", p.mode, p.relay, p.workload))
+        }))
         .collect();
     if !failed.is_empty() {
         bail!(
@@ -2188,5 +2327,6 @@ fn main() -> Result<()> {
     }
 }
 
+mod profile;
 mod repeat;
 mod report;

@@ -354,6 +354,7 @@ mod tests {
             clock: super::super::Clock::Instructions,
             rows,
             skipped: Vec::new(),
+            profiles: Vec::new(),
         }
     }
 

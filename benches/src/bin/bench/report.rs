@@ -251,6 +251,173 @@ fn costs_by_instructions(md: &mut String, run: &Results) {
     goals(md, run);
 }
 
+/// The headline: tlsplice's kernel path against the best user-space peer and the best kTLS
+/// peer of the same run, in the guest whose clock counts instructions (the only place where
+/// both kinds of peer and the kernel path run on one CPU and a figure repeats): CPU per GiB
+/// (bulk, one connection), CPU per full handshake and memory per idle connection, each with
+/// its runs' spread. README's table is copied from it. None without such a run.
+fn headline(runs: &[Results]) -> Option<String> {
+    let run = runs
+        .iter()
+        .find(|r| r.simulated && r.clock == Clock::Instructions)?;
+    let mut md = headline_table(&run.rows);
+    let _ = writeln!(
+        md,
+        "\nRun: {}, {} guest{} side by side (kernel {}, QEMU/TCG with `-icount shift=0,sleep=off`: \
+         1 G instr is a second of the guest's CPU), {} build{}. Below 1× tlsplice costs less. \
+         ±: the runs' largest minus smallest over the median. CPU: the relay's threads and every \
+         kernel thread.",
+        run.date,
+        run.repeat.max(1),
+        if run.repeat > 1 { "s" } else { "" },
+        run.kernel,
+        run.build,
+        if run.quick {
+            " (a quick smoke run: no conclusions)"
+        } else {
+            ""
+        }
+    );
+    Some(md)
+}
+
+/// [`headline`]'s table, from one run's rows.
+fn headline_table(rows: &[Row]) -> String {
+    type Get = fn(&Row) -> Option<f64>;
+    let figures: [(&str, &str, &str, Get, f64, usize); 3] = [
+        (
+            "CPU per GiB, bulk",
+            "bulk, 1 connection",
+            "cpu_s_per_gib",
+            |r| r.cpu_s_per_gib,
+            1.0,
+            2,
+        ),
+        (
+            "CPU per full handshake",
+            "handshakes, full",
+            "cpu_ms_per_handshake",
+            |r| r.cpu_ms_per_handshake,
+            1.0,
+            2,
+        ),
+        (
+            "memory per idle connection",
+            "idle connections",
+            "rss_per_connection_bytes",
+            |r| r.rss_per_connection_bytes,
+            1024.0,
+            1,
+        ),
+    ];
+    let unit = |name: &str| match name {
+        "cpu_s_per_gib" => "G instr",
+        "cpu_ms_per_handshake" => "M instr",
+        _ => "KiB",
+    };
+    // "5.56 G instr ±0.2%": the median with how far the runs were apart.
+    let shown = |r: &Row, name: &str, v: f64, div: f64, digits: usize| {
+        let spread = relative_spread(r, name, Some(v))
+            .map_or(String::new(), |s| format!(" ±{:.1}%", s * 100.0));
+        format!("{:.digits$} {}{spread}", v / div, unit(name))
+    };
+    let mut md = String::from(
+        "| mode | figure | tlsplice ktls | vs best user-space peer | vs best kTLS peer |\n|---|---|---|---|---|\n",
+    );
+    for mode in ["terminate", "reencrypt"] {
+        for (what, workload, name, get, div, digits) in figures {
+            let ours = clean(rows, mode, "tlsplice ktls", workload)
+                .and_then(|r| get(r).filter(|v| v.is_finite()).map(|v| (r, v)));
+            let steady_ours = ours.filter(|(r, v)| steady(r, name, Some(*v)));
+            let against = |ktls: bool| {
+                let best = best_peer_of(rows, mode, workload, (name, get), false, |r| {
+                    r.ktls_expected.is_some() == ktls
+                });
+                match (steady_ours, best) {
+                    (Some((_, o)), Some((peer, b))) if b > 0.0 => {
+                        let row = find(rows, mode, &peer, workload);
+                        let theirs = row.map_or(String::new(), |r| shown(r, name, b, div, digits));
+                        format!("**{:.2}×** ({peer}: {theirs})", o / b)
+                    }
+                    (None, _) if ours.is_some() => "– (our runs spread too far)".into(),
+                    _ => "–".into(),
+                }
+            };
+            let our_cell = ours.map_or("–".into(), |(r, v)| shown(r, name, v, div, digits));
+            let _ = writeln!(
+                md,
+                "| {mode} | {what} | {our_cell} | {} | {} |",
+                against(false),
+                against(true)
+            );
+        }
+    }
+    md
+}
+
+/// Functions shown per profile (the results keep a few more).
+const PROFILE_LINES: usize = 10;
+
+/// Where the instructions go: each profile's objects and its top functions, with their share
+/// of the samples and, under the instruction clock, the instructions that share stands for.
+fn profiles(md: &mut String, run: &Results) {
+    if run.profiles.is_empty() {
+        return;
+    }
+    let instructions = run.clock == Clock::Instructions;
+    let _ = writeln!(
+        md,
+        "### Where the instructions go (perf)\n\n`perf record -a -e cpu-clock -F 10000` while \
+         the workload runs again (not while its row was counted: sampling costs instructions of \
+         its own), read for the relay's processes and the kernel's threads: the CPU the rows \
+         count. {}The runs' profiles are the first guest's.\n",
+        if instructions {
+            "On the instruction clock a sample falls every 100,000 instructions, so a share of \
+             the samples is a share of the instructions; *G instr* is that share of what the \
+             relay ran meanwhile. "
+        } else {
+            ""
+        }
+    );
+    for p in &run.profiles {
+        let _ = writeln!(md, "#### {} · {} · {}\n", p.mode, p.relay, p.workload);
+        if let Some(e) = &p.error {
+            let _ = writeln!(md, "No profile: {e}\n");
+            continue;
+        }
+        let objects: Vec<String> = p
+            .objects
+            .iter()
+            .map(|o| format!("{} {:.1}%", o.object, o.share * 100.0))
+            .collect();
+        let _ = writeln!(
+            md,
+            "{} samples over {:.3} {} of the relay and the kernel's threads. By object: {}.\n",
+            p.samples,
+            p.relay_cpu_s,
+            if instructions { "G instr" } else { "CPU-s" },
+            objects.join(", ")
+        );
+        let _ = writeln!(
+            md,
+            "| share | {} | process | object | function |\n|---|---|---|---|---|",
+            if instructions { "G instr" } else { "CPU-s" }
+        );
+        for f in p.functions.iter().take(PROFILE_LINES) {
+            let _ = writeln!(
+                md,
+                "| {:.1}% | {:.3} | {} | {} | `{}` |",
+                f.share * 100.0,
+                f.share * p.relay_cpu_s,
+                f.process,
+                f.object,
+                f.function.replace('|', "\\|").replace('`', "'")
+            );
+        }
+        md.push('\n');
+    }
+}
+
 /// The issue's goals for the kernel path, with the values this run measured. The figures are
 /// what they are: the benchmark is not tuned to them.
 fn goals(md: &mut String, run: &Results) {
@@ -563,6 +730,13 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
          marked ⚠ and left out of every ratio. A row of one run has no `±`: differences of a few \
          percent there are noise.\n\n",
     );
+    if let Some(table) = headline(&runs) {
+        let _ = writeln!(
+            md,
+            "## Headline: the kernel path against the best peers\n\n{table}"
+        );
+        std::fs::write(out.join("headline.md"), table)?;
+    }
     for run in &runs {
         section(&mut md, run, out)?;
     }
@@ -884,6 +1058,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
         md.push('\n');
     }
     worker_threads(md, run, scope, out)?;
+    profiles(md, run);
     let known: Vec<&Row> = run
         .rows
         .iter()
@@ -940,6 +1115,52 @@ mod tests {
             let line = goal_line("g", ours, against.map(|(n, v)| (n.to_owned(), v)), limit);
             assert!(line.contains(want), "{line}");
         }
+    }
+
+    #[test]
+    fn the_headline_compares_with_the_best_steady_clean_peer_of_each_kind() {
+        let ktls = Some(super::super::KtlsDirections { tx: true, rx: true });
+        let bulk = |relay: &str, peer: bool, cpu: f64, min: f64, max: f64| {
+            let mut r = Row {
+                mode: "terminate".into(),
+                relay: relay.into(),
+                peer,
+                workload: "bulk, 1 connection".into(),
+                cpu_s_per_gib: Some(cpu),
+                ..Row::default()
+            };
+            r.spread.insert("cpu_s_per_gib".into(), Spread { min, max });
+            r
+        };
+        let mut rows = vec![
+            bulk("tlsplice ktls", false, 5.0, 4.95, 5.05),
+            bulk("nginx-sid", true, 10.0, 10.0, 10.0),
+            // Cheaper, but its runs spread 50%: not a figure to compare with.
+            bulk("haproxy-sid", true, 2.0, 1.5, 2.5),
+            bulk("nginx-sid ktls", true, 8.0, 7.9, 8.1),
+        ];
+        // Cheaper, but it failed.
+        let mut failed = bulk("haproxy-sid ktls", true, 1.0, 1.0, 1.0);
+        failed.errors = 1;
+        rows.push(failed);
+        rows[3].ktls_expected = ktls;
+        rows[4].ktls_expected = ktls;
+        let table = headline_table(&rows);
+        let line = table
+            .lines()
+            .find(|l| l.starts_with("| terminate | CPU per GiB"))
+            .expect("a terminate CPU line");
+        assert_eq!(
+            line,
+            "| terminate | CPU per GiB, bulk | 5.00 G instr ±2.0% | **0.50×** (nginx-sid: 10.00 G instr ±0.0%) | **0.62×** (nginx-sid ktls: 8.00 G instr ±2.5%) |"
+        );
+        // No figure: dashes, not a ratio of nothing.
+        assert!(table.contains("| reencrypt | CPU per full handshake | – | – | – |"));
+        // Our own runs too far apart: no ratio.
+        rows[0]
+            .spread
+            .insert("cpu_s_per_gib".into(), Spread { min: 3.0, max: 7.0 });
+        assert!(headline_table(&rows).contains("– (our runs spread too far)"));
     }
 
     #[test]
