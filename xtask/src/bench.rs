@@ -220,8 +220,12 @@ fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
     let quick = if opts.quick { " --quick" } else { "" };
     // Quoted for the guest's shell: relay labels have spaces.
     let filters: String = opts.filters().iter().map(|a| format!(" '{a}'")).collect();
+    // Transparent huge pages off for every relay: khugepaged's collapsing, for any process,
+    // is kernel-thread CPU, which every row counts against its relay (tlsplice turns them off
+    // for itself; the peers would otherwise keep them and their bill would land anywhere).
     contents.script(&format!(
-        "ulimit -n 65536\ntlsplice-bench run --scope guest{quick} --clock instructions \
+        "ulimit -n 65536\necho never > /sys/kernel/mm/transparent_hugepage/enabled\n\
+         tlsplice-bench run --scope guest{quick} --clock instructions \
          --agent /usr/bin/tlsplice --loadgen /usr/bin/tlsplice-loadgen --out -{filters}\n"
     ));
     let image = work.join("initramfs.cpio");

@@ -688,6 +688,10 @@ struct Results {
     /// What the clock followed.
     #[serde(default)]
     clock: Clock,
+    /// The kernel's transparent huge page setting (/sys/kernel/mm/transparent_hugepage/enabled,
+    /// the one in brackets): khugepaged's work for any process is kernel-thread CPU.
+    #[serde(default)]
+    transparent_hugepages: Option<String>,
     rows: Vec<Row>,
     skipped: Vec<Skip>,
     /// Where the instructions go, for the relays profiled (merged runs: the first run's).
@@ -1602,6 +1606,14 @@ fn default_openssl() -> String {
 
 /// The openssl command for the crypto bound: the newest where the guest has it (the one the
 /// newest peers run on).
+/// The transparent huge page mode in force ("always", "madvise", "never"), if the kernel says.
+fn transparent_hugepages() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    let (_, rest) = text.split_once('[')?;
+    let (mode, _) = rest.split_once(']')?;
+    Some(mode.to_owned())
+}
+
 fn crypto_openssl() -> &'static str {
     if tlsplice_benches::which("openssl-sid").is_some() {
         "openssl-sid"
@@ -1762,6 +1774,7 @@ fn run(
         open_files_limit: tlsplice_benches::open_files_limit(),
         repeat,
         clock,
+        transparent_hugepages: transparent_hugepages(),
         rows: Vec::new(),
         skipped: Vec::new(),
         profiles: Vec::new(),

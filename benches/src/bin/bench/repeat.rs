@@ -352,6 +352,7 @@ mod tests {
             open_files_limit: 1024,
             repeat: 1,
             clock: super::super::Clock::Instructions,
+            transparent_hugepages: None,
             rows,
             skipped: Vec::new(),
             profiles: Vec::new(),

@@ -758,8 +758,21 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
              where a timed one on a real or emulated CPU moves. An instruction is not a cycle: compare \
              these figures **inside this section only**. Throughput and latency here are those of an \
              imaginary CPU that runs one instruction per nanosecond: shapes, not speeds. The one CPU runs \
-             the traffic generator, the upstream and the relay together.\n",
-            run.kernel, run.cpu
+             the traffic generator, the upstream and the relay together. {}\n",
+            run.kernel,
+            run.cpu,
+            match run.transparent_hugepages.as_deref() {
+                Some("never") => "Transparent huge pages are off for every relay (`never`): \
+                                  khugepaged's work, for any process, would otherwise count \
+                                  against whichever relay ran, as kernel-thread CPU (tlsplice \
+                                  turns them off for itself)."
+                    .to_owned(),
+                Some(mode) => format!(
+                    "Transparent huge pages: `{mode}`: khugepaged's work, for any process, counts \
+                     against whichever relay ran, as kernel-thread CPU."
+                ),
+                None => String::new(),
+            }
         );
         costs_by_instructions(md, run);
     } else if run.simulated {
