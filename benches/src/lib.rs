@@ -86,49 +86,83 @@ pub fn kernel_threads() -> Vec<u32> {
         .collect()
 }
 
-/// The CPU time each thread of some processes has run, read at one moment, to the nanosecond.
+/// The CPU time each thread of some processes has run, read at one moment, to the nanosecond,
+/// and each process's own total.
 ///
 /// From `/proc/<pid>/task/<tid>/schedstat`, the scheduler's own run time: utime and stime in
 /// /proc/<pid>/stat come in 10 ms units, too coarse for a short row and, in a guest whose clock
-/// counts instructions, for a figure that must repeat within 2%. A thread that ends between two
-/// readings takes its time with it: the relays here keep their threads. A thread's figure is
-/// brought up to date when it is switched out or at a timer tick, so a reading is taken when the
-/// relay is idle (after its workload). A process whose
-/// threads cannot be read (no schedstat in the kernel) is read from /proc/<pid>/stat instead.
+/// counts instructions, for a figure that must repeat within 2%. A thread's figure is brought up
+/// to date when it is switched out or at a timer tick, so a reading is taken when the relay is
+/// idle (after its workload). A thread that ends between two readings takes its figure with it,
+/// but not out of its process's total (/proc/<pid>/stat, every thread, live or ended, in ticks):
+/// where that total grew by more than its ticks can blur, the difference is threads that ended
+/// (stunnel runs a thread per connection) and is counted. A process whose threads cannot be
+/// read (no schedstat in the kernel) is read from its total alone.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CpuReading {
+    processes: std::collections::BTreeMap<u32, ProcessTimes>,
+}
+
+/// One process in a [`CpuReading`].
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ProcessTimes {
     /// Run time by thread id, nanoseconds.
     threads: std::collections::BTreeMap<u32, u64>,
+    /// The process's total (utime + stime, threads that ended included), nanoseconds, in
+    /// whole 10 ms ticks.
+    total_ns: u64,
 }
+
+/// How far a process's total (two fields, each cut to a tick, read twice) may be from its
+/// threads' sum without any thread having ended.
+const TICK_BLUR_NS: u64 = 4 * 10_000_000;
 
 impl CpuReading {
     /// Reads every thread of `pids`.
     pub fn of(pids: impl IntoIterator<Item = u32>) -> Self {
-        let mut threads = std::collections::BTreeMap::new();
+        let mut processes = std::collections::BTreeMap::new();
         for pid in pids {
-            let read = thread_run_times(pid);
-            if read.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let threads: std::collections::BTreeMap<u32, u64> =
+                thread_run_times(pid).into_iter().collect();
+            if threads.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
                 static SAID: std::sync::Once = std::sync::Once::new();
                 SAID.call_once(|| {
                     eprintln!(
                         "bench: no schedstat for pid {pid}: CPU read in 10 ms ticks from /proc/<pid>/stat"
                     );
                 });
-                // Seconds to nanoseconds: a whole number of 10 ms ticks.
-                threads.insert(pid, (process_cpu_seconds(pid) * 1e9).round() as u64);
             }
-            threads.extend(read);
+            let total_ns = (process_cpu_seconds(pid) * 1e9).round() as u64;
+            processes.insert(pid, ProcessTimes { threads, total_ns });
         }
-        Self { threads }
+        Self { processes }
     }
 
-    /// CPU seconds run since `before`, by the threads read in both or started since.
+    /// CPU seconds run since `before` by the processes read now: their threads read both times
+    /// or started since, and what threads that ended ran (see [`CpuReading`]).
     pub fn seconds_since(&self, before: &CpuReading) -> f64 {
-        self.threads
-            .iter()
-            .map(|(tid, &ns)| ns.saturating_sub(before.threads.get(tid).copied().unwrap_or(0)))
-            .sum::<u64>() as f64
-            / 1e9
+        let mut ns = 0;
+        for (pid, now) in &self.processes {
+            let then = before.processes.get(pid);
+            let by_total = now.total_ns.saturating_sub(then.map_or(0, |t| t.total_ns));
+            if now.threads.is_empty() {
+                ns += by_total;
+                continue;
+            }
+            let by_threads: u64 = now
+                .threads
+                .iter()
+                .map(|(tid, &run)| {
+                    run.saturating_sub(then.and_then(|t| t.threads.get(tid)).copied().unwrap_or(0))
+                })
+                .sum();
+            ns += if by_total > by_threads + TICK_BLUR_NS {
+                by_total
+            } else {
+                by_threads
+            };
+        }
+        ns as f64 / 1e9
     }
 }
 
@@ -305,16 +339,63 @@ mod tests {
         assert_eq!(parse_schedstat("x 1 2"), None);
     }
 
+    /// (pid, its threads' (tid, run ns), its total ns).
+    type Process<'a> = (u32, &'a [(u32, u64)], u64);
+
+    fn reading(processes: &[Process]) -> CpuReading {
+        CpuReading {
+            processes: processes
+                .iter()
+                .map(|&(pid, threads, total_ns)| {
+                    let threads = threads.iter().copied().collect();
+                    (pid, ProcessTimes { threads, total_ns })
+                })
+                .collect(),
+        }
+    }
+
     #[test]
-    fn cpu_since_counts_threads_started_since_and_ignores_ended_ones() {
-        let before = CpuReading {
-            threads: [(1, 1_000_000_000), (2, 500_000_000)].into(),
-        };
-        // Thread 2 ended; thread 3 started.
-        let after = CpuReading {
-            threads: [(1, 1_250_000_000), (3, 100_000_000)].into(),
-        };
-        assert!((after.seconds_since(&before) - 0.35).abs() < 1e-12);
+    fn cpu_since_counts_threads_by_run_time_and_ended_ones_by_the_process_total() {
+        const MS: u64 = 1_000_000;
+        let before = reading(&[(1, &[(1, 1_000 * MS), (2, 500 * MS)], 1_500 * MS)]);
+        let cases: [(&str, CpuReading, f64); 5] = [
+            (
+                "the same threads: their run times, not the coarse total",
+                reading(&[(1, &[(1, 1_250 * MS), (2, 600 * MS)], 1_860 * MS)]),
+                0.35,
+            ),
+            (
+                "thread 3 started since",
+                reading(&[(
+                    1,
+                    &[(1, 1_250 * MS), (2, 500 * MS), (3, 100 * MS)],
+                    1_850 * MS,
+                )]),
+                0.35,
+            ),
+            (
+                "threads that ended ran 2 s: only the total has it",
+                reading(&[(1, &[(1, 1_250 * MS), (2, 600 * MS)], 3_850 * MS)]),
+                2.35,
+            ),
+            (
+                "a process started since, no schedstat: its total",
+                reading(&[
+                    (1, &[(1, 1_000 * MS), (2, 500 * MS)], 1_500 * MS),
+                    (9, &[], 70 * MS),
+                ]),
+                0.07,
+            ),
+            (
+                "a process read before and gone now: nothing",
+                reading(&[]),
+                0.0,
+            ),
+        ];
+        for (what, after, want) in cases {
+            let got = after.seconds_since(&before);
+            assert!((got - want).abs() < 1e-9, "{what}: {got} != {want}");
+        }
         assert_eq!(before.seconds_since(&before), 0.0);
     }
 
