@@ -175,7 +175,7 @@ fn guest(bin: &Path, out: &Path, opts: &Options) -> Result<()> {
     ] {
         // The agent keeps its symbols: the report's profile names its functions.
         let stripped = if name == "tlsplice" {
-            initramfs::debug_stripped_copy(&bin.join(name), &work.join("bin"))?
+            initramfs::copy_keeping_symbols(&bin.join(name), &work.join("bin"))?
         } else {
             initramfs::stripped_copy(&bin.join(name), &work.join("bin"))?
         };

@@ -349,7 +349,7 @@ pub fn stripped_copy(bin: &Path, dir: &Path) -> Result<PathBuf> {
 
 /// Makes a copy of a binary without its debug info but with its symbol table, so that a
 /// profile in the guest names its functions.
-pub fn debug_stripped_copy(bin: &Path, dir: &Path) -> Result<PathBuf> {
+pub fn copy_keeping_symbols(bin: &Path, dir: &Path) -> Result<PathBuf> {
     strip(bin, dir, &["--strip-debug"])
 }
 

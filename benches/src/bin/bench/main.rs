@@ -266,6 +266,11 @@ impl Relay {
         }
     }
 
+    /// "haproxy (idle connections)": a relay's label with one of its workloads, for a skip.
+    fn with_workload(self, workload: Workload) -> String {
+        format!("{} ({})", self.label(), workload.label())
+    }
+
     /// Whether the guest profiles this relay: tlsplice's kernel path, and the newest nginx
     /// with kTLS and without (the peer that runs every workload, in both its ways).
     fn profiled(self) -> bool {
@@ -1093,10 +1098,9 @@ impl Bench {
     /// Runs the traffic generator to its end; a relay that stalls it is given `limit`, then
     /// it is killed and the row fails.
     fn loadgen(&self, args: &[String], limit: Duration) -> Result<serde_json::Value> {
-        let mut loadgen = Loadgen::spawn(&self.loadgen, args)?;
+        let loadgen = Loadgen::spawn(&self.loadgen, args)?;
         let line = loadgen.next_line(limit, "report")?;
-        loadgen.close_stdin();
-        let status = loadgen.child.0.wait()?;
+        let status = loadgen.finish(AFTER_REPORT)?;
         if !status.success() {
             bail!("tlsplice-loadgen {args:?} failed: {status}");
         }
@@ -1281,8 +1285,7 @@ impl Bench {
         let start = Instant::now();
         loadgen.say("go")?;
         let line = loadgen.next_line(limit, "result")?;
-        loadgen.close_stdin();
-        let status = loadgen.child.0.wait()?;
+        let status = loadgen.finish(AFTER_REPORT)?;
         std::thread::sleep(Duration::from_millis(300));
         let mut row = Row::default();
         (row.relay_cpu_s, row.kernel_threads_cpu_s) = running.cpu_mark().since(&cpu0);
@@ -1352,7 +1355,7 @@ impl Bench {
         };
         let mut profile = profile::Profile::default();
         let result = recorded().and_then(|(cpu, label)| {
-            profile.relay_cpu_s = cpu;
+            profile.counted_cpu_s = cpu;
             profile.workload = label;
             // The relay's processes and the kernel's threads: what the rows' CPU counts.
             let mut pids = running.pid().map(process_tree).unwrap_or_default();
@@ -1379,7 +1382,7 @@ impl Bench {
             .chain([self.sizes.idle_count.to_string()])
             .chain(target.iter().cloned())
             .collect();
-        let mut loadgen = Loadgen::spawn(&self.loadgen, &args)?;
+        let loadgen = Loadgen::spawn(&self.loadgen, &args)?;
         // Generous: every connection a handshake at emulated speed.
         let limit = Duration::from_secs(120 + self.sizes.idle_count as u64 / 5);
         let line = loadgen.next_line(limit, "count of established connections")?;
@@ -1391,8 +1394,8 @@ impl Bench {
             fds: running.fds(),
             kernel: kernel_connection_memory_bytes(),
         };
-        loadgen.close_stdin();
-        let status = loadgen.child.0.wait()?;
+        // It closes its connections now: as long again as it took to open them, at most.
+        let status = loadgen.finish(limit)?;
         let report: serde_json::Value = serde_json::from_str(line.trim())
             .with_context(|| format!("idle loadgen ({status}) printed {line:?}"))?;
         Ok((report, held))
@@ -1408,6 +1411,10 @@ impl Drop for Reaped {
         let _ = self.0.wait();
     }
 }
+
+/// How long the load generator may take to end once it has printed its report (it closes
+/// its connections).
+const AFTER_REPORT: Duration = Duration::from_secs(60);
 
 /// A running tlsplice-loadgen. Its stdout is read line by line on a thread, so every wait for
 /// it has a deadline; it is killed and reaped however the row ends, so a relay that stalls a
@@ -1469,6 +1476,25 @@ impl Loadgen {
     /// Closes its stdin: `idle` closes its connections then, every mode ends.
     fn close_stdin(&mut self) {
         drop(self.child.0.stdin.take());
+    }
+
+    /// Closes its stdin and waits, up to `limit`, for it to end; past that it is killed.
+    fn finish(mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        self.close_stdin();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.0.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "tlsplice-loadgen {:?} did not end within {} s of its report",
+                    self.args,
+                    limit.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -1604,16 +1630,21 @@ fn default_openssl() -> String {
     "openssl".into()
 }
 
-/// The openssl command for the crypto bound: the newest where the guest has it (the one the
-/// newest peers run on).
 /// The transparent huge page mode in force ("always", "madvise", "never"), if the kernel says.
 fn transparent_hugepages() -> Option<String> {
     let text = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
-    let (_, rest) = text.split_once('[')?;
-    let (mode, _) = rest.split_once(']')?;
-    Some(mode.to_owned())
+    bracketed(&text).map(str::to_owned)
 }
 
+/// The choice a sysfs setting marks as in force: "always madvise [never]" is "never".
+fn bracketed(setting: &str) -> Option<&str> {
+    let (_, rest) = setting.split_once('[')?;
+    let (chosen, _) = rest.split_once(']')?;
+    Some(chosen)
+}
+
+/// The openssl command for the crypto bound: the newest where the guest has it (the one the
+/// newest peers run on).
 fn crypto_openssl() -> &'static str {
     if tlsplice_benches::which("openssl-sid").is_some() {
         "openssl-sid"
@@ -1846,7 +1877,7 @@ fn run(
                         if !bench.sizes.scale_points().is_empty() {
                             results.skipped.push(Skip {
                                 mode: mode.name().into(),
-                                relay: format!("{} ({})", relay.label(), workload.label()),
+                                relay: relay.with_workload(workload),
                                 why: why.into(),
                             });
                         }
@@ -1875,14 +1906,14 @@ fn run(
                 }
                 if workload == Workload::Profile {
                     // A quick run checks that profiling works, on tlsplice alone.
-                    let profiled = relay.profiled() && (!quick || relay == Relay::Tlsplice("ktls"));
-                    if scope != Scope::Guest || !profiled {
+                    let wanted = relay.profiled() && (!quick || relay == Relay::Tlsplice("ktls"));
+                    if scope != Scope::Guest || !wanted {
                         continue;
                     }
                     let Some(perf) = tlsplice_benches::which("perf-sid") else {
                         results.skipped.push(Skip {
                             mode: mode.name().into(),
-                            relay: format!("{} ({})", relay.label(), workload.label()),
+                            relay: relay.with_workload(workload),
                             why: "the guest has no perf (sid's linux-perf comes with the newest peers)".into(),
                         });
                         continue;
@@ -1943,7 +1974,7 @@ fn run(
                 if workload == Workload::Idle && relay == Relay::Socat {
                     results.skipped.push(Skip {
                         mode: mode.name().into(),
-                        relay: format!("{} ({})", relay.label(), workload.label()),
+                        relay: relay.with_workload(workload),
                         why: "socat forks a process per connection: thousands of idle connections are thousands of processes".into(),
                     });
                     continue;
@@ -2026,7 +2057,7 @@ fn run(
         .collect();
     if !failed.is_empty() {
         bail!(
-            "{} rows failed or ran on the wrong path:\n{}",
+            "{} rows or profiles failed, or rows ran on the wrong path:\n{}",
             failed.len(),
             failed.join("\n")
         );
@@ -2258,6 +2289,80 @@ mod tests {
         assert_eq!(thread_counts(16, false), [1, 2, 4, 8, 16, 32]);
         assert_eq!(thread_counts(1, false), [1, 2]);
         assert_eq!(thread_counts(16, true), [1, 2]);
+    }
+
+    #[test]
+    fn the_sweep_and_the_profiles_take_the_kernel_path_and_the_newest_peers() {
+        use Build::{Debian12, Newest};
+        let cases = [
+            (Relay::Tlsplice("ktls"), true, true),
+            (Relay::Tlsplice("userspace"), false, false),
+            (
+                Relay::Nginx {
+                    ktls: true,
+                    build: Newest,
+                },
+                true,
+                true,
+            ),
+            (
+                Relay::Nginx {
+                    ktls: false,
+                    build: Newest,
+                },
+                true,
+                true,
+            ),
+            (
+                Relay::Haproxy {
+                    ktls: true,
+                    build: Newest,
+                },
+                true,
+                false,
+            ),
+            (
+                Relay::Haproxy {
+                    ktls: false,
+                    build: Newest,
+                },
+                true,
+                false,
+            ),
+            (
+                Relay::Nginx {
+                    ktls: true,
+                    build: Debian12,
+                },
+                false,
+                false,
+            ),
+            (
+                Relay::Haproxy {
+                    ktls: false,
+                    build: Debian12,
+                },
+                false,
+                false,
+            ),
+            (Relay::Stunnel, false, false),
+        ];
+        for (relay, swept, profiled) in cases {
+            assert_eq!(
+                relay.outside_scaling_sweep().is_none(),
+                swept,
+                "{}",
+                relay.label()
+            );
+            assert_eq!(relay.profiled(), profiled, "{}", relay.label());
+        }
+    }
+
+    #[test]
+    fn the_setting_in_force_is_the_bracketed_one() {
+        assert_eq!(bracketed("always madvise [never]\n"), Some("never"));
+        assert_eq!(bracketed("[always] madvise never"), Some("always"));
+        assert_eq!(bracketed("always madvise never"), None);
     }
 
     #[test]

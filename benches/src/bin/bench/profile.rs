@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 
 /// Samples a second of guest time: under the instruction clock, one every 100,000 instructions.
 const SAMPLE_HZ: &str = "10000";
-/// The functions kept per profile, largest share first.
-const TOP_FUNCTIONS: usize = 15;
+/// The (process, function) lines kept per profile, largest share first: enough that a
+/// function several threads ran (tokio's workers, kworkers) adds up in the report.
+const TOP_FUNCTIONS: usize = 40;
 /// The objects (binaries, libraries, the kernel) kept per profile.
 const TOP_OBJECTS: usize = 6;
 
@@ -25,9 +26,10 @@ pub struct Profile {
     pub relay: String,
     /// The workload profiled, as its row is labelled.
     pub workload: String,
-    /// CPU the relay and the kernel's threads ran while it was recorded (seconds; instructions
-    /// / 10^9 under the instruction clock).
-    pub relay_cpu_s: f64,
+    /// CPU the relay and the kernel's threads ran while it was recorded, perf's sampling
+    /// included (seconds; instructions / 10^9 under the instruction clock).
+    #[serde(alias = "relay_cpu_s")]
+    pub counted_cpu_s: f64,
     /// Samples in the relay's processes and the kernel's threads.
     pub samples: u64,
     /// The functions with the largest shares.
@@ -123,6 +125,14 @@ impl PerfRecord {
             Ok(Err(e)) => bail!("perf record's control FIFO: {e}"),
             Err(_) => {
                 let status = recording.child.0.try_wait()?;
+                // Both ends of both FIFOs, briefly: the thread's opens return, its write goes
+                // into the pipe and its read sees the end, so it does not wait forever.
+                for fifo in [data.with_extension("ctl"), data.with_extension("ack")] {
+                    let _ = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(fifo);
+                }
                 bail!("perf record did not turn its events on in 60 s ({status:?})");
             }
         }
@@ -157,15 +167,16 @@ pub fn read(perf: &Path, data: &Path, pids: &[u32]) -> Result<(u64, Vec<Share>, 
         bail!("no processes to read the profile for");
     }
     let pid_list: Vec<String> = pids.iter().map(u32::to_string).collect();
-    let out = Command::new(perf)
-        .args(["report", "--stdio", "-q", "--no-children", "-n"])
-        .args(["--sort", "comm,dso,sym", "-t", ";"])
-        .arg(format!("--pid={}", pid_list.join(",")))
-        .arg("-i")
-        .arg(data)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {} report", perf.display()))?;
+    let out = output_within(
+        Command::new(perf)
+            .args(["report", "--stdio", "-q", "--no-children", "-n"])
+            .args(["--sort", "comm,dso,sym", "-t", ";"])
+            .arg(format!("--pid={}", pid_list.join(",")))
+            .arg("-i")
+            .arg(data),
+        REPORT_LIMIT,
+    )
+    .with_context(|| format!("running {} report", perf.display()))?;
     if !out.status.success() {
         bail!(
             "perf report failed ({}): {}",
@@ -178,18 +189,19 @@ pub fn read(perf: &Path, data: &Path, pids: &[u32]) -> Result<(u64, Vec<Share>, 
     let samples: u64 = lines.iter().map(|l| l.1).sum();
     if samples == 0 {
         // What it did record, by process, to say why.
-        let by_pid = Command::new(perf)
-            .args([
-                "report", "--stdio", "-q", "-n", "--sort", "pid", "-t", ";", "-i",
-            ])
-            .arg(data)
-            .stdin(Stdio::null())
-            .output()
-            .map(|o| {
-                let text = String::from_utf8_lossy(&o.stdout).into_owned();
-                text.lines().take(6).collect::<Vec<_>>().join(" | ")
-            })
-            .unwrap_or_default();
+        let by_pid = output_within(
+            Command::new(perf)
+                .args([
+                    "report", "--stdio", "-q", "-n", "--sort", "pid", "-t", ";", "-i",
+                ])
+                .arg(data),
+            REPORT_LIMIT,
+        )
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().take(6).collect::<Vec<_>>().join(" | ")
+        })
+        .unwrap_or_default();
         bail!(
             "perf recorded no samples in the relay or the kernel's threads (pids {}); by process: {by_pid}",
             pid_list.join(",")
@@ -200,6 +212,47 @@ pub fn read(perf: &Path, data: &Path, pids: &[u32]) -> Result<(u64, Vec<Share>, 
         top_functions(&lines, samples),
         top_objects(&lines, samples),
     ))
+}
+
+/// How long a `perf report` may take: it reads the kernel's symbols and every binary's, on an
+/// emulated CPU.
+const REPORT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `command` to its end and returns what it printed; past `limit` it is killed.
+fn output_within(command: &mut Command, limit: Duration) -> Result<std::process::Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Read on threads: a full pipe would stop the child before it could end.
+    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let mut child = super::Reaped(child);
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("did not finish in {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
 
 /// `perf report -n -t ';' --sort comm,dso,sym` lines: (process, samples, object, function).

@@ -41,9 +41,10 @@ fn tail(v: Option<f64>, q: f64, samples: Option<u64>) -> Option<f64> {
     v.filter(|_| n * (1.0 - q) >= 10.0)
 }
 
-/// A row of tlsplice's for a ratio: one with errors gives none.
+/// A row of tlsplice's for a ratio: one with errors, or whose connections were not all on
+/// the path its relay stands for, gives none.
 fn clean<'a>(rows: &'a [Row], mode: &str, relay: &str, workload: &str) -> Option<&'a Row> {
-    find(rows, mode, relay, workload).filter(|r| r.errors == 0)
+    find(rows, mode, relay, workload).filter(|r| r.errors == 0 && !super::mismatched(r))
 }
 
 fn find<'a>(rows: &'a [Row], mode: &str, relay: &str, workload: &str) -> Option<&'a Row> {
@@ -84,6 +85,8 @@ fn best_peer_of(
 ) -> Option<(String, f64)> {
     rows.iter()
         .filter(|r| r.mode == mode && r.peer && r.workload == workload && r.errors == 0)
+        // A kTLS peer whose rows did not show the kernel's counters is not a kTLS peer.
+        .filter(|r| !super::mismatched(r))
         .filter(|r| which(r) && steady(r, name, figure(r)))
         .filter_map(|r| {
             figure(r)
@@ -284,7 +287,7 @@ fn headline(runs: &[Results]) -> Option<String> {
 /// [`headline`]'s table, from one run's rows.
 fn headline_table(rows: &[Row]) -> String {
     type Get = fn(&Row) -> Option<f64>;
-    let figures: [(&str, &str, &str, Get, f64, usize); 3] = [
+    let figures: [(&str, &str, &str, Get, f64, usize); 4] = [
         (
             "CPU per GiB, bulk",
             "bulk, 1 connection",
@@ -309,16 +312,30 @@ fn headline_table(rows: &[Row]) -> String {
             1024.0,
             1,
         ),
+        // kTLS keeps a connection's record state in the kernel, not in the relay: the same
+        // with the kernel's memory per connection (node-wide, the same for every relay but
+        // what the path itself holds).
+        (
+            "memory per idle connection, with the kernel's",
+            "idle connections",
+            "memory_with_kernel",
+            |r| Some(r.rss_per_connection_bytes? + r.kernel_bytes_per_connection?),
+            1024.0,
+            1,
+        ),
     ];
     let unit = |name: &str| match name {
         "cpu_s_per_gib" => "G instr",
         "cpu_ms_per_handshake" => "M instr",
         _ => "KiB",
     };
-    // "5.56 G instr ±0.2%": the median with how far the runs were apart.
+    // "5.56 G instr ±0.2%": the median with how far the runs were apart, marked where two
+    // runs of instruction counts should have agreed and did not.
     let shown = |r: &Row, name: &str, v: f64, div: f64, digits: usize| {
-        let spread = relative_spread(r, name, Some(v))
-            .map_or(String::new(), |s| format!(" ±{:.1}%", s * 100.0));
+        let spread = relative_spread(r, name, Some(v)).map_or(String::new(), |s| {
+            let apart = name.starts_with("cpu") && s > AGREEMENT_LIMIT;
+            format!(" ±{:.1}%{}", s * 100.0, if apart { " ⚠" } else { "" })
+        });
         format!("{:.digits$} {}{spread}", v / div, unit(name))
     };
     let mut md = String::from(
@@ -365,16 +382,19 @@ fn profiles(md: &mut String, run: &Results) {
         return;
     }
     let instructions = run.clock == Clock::Instructions;
+    let unit = if instructions { "G instr" } else { "CPU-s" };
     let _ = writeln!(
         md,
         "### Where the instructions go (perf)\n\n`perf record -a -e cpu-clock -F 10000` while \
          the workload runs again (not while its row was counted: sampling costs instructions of \
-         its own), read for the relay's processes and the kernel's threads: the CPU the rows \
-         count. {}The runs' profiles are the first guest's.\n",
+         its own, and its interrupt handlers run in the threads it samples, so they are in the \
+         shares), read for the relay's processes and the kernel's threads: the CPU the rows \
+         count. A function several threads ran (tokio's workers, kworkers) is one line. {}The \
+         runs' profiles are the first guest's.\n",
         if instructions {
             "On the instruction clock a sample falls every 100,000 instructions, so a share of \
              the samples is a share of the instructions; *G instr* is that share of what the \
-             relay ran meanwhile. "
+             workload's row counted. "
         } else {
             ""
         }
@@ -385,6 +405,10 @@ fn profiles(md: &mut String, run: &Results) {
             let _ = writeln!(md, "No profile: {e}\n");
             continue;
         }
+        // What the row counted without perf; the profile's own count where there is no row.
+        let counted = find(&run.rows, &p.mode, &p.relay, &p.workload)
+            .filter(|r| r.errors == 0)
+            .map_or(p.counted_cpu_s, |r| r.relay_cpu_s + r.kernel_threads_cpu_s);
         let objects: Vec<String> = p
             .objects
             .iter()
@@ -392,30 +416,55 @@ fn profiles(md: &mut String, run: &Results) {
             .collect();
         let _ = writeln!(
             md,
-            "{} samples over {:.3} {} of the relay and the kernel's threads. By object: {}.\n",
+            "{} samples; the row counted {counted:.3} {unit} of the relay and the kernel's \
+             threads. By object: {}.\n",
             p.samples,
-            p.relay_cpu_s,
-            if instructions { "G instr" } else { "CPU-s" },
             objects.join(", ")
         );
         let _ = writeln!(
             md,
-            "| share | {} | process | object | function |\n|---|---|---|---|---|",
-            if instructions { "G instr" } else { "CPU-s" }
+            "| share | {unit} | object | function | threads |\n|---|---|---|---|---|"
         );
-        for f in p.functions.iter().take(PROFILE_LINES) {
+        for f in by_function(&p.functions).iter().take(PROFILE_LINES) {
             let _ = writeln!(
                 md,
-                "| {:.1}% | {:.3} | {} | {} | `{}` |",
+                "| {:.1}% | {:.3} | {} | `{}` | {} |",
                 f.share * 100.0,
-                f.share * p.relay_cpu_s,
-                f.process,
+                f.share * counted,
                 f.object,
-                f.function.replace('|', "\\|").replace('`', "'")
+                f.function.replace('|', "\\|").replace('`', "'"),
+                f.process
             );
         }
         md.push('\n');
     }
+}
+
+/// A profile's (process, function) lines as one line per function, largest first: the share
+/// summed, the threads' names (each once, kernel workers by kind) joined in `process`.
+fn by_function(lines: &[super::profile::Share]) -> Vec<super::profile::Share> {
+    let mut merged: Vec<super::profile::Share> = Vec::new();
+    for l in lines {
+        // "kworker/0:1-events" and "kworker/u4:2" are the same kind of thread.
+        let process = l.process.split('/').next().unwrap_or(&l.process);
+        match merged
+            .iter_mut()
+            .find(|m| m.object == l.object && m.function == l.function)
+        {
+            Some(m) => {
+                m.share += l.share;
+                if !m.process.split(", ").any(|p| p == process) {
+                    m.process = format!("{}, {process}", m.process);
+                }
+            }
+            None => merged.push(super::profile::Share {
+                process: process.to_owned(),
+                ..l.clone()
+            }),
+        }
+    }
+    merged.sort_by(|a, b| b.share.total_cmp(&a.share));
+    merged
 }
 
 /// The issue's goals for the kernel path, with the values this run measured. The figures are
@@ -584,11 +633,17 @@ fn scaling(
         let _ = writeln!(md, "| {relay} | {} |", cells.join(" | "));
     }
     md.push('\n');
-    // Charted: the kernel path and the best peer of each kind.
+    // Charted: the kernel path and the best peer of each kind among those the sweep measured.
     let bulk_cpu: (&str, fn(&Row) -> Option<f64>) = ("cpu_s_per_gib", |r| r.cpu_s_per_gib);
+    let swept = |relay: &str| {
+        by_conns
+            .iter()
+            .chain(&by_size)
+            .any(|(_, label)| find(rows, mode, relay, label).is_some())
+    };
     let best = |ktls: bool| {
         best_peer_of(rows, mode, "bulk, 1 connection", bulk_cpu, false, |r| {
-            r.ktls_expected.is_some() == ktls
+            r.ktls_expected.is_some() == ktls && swept(&r.relay)
         })
         .map(|(name, _)| name)
     };
@@ -730,6 +785,8 @@ pub fn write(inputs: &[PathBuf], out: &Path) -> Result<()> {
          marked ⚠ and left out of every ratio. A row of one run has no `±`: differences of a few \
          percent there are noise.\n\n",
     );
+    // A headline from an earlier run must not outlive a run that has none.
+    let _ = std::fs::remove_file(out.join("headline.md"));
     if let Some(table) = headline(&runs) {
         let _ = writeln!(
             md,
@@ -1158,6 +1215,12 @@ mod tests {
         rows.push(failed);
         rows[3].ktls_expected = ktls;
         rows[4].ktls_expected = ktls;
+        rows[0].path_observed = "ktls connections +1".into();
+        rows[3].path_observed = "kTLS TlsRxSw +1, kTLS TlsTxSw +1".into();
+        // Cheaper, but the kernel's counters did not show its kTLS: not a kTLS peer's figure.
+        let mut quiet = bulk("nginx ktls", true, 4.0, 4.0, 4.0);
+        quiet.ktls_expected = ktls;
+        rows.push(quiet);
         let table = headline_table(&rows);
         let line = table
             .lines()
@@ -1165,7 +1228,7 @@ mod tests {
             .expect("a terminate CPU line");
         assert_eq!(
             line,
-            "| terminate | CPU per GiB, bulk | 5.00 G instr ±2.0% | **0.50×** (nginx-sid: 10.00 G instr ±0.0%) | **0.62×** (nginx-sid ktls: 8.00 G instr ±2.5%) |"
+            "| terminate | CPU per GiB, bulk | 5.00 G instr ±2.0% | **0.50×** (nginx-sid: 10.00 G instr ±0.0%) | **0.62×** (nginx-sid ktls: 8.00 G instr ±2.5% ⚠) |"
         );
         // No figure: dashes, not a ratio of nothing.
         assert!(table.contains("| reencrypt | CPU per full handshake | – | – | – |"));
@@ -1174,6 +1237,40 @@ mod tests {
             .spread
             .insert("cpu_s_per_gib".into(), Spread { min: 3.0, max: 7.0 });
         assert!(headline_table(&rows).contains("– (our runs spread too far)"));
+    }
+
+    #[test]
+    fn a_function_several_threads_ran_is_one_line() {
+        let share = |process: &str, object: &str, function: &str, share: f64| {
+            super::super::profile::Share {
+                share,
+                process: process.into(),
+                object: object.into(),
+                function: function.into(),
+            }
+        };
+        let lines = [
+            share("tokio-rt-worker", "[kernel.kallsyms]", "aes_gcm_dec", 0.30),
+            share("tlsplice", "tlsplice", "relay", 0.25),
+            share("kworker/0:1-eve", "[kernel.kallsyms]", "aes_gcm_dec", 0.10),
+            share("tlsplice", "[kernel.kallsyms]", "aes_gcm_dec", 0.05),
+            share("kworker/u4:2", "[kernel.kallsyms]", "aes_gcm_dec", 0.05),
+            // The same name in another object is another function.
+            share("tlsplice", "libc.so.6", "relay", 0.20),
+        ];
+        let merged = by_function(&lines);
+        assert_eq!(merged.len(), 3);
+        assert_eq!(merged[0].function, "aes_gcm_dec");
+        assert!((merged[0].share - 0.50).abs() < 1e-12);
+        assert_eq!(merged[0].process, "tokio-rt-worker, kworker, tlsplice");
+        assert_eq!(
+            (merged[1].object.as_str(), merged[1].share),
+            ("tlsplice", 0.25)
+        );
+        assert_eq!(
+            (merged[2].object.as_str(), merged[2].share),
+            ("libc.so.6", 0.20)
+        );
     }
 
     #[test]
