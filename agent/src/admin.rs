@@ -112,8 +112,22 @@ impl Admin {
         telemetry: Arc<Telemetry>,
         state: Arc<AdminState>,
     ) -> Result<Self, AdminError> {
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        let listener =
+            std::net::TcpListener::bind(addr).map_err(|source| AdminError { addr, source })?;
+        Self::on(listener, telemetry, state)
+    }
+
+    /// Serves on a socket already listening (one a running agent handed over).
+    pub fn on(
+        listener: std::net::TcpListener,
+        telemetry: Arc<Telemetry>,
+        state: Arc<AdminState>,
+    ) -> Result<Self, AdminError> {
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        listener
+            .set_nonblocking(true)
             .map_err(|source| AdminError { addr, source })?;
         let registry = Arc::new(metrics::registry(telemetry));
         let router = Router::new()
@@ -140,6 +154,11 @@ impl Admin {
     /// The bound address.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listener.local_addr().ok()
+    }
+
+    /// A copy of the listening socket, for a new agent taking over.
+    pub fn socket_copy(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.listener.try_clone().map(std::os::fd::OwnedFd::from)
     }
 
     /// Serves until the task is dropped.

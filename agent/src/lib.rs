@@ -4,7 +4,8 @@
 //! Modules by concern, from the kernel up:
 //! - kernel interfaces, the only modules that call them (and the only ones with `unsafe`):
 //!   [`ktls`] (kTLS setsockopt and record-type cmsgs), [`splice`] (splice(2) and pipes),
-//!   [`sys`] (TCP_INFO, socket options, rlimit, THP off, the bpffs mount), and [`bpf`] (the eBPF programs
+//!   [`sys`] (TCP_INFO, socket options, rlimit, THP off, the bpffs mount), [`takeover`]
+//!   (listening sockets passed to a new agent with SCM_RIGHTS), and [`bpf`] (the eBPF programs
 //!   and maps, through aya);
 //! - [`net`]: connected sockets as the relays drive them;
 //! - [`outcome`]: a connection's typed end ([`outcome::Reason`]) and its report;
@@ -41,6 +42,7 @@ pub mod proxy;
 pub mod proxy_protocol;
 pub mod splice;
 pub mod sys;
+pub mod takeover;
 
 /// Entry points for the fuzz targets in `tests/fuzz` (built with `--cfg fuzzing` by cargo
 /// fuzz) into parsers that are not public otherwise.

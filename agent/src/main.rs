@@ -29,6 +29,8 @@ enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start and matched at once: the size of `run`'s flags costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Print what the running kernel and this process can do (kTLS per version and cipher,
     /// rekey, kTLS counters, BTF, capabilities) and, with `--config`, which data path each
@@ -48,6 +50,15 @@ enum Command {
         /// The TOML configuration.
         #[arg(long, env = "TLSPLICE_CONFIG")]
         config: PathBuf,
+        /// Take the listening sockets over from the agent running with this
+        /// `--takeover-socket` (a live upgrade: no connection attempt refused; the old agent
+        /// drains its connections once this one serves, and keeps serving if this one fails
+        /// to start).
+        #[arg(long, env = "TLSPLICE_TAKEOVER", value_name = "PATH")]
+        takeover: Option<PathBuf>,
+        /// The takeover record version this agent speaks (tests of a refused takeover).
+        #[arg(long, hide = true, default_value_t = tlsplice::takeover::RECORD_VERSION)]
+        takeover_record_version: u32,
         #[command(flatten)]
         flags: NodeFlags,
     },
@@ -138,6 +149,10 @@ struct NodeFlags {
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+    /// A unix socket on which a new agent (`run --takeover PATH`) may take this one's
+    /// listening sockets over. Only the same user or root may connect.
+    #[arg(long, env = "TLSPLICE_TAKEOVER_SOCKET", value_name = "PATH")]
+    takeover_socket: Option<PathBuf>,
 }
 
 impl NodeFlags {
@@ -248,10 +263,16 @@ fn main() -> Result<()> {
                 c.listeners.len()
             );
         }
-        Command::Run { config, flags } => {
+        Command::Run {
+            config,
+            takeover,
+            takeover_record_version,
+            flags,
+        } => {
             let mut c = valid_config(&config)?;
             flags.apply(&mut c);
-            run(&c, &config, &flags)?;
+            let takeover = takeover.map(|path| (path, takeover_record_version));
+            run(&c, &config, &flags, takeover)?;
         }
         Command::Stats {
             bpf_pin_path,
@@ -381,6 +402,64 @@ fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<(
     }
 }
 
+/// Listens for a new agent on `socket` (on a thread of its own: the exchange blocks) and
+/// hands each one the listening sockets; the outcome of a takeover that happened comes out of
+/// the channel. `replace`: this agent took over from the one that listened there before.
+fn offer_takeover(
+    socket: &std::path::Path,
+    replace: bool,
+    control: tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
+    admin: Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>,
+    telemetry: Arc<tlsplice::metrics::Telemetry>,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<tlsplice::takeover::Outcome>> {
+    use tlsplice::takeover::{ADMIN_SOCKET, Offering, Outcome, SocketRecord};
+    let offering = Offering::bind(socket, replace).context("the takeover socket")?;
+    tracing::info!(socket = %offering.path().display(), "takeover socket listening");
+    let (done, outcomes) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("takeover".into())
+        .spawn(move || {
+            let offer = || {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let mut sockets = match control.blocking_send(tlsplice::proxy::Control::Handover(tx)) {
+                    Ok(()) => rx.blocking_recv().unwrap_or_default(),
+                    Err(_) => Vec::new(),
+                };
+                if let Some((fd, addr)) = &admin
+                    && let Ok(copy) = fd.try_clone()
+                {
+                    sockets.push((
+                        SocketRecord {
+                            name: ADMIN_SOCKET.into(),
+                            addr: *addr,
+                        },
+                        copy,
+                    ));
+                }
+                sockets
+            };
+            loop {
+                match offering.next(&offer) {
+                    Ok(taken @ Outcome::TakenOver { .. }) => {
+                        let _ = done.send(taken);
+                        return;
+                    }
+                    Ok(Outcome::Refused(why)) => {
+                        telemetry.count_takeover_refused();
+                        tracing::warn!(reason = %why, "takeover refused: this agent goes on serving");
+                    }
+                    Err(e) => {
+                        telemetry.count_takeover_refused();
+                        tracing::warn!(error = %e, "takeover refused (it failed): this agent goes on serving");
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("starting the takeover thread")?;
+    Ok(outcomes)
+}
+
 /// Loads the eBPF programs as `config.ebpf.mode` asks; `Err` only when they are required.
 fn load_bpf(
     config: &tlsplice::config::Config,
@@ -407,7 +486,12 @@ fn load_bpf(
     Ok(loaded)
 }
 
-fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFlags) -> Result<()> {
+fn run(
+    config: &tlsplice::config::Config,
+    path: &std::path::Path,
+    flags: &NodeFlags,
+    takeover: Option<(PathBuf, u32)>,
+) -> Result<()> {
     match tlsplice::sys::raise_open_files() {
         Ok(n) => tracing::info!(open_files = n, "open file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
@@ -424,11 +508,24 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
         .enable_all()
         .build()
         .context("starting the setup runtime")?;
+    // A live upgrade: the running agent's listening sockets, before anything binds.
+    let started = std::time::Instant::now();
+    let (taker, mut inherited) = match &takeover {
+        Some((socket, version)) => {
+            let (taker, inherited) = tlsplice::takeover::Taker::connect(socket, *version)
+                .context("taking over from the running agent (it goes on serving)")?;
+            tracing::info!(socket = %socket.display(), sockets = inherited.offered(),
+                "takeover: the running agent handed over its listening sockets");
+            (Some(taker), inherited)
+        }
+        None => (None, tlsplice::takeover::Inherited::default()),
+    };
     let (proxy, telemetry, admin, admin_state) = setup.block_on(async {
         // SIGHUP's default action would kill the agent: take it over before anything slow.
         // (The handler stays installed for the life of the process; this stream does not.)
         let _hangups = signal(SignalKind::hangup())?;
-        let mut proxy = tlsplice::proxy::Proxy::bind(config, caps, None).await?;
+        let mut proxy =
+            tlsplice::proxy::Proxy::bind_inheriting(config, caps, None, &mut inherited).await?;
         let names = proxy
             .listener_entries()
             .into_iter()
@@ -440,12 +537,19 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
         ));
         proxy.set_telemetry(&telemetry);
         let admin_state = Arc::new(tlsplice::admin::AdminState::new(config));
-        let admin = tlsplice::admin::Admin::bind(
-            config.admin.listen,
-            telemetry.clone(),
-            admin_state.clone(),
-        )
-        .await?;
+        let admin = match inherited.take(tlsplice::takeover::ADMIN_SOCKET, config.admin.listen) {
+            Some(socket) => {
+                tlsplice::admin::Admin::on(socket, telemetry.clone(), admin_state.clone())?
+            }
+            None => {
+                tlsplice::admin::Admin::bind(
+                    config.admin.listen,
+                    telemetry.clone(),
+                    admin_state.clone(),
+                )
+                .await?
+            }
+        };
         // Auto measures only with a passthrough listener to serve; a fixed choice costs nothing.
         if proxy.has_passthrough()
             || config.ebpf.passthrough != tlsplice::config::PassthroughPath::Auto
@@ -516,13 +620,52 @@ fn run(config: &tlsplice::config::Config, path: &std::path::Path, flags: &NodeFl
             config.listeners.len()
         )));
         tracing::info!(addr = ?admin.local_addr(), "admin server listening");
-        tokio::spawn(admin.run());
+        let admin_socket = admin.socket_copy();
+        let admin_addr = admin.local_addr();
+        let admin_task = tokio::spawn(admin.run());
         let (control, control_rx) = tokio::sync::mpsc::channel(4);
         let drain = config.limits.drain_timeout();
         let serving = tokio::spawn(proxy.serve(control_rx));
+        if let Some(taker) = taker {
+            let adopted = inherited.adopted().to_vec();
+            // Every listener and the admin server: those not adopted were bound anew.
+            let sockets = config.listeners.len() as u64 + 1;
+            telemetry.record_takeover(
+                started.elapsed(),
+                adopted.len() as u64,
+                sockets.saturating_sub(adopted.len() as u64),
+            );
+            tracing::info!(adopted = ?adopted, takeover_ms = started.elapsed().as_millis(),
+                "takeover: serving; the old agent closes its sockets and drains");
+            if let Err(e) = tokio::task::spawn_blocking(move || taker.serving(adopted)).await? {
+                tracing::warn!(error = %e,
+                    "takeover: the old agent was not told this one serves: both accept until it stops");
+            }
+        }
+        let mut taken_over = match &flags.takeover_socket {
+            Some(socket) => {
+                let admin_socket = admin_socket.ok().zip(admin_addr);
+                offer_takeover(
+                    socket,
+                    takeover.is_some(),
+                    control.clone(),
+                    admin_socket,
+                    telemetry.clone(),
+                )?
+            }
+            None => tokio::sync::mpsc::unbounded_channel().1,
+        };
         let mut current = config.clone();
         let why = loop {
             tokio::select! {
+                Some(done) = taken_over.recv() => {
+                    if let tlsplice::takeover::Outcome::TakenOver { pid, adopted } = done {
+                        tracing::info!(new_agent = pid, adopted = ?adopted,
+                            "taken over: listening sockets closed here, connections drain");
+                        admin_task.abort();
+                        break "takeover";
+                    }
+                }
                 _ = hangups.recv() => {
                     tracing::info!("SIGHUP: reading the configuration and checking certificate files");
                     reload(path, flags, &mut current, &control, &admin_state, &telemetry).await;

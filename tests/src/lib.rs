@@ -784,6 +784,12 @@ impl AgentProcess {
         Self::launch(dir, config, &[], extra, None, env)
     }
 
+    /// As [`AgentProcess::start`] with no wrapper, its admin server on `admin` (a new agent
+    /// taking over another's admin socket).
+    pub fn start_with_admin(dir: &Path, config: &str, admin: SocketAddr, extra: &[&str]) -> Self {
+        Self::launch_on(dir, config, &[], extra, None, &[], admin)
+    }
+
     /// The agent's connected TCP sockets (listeners and unix sockets left out), each
     /// duplicated into this process with pidfd_getfd(2) (Linux 5.6, needs ptrace rights over
     /// the agent: root) to read its options.
@@ -889,6 +895,18 @@ impl AgentProcess {
         env: &[(&str, &str)],
     ) -> Self {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        Self::launch_on(dir, config, wrapper, extra, pin, env, admin)
+    }
+
+    fn launch_on(
+        dir: &Path,
+        config: &str,
+        wrapper: &[&str],
+        extra: &[&str],
+        pin: Option<&Path>,
+        env: &[(&str, &str)],
+        admin: SocketAddr,
+    ) -> Self {
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pin = pin.map_or_else(
@@ -1009,6 +1027,20 @@ impl AgentProcess {
         let status = self.terminate();
         assert!(status.is_some(), "agent ignored SIGTERM");
         status.unwrap_or_default()
+    }
+
+    /// Up to `limit` for the agent to exit on its own (no signal), and its status.
+    pub fn exited_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then up to 10 s for the agent to exit (and remove its pins).

@@ -88,6 +88,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &["openssl"],
     },
     MatrixTest {
+        target: "takeover",
+        needs: &[],
+        tools: &[],
+    },
+    MatrixTest {
         target: "footprint",
         needs: &[],
         tools: &[],

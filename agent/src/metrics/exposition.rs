@@ -314,6 +314,39 @@ impl Collector for TelemetryCollector {
                 .encode_family(&[("outcome", outcome)])?
                 .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
         }
+        let takeovers = self.0.takeover_stats();
+        encoder
+            .encode_descriptor(
+                "tlsplice_takeovers_refused",
+                "Live upgrades this agent refused or that did not complete (it went on serving)",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&takeovers.refused, None)?;
+        if let Some(seconds) = takeovers.took_seconds {
+            encoder
+                .encode_descriptor(
+                    "tlsplice_takeover_seconds",
+                    "This agent took the listening sockets over from the one before: seconds from its start to serving on them",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&seconds)?;
+            let mut sockets = encoder.encode_descriptor(
+                "tlsplice_takeover_sockets",
+                "Listening sockets at this agent's takeover: adopted from the agent before, or bound anew",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (how, n) in [
+                ("adopted", takeovers.adopted),
+                ("bound_anew", takeovers.bound_anew),
+            ] {
+                sockets
+                    .encode_family(&[("how", how)])?
+                    .encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?;
+            }
+        }
         if let Ok(Some(stats)) = TlsStat::read() {
             let mut metric = encoder.encode_descriptor(
                 "tlsplice_kernel_tls_stat",

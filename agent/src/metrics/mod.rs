@@ -43,6 +43,20 @@ pub struct Telemetry {
     pipes: std::sync::OnceLock<std::sync::Arc<crate::splice::PipePool>>,
     /// Idle connections parked without a task, over all listeners.
     parked: std::sync::atomic::AtomicI64,
+    /// Live upgrades: this agent's, and those it refused.
+    takeovers: Mutex<TakeoverStats>,
+}
+
+/// Live upgrades ([`crate::takeover`]) as the metrics show them.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct TakeoverStats {
+    /// Takeovers this agent refused or that did not complete (it went on serving).
+    pub(crate) refused: u64,
+    /// This agent took over: how long from its start to serving on the sockets, in seconds.
+    pub(crate) took_seconds: Option<f64>,
+    /// Sockets it took over, and sockets it bound anew.
+    pub(crate) adopted: u64,
+    pub(crate) bound_anew: u64,
 }
 
 /// One listener's certificates as now served, and its reloads.
@@ -74,6 +88,7 @@ impl Telemetry {
             config_reloads: Mutex::default(),
             pipes: std::sync::OnceLock::new(),
             parked: std::sync::atomic::AtomicI64::new(0),
+            takeovers: Mutex::default(),
         }
     }
 
@@ -89,6 +104,7 @@ impl Telemetry {
                 config_reloads: Mutex::default(),
                 pipes: std::sync::OnceLock::new(),
                 parked: std::sync::atomic::AtomicI64::new(0),
+                takeovers: Mutex::default(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -167,6 +183,27 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(index, name.to_owned());
+    }
+
+    /// Counts a takeover this agent refused, or that did not complete.
+    pub fn count_takeover_refused(&self) {
+        self.takeovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused += 1;
+    }
+
+    /// Records that this agent took over: how long it took, and how many sockets it adopted
+    /// and bound anew.
+    pub fn record_takeover(&self, took: std::time::Duration, adopted: u64, bound_anew: u64) {
+        let mut t = self.takeovers.lock().unwrap_or_else(|p| p.into_inner());
+        t.took_seconds = Some(took.as_secs_f64());
+        t.adopted = adopted;
+        t.bound_anew = bound_anew;
+    }
+
+    pub(crate) fn takeover_stats(&self) -> TakeoverStats {
+        *self.takeovers.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Counts one configuration reload, applied or refused.

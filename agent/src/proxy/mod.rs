@@ -32,6 +32,7 @@ use crate::config::{Config, ListenerConfig, Mode};
 use crate::metrics::Telemetry;
 use crate::outcome::ConnectionReport;
 use crate::path::{KernelCaps, PlainPath, PlainPlan};
+use crate::takeover::Inherited;
 
 /// Whether a listener can serve on this kernel and on which data path, in one line; `Err` says
 /// why it cannot run at all (TLS material that does not load, or `data_path = "ktls"` on a
@@ -101,6 +102,11 @@ pub enum Control {
     ),
     /// Stop accepting on every listener and drain for up to this long (SIGTERM).
     Stop(std::time::Duration),
+    /// A copy of every listening socket, for a new agent taking over
+    /// ([`crate::takeover`]).
+    Handover(
+        tokio::sync::oneshot::Sender<Vec<(crate::takeover::SocketRecord, std::os::fd::OwnedFd)>>,
+    ),
 }
 
 /// What a reload did, by listener name.
@@ -121,6 +127,8 @@ pub struct ReloadSummary {
 struct Running {
     index: u16,
     addr: SocketAddr,
+    /// A copy of the listening socket, handed to a new agent taking over.
+    socket: Option<std::os::fd::OwnedFd>,
     state: watch::Sender<Arc<ListenerState>>,
     stop: watch::Sender<Option<std::time::Duration>>,
 }
@@ -154,6 +162,17 @@ impl Proxy {
         caps: Arc<KernelCaps>,
         reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
     ) -> Result<Self, ProxyError> {
+        Self::bind_inheriting(config, caps, reports, &mut Inherited::default()).await
+    }
+
+    /// As [`Proxy::bind`], with each listener whose name and address match a socket a
+    /// running agent handed over accepting on that socket instead of a new bind.
+    pub async fn bind_inheriting(
+        config: &Config,
+        caps: Arc<KernelCaps>,
+        reports: Option<mpsc::UnboundedSender<ConnectionReport>>,
+        inherited: &mut Inherited,
+    ) -> Result<Self, ProxyError> {
         let names = config
             .listeners
             .iter()
@@ -177,7 +196,23 @@ impl Proxy {
         };
         for l in &config.listeners {
             let index = proxy.index_of(&l.name);
-            let (listener, state) = proxy.prepare(l, index)?;
+            let taken = inherited.take(&l.name, l.listen);
+            let (listener, state) = match taken {
+                Some(listener) => {
+                    let state = proxy.state(l, index)?;
+                    listener
+                        .set_nonblocking(true)
+                        .map_err(|source| ProxyError::Bind {
+                            listener: l.name.clone(),
+                            addr: l.listen,
+                            source,
+                        })?;
+                    tracing::info!(listener = %l.name, addr = %l.listen,
+                        "listening socket taken over from the running agent");
+                    (listener, state)
+                }
+                None => proxy.prepare(l, index)?,
+            };
             proxy.bound.push((listener, state));
         }
         Ok(proxy)
@@ -299,6 +334,14 @@ impl Proxy {
         let name = state.config.name.clone();
         let addr = listener.local_addr().unwrap_or(state.config.listen);
         let index = state.index;
+        let socket = match listener.try_clone() {
+            Ok(copy) => Some(std::os::fd::OwnedFd::from(copy)),
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e,
+                    "no copy of the listening socket: a takeover would bind it anew");
+                None
+            }
+        };
         self.tls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -316,6 +359,7 @@ impl Proxy {
                     Running {
                         index,
                         addr,
+                        socket,
                         state: state_tx,
                         stop: stop_tx,
                     },
@@ -361,6 +405,9 @@ impl Proxy {
                     Some(Control::Reload(config, reply)) => {
                         let result = self.reload(&config, &mut loops, &mut running);
                         let _ = reply.send(result);
+                    }
+                    Some(Control::Handover(reply)) => {
+                        let _ = reply.send(handover(&running));
                     }
                 },
                 // Accept loops end when their listener is removed (after its drain).
@@ -473,6 +520,32 @@ impl Proxy {
         }
         Ok(summary)
     }
+}
+
+/// A copy of every running listener's socket, with its name and address.
+fn handover(
+    running: &BTreeMap<String, Running>,
+) -> Vec<(crate::takeover::SocketRecord, std::os::fd::OwnedFd)> {
+    running
+        .iter()
+        .filter_map(|(name, r)| {
+            let copy = r.socket.as_ref()?.try_clone();
+            match copy {
+                Ok(fd) => Some((
+                    crate::takeover::SocketRecord {
+                        name: name.clone(),
+                        addr: r.addr,
+                    },
+                    fd,
+                )),
+                Err(e) => {
+                    tracing::warn!(listener = %name, error = %e,
+                        "listening socket not handed over: the new agent binds it anew");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 /// A non-blocking listening socket on `addr`, with SO_REUSEADDR so a restarted agent can bind

@@ -1,0 +1,645 @@
+//! Live upgrade: a new agent takes the listening sockets over from the running one, so no
+//! connection attempt is refused while the binary changes.
+//!
+//! The running agent listens on a unix socket (`--takeover-socket`). A new agent started with
+//! `--takeover PATH` connects before it binds anything and says which record version it speaks;
+//! the old one checks who it is (`SO_PEERCRED`: the same user, or root) and answers with every
+//! listening socket it accepts on (the proxy's listeners and the admin server), each a
+//! descriptor passed with `SCM_RIGHTS` beside a record of its name and address. The new agent
+//! accepts on those same sockets (the kernel's accept queue is shared, so both processes
+//! accept during the hand-over: no gap), and once it serves, says so; only then does the old
+//! agent close its copies and drain its established connections as on SIGTERM. A new agent
+//! that fails anywhere before that (bad configuration, failed start, another record version)
+//! never says it serves, and the old agent goes on with everything.
+//!
+//! Established connections do not move yet: they finish in the old process (its drain
+//! timeout applies).
+//!
+//! Records are length-delimited JSON (a 4-byte big-endian length, then the record), each with
+//! the protocol version. This module is the only place that passes descriptors over a unix
+//! socket.
+#![allow(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::{self, Read as _, Write as _};
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the records both sides exchange. A new agent speaking another version is
+/// refused and the old one keeps serving.
+pub const RECORD_VERSION: u32 = 1;
+
+/// The name under which the admin server's listening socket travels.
+pub const ADMIN_SOCKET: &str = "admin";
+
+/// The most descriptors one record carries.
+const MAX_DESCRIPTORS: usize = 253;
+
+/// The largest record either side accepts.
+const MAX_RECORD: usize = 1 << 20;
+
+/// How long either side waits for the other's next record.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What went wrong in a takeover, on either side.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    /// A socket call failed.
+    #[error("takeover socket {path}: {call}: {source}")]
+    Io {
+        /// The takeover socket's path.
+        path: PathBuf,
+        /// The call that failed.
+        call: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The other side sent something this side does not accept.
+    #[error("takeover socket {path}: {why}")]
+    Protocol {
+        /// The takeover socket's path.
+        path: PathBuf,
+        /// What was wrong.
+        why: String,
+    },
+    /// The old agent refused the takeover.
+    #[error("takeover refused by the running agent: {0}")]
+    Refused(String),
+}
+
+/// One record of the takeover protocol.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// New to old: the first record.
+    Hello {
+        /// The record version the new agent speaks.
+        version: u32,
+        /// The new agent's process id, for the old one's log.
+        pid: u32,
+    },
+    /// Old to new: the listening sockets, one descriptor each, in this order.
+    Listeners {
+        /// The record version.
+        version: u32,
+        /// Each socket's name and address.
+        sockets: Vec<SocketRecord>,
+    },
+    /// New to old: it accepts on these sockets now; the old agent may stop.
+    Serving {
+        /// The record version.
+        version: u32,
+        /// The names of the sockets it adopted.
+        adopted: Vec<String>,
+    },
+    /// Either side: the takeover does not happen, and why. The old agent keeps serving.
+    Refused {
+        /// The record version.
+        version: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A listening socket as it travels: its name and the address it is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketRecord {
+    /// A proxy listener's name, or [`ADMIN_SOCKET`].
+    pub name: String,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+}
+
+/// Whether the old agent accepts a peer: the same user as itself, or root.
+pub fn peer_allowed(own_uid: u32, peer_uid: u32) -> bool {
+    peer_uid == own_uid || peer_uid == 0
+}
+
+/// What the old agent answers a `Hello`: the sockets it hands over, or why not.
+pub fn answer_hello(hello: &Record) -> Result<(), String> {
+    match hello {
+        Record::Hello { version, .. } if *version == RECORD_VERSION => Ok(()),
+        Record::Hello { version, .. } => Err(format!(
+            "record version {version}, this agent speaks {RECORD_VERSION}"
+        )),
+        other => Err(format!("expected a hello, got {}", other.kind())),
+    }
+}
+
+impl Record {
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Listeners { .. } => "listeners",
+            Self::Serving { .. } => "serving",
+            Self::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// Listening sockets a new agent took over, by name: each used in place of a bind of the same
+/// address.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    sockets: BTreeMap<String, (SocketAddr, OwnedFd)>,
+    adopted: Vec<String>,
+}
+
+impl Inherited {
+    /// The socket named `name` if it is bound to `addr` (a listener whose address changed
+    /// binds anew, and the old socket closes with the old agent).
+    pub fn take(&mut self, name: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
+        let (bound, _) = self.sockets.get(name)?;
+        if !same_address(*bound, addr) {
+            return None;
+        }
+        let (_, fd) = self.sockets.remove(name)?;
+        self.adopted.push(name.to_owned());
+        Some(std::net::TcpListener::from(fd))
+    }
+
+    /// The names of the sockets taken so far.
+    pub fn adopted(&self) -> &[String] {
+        &self.adopted
+    }
+
+    /// How many sockets came over.
+    pub fn offered(&self) -> usize {
+        self.adopted.len() + self.sockets.len()
+    }
+}
+
+/// Whether a socket bound to `bound` serves a configuration that asks for `wanted` (port 0 in
+/// the configuration takes whatever port the socket has).
+fn same_address(bound: SocketAddr, wanted: SocketAddr) -> bool {
+    bound.ip() == wanted.ip() && (wanted.port() == 0 || bound.port() == wanted.port())
+}
+
+/// The new agent's side: connected to the old agent, holding the sockets it handed over until
+/// this agent serves.
+pub struct Taker {
+    stream: UnixStream,
+    path: PathBuf,
+}
+
+impl Taker {
+    /// Connects to the running agent at `path` and receives its listening sockets.
+    pub fn connect(path: &Path, version: u32) -> Result<(Self, Inherited), TakeoverError> {
+        let io = |call| {
+            let path = path.to_owned();
+            move |source| TakeoverError::Io { path, call, source }
+        };
+        let stream = UnixStream::connect(path).map_err(io("connect"))?;
+        stream
+            .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+            .map_err(io("SO_RCVTIMEO"))?;
+        let mut taker = Self {
+            stream,
+            path: path.to_owned(),
+        };
+        taker.send(&Record::Hello {
+            version,
+            pid: std::process::id(),
+        })?;
+        let (record, fds) = receive(&mut taker.stream, &taker.path)?;
+        match record {
+            Record::Listeners { sockets, .. } if sockets.len() == fds.len() => {
+                let sockets = sockets
+                    .into_iter()
+                    .zip(fds)
+                    .map(|(s, fd)| (s.name, (s.addr, fd)))
+                    .collect();
+                Ok((
+                    taker,
+                    Inherited {
+                        sockets,
+                        adopted: Vec::new(),
+                    },
+                ))
+            }
+            Record::Listeners { sockets, .. } => Err(TakeoverError::Protocol {
+                path: path.to_owned(),
+                why: format!(
+                    "{} sockets named, {} descriptors passed",
+                    sockets.len(),
+                    fds.len()
+                ),
+            }),
+            Record::Refused { reason, .. } => Err(TakeoverError::Refused(reason)),
+            other => Err(TakeoverError::Protocol {
+                path: path.to_owned(),
+                why: format!("expected the listeners, got {}", other.kind()),
+            }),
+        }
+    }
+
+    /// Tells the old agent this one serves on `adopted`: it closes its copies and drains.
+    pub fn serving(mut self, adopted: Vec<String>) -> Result<(), TakeoverError> {
+        self.send(&Record::Serving {
+            version: RECORD_VERSION,
+            adopted,
+        })
+    }
+
+    fn send(&mut self, record: &Record) -> Result<(), TakeoverError> {
+        send(&mut self.stream, &self.path, record, &[])
+    }
+}
+
+/// What the old agent's side of one takeover came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The new agent serves on these sockets: stop and drain.
+    TakenOver {
+        /// The new agent's process id.
+        pid: u32,
+        /// The sockets it adopted.
+        adopted: Vec<String>,
+    },
+    /// No takeover; keep serving. Why.
+    Refused(String),
+}
+
+/// The old agent's takeover socket.
+pub struct Offering {
+    listener: UnixListener,
+    path: PathBuf,
+    /// The socket file's device and inode: removed on drop only while the path is still
+    /// this agent's (a new agent that took over binds the same path).
+    file: Option<(u64, u64)>,
+}
+
+impl Offering {
+    /// Listens on `path`. A stale socket file from an agent that is gone is replaced; one
+    /// another agent still listens on is an error, unless `replace` (this agent took over from
+    /// that one, which is stopping).
+    pub fn bind(path: &Path, replace: bool) -> Result<Self, TakeoverError> {
+        let io = |call| {
+            let path = path.to_owned();
+            move |source| TakeoverError::Io { path, call, source }
+        };
+        if path.exists() {
+            if !replace && UnixStream::connect(path).is_ok() {
+                return Err(TakeoverError::Protocol {
+                    path: path.to_owned(),
+                    why: "another agent listens on it".into(),
+                });
+            }
+            std::fs::remove_file(path).map_err(io("remove the stale socket"))?;
+        }
+        let listener = UnixListener::bind(path).map_err(io("bind"))?;
+        Ok(Self {
+            listener,
+            path: path.to_owned(),
+            file: file_identity(path),
+        })
+    }
+
+    /// Waits for the next new agent (blocking: run it on a thread of its own) and hands it
+    /// the sockets `offer` gives at that moment.
+    pub fn next(
+        &self,
+        offer: &dyn Fn() -> Vec<(SocketRecord, OwnedFd)>,
+    ) -> Result<Outcome, TakeoverError> {
+        let io = |call| {
+            let path = self.path.clone();
+            move |source| TakeoverError::Io { path, call, source }
+        };
+        let (mut stream, _) = self.listener.accept().map_err(io("accept"))?;
+        stream
+            .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+            .map_err(io("SO_RCVTIMEO"))?;
+        let peer = peer_uid(&stream).map_err(io("SO_PEERCRED"))?;
+        let own = effective_uid();
+        if !peer_allowed(own, peer) {
+            let reason = format!("user {peer} may not take over an agent of user {own}");
+            let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
+            return Ok(Outcome::Refused(reason));
+        }
+        let (hello, _) = receive(&mut stream, &self.path)?;
+        if let Err(reason) = answer_hello(&hello) {
+            let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
+            return Ok(Outcome::Refused(reason));
+        }
+        let pid = match hello {
+            Record::Hello { pid, .. } => pid,
+            _ => 0,
+        };
+        let (sockets, fds): (Vec<SocketRecord>, Vec<OwnedFd>) = offer().into_iter().unzip();
+        let record = Record::Listeners {
+            version: RECORD_VERSION,
+            sockets,
+        };
+        let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        send(&mut stream, &self.path, &record, &raw)?;
+        // The new agent holds its own copies now.
+        drop(fds);
+        match receive(&mut stream, &self.path) {
+            Ok((Record::Serving { adopted, .. }, _)) => Ok(Outcome::TakenOver { pid, adopted }),
+            Ok((Record::Refused { reason, .. }, _)) => Ok(Outcome::Refused(reason)),
+            Ok((other, _)) => Ok(Outcome::Refused(format!(
+                "expected serving, got {}",
+                other.kind()
+            ))),
+            Err(e) => Ok(Outcome::Refused(format!(
+                "the new agent did not say it serves: {e}"
+            ))),
+        }
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Offering {
+    fn drop(&mut self) {
+        if self.file.is_some() && file_identity(&self.path) == self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+fn refused(reason: &str) -> Record {
+    Record::Refused {
+        version: RECORD_VERSION,
+        reason: reason.to_owned(),
+    }
+}
+
+/// Writes one record; `fds` travel with its first byte.
+fn send(
+    stream: &mut UnixStream,
+    path: &Path,
+    record: &Record,
+    fds: &[RawFd],
+) -> Result<(), TakeoverError> {
+    let io = |call| {
+        move |source| TakeoverError::Io {
+            path: path.to_owned(),
+            call,
+            source,
+        }
+    };
+    let body = serde_json::to_vec(record).map_err(|e| TakeoverError::Protocol {
+        path: path.to_owned(),
+        why: format!("encoding a record: {e}"),
+    })?;
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes();
+    if fds.len() > MAX_DESCRIPTORS {
+        return Err(TakeoverError::Protocol {
+            path: path.to_owned(),
+            why: format!("{} descriptors in one record", fds.len()),
+        });
+    }
+    let sent = send_with_fds(stream, &len, fds).map_err(io("sendmsg"))?;
+    stream.write_all(&len[sent..]).map_err(io("write"))?;
+    stream.write_all(&body).map_err(io("write"))?;
+    Ok(())
+}
+
+/// Reads one record and the descriptors that came with it.
+fn receive(stream: &mut UnixStream, path: &Path) -> Result<(Record, Vec<OwnedFd>), TakeoverError> {
+    let io = |call| {
+        move |source| TakeoverError::Io {
+            path: path.to_owned(),
+            call,
+            source,
+        }
+    };
+    let mut len = [0u8; 4];
+    let (got, fds) = receive_with_fds(stream, &mut len).map_err(io("recvmsg"))?;
+    if got == 0 {
+        return Err(TakeoverError::Protocol {
+            path: path.to_owned(),
+            why: "the other side closed".into(),
+        });
+    }
+    stream.read_exact(&mut len[got..]).map_err(io("read"))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_RECORD {
+        return Err(TakeoverError::Protocol {
+            path: path.to_owned(),
+            why: format!("a record of {len} bytes"),
+        });
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).map_err(io("read"))?;
+    let record = serde_json::from_slice(&body).map_err(|e| TakeoverError::Protocol {
+        path: path.to_owned(),
+        why: format!("not a record: {e}"),
+    })?;
+    Ok((record, fds))
+}
+
+/// The space a control message of `n` descriptors takes.
+fn rights_space(n: usize) -> usize {
+    let bytes = u32::try_from(n * std::mem::size_of::<RawFd>()).unwrap_or(u32::MAX);
+    // SAFETY: CMSG_SPACE only computes a size from its argument.
+    unsafe { libc::CMSG_SPACE(bytes) as usize }
+}
+
+/// sendmsg of `data` with `fds` as SCM_RIGHTS; returns the bytes of `data` sent.
+fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    // u64 elements keep the buffer aligned for cmsghdr.
+    let mut control = vec![0u64; rights_space(MAX_DESCRIPTORS).div_ceil(8)];
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        let fd_bytes = std::mem::size_of_val(fds);
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = rights_space(fds.len());
+        // SAFETY: msg_control points at `control`, which is at least CMSG_SPACE(fd_bytes)
+        // long and 8-byte aligned, so CMSG_FIRSTHDR is non-null and CMSG_DATA has room for
+        // fd_bytes; the copy does not overlap (fds is a separate slice).
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(u32::try_from(fd_bytes).unwrap_or(u32::MAX)) as _;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes,
+            );
+        }
+    }
+    loop {
+        // SAFETY: msg points at iov (data, valid for data.len() bytes) and at control, both
+        // alive for the call; the kernel only reads them.
+        let sent = unsafe { libc::sendmsg(stream.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
+        if sent >= 0 {
+            return Ok(sent.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// recvmsg into `buf`, taking any SCM_RIGHTS descriptors (close-on-exec) that came with it.
+fn receive_with_fds(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = vec![0u64; rights_space(MAX_DESCRIPTORS).div_ceil(8)];
+    // SAFETY: an all-zero msghdr is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { MaybeUninit::zeroed().assume_init() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() * 8;
+    let got = loop {
+        // SAFETY: msg points at iov (buf, writable for buf.len() bytes) and control (writable
+        // for msg_controllen bytes), both alive for the call.
+        let got =
+            unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if got >= 0 {
+            break got.unsigned_abs();
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control and msg_controllen; CMSG_FIRSTHDR/NXTHDR walk
+    // within them and return null at the end; each SCM_RIGHTS payload holds
+    // (cmsg_len - CMSG_LEN(0)) / 4 descriptors this process now owns, read unaligned.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let payload = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..payload / std::mem::size_of::<RawFd>() {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::other("descriptors truncated (MSG_CTRUNC)"));
+    }
+    Ok((got, fds))
+}
+
+/// The connected peer's user id (SO_PEERCRED).
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    // SAFETY: an all-zero ucred is valid.
+    let mut cred: libc::ucred = unsafe { MaybeUninit::zeroed().assume_init() };
+    let mut len = u32::try_from(std::mem::size_of::<libc::ucred>()).unwrap_or(u32::MAX);
+    // SAFETY: cred is a writable ucred and len its size; the kernel writes at most len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_may_take_over() {
+        for (own, peer, allowed) in [
+            (0, 0, true),
+            (1000, 1000, true),
+            (1000, 0, true),
+            (1000, 1001, false),
+            (0, 1000, false),
+        ] {
+            assert_eq!(peer_allowed(own, peer), allowed, "own {own}, peer {peer}");
+        }
+    }
+
+    #[test]
+    fn hellos_of_another_version_are_refused() {
+        let hello = |version| Record::Hello { version, pid: 1 };
+        assert_eq!(answer_hello(&hello(RECORD_VERSION)), Ok(()));
+        assert!(answer_hello(&hello(RECORD_VERSION + 1)).is_err());
+        assert!(
+            answer_hello(&Record::Serving {
+                version: RECORD_VERSION,
+                adopted: vec![]
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_socket_serves_the_same_address_only() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (bound, wanted, same) in [
+            ("127.0.0.1:8443", "127.0.0.1:8443", true),
+            ("127.0.0.1:41234", "127.0.0.1:0", true),
+            ("127.0.0.1:8443", "127.0.0.1:9443", false),
+            ("127.0.0.1:8443", "0.0.0.0:8443", false),
+        ] {
+            assert_eq!(same_address(a(bound), a(wanted)), same, "{bound} {wanted}");
+        }
+    }
+
+    #[test]
+    fn records_and_descriptors_cross_a_socket_pair() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let record = Record::Listeners {
+            version: RECORD_VERSION,
+            sockets: vec![SocketRecord {
+                name: "tls".into(),
+                addr,
+            }],
+        };
+        let path = Path::new("pair");
+        send(&mut a, path, &record, &[listener.as_raw_fd()]).unwrap();
+        let (got, fds) = receive(&mut b, path).unwrap();
+        assert_eq!(got, record);
+        assert_eq!(fds.len(), 1);
+        let moved = std::net::TcpListener::from(fds.into_iter().next().unwrap());
+        assert_eq!(moved.local_addr().unwrap(), addr);
+        drop(listener);
+        // The moved descriptor is the same listening socket: it still accepts.
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (_accepted, _) = moved.accept().unwrap();
+    }
+}
