@@ -397,8 +397,11 @@ impl Proxy {
                 message = control.recv(), if open => match message {
                     None => open = false,
                     Some(Control::Stop(deadline)) => {
-                        for r in running.values() {
+                        for r in running.values_mut() {
                             let _ = r.stop.send(Some(deadline));
+                            // The copy kept for a takeover would hold the socket listening
+                            // (its backlog filling, never accepted) through the drain.
+                            r.socket = None;
                         }
                         break;
                     }
