@@ -776,18 +776,18 @@ impl AgentProcess {
         extra: &[&str],
         pin: Option<&Path>,
     ) -> Self {
-        Self::launch(dir, config, wrapper, extra, pin, &[])
+        Self::launch(dir, config, wrapper, extra, pin, &[], None)
     }
 
     /// As [`AgentProcess::start`] with no wrapper, and `env` set for the agent.
     pub fn start_with_env(dir: &Path, config: &str, env: &[(&str, &str)], extra: &[&str]) -> Self {
-        Self::launch(dir, config, &[], extra, None, env)
+        Self::launch(dir, config, &[], extra, None, env, None)
     }
 
     /// As [`AgentProcess::start`] with no wrapper, its admin server on `admin` (a new agent
     /// taking over another's admin socket).
     pub fn start_with_admin(dir: &Path, config: &str, admin: SocketAddr, extra: &[&str]) -> Self {
-        Self::launch_on(dir, config, &[], extra, None, &[], admin)
+        Self::launch(dir, config, &[], extra, None, &[], Some(admin))
     }
 
     /// The agent's connected TCP sockets (listeners and unix sockets left out), each
@@ -886,6 +886,7 @@ impl AgentProcess {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Starts the agent with its admin server on `admin`, or on a free port.
     fn launch(
         dir: &Path,
         config: &str,
@@ -893,20 +894,9 @@ impl AgentProcess {
         extra: &[&str],
         pin: Option<&Path>,
         env: &[(&str, &str)],
+        admin: Option<SocketAddr>,
     ) -> Self {
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        Self::launch_on(dir, config, wrapper, extra, pin, env, admin)
-    }
-
-    fn launch_on(
-        dir: &Path,
-        config: &str,
-        wrapper: &[&str],
-        extra: &[&str],
-        pin: Option<&Path>,
-        env: &[(&str, &str)],
-        admin: SocketAddr,
-    ) -> Self {
+        let admin = admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let pin = pin.map_or_else(

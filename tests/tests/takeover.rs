@@ -61,15 +61,24 @@ fn takeover_args(socket: &Path) -> Vec<String> {
     ]
 }
 
-#[test]
-#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
-fn a_new_agent_takes_the_listeners_over_without_refusing_a_connection() {
-    let dir = test_dir("takeover");
+/// An agent serving a terminate listener, offering takeovers.
+struct Running {
+    dir: std::path::PathBuf,
+    files: std::path::PathBuf,
+    port: u16,
+    config: String,
+    socket: std::path::PathBuf,
+    trust: Arc<ClientConfig>,
+    old: AgentProcess,
+}
+
+fn running_agent(name: &str, drain_ms: u64) -> Running {
+    let dir = test_dir(name);
     let pki = TestPki::generate();
     let files = pki.write_files();
     let port = tlsplice_tests::free_port();
     let config = format!(
-        "[limits]\ndrain_timeout_ms = 20000\n{}",
+        "[limits]\ndrain_timeout_ms = {drain_ms}\n{}",
         terminate_listener("web", port, echo_upstream(), &files)
     );
     let socket = dir.join("takeover.sock");
@@ -77,7 +86,31 @@ fn a_new_agent_takes_the_listeners_over_without_refusing_a_connection() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut old = AgentProcess::start(&dir, &config, &[], &args);
     assert!(old.child_running(), "{}", old.log_text());
-    let trust = trusting(&[&pki]);
+    Running {
+        dir,
+        files,
+        port,
+        config,
+        socket,
+        trust: trusting(&[&pki]),
+        old,
+    }
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn a_new_agent_takes_the_listeners_over_without_refusing_a_connection() {
+    let Running {
+        dir,
+        port,
+        config,
+        socket,
+        trust,
+        mut old,
+        ..
+    } = running_agent("takeover", 20_000);
+    let args = takeover_args(&socket);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut established = connect(agent_addr(port), trust.clone(), "localhost").expect("connect");
     echo(&mut established, b"before the upgrade").expect("echo");
 
@@ -162,19 +195,15 @@ fn a_new_agent_takes_the_listeners_over_without_refusing_a_connection() {
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn a_takeover_the_new_agent_cannot_complete_leaves_the_old_one_serving() {
-    let dir = test_dir("takeover-refused");
-    let pki = TestPki::generate();
-    let files = pki.write_files();
-    let port = tlsplice_tests::free_port();
-    let config = format!(
-        "[limits]\ndrain_timeout_ms = 2000\n{}",
-        terminate_listener("web", port, echo_upstream(), &files)
-    );
-    let socket = dir.join("takeover.sock");
-    let args = takeover_args(&socket);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut old = AgentProcess::start(&dir, &config, &[], &args);
-    let trust = trusting(&[&pki]);
+    let Running {
+        dir,
+        files,
+        port,
+        config,
+        socket,
+        trust,
+        mut old,
+    } = running_agent("takeover-refused", 2_000);
     let from = socket.display().to_string();
 
     // Another record version: refused before any socket moves.
