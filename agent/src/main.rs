@@ -404,27 +404,28 @@ fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<(
 
 /// Listens for a new agent on `socket` (on a thread of its own: the exchange blocks) and
 /// hands each one the listening sockets; the outcome of a takeover that happened comes out of
-/// the channel. `replace`: this agent took over from the one that listened there before.
+/// the channel. `taking_over`: this agent is taking over from the one that listens there now.
 fn offer_takeover(
     socket: &std::path::Path,
-    replace: bool,
+    taking_over: bool,
     control: tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
     admin: Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>,
     telemetry: Arc<tlsplice::metrics::Telemetry>,
 ) -> Result<tokio::sync::mpsc::UnboundedReceiver<tlsplice::takeover::Outcome>> {
     use tlsplice::takeover::{ADMIN_SOCKET, Offering, Outcome, SocketRecord};
-    let offering = Offering::bind(socket, replace).context("the takeover socket")?;
+    let mut offering = Offering::bind(socket, taking_over).context("the takeover socket")?;
     tracing::info!(socket = %offering.path().display(), "takeover socket listening");
     let (done, outcomes) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("takeover".into())
         .spawn(move || {
+            // None once the proxy stopped (this agent drains): nothing to hand over.
             let offer = || {
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                let mut sockets = match control.blocking_send(tlsplice::proxy::Control::Handover(tx)) {
-                    Ok(()) => rx.blocking_recv().unwrap_or_default(),
-                    Err(_) => Vec::new(),
-                };
+                control
+                    .blocking_send(tlsplice::proxy::Control::Handover(tx))
+                    .ok()?;
+                let mut sockets = rx.blocking_recv().ok()?;
                 if let Some((fd, addr)) = &admin
                     && let Ok(copy) = fd.try_clone()
                 {
@@ -436,7 +437,7 @@ fn offer_takeover(
                         copy,
                     ));
                 }
-                sockets
+                Some(sockets)
             };
             loop {
                 match offering.next(&offer) {
@@ -550,6 +551,10 @@ fn run(
                 .await?
             }
         };
+        // Sockets this configuration does not serve (a listener removed or moved) close
+        // here, so that once the old agent stops they refuse connections rather than queue
+        // them for nobody.
+        inherited.close_rest();
         // Auto measures only with a passthrough listener to serve; a fixed choice costs nothing.
         if proxy.has_passthrough()
             || config.ebpf.passthrough != tlsplice::config::PassthroughPath::Auto
@@ -626,22 +631,8 @@ fn run(
         let (control, control_rx) = tokio::sync::mpsc::channel(4);
         let drain = config.limits.drain_timeout();
         let serving = tokio::spawn(proxy.serve(control_rx));
-        if let Some(taker) = taker {
-            let adopted = inherited.adopted().to_vec();
-            // Every listener and the admin server: those not adopted were bound anew.
-            let sockets = config.listeners.len() as u64 + 1;
-            telemetry.record_takeover(
-                started.elapsed(),
-                adopted.len() as u64,
-                sockets.saturating_sub(adopted.len() as u64),
-            );
-            tracing::info!(adopted = ?adopted, takeover_ms = started.elapsed().as_millis(),
-                "takeover: serving; the old agent closes its sockets and drains");
-            if let Err(e) = tokio::task::spawn_blocking(move || taker.serving(adopted)).await? {
-                tracing::warn!(error = %e,
-                    "takeover: the old agent was not told this one serves: both accept until it stops");
-            }
-        }
+        // This agent's own takeover socket first: once the old agent is told this one
+        // serves, it stops, so nothing after that may fail.
         let mut taken_over = match &flags.takeover_socket {
             Some(socket) => {
                 let admin_socket = admin_socket.ok().zip(admin_addr);
@@ -655,6 +646,33 @@ fn run(
             }
             None => tokio::sync::mpsc::unbounded_channel().1,
         };
+        if let Some(taker) = taker {
+            let adopted = inherited.adopted().to_vec();
+            // Every listener and the admin server: those not adopted were bound anew.
+            let sockets = config.listeners.len() as u64 + 1;
+            telemetry.record_takeover(
+                started.elapsed(),
+                adopted.len() as u64,
+                sockets.saturating_sub(adopted.len() as u64),
+            );
+            tokio::task::spawn_blocking(move || taker.serving(adopted.clone()).map(|()| adopted))
+                .await?
+                .map(|adopted| {
+                    tracing::info!(adopted = ?adopted, takeover_ms = started.elapsed().as_millis(),
+                        "takeover: serving; the old agent closes its sockets and drains");
+                })
+                // The old agent did not hear it and goes on serving everything: this one
+                // leaves rather than share the sockets with it for good.
+                .context("telling the old agent this one serves")?;
+            if let Some(socket) = &flags.takeover_socket {
+                // The old agent stops: the next upgrade finds this one at the usual path.
+                match tlsplice::takeover::install(socket) {
+                    Ok(()) => tracing::info!(socket = %socket.display(), "takeover socket in place"),
+                    Err(e) => tracing::warn!(error = %e,
+                        "takeover socket not moved into place: this agent cannot be taken over until it restarts"),
+                }
+            }
+        }
         let mut current = config.clone();
         let why = loop {
             tokio::select! {

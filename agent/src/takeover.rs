@@ -170,6 +170,16 @@ impl Inherited {
         &self.adopted
     }
 
+    /// Closes the sockets nothing took (a listener the configuration no longer has, or whose
+    /// address changed): once the old agent stops they refuse connections instead of
+    /// queueing them for nobody.
+    pub fn close_rest(&mut self) {
+        for (name, (addr, _)) in std::mem::take(&mut self.sockets) {
+            tracing::info!(socket = %name, %addr,
+                "takeover: a socket this configuration does not serve is closed");
+        }
+    }
+
     /// How many sockets came over.
     pub fn offered(&self) -> usize {
         self.adopted.len() + self.sockets.len()
@@ -270,7 +280,11 @@ pub enum Outcome {
 /// The old agent's takeover socket.
 pub struct Offering {
     listener: UnixListener,
+    /// Where new agents connect.
     path: PathBuf,
+    /// Where it is bound: `path`, or beside it until this agent, having taken over, moves it
+    /// there ([`install`]).
+    bound_at: PathBuf,
     /// The socket file's device and inode: removed on drop only while the path is still
     /// this agent's (a new agent that took over binds the same path).
     file: Option<(u64, u64)>,
@@ -278,26 +292,61 @@ pub struct Offering {
 
 impl Offering {
     /// Listens on `path`. A stale socket file from an agent that is gone is replaced; one
-    /// another agent still listens on is an error, unless `replace` (this agent took over from
-    /// that one, which is stopping).
-    pub fn bind(path: &Path, replace: bool) -> Result<Self, TakeoverError> {
+    /// another agent still listens on is an error. An agent that is taking over binds beside
+    /// the path instead ([`beside`]) and moves its socket there once the old agent stops
+    /// ([`install`]), so the old one stays reachable until then.
+    pub fn bind(path: &Path, taking_over: bool) -> Result<Self, TakeoverError> {
         let io = |call| {
             let path = path.to_owned();
             move |source| TakeoverError::Io { path, call, source }
         };
-        if path.exists() {
-            if !replace && UnixStream::connect(path).is_ok() {
+        if taking_over {
+            let bound_at = beside(path);
+            match std::fs::remove_file(&bound_at) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io("remove a leftover socket")(e));
+                }
+                _ => {}
+            }
+            let listener = UnixListener::bind(&bound_at).map_err(io("bind"))?;
+            return Ok(Self {
+                listener,
+                path: path.to_owned(),
+                file: file_identity(&bound_at),
+                bound_at,
+            });
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt as _;
+            if !meta.file_type().is_socket() {
                 return Err(TakeoverError::Protocol {
                     path: path.to_owned(),
-                    why: "another agent listens on it".into(),
+                    why: "exists and is not a socket".into(),
                 });
             }
-            std::fs::remove_file(path).map_err(io("remove the stale socket"))?;
+            // Replaced only when nobody listens there (connection refused), or when this
+            // agent took over from the one that does.
+            let stale = match UnixStream::connect(path) {
+                Ok(_) => false,
+                Err(e) => e.kind() == io::ErrorKind::ConnectionRefused,
+            };
+            if !stale {
+                return Err(TakeoverError::Protocol {
+                    path: path.to_owned(),
+                    why: "another agent listens on it (or it cannot be reached)".into(),
+                });
+            }
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove the old socket")(e)),
+            }
         }
         let listener = UnixListener::bind(path).map_err(io("bind"))?;
         Ok(Self {
             listener,
             path: path.to_owned(),
+            bound_at: path.to_owned(),
             file: file_identity(path),
         })
     }
@@ -305,8 +354,8 @@ impl Offering {
     /// Waits for the next new agent (blocking: run it on a thread of its own) and hands it
     /// the sockets `offer` gives at that moment.
     pub fn next(
-        &self,
-        offer: &dyn Fn() -> Vec<(SocketRecord, OwnedFd)>,
+        &mut self,
+        offer: &dyn Fn() -> Option<Vec<(SocketRecord, OwnedFd)>>,
     ) -> Result<Outcome, TakeoverError> {
         let io = |call| {
             let path = self.path.clone();
@@ -332,7 +381,12 @@ impl Offering {
             Record::Hello { pid, .. } => pid,
             _ => 0,
         };
-        let (sockets, fds): (Vec<SocketRecord>, Vec<OwnedFd>) = offer().into_iter().unzip();
+        let Some(offered) = offer() else {
+            let reason = "this agent is stopping".to_owned();
+            let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
+            return Ok(Outcome::Refused(reason));
+        };
+        let (sockets, fds): (Vec<SocketRecord>, Vec<OwnedFd>) = offered.into_iter().unzip();
         let record = Record::Listeners {
             version: RECORD_VERSION,
             sockets,
@@ -341,8 +395,15 @@ impl Offering {
         send(&mut stream, &self.path, &record, &raw)?;
         // The new agent holds its own copies now.
         drop(fds);
+        // It says it serves once it has started, however long that takes (or it exits, which
+        // ends the wait): a time limit here could leave both agents serving for good.
+        stream.set_read_timeout(None).map_err(io("SO_RCVTIMEO"))?;
         match receive(&mut stream, &self.path) {
-            Ok((Record::Serving { adopted, .. }, _)) => Ok(Outcome::TakenOver { pid, adopted }),
+            Ok((Record::Serving { adopted, .. }, _)) => {
+                // The new agent binds this path anew; it is no longer this agent's to remove.
+                self.file = None;
+                Ok(Outcome::TakenOver { pid, adopted })
+            }
             Ok((Record::Refused { reason, .. }, _)) => Ok(Outcome::Refused(reason)),
             Ok((other, _)) => Ok(Outcome::Refused(format!(
                 "expected serving, got {}",
@@ -362,10 +423,30 @@ impl Offering {
 
 impl Drop for Offering {
     fn drop(&mut self) {
-        if self.file.is_some() && file_identity(&self.path) == self.file {
-            let _ = std::fs::remove_file(&self.path);
+        for path in [&self.bound_at, &self.path] {
+            if self.file.is_some() && file_identity(path) == self.file {
+                let _ = std::fs::remove_file(path);
+            }
         }
     }
+}
+
+/// Where an agent that is taking over binds its own takeover socket until the old agent
+/// stops.
+pub fn beside(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".next");
+    PathBuf::from(name)
+}
+
+/// Moves a taking-over agent's socket from beside `path` onto it (atomically: a new agent
+/// connecting meanwhile reaches one of the two).
+pub fn install(path: &Path) -> Result<(), TakeoverError> {
+    std::fs::rename(beside(path), path).map_err(|source| TakeoverError::Io {
+        path: path.to_owned(),
+        call: "rename",
+        source,
+    })
 }
 
 fn file_identity(path: &Path) -> Option<(u64, u64)> {

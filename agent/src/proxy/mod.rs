@@ -418,6 +418,9 @@ impl Proxy {
                 else => std::future::pending::<()>().await,
             }
         }
+        // No more control messages: a takeover asking for the sockets now hears that this
+        // agent is stopping instead of waiting out the drain.
+        drop(control);
         while loops.join_next().await.is_some() {}
     }
 
