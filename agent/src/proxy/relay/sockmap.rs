@@ -138,7 +138,14 @@ pub(crate) fn enter<'a>(
         Ok(()) => Ok(Entry::Entered(pair, starts)),
         // Nothing left the client leg, and the upstream, which only answers a ClientHello, has
         // had none: the caller can take another path.
-        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => Err(e.to_string()),
+        // The FIN may also arrive between the check above and the insert, which the kernel
+        // then refuses (EOPNOTSUPP): the same cause, said the same way.
+        Err(e @ crate::bpf::AdmitError::NotAdmitted(_)) => {
+            match crate::sys::tcp_established(client.as_fd()) {
+                Ok(false) => Err("the client leg has already received a FIN".into()),
+                _ => Err(e.to_string()),
+            }
+        }
         // The verdict may have redirected bytes already: no other path can take over.
         Err(e) => Ok(Entry::Failed(Failure::new(
             crate::outcome::Reason::RelayError,
