@@ -122,10 +122,10 @@ pub fn peer_allowed(own_uid: u32, peer_uid: u32) -> bool {
     peer_uid == own_uid || peer_uid == 0
 }
 
-/// What the old agent answers a `Hello`: the sockets it hands over, or why not.
-pub fn answer_hello(hello: &Record) -> Result<(), String> {
+/// Whether the old agent hands its sockets to the sender of `hello`: its process id, or why not.
+pub fn answer_hello(hello: &Record) -> Result<u32, String> {
     match hello {
-        Record::Hello { version, .. } if *version == RECORD_VERSION => Ok(()),
+        Record::Hello { version, pid } if *version == RECORD_VERSION => Ok(*pid),
         Record::Hello { version, .. } => Err(format!(
             "record version {version}, this agent speaks {RECORD_VERSION}"
         )),
@@ -373,13 +373,12 @@ impl Offering {
             return Ok(Outcome::Refused(reason));
         }
         let (hello, _) = receive(&mut stream, &self.path)?;
-        if let Err(reason) = answer_hello(&hello) {
-            let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
-            return Ok(Outcome::Refused(reason));
-        }
-        let pid = match hello {
-            Record::Hello { pid, .. } => pid,
-            _ => 0,
+        let pid = match answer_hello(&hello) {
+            Ok(pid) => pid,
+            Err(reason) => {
+                let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
+                return Ok(Outcome::Refused(reason));
+            }
         };
         let Some(offered) = offer() else {
             let reason = "this agent is stopping".to_owned();
@@ -675,7 +674,7 @@ mod tests {
     #[test]
     fn hellos_of_another_version_are_refused() {
         let hello = |version| Record::Hello { version, pid: 1 };
-        assert_eq!(answer_hello(&hello(RECORD_VERSION)), Ok(()));
+        assert_eq!(answer_hello(&hello(RECORD_VERSION)), Ok(1));
         assert!(answer_hello(&hello(RECORD_VERSION + 1)).is_err());
         assert!(
             answer_hello(&Record::Serving {
