@@ -3,6 +3,7 @@
 #   (a) deploy/kubernetes/*.yaml against the Kubernetes JSON schemas (kubernetes-validate --strict)
 #   (b) systemd-analyze verify on deploy/systemd/tlsplice.service
 #   (c) the ConfigMap's embedded tlsplice.toml equals deploy/examples/node.toml byte for byte
+#   (d) the live-upgrade (takeover) wiring of the DaemonSet and of the systemd template
 #
 # Usage: deploy/validate.sh [PATH_TO_TLSPLICE_BINARY]
 #   The binary only has to exist and be executable: systemd-analyze checks ExecStart's path.
@@ -93,32 +94,37 @@ if [[ -z $bin ]]; then
         fi
     done
 fi
-unit=$here/systemd/tlsplice.service
-if ! command -v systemd-analyze >/dev/null; then
-    fail "systemd: systemd-analyze not found"
-elif [[ -z $bin || ! -x $bin ]]; then
-    fail "systemd: no executable tlsplice binary (${bin:-none found}); pass its path as \$1"
-else
-    bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
-    tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' EXIT
-    # The unit's name must stay tlsplice.service; only ExecStart's binary is swapped.
-    sed "s|^ExecStart=/usr/local/bin/tlsplice |ExecStart=$bin |" "$unit" >"$tmp/tlsplice.service"
-    if ! grep -q "^ExecStart=$bin " "$tmp/tlsplice.service"; then
-        fail "systemd: ExecStart in $unit is not /usr/local/bin/tlsplice ..."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# unit file, and the name it is verified under (a template is verified as an instance)
+for pair in "tlsplice.service:tlsplice.service" "tlsplice@.service:tlsplice@a.service"; do
+    file=${pair%%:*} name=${pair##*:}
+    unit=$here/systemd/$file
+    if ! command -v systemd-analyze >/dev/null; then
+        fail "systemd: systemd-analyze not found"
+    elif [[ -z $bin || ! -x $bin ]]; then
+        fail "systemd: no executable tlsplice binary (${bin:-none found}); pass its path as \$1"
     else
-        rc=0
-        out=$(cd "$tmp" && systemd-analyze verify "$tmp/tlsplice.service" 2>&1) || rc=$?
-        # systemd-analyze exits 0 on many warnings (unknown keys, bad values): any line about
-        # the unit is a failure.
-        if [[ $rc != 0 ]] || printf '%s\n' "$out" | grep -q 'tlsplice\.service'; then
-            fail "systemd: systemd-analyze verify tlsplice.service (rc=$rc)"
-            printf '%s\n' "$out" | detail
+        bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
+        # The unit's name is kept; only ExecStart's binary is swapped.
+        sed "s|^ExecStart=/usr/local/bin/tlsplice |ExecStart=$bin |" "$unit" >"$tmp/$file"
+        if [[ $file != "$name" ]]; then ln -sf "$tmp/$file" "$tmp/$name"; fi
+        if ! grep -q "^ExecStart=$bin " "$tmp/$file"; then
+            fail "systemd: ExecStart in $unit is not /usr/local/bin/tlsplice ..."
         else
-            ok "systemd: systemd-analyze verify tlsplice.service (ExecStart=$bin)"
+            rc=0
+            out=$(cd "$tmp" && systemd-analyze verify "$tmp/$name" 2>&1) || rc=$?
+            # systemd-analyze exits 0 on many warnings (unknown keys, bad values): any line
+            # about the unit is a failure.
+            if [[ $rc != 0 ]] || printf '%s\n' "$out" | grep -q 'tlsplice@\?a\?\.service'; then
+                fail "systemd: systemd-analyze verify $name (rc=$rc)"
+                printf '%s\n' "$out" | detail
+            else
+                ok "systemd: systemd-analyze verify $name (ExecStart=$bin)"
+            fi
         fi
     fi
-fi
+done
 
 # --- (c) ConfigMap embeds deploy/examples/node.toml ------------------------------------------
 # Extract the ConfigMap's tlsplice.toml with the same YAML parser the venv has (PyYAML).
@@ -147,6 +153,57 @@ PY
 else
     fail "configmap: tlsplice-config tlsplice.toml differs from deploy/examples/node.toml"
     printf '%s\n' "$out" | detail
+fi
+
+# --- (d) live-upgrade (takeover) wiring -------------------------------------------------
+if out=$("$py" - "$here/kubernetes/tlsplice.yaml" 2>&1 <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1], encoding="utf-8")) if d]
+ds = [d for d in docs if d.get("kind") == "DaemonSet"]
+if len(ds) != 1:
+    sys.exit(f"expected one DaemonSet, found {len(ds)}")
+spec = ds[0]["spec"]
+problems = []
+update = spec.get("updateStrategy", {})
+rolling = update.get("rollingUpdate", {})
+if update.get("type") != "RollingUpdate" or rolling.get("maxSurge") != 1 or rolling.get("maxUnavailable") != 0:
+    problems.append(f"updateStrategy must be RollingUpdate with maxSurge 1, maxUnavailable 0: {update}")
+pod = spec["template"]["spec"]
+container = [c for c in pod["containers"] if c["name"] == "tlsplice"][0]
+if container.get("ports"):
+    problems.append("the container declares ports: with hostNetwork they are host ports and block the surge pod")
+env = {e["name"]: e.get("value") for e in container.get("env", [])}
+offer, take = env.get("TLSPLICE_TAKEOVER_SOCKET"), env.get("TLSPLICE_TAKEOVER")
+if not offer or offer != take:
+    problems.append(f"TLSPLICE_TAKEOVER_SOCKET ({offer}) and TLSPLICE_TAKEOVER ({take}) must name the same socket")
+if env.get("TLSPLICE_AFTER_TAKEOVER") != "wait":
+    problems.append("TLSPLICE_AFTER_TAKEOVER must be wait (an exited container would be restarted)")
+volumes = {v["name"]: v for v in pod.get("volumes", [])}
+mounted = [m for m in container.get("volumeMounts", [])
+           if offer and offer.startswith(m["mountPath"].rstrip("/") + "/")
+           and "hostPath" in volumes.get(m["name"], {})]
+if not mounted:
+    problems.append(f"the takeover socket {offer} is not inside a hostPath volume both pods share")
+if problems:
+    sys.exit("\n".join(problems))
+PY
+); then
+    ok "takeover: the DaemonSet surges one pod, shares the takeover socket on a hostPath and waits after a takeover"
+else
+    fail "takeover: the DaemonSet's live-upgrade wiring"
+    printf '%s\n' "$out" | detail
+fi
+template=$here/systemd/tlsplice@.service
+exec_start=$(grep '^ExecStart=' "$template" || true)
+offer=$(printf '%s\n' "$exec_start" | sed -n 's/.*--takeover-socket \([^ ]*\).*/\1/p')
+take=$(printf '%s\n' "$exec_start" | sed -n 's/.*--takeover \([^ ]*\).*/\1/p')
+runtime=$(sed -n 's/^RuntimeDirectory=//p' "$template")
+if [[ -n $offer && $offer == "$take" && $offer == /run/$runtime/* ]] &&
+    grep -q '^RuntimeDirectoryPreserve=yes$' "$template" &&
+    sh -n "$here/systemd/tlsplice-upgrade"; then
+    ok "takeover: tlsplice@.service offers and takes over through $offer in its preserved RuntimeDirectory; tlsplice-upgrade parses"
+else
+    fail "takeover: tlsplice@.service must pass the same --takeover-socket and --takeover inside /run/\$RuntimeDirectory with RuntimeDirectoryPreserve=yes, and tlsplice-upgrade must parse (sh -n)"
 fi
 
 exit "$failed"

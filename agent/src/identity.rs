@@ -197,6 +197,8 @@ pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, Mater
     config.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // The kTLS path needs the traffic secrets; they are zeroized right after the handoff.
     config.enable_secret_extraction = true;
+    // Its own copy of the TLS 1.3 key schedule, to travel at a takeover (written nowhere).
+    config.key_log = Arc::new(crate::handoff::SecretCatcher);
     Ok(Some((Arc::new(config), infos)))
 }
 
@@ -241,6 +243,7 @@ pub fn upstream_client(
         _ => builder.with_no_client_auth(),
     };
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(crate::handoff::SecretCatcher);
     let name = ServerName::try_from(u.server_name.clone())
         .map_err(|e| error("server name", &PathBuf::from(&u.server_name), e))?;
     Ok((Arc::new(config), name, infos))

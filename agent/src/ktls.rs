@@ -44,7 +44,9 @@ impl fmt::Display for Direction {
 }
 
 /// TLS protocol versions the kernel can offload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum TlsVersion {
     /// TLS 1.2 (RFC 5246).
     Tls12,
@@ -83,7 +85,9 @@ impl fmt::Display for TlsVersion {
 }
 
 /// AEAD ciphers the agent offloads to the kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Cipher {
     /// AES-128-GCM (`TLS_CIPHER_AES_GCM_128`).
     Aes128Gcm,
@@ -234,8 +238,19 @@ impl CryptoInfo {
                 });
             }
         };
+        Self::from_parts(version, cipher, seq, key.as_ref(), iv.as_ref())
+    }
+
+    /// Crypto state from a traffic key and its 12-byte IV (the nonce base), with `seq` the
+    /// sequence number of the next record (a new key after a KeyUpdate starts at 0).
+    pub fn from_parts(
+        version: TlsVersion,
+        cipher: Cipher,
+        seq: u64,
+        key: &[u8],
+        iv: &[u8],
+    ) -> Result<Self, KtlsError> {
         let mut info = Self::zeroed(version, cipher);
-        let (key, iv) = (key.as_ref(), iv.as_ref());
         // rustls gives the 12-byte nonce base; for the GCM ciphers the kernel wants it split into
         // a 4-byte implicit salt and an 8-byte IV, for ChaCha20-Poly1305 whole (RFC 8446 5.3,
         // RFC 5288 3, RFC 7905 2).

@@ -52,8 +52,9 @@ enum Command {
         config: PathBuf,
         /// Take the listening sockets over from the agent running with this
         /// `--takeover-socket` (a live upgrade: no connection attempt refused; the old agent
-        /// drains its connections once this one serves, and keeps serving if this one fails
-        /// to start).
+        /// moves its connections that can move and drains the rest once this one serves, and
+        /// keeps serving if this one fails to start). When nothing listens there, the agent
+        /// starts fresh (logged), so one unit or pod spec serves the first start and upgrades.
         #[arg(long, env = "TLSPLICE_TAKEOVER", value_name = "PATH")]
         takeover: Option<PathBuf>,
         /// The takeover record version this agent speaks (tests of a refused takeover).
@@ -153,6 +154,20 @@ struct NodeFlags {
     /// listening sockets over. Only the same user or root may connect.
     #[arg(long, env = "TLSPLICE_TAKEOVER_SOCKET", value_name = "PATH")]
     takeover_socket: Option<PathBuf>,
+    /// What this agent does once a new one took over and its connections have drained: exit
+    /// (0), or wait for SIGTERM (a pod, whose container the kubelet would restart if it
+    /// exited before the DaemonSet controller deletes it).
+    #[arg(long, env = "TLSPLICE_AFTER_TAKEOVER", value_enum, default_value_t = AfterTakeover::Exit)]
+    after_takeover: AfterTakeover,
+}
+
+/// What an agent does once taken over and drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AfterTakeover {
+    /// Exit with status 0.
+    Exit,
+    /// Wait for SIGTERM or SIGINT, then exit with status 0.
+    Wait,
 }
 
 impl NodeFlags {
@@ -402,16 +417,99 @@ fn stats(pin_path: &std::path::Path, json: bool, watch: Option<u64>) -> Result<(
     }
 }
 
+/// A takeover that happened, as the old agent saw it.
+struct TakenOver {
+    /// The new agent's process id.
+    pid: u32,
+    /// The sockets it adopted.
+    adopted: Vec<String>,
+    /// What the connections' moves came to, and how long they took (or why they stopped).
+    moves: Result<(tlsplice::takeover::MoveSummary, std::time::Duration)>,
+}
+
+/// The longest the old agent hands connections over: relays asked to move come to rest within
+/// their move window (1.5 s) or stay; this is a little longer.
+const MOVE_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The moves end early once no connection came for this long.
+const MOVE_QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// The old agent's side of the moves: asks the proxy to stop accepting and to hand over every
+/// connection that can move, sends them to the new agent in batches as they come, then ends
+/// the moves (what has not come stays here and drains) and says so.
+fn move_connections(
+    mut mover: tlsplice::takeover::Mover,
+    control: &tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
+    listeners: Vec<String>,
+) -> Result<(tlsplice::takeover::MoveSummary, std::time::Duration)> {
+    use std::sync::mpsc::RecvTimeoutError;
+    use tlsplice::takeover::{MOVE_BATCH, MovingConnection};
+    let started = std::time::Instant::now();
+    let (to, moving) = std::sync::mpsc::channel();
+    control
+        .blocking_send(tlsplice::proxy::Control::MoveOut { to, listeners })
+        .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
+    let send = |batch: &mut Vec<MovingConnection>, mover: &mut tlsplice::takeover::Mover| {
+        if batch.is_empty() {
+            return;
+        }
+        match mover.send(std::mem::take(batch)) {
+            Ok(refused) => {
+                for why in refused {
+                    tracing::warn!(why = %why, "takeover: the new agent did not adopt a connection: closed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "takeover: a batch of connections was lost"),
+        }
+    };
+    let mut batch = Vec::new();
+    let mut last = started;
+    loop {
+        let now = std::time::Instant::now();
+        let until = (started + MOVE_FOR).min(last + MOVE_QUIET);
+        if now >= until {
+            break;
+        }
+        match moving.recv_timeout((until - now).min(std::time::Duration::from_millis(5))) {
+            Ok(m) => {
+                last = std::time::Instant::now();
+                batch.push(m);
+                if batch.len() >= MOVE_BATCH {
+                    send(&mut batch, &mut mover);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => send(&mut batch, &mut mover),
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let (reply, staying) = tokio::sync::oneshot::channel();
+    control
+        .blocking_send(tlsplice::proxy::Control::MoveEnd(reply))
+        .map_err(|_| anyhow::anyhow!("the proxy stopped during the moves"))?;
+    let staying = staying.blocking_recv().unwrap_or(0);
+    // Those that came to rest as the moves ended.
+    while let Ok(m) = moving.try_recv() {
+        batch.push(m);
+        if batch.len() >= MOVE_BATCH {
+            send(&mut batch, &mut mover);
+        }
+    }
+    send(&mut batch, &mut mover);
+    let summary = mover.finish(staying)?;
+    Ok((summary, started.elapsed()))
+}
+
 /// Listens for a new agent on `socket` (on a thread of its own: the exchange blocks) and
-/// hands each one the listening sockets; the outcome of a takeover that happened comes out of
-/// the channel. `taking_over`: this agent is taking over from the one that listens there now.
+/// hands each one the listening sockets, then the connections that can move; the takeover
+/// that happened comes out of the channel. `taking_over`: this agent is taking over from the
+/// one that listens there now.
 fn offer_takeover(
     socket: &std::path::Path,
     taking_over: bool,
     control: tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
     admin: Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>,
     telemetry: Arc<tlsplice::metrics::Telemetry>,
-) -> Result<tokio::sync::mpsc::UnboundedReceiver<tlsplice::takeover::Outcome>> {
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<TakenOver>> {
     use tlsplice::takeover::{ADMIN_SOCKET, Offering, Outcome, SocketRecord};
     let mut offering = Offering::bind(socket, taking_over).context("the takeover socket")?;
     tracing::info!(socket = %offering.path().display(), "takeover socket listening");
@@ -441,8 +539,19 @@ fn offer_takeover(
             };
             loop {
                 match offering.next(&offer) {
-                    Ok(taken @ Outcome::TakenOver { .. }) => {
-                        let _ = done.send(taken);
+                    Ok(Outcome::TakenOver {
+                        pid,
+                        adopted,
+                        mover,
+                    }) => {
+                        tracing::info!(new_agent = pid, adopted = ?adopted,
+                            "taken over: listening sockets closed here; moving the connections that can move");
+                        let moves = move_connections(mover, &control, adopted.clone());
+                        let _ = done.send(TakenOver {
+                            pid,
+                            adopted,
+                            moves,
+                        });
                         return;
                     }
                     Ok(Outcome::Refused(why)) => {
@@ -512,13 +621,21 @@ fn run(
     // A live upgrade: the running agent's listening sockets, before anything binds.
     let started = std::time::Instant::now();
     let (taker, mut inherited) = match &takeover {
-        Some((socket, version)) => {
-            let (taker, inherited) = tlsplice::takeover::Taker::connect(socket, *version)
-                .context("taking over from the running agent (it goes on serving)")?;
-            tracing::info!(socket = %socket.display(), sockets = inherited.offered(),
-                "takeover: the running agent handed over its listening sockets");
-            (Some(taker), inherited)
-        }
+        Some((socket, version)) => match tlsplice::takeover::Taker::connect(socket, *version) {
+            Ok((taker, inherited)) => {
+                tracing::info!(socket = %socket.display(), sockets = inherited.offered(),
+                    "takeover: the running agent handed over its listening sockets");
+                (Some(taker), inherited)
+            }
+            Err(e) if e.nobody_there() => {
+                tracing::info!(socket = %socket.display(), error = %e,
+                    "takeover: no agent runs here to take over from; starting fresh");
+                (None, tlsplice::takeover::Inherited::default())
+            }
+            Err(e) => {
+                return Err(e).context("taking over from the running agent (it goes on serving)");
+            }
+        },
         None => (None, tlsplice::takeover::Inherited::default()),
     };
     let (proxy, telemetry, admin, admin_state) = setup.block_on(async {
@@ -655,15 +772,18 @@ fn run(
                 adopted.len() as u64,
                 sockets.saturating_sub(adopted.len() as u64),
             );
-            tokio::task::spawn_blocking(move || taker.serving(adopted.clone()).map(|()| adopted))
-                .await?
-                .map(|adopted| {
+            let taker = tokio::task::spawn_blocking(move || {
+                let mut taker = taker;
+                taker.serving(adopted.clone()).map(|()| {
                     tracing::info!(adopted = ?adopted, takeover_ms = started.elapsed().as_millis(),
-                        "takeover: serving; the old agent closes its sockets and drains");
+                        "takeover: serving; the old agent stops accepting and hands over its connections");
+                    taker
                 })
-                // The old agent did not hear it and goes on serving everything: this one
-                // leaves rather than share the sockets with it for good.
-                .context("telling the old agent this one serves")?;
+            })
+            .await?
+            // The old agent did not hear it and goes on serving everything: this one leaves
+            // rather than share the sockets with it for good.
+            .context("telling the old agent this one serves")?;
             if let Some(socket) = &flags.takeover_socket {
                 // The old agent stops: the next upgrade finds this one at the usual path.
                 match tlsplice::takeover::install(socket) {
@@ -672,17 +792,53 @@ fn run(
                         "takeover socket not moved into place: this agent cannot be taken over until it restarts"),
                 }
             }
+            // Then the established connections that can move, batch by batch.
+            let adopting = control.clone();
+            let moving_since = std::time::Instant::now();
+            let moved = tokio::task::spawn_blocking(move || {
+                taker.adopt_connections(&mut |batch| {
+                    let n = batch.len();
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    if adopting
+                        .blocking_send(tlsplice::proxy::Control::Adopt(batch, reply))
+                        .is_err()
+                    {
+                        return (0, vec![format!("{n} connections: the proxy stopped")]);
+                    }
+                    answer
+                        .blocking_recv()
+                        .unwrap_or_else(|_| (0, vec![format!("{n} connections: the proxy stopped")]))
+                })
+            })
+            .await?;
+            match moved {
+                Ok(summary) => {
+                    let took = moving_since.elapsed();
+                    telemetry.record_moves(summary, took);
+                    tracing::info!(moved = summary.moved, lost = summary.lost,
+                        staying = summary.staying, move_ms = took.as_millis(),
+                        takeover_ms = started.elapsed().as_millis(),
+                        "takeover: connections moved from the old agent (those staying end or drain there)");
+                }
+                Err(e) => tracing::warn!(error = %e,
+                    "takeover: the old agent's connections did not all arrive (those not adopted stay with it or were lost)"),
+            }
         }
         let mut current = config.clone();
         let why = loop {
             tokio::select! {
                 Some(done) = taken_over.recv() => {
-                    if let tlsplice::takeover::Outcome::TakenOver { pid, adopted } = done {
-                        tracing::info!(new_agent = pid, adopted = ?adopted,
-                            "taken over: listening sockets closed here, connections drain");
-                        admin_task.abort();
-                        break "takeover";
+                    let TakenOver { pid, adopted, moves } = done;
+                    match moves {
+                        Ok((summary, took)) => tracing::info!(new_agent = pid, adopted = ?adopted,
+                            moved = summary.moved, lost = summary.lost, staying = summary.staying,
+                            move_ms = took.as_millis(),
+                            "taken over: connections moved to the new agent; those staying here drain"),
+                        Err(e) => tracing::warn!(new_agent = pid, error = %e,
+                            "taken over, but the connections' moves stopped: those not moved drain here"),
                     }
+                    admin_task.abort();
+                    break "takeover";
                 }
                 _ = hangups.recv() => {
                     tracing::info!("SIGHUP: reading the configuration and checking certificate files");
@@ -701,6 +857,13 @@ fn run(
         admin_state.set(tlsplice::admin::Readiness::Draining);
         let _ = control.send(tlsplice::proxy::Control::Stop(drain)).await;
         serving.await.context("the proxy task failed")?;
+        if why == "takeover" && flags.after_takeover == AfterTakeover::Wait {
+            tracing::info!("taken over and drained: waiting for SIGTERM (--after-takeover wait)");
+            tokio::select! {
+                _ = terms.recv() => {}
+                _ = interrupts.recv() => {}
+            }
+        }
         tracing::info!("stopped");
         anyhow::Ok(())
     })

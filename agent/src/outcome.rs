@@ -163,6 +163,9 @@ pub enum Session {
     },
     /// Passthrough: the server name in the ClientHello, if it had one.
     Sni(Option<Box<str>>),
+    /// A connection taken over from the agent before this one: what that agent said it
+    /// negotiated.
+    Moved(Box<str>),
 }
 
 impl Facts {
@@ -171,6 +174,7 @@ impl Facts {
     pub fn session_text(&self) -> String {
         match &self.session {
             Session::None => String::new(),
+            Session::Moved(text) => text.to_string(),
             Session::Sni(name) => format!("SNI {}", name.as_deref().unwrap_or("(none)")),
             Session::Tls { alpn } => {
                 let legs = [

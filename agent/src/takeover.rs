@@ -12,8 +12,18 @@
 //! that fails anywhere before that (bad configuration, failed start, another record version)
 //! never says it serves, and the old agent goes on with everything.
 //!
-//! Established connections do not move yet: they finish in the old process (its drain
-//! timeout applies).
+//! Then established connections move. The old agent asks every connection on a spliced data
+//! path (kTLS + splice, plain splice) of a listener the new agent adopted to stop where it
+//! holds nothing but its sockets (no bytes in a pipe, no write pending, no control record half
+//! handled); parked ones already are. Each goes over in batches as its two descriptors beside
+//! a [`ConnectionRecord`] (its listener, client, data path and why, counters, and for each kTLS
+//! leg its version, cipher, record counts and TLS 1.3 key schedule, for the KeyUpdates to
+//! come; the kernel keeps the keys in use with the socket), and the new agent answers how
+//! many it adopted before the old one closes its copies. Records are zeroized once sent or
+//! read. What cannot move stays and ends or drains in the old process: connections on the
+//! user-space TLS path, those still in their handshake, sockmap connections (the sock hash
+//! is the old agent's), and any that did not come to rest within the move window. The last
+//! record says how many moved, were lost and stayed.
 //!
 //! Records are length-delimited JSON (a 4-byte big-endian length, then the record), each with
 //! the protocol version. This module is the only place that passes descriptors over a unix
@@ -33,7 +43,10 @@ use serde::{Deserialize, Serialize};
 
 /// The version of the records both sides exchange. A new agent speaking another version is
 /// refused and the old one keeps serving.
-pub const RECORD_VERSION: u32 = 1;
+pub const RECORD_VERSION: u32 = 2;
+
+/// Connections in one record of moving connections: two descriptors each.
+pub const MOVE_BATCH: usize = 100;
 
 /// The name under which the admin server's listening socket travels.
 pub const ADMIN_SOCKET: &str = "admin";
@@ -74,6 +87,15 @@ pub enum TakeoverError {
     Refused(String),
 }
 
+impl TakeoverError {
+    /// Nothing listens on the takeover socket (no file, or nobody accepts): there is no agent
+    /// to take over from, and a new one starts as on a fresh node.
+    pub fn nobody_there(&self) -> bool {
+        matches!(self, TakeoverError::Io { call: "connect", source, .. }
+            if matches!(source.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused))
+    }
+}
+
 /// One record of the takeover protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "record", rename_all = "snake_case")]
@@ -99,6 +121,31 @@ pub enum Record {
         /// The names of the sockets it adopted.
         adopted: Vec<String>,
     },
+    /// Old to new, after `serving`: established connections, two descriptors each (the client
+    /// leg, then the upstream leg), in this order.
+    Connections {
+        /// The record version.
+        version: u32,
+        /// Each connection's state.
+        connections: Vec<ConnectionRecord>,
+    },
+    /// New to old: of the last `connections`, how many it adopted; it closed the others, and
+    /// says why.
+    Adopted {
+        /// The record version.
+        version: u32,
+        /// How many it adopted.
+        adopted: u64,
+        /// Why each of the others was not.
+        refused: Vec<String>,
+    },
+    /// Old to new: no more connections come.
+    Moved {
+        /// The record version.
+        version: u32,
+        /// What the moves came to.
+        summary: MoveSummary,
+    },
     /// Either side: the takeover does not happen, and why. The old agent keeps serving.
     Refused {
         /// The record version.
@@ -115,6 +162,85 @@ pub struct SocketRecord {
     pub name: String,
     /// The address it is bound to.
     pub addr: SocketAddr,
+}
+
+/// An established connection as it travels to a new agent (beside its two descriptors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionRecord {
+    /// Its listener's name.
+    pub listener: String,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Its data path (`ktls` or `splice`).
+    pub data_path: String,
+    /// Why it has that data path.
+    pub path_reason: String,
+    /// What was negotiated, as its report says it.
+    pub session: String,
+    /// The verified client certificate's names (mTLS listeners).
+    pub client_identity: Option<String>,
+    /// Plaintext bytes moved so far, client to upstream.
+    pub bytes_up: u64,
+    /// Plaintext bytes moved so far, upstream to client.
+    pub bytes_down: u64,
+    /// The upstream leg is a unix socket, not TCP.
+    pub upstream_unix: bool,
+    /// How long it had moved nothing either way (its idle timeout counts on from there).
+    pub idle_ms: u64,
+    /// The client leg's kTLS state (terminate, reencrypt).
+    pub client_leg: Option<LegRecord>,
+    /// The upstream leg's kTLS state (reencrypt, originate).
+    pub upstream_leg: Option<LegRecord>,
+}
+
+/// A leg whose record layer is in the kernel, as it travels: what the agent keeps beside the
+/// kernel's state (the keys in use travel with the socket, inside the kernel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegRecord {
+    /// The TLS version.
+    pub version: crate::ktls::TlsVersion,
+    /// The AEAD cipher.
+    pub cipher: crate::ktls::Cipher,
+    /// The agent is the TLS client on this leg.
+    pub agent_is_client: bool,
+    /// Records the suite allows under one key.
+    pub confidentiality_limit: u64,
+    /// Records sent under the current key (the agent's estimate).
+    pub tx_records: u64,
+    /// KeyUpdates followed and sent.
+    pub key_updates: u32,
+    /// TLS 1.2 renegotiations refused.
+    pub renegotiations_refused: u8,
+    /// Warning alerts the session outlived.
+    pub warning_alerts: u8,
+    /// Session tickets stored.
+    pub tickets: u64,
+    /// Its TLS 1.3 key schedule (the current traffic secret each way), for the KeyUpdates to
+    /// come; the only secret that travels, and only over the takeover socket (the record's
+    /// bytes are zeroized on both sides).
+    pub schedule: Option<crate::handoff::Schedule>,
+}
+
+/// What the moves of one takeover came to, as the old agent counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveSummary {
+    /// Connections the new agent adopted.
+    pub moved: u64,
+    /// Connections sent that the new agent could not adopt, or that could not be sent: closed.
+    pub lost: u64,
+    /// Connections the old agent still holds once the moves end: they end or drain there.
+    pub staying: u64,
+}
+
+/// A connection on its way to a new agent: its record and its two legs.
+#[derive(Debug)]
+pub struct MovingConnection {
+    /// Its state.
+    pub record: ConnectionRecord,
+    /// The client leg.
+    pub client: OwnedFd,
+    /// The upstream leg.
+    pub upstream: OwnedFd,
 }
 
 /// Whether the old agent accepts a peer: the same user as itself, or root.
@@ -139,6 +265,9 @@ impl Record {
             Self::Hello { .. } => "hello",
             Self::Listeners { .. } => "listeners",
             Self::Serving { .. } => "serving",
+            Self::Connections { .. } => "connections",
+            Self::Adopted { .. } => "adopted",
+            Self::Moved { .. } => "moved",
             Self::Refused { .. } => "refused",
         }
     }
@@ -250,12 +379,63 @@ impl Taker {
         }
     }
 
-    /// Tells the old agent this one serves on `adopted`: it closes its copies and drains.
-    pub fn serving(mut self, adopted: Vec<String>) -> Result<(), TakeoverError> {
+    /// Tells the old agent this one serves on `adopted`: it stops accepting, hands over the
+    /// connections that can move ([`Taker::adopt_connections`]) and drains the rest.
+    pub fn serving(&mut self, adopted: Vec<String>) -> Result<(), TakeoverError> {
         self.send(&Record::Serving {
             version: RECORD_VERSION,
             adopted,
         })
+    }
+
+    /// Receives the old agent's established connections, batch by batch, each handed to
+    /// `adopt` (which answers how many it adopted and why it closed the others), until the
+    /// old agent says the moves are over; returns its summary.
+    pub fn adopt_connections(
+        mut self,
+        adopt: &mut dyn FnMut(Vec<MovingConnection>) -> (u64, Vec<String>),
+    ) -> Result<MoveSummary, TakeoverError> {
+        loop {
+            let (record, fds) = receive(&mut self.stream, &self.path)?;
+            match record {
+                Record::Connections { connections, .. } if fds.len() == 2 * connections.len() => {
+                    let mut legs = fds.into_iter();
+                    let batch = connections
+                        .into_iter()
+                        .filter_map(|record| {
+                            Some(MovingConnection {
+                                record,
+                                client: legs.next()?,
+                                upstream: legs.next()?,
+                            })
+                        })
+                        .collect();
+                    let (adopted, refused) = adopt(batch);
+                    self.send(&Record::Adopted {
+                        version: RECORD_VERSION,
+                        adopted,
+                        refused,
+                    })?;
+                }
+                Record::Connections { connections, .. } => {
+                    return Err(TakeoverError::Protocol {
+                        path: self.path.clone(),
+                        why: format!(
+                            "{} connections, {} descriptors passed",
+                            connections.len(),
+                            fds.len()
+                        ),
+                    });
+                }
+                Record::Moved { summary, .. } => return Ok(summary),
+                other => {
+                    return Err(TakeoverError::Protocol {
+                        path: self.path.clone(),
+                        why: format!("expected connections, got {}", other.kind()),
+                    });
+                }
+            }
+        }
     }
 
     fn send(&mut self, record: &Record) -> Result<(), TakeoverError> {
@@ -263,15 +443,97 @@ impl Taker {
     }
 }
 
+/// The old agent's side of the connections' moves, once the new agent serves.
+pub struct Mover {
+    stream: UnixStream,
+    path: PathBuf,
+    summary: MoveSummary,
+}
+
+impl std::fmt::Debug for Mover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mover")
+            .field("path", &self.path)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mover {
+    /// Hands `batch` (at most [`MOVE_BATCH`]) to the new agent and waits for its answer; this
+    /// agent's copies of the legs close when this returns. On an error every connection of the
+    /// batch counts as lost.
+    pub fn send(&mut self, batch: Vec<MovingConnection>) -> Result<Vec<String>, TakeoverError> {
+        let n = batch.len() as u64;
+        let mut fds = Vec::with_capacity(2 * batch.len());
+        let mut connections = Vec::with_capacity(batch.len());
+        for m in &batch {
+            fds.push(m.client.as_raw_fd());
+            fds.push(m.upstream.as_raw_fd());
+            connections.push(m.record.clone());
+        }
+        let record = Record::Connections {
+            version: RECORD_VERSION,
+            connections,
+        };
+        let answer = send(&mut self.stream, &self.path, &record, &fds)
+            .and_then(|()| receive(&mut self.stream, &self.path));
+        drop(batch);
+        match answer {
+            Ok((
+                Record::Adopted {
+                    adopted, refused, ..
+                },
+                _,
+            )) => {
+                let adopted = adopted.min(n);
+                self.summary.moved += adopted;
+                self.summary.lost += n - adopted;
+                Ok(refused)
+            }
+            Ok((other, _)) => {
+                self.summary.lost += n;
+                Err(TakeoverError::Protocol {
+                    path: self.path.clone(),
+                    why: format!("expected adopted, got {}", other.kind()),
+                })
+            }
+            Err(e) => {
+                self.summary.lost += n;
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts connections lost before they could be sent.
+    pub fn lost(&mut self, n: u64) {
+        self.summary.lost += n;
+    }
+
+    /// Tells the new agent no more connections come; `staying` stay with this agent.
+    pub fn finish(mut self, staying: u64) -> Result<MoveSummary, TakeoverError> {
+        self.summary.staying = staying;
+        let record = Record::Moved {
+            version: RECORD_VERSION,
+            summary: self.summary,
+        };
+        send(&mut self.stream, &self.path, &record, &[])?;
+        Ok(self.summary)
+    }
+}
+
 /// What the old agent's side of one takeover came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
-    /// The new agent serves on these sockets: stop and drain.
+    /// The new agent serves on these sockets: stop accepting, move what can move (with the
+    /// [`Mover`]), drain the rest.
     TakenOver {
         /// The new agent's process id.
         pid: u32,
         /// The sockets it adopted.
         adopted: Vec<String>,
+        /// Where the connections go.
+        mover: Mover,
     },
     /// No takeover; keep serving. Why.
     Refused(String),
@@ -401,7 +663,19 @@ impl Offering {
             Ok((Record::Serving { adopted, .. }, _)) => {
                 // The new agent binds this path anew; it is no longer this agent's to remove.
                 self.file = None;
-                Ok(Outcome::TakenOver { pid, adopted })
+                stream
+                    .set_read_timeout(Some(EXCHANGE_TIMEOUT))
+                    .map_err(io("SO_RCVTIMEO"))?;
+                let mover = Mover {
+                    stream,
+                    path: self.path.clone(),
+                    summary: MoveSummary::default(),
+                };
+                Ok(Outcome::TakenOver {
+                    pid,
+                    adopted,
+                    mover,
+                })
             }
             Ok((Record::Refused { reason, .. }, _)) => Ok(Outcome::Refused(reason)),
             Ok((other, _)) => Ok(Outcome::Refused(format!(
@@ -476,10 +750,16 @@ fn send(
             source,
         }
     };
-    let body = serde_json::to_vec(record).map_err(|e| TakeoverError::Protocol {
+    let encoding = |e: serde_json::Error| TakeoverError::Protocol {
         path: path.to_owned(),
         why: format!("encoding a record: {e}"),
-    })?;
+    };
+    // A record may carry key schedules: encoded into room made once (its length counted
+    // first), so no copy is left behind by a reallocation, and zeroized once sent.
+    let mut counted = Counted(0);
+    serde_json::to_writer(&mut counted, record).map_err(encoding)?;
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(counted.0));
+    serde_json::to_writer(&mut *body, record).map_err(encoding)?;
     let len = u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes();
     if fds.len() > MAX_DESCRIPTORS {
         return Err(TakeoverError::Protocol {
@@ -491,6 +771,19 @@ fn send(
     stream.write_all(&len[sent..]).map_err(io("write"))?;
     stream.write_all(&body).map_err(io("write"))?;
     Ok(())
+}
+
+/// A writer that only counts.
+struct Counted(usize);
+
+impl io::Write for Counted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Reads one record and the descriptors that came with it.
@@ -518,7 +811,7 @@ fn receive(stream: &mut UnixStream, path: &Path) -> Result<(Record, Vec<OwnedFd>
             why: format!("a record of {len} bytes"),
         });
     }
-    let mut body = vec![0u8; len];
+    let mut body = zeroize::Zeroizing::new(vec![0u8; len]);
     stream.read_exact(&mut body).map_err(io("read"))?;
     let record = serde_json::from_slice(&body).map_err(|e| TakeoverError::Protocol {
         path: path.to_owned(),
@@ -721,5 +1014,93 @@ mod tests {
         // The moved descriptor is the same listening socket: it still accepts.
         let _client = std::net::TcpStream::connect(addr).unwrap();
         let (_accepted, _) = moved.accept().unwrap();
+    }
+
+    /// A connection's record (a kTLS leg with its key schedule) and its two legs go over,
+    /// the new side answers, and the summary counts what it adopted and what it refused.
+    #[test]
+    fn connections_cross_in_batches_and_are_counted() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let path = PathBuf::from("pair");
+        let schedule: crate::handoff::Schedule =
+            serde_json::from_str(r#"{"cipher":"Aes128Gcm","tx":[1,2,3,4],"rx":[5,6,7,8]}"#)
+                .unwrap();
+        let record = |n: u16| ConnectionRecord {
+            listener: "web".into(),
+            peer: SocketAddr::from(([127, 0, 0, 1], n)),
+            data_path: "ktls".into(),
+            path_reason: "kernel offloads".into(),
+            session: "client TLSv1.3 AES-128-GCM".into(),
+            client_identity: None,
+            bytes_up: 10,
+            bytes_down: 20,
+            upstream_unix: false,
+            idle_ms: 5,
+            client_leg: Some(LegRecord {
+                version: crate::ktls::TlsVersion::Tls13,
+                cipher: crate::ktls::Cipher::Aes128Gcm,
+                agent_is_client: false,
+                confidentiality_limit: 1 << 24,
+                tx_records: 7,
+                key_updates: 2,
+                renegotiations_refused: 0,
+                warning_alerts: 1,
+                tickets: 0,
+                schedule: Some(schedule.clone()),
+            }),
+            upstream_leg: None,
+        };
+        let legs = || {
+            let (x, y) = UnixStream::pair().unwrap();
+            (OwnedFd::from(x), OwnedFd::from(y))
+        };
+        let taker = Taker {
+            stream: b,
+            path: path.clone(),
+        };
+        let new_side = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            let summary = taker
+                .adopt_connections(&mut |batch| {
+                    seen.extend(batch.iter().map(|m| m.record.clone()));
+                    // The first of each batch is refused.
+                    let n = batch.len() as u64;
+                    (n - 1, vec!["refused one".into()])
+                })
+                .unwrap();
+            (summary, seen)
+        });
+        let mut mover = Mover {
+            stream: a,
+            path,
+            summary: MoveSummary::default(),
+        };
+        let batch = |ports: [u16; 2]| {
+            ports
+                .map(|p| {
+                    let (client, upstream) = legs();
+                    MovingConnection {
+                        record: record(p),
+                        client,
+                        upstream,
+                    }
+                })
+                .into()
+        };
+        assert_eq!(mover.send(batch([1, 2])).unwrap(), vec!["refused one"]);
+        mover.send(batch([3, 4])).unwrap();
+        let summary = mover.finish(9).unwrap();
+        let (theirs, seen) = new_side.join().unwrap();
+        let want = MoveSummary {
+            moved: 2,
+            lost: 2,
+            staying: 9,
+        };
+        assert_eq!((summary, theirs), (want, want));
+        assert_eq!(seen, [1, 2, 3, 4].map(record));
+        assert_eq!(
+            seen[0].client_leg.as_ref().unwrap().schedule,
+            Some(schedule)
+        );
     }
 }

@@ -326,3 +326,477 @@ fn a_listener_the_new_configuration_drops_refuses_connections_after_the_upgrade(
     );
     assert!(new.stop().success());
 }
+
+/// The old agent for the connection-moving tests: a terminate listener ("web", plain echo
+/// upstream), a reencrypt listener ("re", TLS echo upstream, `re_upstream` if given), and a
+/// passthrough listener on the splice path ("pt", to the TLS echo upstream).
+struct Moving {
+    dir: std::path::PathBuf,
+    config: String,
+    socket: std::path::PathBuf,
+    trust: Arc<ClientConfig>,
+    web: u16,
+    re: u16,
+    pt: u16,
+    old: AgentProcess,
+}
+
+/// `re_settings`: more of the "re" listener's keys; `extra`: more listeners.
+fn moving_agent(name: &str, re_settings: &str, extra: &str) -> Moving {
+    let dir = test_dir(name);
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let tls = tlsplice_tests::ops::tls_echo_upstream(&pki);
+    let (web, re, pt) = (
+        tlsplice_tests::free_port(),
+        tlsplice_tests::free_port(),
+        tlsplice_tests::free_port(),
+    );
+    let config = format!(
+        "[limits]\ndrain_timeout_ms = 60000\nmax_connections = 20000\n{}\
+         [[listener]]\nname = \"re\"\nmode = \"reencrypt\"\nlisten = \"127.0.0.1:{re}\"\n\
+         upstream = \"{tls}\"\ncert = \"{files}/server.pem\"\nkey = \"{files}/server.key\"\n\
+         {re_settings}[listener.upstream_tls]\nserver_name = \"localhost\"\nca = \"{files}/ca.pem\"\n\
+         [[listener]]\nname = \"pt\"\nmode = \"passthrough\"\nlisten = \"127.0.0.1:{pt}\"\n\
+         upstream = \"{tls}\"\n{extra}",
+        terminate_listener("web", web, echo_upstream(), &files),
+        files = files.display(),
+    );
+    let socket = dir.join("takeover.sock");
+    let mut args = takeover_args(&socket);
+    args.extend(["--passthrough-path".into(), "splice".into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut old = AgentProcess::start(&dir, &config, &[], &args);
+    assert!(old.child_running(), "{}", old.log_text());
+    Moving {
+        dir,
+        config,
+        socket,
+        trust: trusting(&[&pki]),
+        web,
+        re,
+        pt,
+        old,
+    }
+}
+
+impl Moving {
+    /// Starts the new agent, taking over from the old one.
+    fn take_over(&self) -> AgentProcess {
+        let mut args = takeover_args(&self.socket);
+        let from = self.socket.display().to_string();
+        args.extend([
+            "--passthrough-path".into(),
+            "splice".into(),
+            "--takeover".into(),
+            from,
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut new =
+            AgentProcess::start_with_admin(&self.dir, &self.config, self.old.admin, &args);
+        assert!(new.child_running(), "{}", new.log_text());
+        new
+    }
+}
+
+/// Sends `total` bytes of `Pattern::new(seed)` through `c` (an echo on the far side) and
+/// checks every byte that comes back, with at most 512 KiB in flight. Half-way it says so on
+/// `halfway`, then goes slowly (16 KiB every 20 ms, each echoed before the next) while `slow`
+/// is set, so the connection is busy through the upgrade (a short transfer holds its last
+/// 64 KiB until then); then it finishes at full speed and closes cleanly.
+fn stream_through(
+    mut c: tlsplice_tests::ops::Client,
+    seed: u64,
+    total: usize,
+    halfway: &std::sync::mpsc::Sender<()>,
+    slow: &AtomicBool,
+) -> Result<(), String> {
+    use std::io::{Read, Write};
+    const WINDOW: usize = 512 * 1024;
+    let mut out = tlsplice_tests::Pattern::new(seed);
+    let mut want = tlsplice_tests::Pattern::new(seed);
+    let (mut sent, mut received) = (0usize, 0usize);
+    let mut said = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut back = vec![0u8; 64 * 1024];
+    let mut expect = vec![0u8; 64 * 1024];
+    let mut read_back = |c: &mut tlsplice_tests::ops::Client, n: usize, at: usize| {
+        c.read_exact(&mut back[..n])
+            .map_err(|e| format!("reading at {at}: {e}"))?;
+        want.fill(&mut expect[..n]);
+        if back[..n] != expect[..n] {
+            return Err(format!("the bytes echoed at offset {at} differ"));
+        }
+        Ok(())
+    };
+    while sent < total {
+        let going_slowly = said && slow.load(Ordering::Relaxed);
+        if going_slowly && total - sent <= 64 * 1024 {
+            // The last bytes wait for the upgrade: the transfer must span it.
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        let n = if going_slowly { 16 * 1024 } else { 64 * 1024 }.min(total - sent);
+        out.fill(&mut buf[..n]);
+        c.write_all(&buf[..n])
+            .map_err(|e| format!("writing at {sent}: {e}"))?;
+        sent += n;
+        let keep = if going_slowly { 0 } else { WINDOW };
+        while sent - received > keep {
+            let m = (sent - received).min(64 * 1024);
+            read_back(&mut c, m, received)?;
+            received += m;
+        }
+        if !said && sent >= total / 2 {
+            said = true;
+            let _ = halfway.send(());
+        }
+        if going_slowly {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    while received < total {
+        let m = (total - received).min(64 * 1024);
+        read_back(&mut c, m, received)?;
+        received += m;
+    }
+    finish(c);
+    Ok(())
+}
+
+/// The connection lines of a listener in an agent's log.
+fn closed_lines<'a>(log: &'a str, listener: &str) -> Vec<&'a str> {
+    let name = format!("listener={listener} ");
+    log.lines()
+        .filter(|l| l.contains(&name) && l.contains("connection "))
+        .collect()
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn established_connections_move_to_the_new_agent_mid_transfer_byte_exact() {
+    // A wire capture of a terminate client leg and of a reencrypt upstream leg, each carrying
+    // a smaller transfer through the upgrade.
+    let pki_for_tap = TestPki::generate();
+    let tapped_tls = tlsplice_tests::ops::tls_echo_upstream(&pki_for_tap);
+    let upstream_tap = tlsplice_tests::Tap::start(tapped_tls);
+    let re_tap = tlsplice_tests::free_port();
+    let tap_files = pki_for_tap.write_files();
+    let extra = format!(
+        "[[listener]]\nname = \"re_tap\"\nmode = \"reencrypt\"\nlisten = \"127.0.0.1:{re_tap}\"\n\
+         upstream = \"{}\"\ncert = \"{files}/server.pem\"\nkey = \"{files}/server.key\"\n\
+         [listener.upstream_tls]\nserver_name = \"localhost\"\nca = \"{files}/ca.pem\"\n",
+        upstream_tap.addr,
+        files = tap_files.display(),
+    );
+    let setup = moving_agent("takeover-move", "", &extra);
+    let client_tap = tlsplice_tests::Tap::start(agent_addr(setup.web));
+    let tap_trust = trusting(&[&pki_for_tap]);
+
+    const BIG: usize = 64 << 20;
+    const SMALL: usize = 2 << 20;
+    // (name, address, seed, bytes, trust)
+    let clients = [
+        ("web", agent_addr(setup.web), 1, BIG, setup.trust.clone()),
+        ("re", agent_addr(setup.re), 2, BIG, setup.trust.clone()),
+        ("pt", agent_addr(setup.pt), 3, BIG, setup.trust.clone()),
+        (
+            "web via tap",
+            client_tap.addr,
+            4,
+            SMALL,
+            setup.trust.clone(),
+        ),
+        ("re_tap", agent_addr(re_tap), 5, SMALL, tap_trust),
+    ];
+    let slow = Arc::new(AtomicBool::new(true));
+    let (halfway, halfways) = std::sync::mpsc::channel();
+    let streams: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|(name, addr, seed, len, trust)| {
+            let (halfway, slow) = (halfway.clone(), slow.clone());
+            let thread = std::thread::spawn(move || {
+                let c = connect(addr, trust, "localhost")?;
+                stream_through(c, seed, len, &halfway, &slow)
+            });
+            (name, thread)
+        })
+        .collect();
+    for _ in &clients {
+        halfways
+            .recv_timeout(Duration::from_secs(300))
+            .expect("every transfer half-way");
+    }
+    let started = Instant::now();
+    let new = setup.take_over();
+    let mut old = setup.old;
+    eventually(
+        Duration::from_secs(60),
+        "the new agent to adopt the moving connections",
+        || new.log_text().contains("takeover: connections moved"),
+    );
+    println!(
+        "moves done {:?} after the new agent started",
+        started.elapsed()
+    );
+    slow.store(false, Ordering::Relaxed);
+    for (name, thread) in streams {
+        let result = thread.join().expect("client thread");
+        assert!(
+            result.is_ok(),
+            "{name}: {result:?}\nold:\n{}\nnew:\n{}",
+            old.log_text(),
+            new.log_text()
+        );
+    }
+    let status = old
+        .exited_within(Duration::from_secs(30))
+        .expect("the old agent exits once it holds nothing");
+    assert!(status.success(), "{status}\n{}", old.log_text());
+    // Each connection's one line, in whichever agent it ended (the client may be done a
+    // moment before the agent has concluded it).
+    eventually(Duration::from_secs(30), "every connection's line", || {
+        let (old_log, new_log) = (old.log_text(), new.log_text());
+        ["web", "re", "pt", "re_tap"].iter().all(|l| {
+            let want = if *l == "web" { 2 } else { 1 };
+            closed_lines(&new_log, l).len() + closed_lines(&old_log, l).len() >= want
+        })
+    });
+    let (old_log, new_log) = (old.log_text(), new.log_text());
+    println!(
+        "{}",
+        new_log
+            .lines()
+            .filter(|l| l.contains("takeover:"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // Every connection on a spliced path (kTLS, splice) moved and ended in the new agent;
+    // any on the user-space path (no kTLS here) stayed and ended in the old one.
+    for listener in ["web", "re", "pt", "re_tap"] {
+        let moved = closed_lines(&new_log, listener);
+        let stayed = closed_lines(&old_log, listener);
+        println!("{listener}: moved {moved:?}, stayed {stayed:?}");
+        for line in moved.iter().chain(&stayed) {
+            assert!(line.contains("outcome=ok"), "{listener}: {line}");
+        }
+        for line in &moved {
+            assert!(
+                line.contains("moved from the agent before this one")
+                    && (line.contains("data_path=ktls") || line.contains("data_path=splice")),
+                "{listener}: {line}"
+            );
+        }
+        for line in &stayed {
+            assert!(line.contains("data_path=userspace"), "{listener}: {line}");
+        }
+    }
+    let moved_pt = closed_lines(&new_log, "pt").len();
+    assert_eq!(
+        moved_pt, 1,
+        "the passthrough (splice) connection moves:\n{new_log}"
+    );
+    if tlsplice_tests::in_guest() {
+        for listener in ["web", "re", "re_tap"] {
+            assert!(
+                !closed_lines(&new_log, listener).is_empty(),
+                "{listener}: a kTLS connection moves in the guest:\n{old_log}\n{new_log}"
+            );
+        }
+    }
+    let metrics = new.metrics();
+    let moved = tlsplice_tests::metric(
+        &metrics,
+        "tlsplice_takeover_connections",
+        &["how=\"moved\""],
+    );
+    let lost = tlsplice_tests::metric(&metrics, "tlsplice_takeover_connections", &["how=\"lost\""]);
+    assert!(moved >= 1.0 && lost == 0.0, "{metrics}");
+    // No plaintext on either encrypted leg, before, during or after the upgrade.
+    let (up, down) = client_tap.finish();
+    let (to_upstream, from_upstream) = upstream_tap.finish();
+    for (leg, bytes, seed) in [
+        ("client leg, client to agent", &up, 4),
+        ("client leg, agent to client", &down, 4),
+        ("upstream leg, agent to upstream", &to_upstream, 5),
+        ("upstream leg, upstream to agent", &from_upstream, 5),
+    ] {
+        assert!(
+            bytes.len() >= SMALL,
+            "{leg}: only {} bytes captured",
+            bytes.len()
+        );
+        for sample in tlsplice_tests::pattern_samples(seed, SMALL) {
+            assert!(
+                !tlsplice_tests::contains(bytes, &sample),
+                "{leg}: plaintext on the wire"
+            );
+        }
+    }
+    assert!(new.stop().success());
+}
+
+/// Idle connections, half terminate and half passthrough: how many (`TLSPLICE_TAKEOVER_IDLE`,
+/// 1,000 unless set: the closing note's 10,000 run sets it).
+fn idle_connections() -> usize {
+    std::env::var("TLSPLICE_TAKEOVER_IDLE")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1000)
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn idle_connections_survive_an_upgrade_and_then_carry_data() {
+    tlsplice::sys::raise_open_files().expect("raise the open file limit");
+    let n = idle_connections();
+    let setup = moving_agent("takeover-idle", "", "");
+    let mut clients = Vec::with_capacity(n);
+    let opened = Instant::now();
+    for i in 0..n {
+        let (listener, port) = if i % 2 == 0 {
+            ("web", setup.web)
+        } else {
+            ("pt", setup.pt)
+        };
+        let mut c = connect(agent_addr(port), setup.trust.clone(), "localhost")
+            .unwrap_or_else(|e| panic!("connection {i} ({listener}): {e}"));
+        echo(&mut c, format!("before the upgrade {i}").as_bytes())
+            .unwrap_or_else(|e| panic!("connection {i} ({listener}): {e}"));
+        clients.push((listener, c));
+    }
+    println!("{n} connections open in {:?}", opened.elapsed());
+    // Idle: every one parks (after a second without bytes).
+    eventually(
+        Duration::from_secs(60),
+        "the idle connections to park",
+        || {
+            tlsplice_tests::metric(&setup.old.metrics(), "tlsplice_parked_connections", &[])
+                >= (n / 2) as f64
+        },
+    );
+    let new = setup.take_over();
+    let mut old = setup.old;
+    eventually(
+        Duration::from_secs(120),
+        "the new agent to adopt the idle connections",
+        || new.log_text().contains("takeover: connections moved"),
+    );
+    let line = new
+        .log_text()
+        .lines()
+        .find(|l| l.contains("takeover: connections moved"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    println!("{n} idle connections: {line}");
+    for (i, (listener, c)) in clients.iter_mut().enumerate() {
+        echo(c, format!("after the upgrade {i}").as_bytes()).unwrap_or_else(|e| {
+            panic!(
+                "connection {i} ({listener}) after the upgrade: {e}\n{}",
+                new.log_text()
+            )
+        });
+    }
+    for (_, c) in clients {
+        finish(c);
+    }
+    old.exited_within(Duration::from_secs(60))
+        .expect("the old agent exits once it holds nothing");
+    let metrics = new.metrics();
+    let moved = tlsplice_tests::metric(
+        &metrics,
+        "tlsplice_takeover_connections",
+        &["how=\"moved\""],
+    );
+    let lost = tlsplice_tests::metric(&metrics, "tlsplice_takeover_connections", &["how=\"lost\""]);
+    assert_eq!(lost, 0.0, "{metrics}");
+    // Passthrough (splice) connections move everywhere; terminate ones where kTLS is.
+    assert!(moved >= (n / 2) as f64, "{moved} moved of {n}:\n{metrics}");
+    if tlsplice_tests::in_guest() {
+        assert_eq!(moved, n as f64, "{metrics}");
+    }
+    assert!(new.stop().success());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
+    const TEST: &str = "key_updates_after_the_upgrade_use_the_moved_key_schedule";
+    let caps = tlsplice::path::KernelCaps::probe();
+    if let Err(why) = caps.rekey() {
+        tlsplice_tests::skip(
+            TEST,
+            &format!(
+                "the kernel cannot rekey a kTLS socket ({why}): a KeyUpdate ends the connection, moved or not (tested in hostile)"
+            ),
+        );
+        return;
+    }
+    // The agent rekeys its own sending side every few records on "re", both legs: after the
+    // upgrade that uses the moved schedule of a leg where the agent is the server and of one
+    // where it is the client.
+    let setup = moving_agent("takeover-keyupdate", "rekey_after_records = 32\n", "");
+    let mut clients = Vec::new();
+    for (listener, port) in [("web", setup.web), ("re", setup.re)] {
+        let mut c = connect(agent_addr(port), setup.trust.clone(), "localhost").expect("connect");
+        echo(&mut c, b"before").expect("echo");
+        // One KeyUpdate each way before the upgrade: the agent's copy of the schedule must
+        // have followed rustls' step.
+        c.conn.refresh_traffic_keys().expect("KeyUpdate");
+        echo(&mut c, b"after a KeyUpdate, before the upgrade").expect("echo");
+        clients.push((listener, c));
+    }
+    let new = setup.take_over();
+    let mut old = setup.old;
+    eventually(
+        Duration::from_secs(60),
+        "the new agent to adopt the connections",
+        || new.log_text().contains("takeover: connections moved"),
+    );
+    let big = vec![7u8; 1 << 20];
+    for (listener, c) in &mut clients {
+        c.conn.refresh_traffic_keys().expect("KeyUpdate");
+        echo(c, b"after a KeyUpdate, after the upgrade")
+            .unwrap_or_else(|e| panic!("{listener}: {e}\n{}", new.log_text()));
+        // 1 MiB: the agent's own rekeys (every 32 records) on every kTLS leg.
+        echo(c, &big).unwrap_or_else(|e| panic!("{listener}: {e}\n{}", new.log_text()));
+        c.conn.refresh_traffic_keys().expect("KeyUpdate");
+        echo(c, b"and once more").expect("echo");
+    }
+    for (_, c) in clients {
+        finish(c);
+    }
+    old.exited_within(Duration::from_secs(30))
+        .expect("the old agent exits once it holds nothing");
+    eventually(Duration::from_secs(30), "both connections' lines", || {
+        let log = new.log_text();
+        ["web", "re"]
+            .iter()
+            .all(|l| !closed_lines(&log, l).is_empty())
+    });
+    let log = new.log_text();
+    for listener in ["web", "re"] {
+        let lines = closed_lines(&log, listener);
+        assert_eq!(lines.len(), 1, "{listener}: {log}");
+        let line = lines[0];
+        assert!(
+            line.contains("outcome=ok")
+                && line.contains("data_path=ktls")
+                && line.contains("moved from the agent before this one"),
+            "{listener}: {line}"
+        );
+        // Three KeyUpdates from the client asking for one back (6); on "re" also the
+        // agent's own, every 32 records of the 1 MiB each way on both legs.
+        let want = if listener == "re" { 10 } else { 6 };
+        let updates: u64 = line
+            .split("key_updates=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(updates >= want, "{listener}: {updates} key updates: {line}");
+        println!("{listener}: {updates} key updates across the upgrade");
+    }
+    assert!(new.stop().success());
+}

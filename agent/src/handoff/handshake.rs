@@ -172,17 +172,17 @@ async fn read_in_record(
 /// server's session tickets once the record layer is in the kernel), and in user space it
 /// leaves the buffers to the caller, so an idle session holds none.
 pub enum TlsSession {
-    /// We are the TLS client (the upstream leg).
-    Client(UnbufferedClientConnection),
-    /// We are the TLS server (the client leg).
-    Server(UnbufferedServerConnection),
+    /// We are the TLS client (the upstream leg), with the secrets caught from its handshake.
+    Client(UnbufferedClientConnection, super::Caught),
+    /// We are the TLS server (the client leg), with the secrets caught from its handshake.
+    Server(UnbufferedServerConnection, super::Caught),
 }
 
 impl fmt::Debug for TlsSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            TlsSession::Client(_) => "TlsSession::Client",
-            TlsSession::Server(_) => "TlsSession::Server",
+            TlsSession::Client(..) => "TlsSession::Client",
+            TlsSession::Server(..) => "TlsSession::Server",
         })
     }
 }
@@ -256,15 +256,21 @@ impl TlsSession {
     /// rustls' view of the session: version, cipher, ALPN, peer certificates.
     pub fn common(&self) -> &CommonState {
         match self {
-            TlsSession::Client(c) => c,
-            TlsSession::Server(s) => s,
+            TlsSession::Client(c, _) => c,
+            TlsSession::Server(s, _) => s,
         }
     }
 
     fn process(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
         match self {
-            TlsSession::Client(c) => step(c.process_tls_records(incoming), outgoing),
-            TlsSession::Server(s) => step(s.process_tls_records(incoming), outgoing),
+            // The handshake derives the traffic secrets inside this call: caught for the
+            // session's own key schedule (see `super::schedule`).
+            TlsSession::Client(c, caught) => super::schedule::catching(caught, || {
+                step(c.process_tls_records(incoming), outgoing)
+            }),
+            TlsSession::Server(s, caught) => super::schedule::catching(caught, || {
+                step(s.process_tls_records(incoming), outgoing)
+            }),
         }
     }
 
@@ -286,7 +292,7 @@ impl TlsSession {
         let mut outgoing = Vec::new();
         let mut buf = crate::buffers::Buffer::with_len(18 * 1024);
         // The first record, kept whole while we are the server: the ClientHello, for its SNI.
-        let mut first_record = matches!(self, TlsSession::Server(_)).then(Vec::new);
+        let mut first_record = matches!(self, TlsSession::Server(..)).then(Vec::new);
         let mut server_name = None;
         loop {
             let (discard, next) = self.process(&mut incoming, &mut outgoing);
@@ -355,8 +361,12 @@ impl TlsSession {
     fn close_notify_record(&mut self) -> io::Result<Vec<u8>> {
         let mut out = vec![0u8; 64];
         let written = match self {
-            TlsSession::Client(c) => queue_close_notify(c.process_tls_records(&mut []), &mut out),
-            TlsSession::Server(s) => queue_close_notify(s.process_tls_records(&mut []), &mut out),
+            TlsSession::Client(c, _) => {
+                queue_close_notify(c.process_tls_records(&mut []), &mut out)
+            }
+            TlsSession::Server(s, _) => {
+                queue_close_notify(s.process_tls_records(&mut []), &mut out)
+            }
         }?;
         out.truncate(written);
         Ok(out)

@@ -10,7 +10,7 @@ use rustls::kernel::KernelConnection;
 use rustls::server::ServerConnectionData;
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 
-use super::TlsSession;
+use super::{Schedule, TlsSession};
 use crate::ktls::{self, Cipher, CryptoInfo, Direction, KtlsError, TlsVersion};
 
 /// Why a session could not be handed to the kernel.
@@ -49,21 +49,32 @@ impl TlsSession {
             peer: peer.to_owned(),
             source,
         };
-        let (secrets, conn) = match self {
-            TlsSession::Client(c) => {
+        let (secrets, conn, caught) = match self {
+            TlsSession::Client(c, caught) => {
                 let (secrets, k) = c.dangerous_into_kernel_connection().map_err(extract)?;
-                (secrets, KernelConn::Client(k))
+                (secrets, KernelConn::Client(k), caught)
             }
-            TlsSession::Server(s) => {
+            TlsSession::Server(s, caught) => {
                 let (secrets, k) = s.dangerous_into_kernel_connection().map_err(extract)?;
-                (secrets, KernelConn::Server(k))
+                (secrets, KernelConn::Server(k), caught)
             }
         };
-        let session = install(conn.protocol_version(), secrets, sock, peer)?;
+        let protocol = conn
+            .protocol_version()
+            .unwrap_or(ProtocolVersion::Unknown(0));
+        let is_client = matches!(conn, KernelConn::Client(_));
+        let session = install(protocol, secrets, sock, peer)?;
+        let schedule = match session.version {
+            TlsVersion::Tls13 => {
+                Schedule::from_caught(caught, is_client, session.cipher).map(Box::new)
+            }
+            TlsVersion::Tls12 => None,
+        };
         Ok(KernelSession {
             conn,
             session,
             tickets: 0,
+            schedule,
         })
     }
 }
@@ -72,13 +83,20 @@ impl TlsSession {
 enum KernelConn {
     Client(KernelConnection<ClientConnectionData>),
     Server(KernelConnection<ServerConnectionData>),
+    /// A session taken over from the agent before this one ([`crate::takeover`]): the kernel
+    /// holds its record layer, and rustls' key schedule stayed behind.
+    Moved {
+        client: bool,
+        confidentiality_limit: u64,
+    },
 }
 
 impl KernelConn {
-    fn protocol_version(&self) -> ProtocolVersion {
+    fn protocol_version(&self) -> Option<ProtocolVersion> {
         match self {
-            KernelConn::Client(k) => k.protocol_version(),
-            KernelConn::Server(k) => k.protocol_version(),
+            KernelConn::Client(k) => Some(k.protocol_version()),
+            KernelConn::Server(k) => Some(k.protocol_version()),
+            KernelConn::Moved { .. } => None,
         }
     }
 
@@ -86,6 +104,10 @@ impl KernelConn {
         let suite = match self {
             KernelConn::Client(k) => k.negotiated_cipher_suite(),
             KernelConn::Server(k) => k.negotiated_cipher_suite(),
+            KernelConn::Moved {
+                confidentiality_limit,
+                ..
+            } => return *confidentiality_limit,
         };
         match suite {
             rustls::SupportedCipherSuite::Tls12(s) => s.common.confidentiality_limit,
@@ -102,6 +124,9 @@ impl KernelConn {
             (KernelConn::Client(k), Direction::Rx) => k.update_rx_secret(),
             (KernelConn::Server(k), Direction::Tx) => k.update_tx_secret(),
             (KernelConn::Server(k), Direction::Rx) => k.update_rx_secret(),
+            (KernelConn::Moved { .. }, _) => Err(rustls::Error::General(
+                "the key schedule stayed with the agent this connection moved from".into(),
+            )),
         }
     }
 }
@@ -112,7 +137,11 @@ pub struct KernelSession {
     conn: KernelConn,
     session: KtlsSession,
     /// NewSessionTickets from the server stored for resumption (client side only).
-    pub tickets: u64,
+    pub tickets: u32,
+    /// The agent's own copy of the TLS 1.3 key schedule, kept beside rustls' so that it can
+    /// travel to a new agent at a takeover; `None` for TLS 1.2. Boxed: every kTLS leg holds
+    /// this value, parked ones too.
+    schedule: Option<Box<Schedule>>,
 }
 
 impl fmt::Debug for KernelSession {
@@ -146,10 +175,39 @@ impl KernelSession {
         self.session
     }
 
+    /// A session whose socket a running agent handed over ([`crate::takeover`]): the kernel
+    /// goes on with its records; the agent cannot derive its next keys (a KeyUpdate ends it
+    /// cleanly) and takes no more tickets from it.
+    pub fn moved(
+        session: KtlsSession,
+        is_client: bool,
+        confidentiality_limit: u64,
+        tickets: u32,
+        schedule: Option<Schedule>,
+    ) -> Self {
+        Self {
+            conn: KernelConn::Moved {
+                client: is_client,
+                confidentiality_limit,
+            },
+            session,
+            tickets,
+            schedule: schedule.map(Box::new),
+        }
+    }
+
+    /// The session's TLS 1.3 key schedule, to travel with it at a takeover.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_deref()
+    }
+
     /// Whether the agent is the TLS client on this leg (the upstream's leg of reencrypt and
     /// originate), not the server.
     pub fn is_client(&self) -> bool {
-        matches!(self.conn, KernelConn::Client(_))
+        matches!(
+            self.conn,
+            KernelConn::Client(_) | KernelConn::Moved { client: true, .. }
+        )
     }
 
     /// How many records may be sent under one key before the agent must rekey or close: the
@@ -165,15 +223,31 @@ impl KernelSession {
         sock: BorrowedFd<'_>,
         direction: Direction,
     ) -> Result<(), SessionError> {
-        let (seq, secrets) =
-            self.conn
-                .update_secret(direction)
-                .map_err(|source| SessionError::Tls {
+        let info = match (&self.conn, &mut self.schedule) {
+            // Taken over: the agent's own copy of the schedule is the only one.
+            (KernelConn::Moved { .. }, Some(schedule)) => {
+                let (key, iv) = schedule.next(direction).map_err(|why| SessionError::Tls {
                     what: "deriving the next traffic key",
-                    source,
+                    source: rustls::Error::General(why),
                 })?;
-        let info = CryptoInfo::from_rustls(self.session.version, seq, &secrets)?;
-        drop(secrets);
+                let KtlsSession { version, cipher } = self.session;
+                CryptoInfo::from_parts(version, cipher, 0, key.as_ref(), iv.as_ref())?
+            }
+            (_, schedule) => {
+                let (seq, secrets) =
+                    self.conn
+                        .update_secret(direction)
+                        .map_err(|source| SessionError::Tls {
+                            what: "deriving the next traffic key",
+                            source,
+                        })?;
+                // The agent's copy follows rustls' step for step.
+                if let Some(schedule) = schedule {
+                    let _ = schedule.next(direction);
+                }
+                CryptoInfo::from_rustls(self.session.version, seq, &secrets)?
+            }
+        };
         ktls::set_crypto_info(sock, direction, &info)?;
         Ok(())
     }
@@ -188,10 +262,12 @@ impl KernelSession {
                         what: "storing a session ticket",
                         source,
                     })?;
-                self.tickets += 1;
+                self.tickets = self.tickets.saturating_add(1);
                 Ok(())
             }
-            KernelConn::Server(_) => Err(SessionError::Tls {
+            // Nowhere to store it: the session's ticket store stayed with the agent before.
+            KernelConn::Moved { client: true, .. } => Ok(()),
+            KernelConn::Server(_) | KernelConn::Moved { .. } => Err(SessionError::Tls {
                 what: "a client sent a NewSessionTicket",
                 source: rustls::Error::General("only servers send session tickets".into()),
             }),

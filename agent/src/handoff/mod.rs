@@ -5,7 +5,9 @@
 mod handshake;
 mod kernel;
 mod records;
+mod schedule;
 
 pub use handshake::{HandshakeError, LegSide, RecordBoundary, TlsSession};
 pub use kernel::{HandoffError, KernelSession, KtlsSession, SessionError};
 pub use records::{Received, RecordError, UserSession};
+pub use schedule::{Caught, Schedule, Secret, SecretCatcher};

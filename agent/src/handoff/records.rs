@@ -88,8 +88,8 @@ enum Outbound<'a> {
 macro_rules! on_connection {
     ($session:expr, $conn:ident => $body:expr) => {
         match $session {
-            TlsSession::Client($conn) => $body,
-            TlsSession::Server($conn) => $body,
+            TlsSession::Client($conn, _) => $body,
+            TlsSession::Server($conn, _) => $body,
         }
     };
 }

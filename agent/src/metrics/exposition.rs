@@ -347,6 +347,31 @@ impl Collector for TelemetryCollector {
                     .encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?;
             }
         }
+        if let Some((summary, seconds)) = takeovers.connections {
+            let mut connections = encoder.encode_descriptor(
+                "tlsplice_takeover_connections",
+                "Established connections at this agent's takeover: moved here, lost (closed), or staying with the agent before to end or drain there",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (how, n) in [
+                ("moved", summary.moved),
+                ("lost", summary.lost),
+                ("staying", summary.staying),
+            ] {
+                connections
+                    .encode_family(&[("how", how)])?
+                    .encode_gauge(&i64::try_from(n).unwrap_or(i64::MAX))?;
+            }
+            encoder
+                .encode_descriptor(
+                    "tlsplice_takeover_move_seconds",
+                    "How long the established connections' moves took at this agent's takeover",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&seconds)?;
+        }
         if let Ok(Some(stats)) = TlsStat::read() {
             let mut metric = encoder.encode_descriptor(
                 "tlsplice_kernel_tls_stat",

@@ -57,6 +57,9 @@ pub(crate) struct TakeoverStats {
     /// Sockets it took over, and sockets it bound anew.
     pub(crate) adopted: u64,
     pub(crate) bound_anew: u64,
+    /// Established connections at this agent's takeover, as the agent before counted them
+    /// (moved here, lost, staying there to drain), and how long their moves took.
+    pub(crate) connections: Option<(crate::takeover::MoveSummary, f64)>,
 }
 
 /// One listener's certificates as now served, and its reloads.
@@ -200,6 +203,14 @@ impl Telemetry {
         t.took_seconds = Some(took.as_secs_f64());
         t.adopted = adopted;
         t.bound_anew = bound_anew;
+    }
+
+    /// Records the established connections' moves at this agent's takeover.
+    pub fn record_moves(&self, summary: crate::takeover::MoveSummary, took: std::time::Duration) {
+        self.takeovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connections = Some((summary, took.as_secs_f64()));
     }
 
     pub(crate) fn takeover_stats(&self) -> TakeoverStats {

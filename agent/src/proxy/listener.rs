@@ -11,8 +11,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use super::connection;
-use super::parking::{Parking, Woken};
-use super::relay::{self, Drained};
+use super::parking::{Driver, Parking, Woken};
+use super::relay::{self, Drained, Signal};
 use super::sources::SourceTable;
 use super::state::ListenerState;
 use crate::outcome::Facts;
@@ -65,63 +65,68 @@ fn admit(
 /// settings current when it arrived (a reload may change them), idle connections parked
 /// without one; then the listener closes, its connections get until the deadline to finish,
 /// and those still open are told to end (each reports the reason `drain deadline`). Returns
-/// when every connection has ended.
+/// when every connection has ended. When `stop` asks the connections to move to a new agent,
+/// that is passed on to them (and called off when it is).
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     states: watch::Receiver<Arc<ListenerState>>,
     mut stop: Drained,
+    parking: Option<(Arc<Parking>, Driver, mpsc::UnboundedReceiver<Woken>)>,
+    sources: Arc<SourceTable>,
 ) {
     let current = || states.borrow().clone();
     let mut state = current();
     let mut connections = JoinSet::new();
-    // Kept across reloads, so a source's connections and rate count on under new settings.
-    let sources = Arc::new(SourceTable::default());
-    // Some(deadline) once the drain deadline has passed: every connection task watches it.
-    let (drain_tx, drained) = watch::channel(None);
+    // The deadline once the drain deadline has passed, and whether to move: every connection
+    // task watches it.
+    let (drain_tx, drained) = watch::channel(Signal::default());
     // Dropped with this loop, which stops its driver.
     let mut driver = JoinSet::new();
-    let (parking, mut woken) = match Parking::new() {
-        Ok((parking, parked, woken)) => {
+    let (parking, mut woken) = match parking {
+        Some((parking, parked, woken)) => {
             driver.spawn(parked.run(drained.clone()));
             (Some(parking), Some(woken))
         }
-        Err(e) => {
-            tracing::warn!(listener = %state.config.name, error = %e,
+        None => {
+            tracing::warn!(listener = %state.config.name,
                 "no epoll set for idle connections: each keeps a task");
             (None, None)
         }
     };
-    let stopped = relay::drain_passed(&mut stop);
-    tokio::pin!(stopped);
-    let deadline = loop {
-        tokio::select! {
-            biased;
-            deadline = &mut stopped => break deadline,
-            Some(done) = connections.join_next(), if !connections.is_empty() => {
-                log_panic(&state, done);
-            }
-            Some(w) = next_woken(&mut woken) => {
-                take_woken(parking.as_ref(), &mut connections, w, &drained);
-            }
-            accepted = listener.accept() => match accepted {
-                Ok((sock, peer)) => {
-                    state = current();
-                    // A relay must not hold back small writes (Nagle): request/response traffic
-                    // would wait for the peer's delayed ACK on every message.
-                    if let Err(e) = sock.set_nodelay(true) {
-                        tracing::debug!(listener = %state.config.name, %peer, error = %e, "TCP_NODELAY");
+    let deadline = {
+        let stopped = relay::drain_passed(&mut stop);
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                biased;
+                deadline = &mut stopped => break deadline,
+                Some(done) = connections.join_next(), if !connections.is_empty() => {
+                    log_panic(&state, done);
+                }
+                Some(w) = next_woken(&mut woken) => {
+                    take_woken(parking.as_ref(), &mut connections, w, &drained);
+                }
+                accepted = listener.accept() => match accepted {
+                    Ok((sock, peer)) => {
+                        state = current();
+                        // A relay must not hold back small writes (Nagle): request/response traffic
+                        // would wait for the peer's delayed ACK on every message.
+                        if let Err(e) = sock.set_nodelay(true) {
+                            tracing::debug!(listener = %state.config.name, %peer, error = %e, "TCP_NODELAY");
+                        }
+                        admit(&state, &mut connections, sock, peer, &drained, parking.as_ref(), &sources);
                     }
-                    admit(&state, &mut connections, sock, peer, &drained, parking.as_ref(), &sources);
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(listener = %state.config.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
         }
     };
     drop(listener);
+    pass_move_on(&stop, &drain_tx);
     let held = || parking.as_ref().map_or(0, |p| p.held());
     if !connections.is_empty() || held() > 0 {
         tracing::info!(listener = %state.config.name, connections = connections.len() + held(),
@@ -134,12 +139,14 @@ pub(crate) async fn accept_loop(
         parking,
         drained: &drained,
         state: &state,
+        stop: &mut stop,
+        drain_tx: &drain_tx,
     };
     if tokio::time::timeout(deadline, drain.until_ended())
         .await
         .is_err()
     {
-        let _ = drain_tx.send(Some(deadline));
+        drain_tx.send_modify(|s| s.deadline = Some(deadline));
         drain.until_ended().await;
     }
 }
@@ -151,6 +158,15 @@ struct Draining<'a> {
     parking: Option<&'a Arc<Parking>>,
     drained: &'a Drained,
     state: &'a ListenerState,
+    /// What the proxy says while the listener drains (a move to a new agent, called off).
+    stop: &'a mut Drained,
+    drain_tx: &'a watch::Sender<Signal>,
+}
+
+/// Tells the connections whether to move to a new agent, as the proxy says.
+fn pass_move_on(stop: &Drained, drain_tx: &watch::Sender<Signal>) {
+    let move_out = stop.borrow().move_out;
+    drain_tx.send_if_modified(|s| std::mem::replace(&mut s.move_out, move_out) != move_out);
 }
 
 impl Draining<'_> {
@@ -166,6 +182,7 @@ impl Draining<'_> {
                 Some(w) = next_woken(self.woken) => {
                     take_woken(self.parking, self.connections, w, self.drained);
                 }
+                Ok(()) = self.stop.changed() => pass_move_on(self.stop, self.drain_tx),
                 // The woken connections' channel closed (it cannot while this loop holds
                 // the parking): nothing more can come back.
                 else => break,

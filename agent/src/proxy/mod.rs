@@ -9,6 +9,7 @@
 mod connection;
 mod listener;
 pub mod measure;
+mod moving;
 pub(crate) mod parking;
 mod passthrough;
 pub(crate) mod relay;
@@ -107,6 +108,25 @@ pub enum Control {
     Handover(
         tokio::sync::oneshot::Sender<Vec<(crate::takeover::SocketRecord, std::os::fd::OwnedFd)>>,
     ),
+    /// A new agent serves: every listener stops accepting and starts its drain, and the
+    /// connections of the listeners it adopted that can move go to `to`, those parked at
+    /// once and the others as they come to rest, until [`Control::MoveEnd`].
+    MoveOut {
+        /// Where moving connections go.
+        to: std::sync::mpsc::Sender<crate::takeover::MovingConnection>,
+        /// The listeners the new agent adopted.
+        listeners: Vec<String>,
+    },
+    /// The moves are over: connections not moved stay here and drain. The reply is how many
+    /// connections this agent still holds.
+    MoveEnd(tokio::sync::oneshot::Sender<u64>),
+    /// Connections the agent before this one handed over: each joins its listener, parked
+    /// as it was there. The reply: how many were adopted, and why each other one was not
+    /// (its legs are closed).
+    Adopt(
+        Vec<crate::takeover::MovingConnection>,
+        tokio::sync::oneshot::Sender<(u64, Vec<String>)>,
+    ),
 }
 
 /// What a reload did, by listener name.
@@ -130,7 +150,11 @@ struct Running {
     /// A copy of the listening socket, handed to a new agent taking over.
     socket: Option<std::os::fd::OwnedFd>,
     state: watch::Sender<Arc<ListenerState>>,
-    stop: watch::Sender<Option<std::time::Duration>>,
+    stop: watch::Sender<relay::Signal>,
+    /// Its idle connections' parking, where connections move out and in at a takeover.
+    parking: Option<Arc<parking::Parking>>,
+    /// Its connections by source, for the per-source limits.
+    sources: Arc<sources::SourceTable>,
 }
 
 /// Bound listeners, ready to serve.
@@ -352,8 +376,26 @@ impl Proxy {
                 tracing::info!(listener = %name, mode = ?l.mode, addr = %addr,
                     upstream = ?l.upstream, sni_routes = l.sni.len(), "listening");
                 let (state_tx, state_rx) = watch::channel(Arc::new(state));
-                let (stop_tx, stop_rx) = watch::channel(None);
-                loops.spawn(accept_loop(listener, state_rx, stop_rx));
+                let (stop_tx, stop_rx) = watch::channel(relay::Signal::default());
+                let parts = match parking::Parking::new() {
+                    Ok(parts) => Some(parts),
+                    Err(e) => {
+                        tracing::warn!(listener = %name, error = %e,
+                            "no epoll set for idle connections: each keeps a task, and none moves at a takeover");
+                        None
+                    }
+                };
+                let parking = parts.as_ref().map(|(p, _, _)| p.clone());
+                // Kept across reloads, so a source's connections and rate count on under new
+                // settings.
+                let sources = Arc::new(sources::SourceTable::default());
+                loops.spawn(accept_loop(
+                    listener,
+                    state_rx,
+                    stop_rx,
+                    parts,
+                    sources.clone(),
+                ));
                 running.insert(
                     name,
                     Running {
@@ -362,6 +404,8 @@ impl Proxy {
                         socket,
                         state: state_tx,
                         stop: stop_tx,
+                        parking,
+                        sources,
                     },
                 );
                 Ok(())
@@ -398,7 +442,7 @@ impl Proxy {
                     None => open = false,
                     Some(Control::Stop(deadline)) => {
                         for r in running.values_mut() {
-                            let _ = r.stop.send(Some(deadline));
+                            r.stop.send_modify(|s| s.deadline = Some(deadline));
                             // The copy kept for a takeover would hold the socket listening
                             // (its backlog filling, never accepted) through the drain.
                             r.socket = None;
@@ -411,6 +455,32 @@ impl Proxy {
                     }
                     Some(Control::Handover(reply)) => {
                         let _ = reply.send(handover(&running));
+                    }
+                    Some(Control::MoveOut { to, listeners }) => {
+                        for (name, r) in running.iter_mut() {
+                            let moving = listeners.contains(name) && r.parking.is_some();
+                            r.socket = None;
+                            let drain = self.drain;
+                            r.stop.send_modify(|s| {
+                                s.deadline = Some(drain);
+                                s.move_out = moving;
+                            });
+                            if let (true, Some(parking)) = (moving, &r.parking) {
+                                parking.move_out(to.clone());
+                            }
+                        }
+                    }
+                    Some(Control::MoveEnd(reply)) => {
+                        for r in running.values() {
+                            if let Some(parking) = &r.parking {
+                                parking.end_move();
+                            }
+                            r.stop.send_modify(|s| s.move_out = false);
+                        }
+                        let _ = reply.send(self.limits.held() as u64);
+                    }
+                    Some(Control::Adopt(batch, reply)) => {
+                        let _ = reply.send(adopt(&running, batch));
                     }
                 },
                 // Accept loops end when their listener is removed (after its drain).
@@ -481,7 +551,8 @@ impl Proxy {
             .collect();
         for name in gone.iter().chain(moved.iter().map(|(_, s)| &s.config.name)) {
             if let Some(r) = running.remove(name) {
-                let _ = r.stop.send(Some(self.drain));
+                let drain = self.drain;
+                r.stop.send_modify(|s| s.deadline = Some(drain));
                 self.tls
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
@@ -526,6 +597,48 @@ impl Proxy {
         }
         Ok(summary)
     }
+}
+
+/// Takes in connections the agent before this one handed over: how many joined their
+/// listener, and why each other one could not (its legs close, and it is logged).
+fn adopt(
+    running: &BTreeMap<String, Running>,
+    batch: Vec<crate::takeover::MovingConnection>,
+) -> (u64, Vec<String>) {
+    let mut adopted = 0;
+    let mut refused = Vec::new();
+    for moving in batch {
+        let peer = moving.record.peer;
+        let name = moving.record.listener.clone();
+        let taken = match running.get(&name) {
+            None => Err(format!("listener {name:?} is not served here")),
+            Some(Running { parking: None, .. }) => {
+                Err(format!("listener {name:?} has no parking for it"))
+            }
+            Some(
+                r @ Running {
+                    parking: Some(parking),
+                    ..
+                },
+            ) => {
+                let state = r.state.borrow().clone();
+                state
+                    .admit(&r.sources, peer)
+                    .map_err(|refusal| refusal.detail)
+                    .and_then(|admission| moving::incoming(moving, state, admission))
+                    .map(|parked| parking.adopt(parked))
+            }
+        };
+        match taken {
+            Ok(()) => adopted += 1,
+            Err(why) => {
+                tracing::warn!(listener = %name, %peer, error = %why,
+                    "a connection the agent before this one handed over was not adopted: closed");
+                refused.push(format!("{peer} on {name:?}: {why}"));
+            }
+        }
+    }
+    (adopted, refused)
 }
 
 /// A copy of every running listener's socket, with its name and address.

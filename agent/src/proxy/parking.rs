@@ -110,7 +110,13 @@ struct Lot {
     settling: VecDeque<(Instant, u64)>,
     /// Past the drain deadline: nothing parks any more.
     closed: bool,
+    /// A new agent is taking connections over: those that can move go there instead of
+    /// parking.
+    move_to: Option<MoveTo>,
 }
+
+/// Where connections that can move go during a takeover.
+pub(crate) type MoveTo = std::sync::mpsc::Sender<crate::takeover::MovingConnection>;
 
 /// One listener's parked connections.
 pub(crate) struct Parking {
@@ -156,14 +162,30 @@ impl Parking {
         self.lot.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Parks a connection; gives it back when it cannot be parked (past the drain deadline,
-    /// or its legs could not join the epoll set), to be relayed by its own task.
+    /// Parks a connection, or during a takeover hands one that can move to the new agent;
+    /// gives it back when it cannot be parked (past the drain deadline, or its legs could not
+    /// join the epoll set), to be relayed by its own task.
     pub(crate) fn park(&self, parked: Box<Parked>) -> Result<(), Box<Parked>> {
         let now = Instant::now();
         let mut lot = self.lot();
         if lot.closed {
             return Err(parked);
         }
+        let parked = match &lot.move_to {
+            Some(to) if parked.idle.can_move() => match super::moving::outgoing(*parked) {
+                Ok(moving) => {
+                    // The receiver is kept until the moves end (`end_move`) and taken out of
+                    // every listener: a send cannot fail before.
+                    if let Err(lost) = to.send(moving) {
+                        tracing::warn!(peer = %lost.0.record.peer,
+                            "a connection moving to the new agent was lost: the moves had ended");
+                    }
+                    return Ok(());
+                }
+                Err(back) => back,
+            },
+            _ => parked,
+        };
         let id = lot.next_id;
         // Never reused, even when parking fails: an event already read for a leg registered
         // under it must not reach another connection.
@@ -198,6 +220,70 @@ impl Parking {
         drop(lot);
         self.parked.notify_one();
         Ok(())
+    }
+
+    /// A new agent is taking connections over: every parked one that can move goes to `to`
+    /// now, and those that park from now on until [`Parking::end_move`] go there too.
+    pub(crate) fn move_out(&self, to: MoveTo) {
+        let mut guard = self.lot();
+        let lot = &mut *guard;
+        if lot.closed {
+            return;
+        }
+        let ids: Vec<u64> = lot
+            .slots
+            .iter()
+            .filter(|(_, slot)| slot.parked.idle.can_move())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(mut slot) = lot.slots.remove(&id) else {
+                continue;
+            };
+            slot.parked.idle.set_last_progress(slot.last);
+            for fd in slot.parked.idle.fds().map(|fd| fd.as_raw_fd()) {
+                let _ = self.registry.deregister(&mut SourceFd(&fd));
+            }
+            slot.parked.conn.state.telemetry.parked_connections(-1);
+            match super::moving::outgoing(*slot.parked) {
+                Ok(moving) => {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    if let Err(lost) = to.send(moving) {
+                        tracing::warn!(peer = %lost.0.record.peer,
+                            "a connection moving to the new agent was lost: the moves had ended");
+                    }
+                }
+                // Its state could not be read: it stays, woken, and its relay sees why.
+                Err(parked) => {
+                    let woken = Woken {
+                        parked,
+                        wake: Wake::Ready,
+                    };
+                    if self.woken.send(woken).is_err() {
+                        self.held.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        lot.move_to = Some(to);
+    }
+
+    /// The moves are over: connections park here again.
+    pub(crate) fn end_move(&self) {
+        self.lot().move_to = None;
+    }
+
+    /// A connection the agent before this one handed over: taken up by the accept loop as if
+    /// it had just been woken (it parks again once idle).
+    pub(crate) fn adopt(&self, parked: Box<Parked>) {
+        self.held.fetch_add(1, Ordering::Relaxed);
+        let woken = Woken {
+            parked,
+            wake: Wake::Ready,
+        };
+        if self.woken.send(woken).is_err() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// Connections parked, or woken and not yet taken by the accept loop.

@@ -42,6 +42,12 @@ pub(crate) struct SharedLimits {
 const MAX_LINGERING: usize = 1024;
 
 impl SharedLimits {
+    /// Connections held now, over all listeners.
+    pub(crate) fn held(&self) -> usize {
+        self.max_connections
+            .saturating_sub(self.connections.available_permits())
+    }
+
     pub(crate) fn new(limits: &LimitsConfig) -> Self {
         Self {
             connections: Arc::new(Semaphore::new(limits.max_connections)),

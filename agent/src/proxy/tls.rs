@@ -214,7 +214,7 @@ async fn client_handshake(
     facts: &mut Facts,
 ) -> Result<(TlsSession, Option<String>), Failure> {
     let leg = UnbufferedServerConnection::new(config.clone())
-        .map(TlsSession::Server)
+        .map(|c| TlsSession::Server(c, Default::default()))
         .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
     let deadline = state.config.handshake_timeout();
     let started = tokio::time::Instant::now();
@@ -238,7 +238,7 @@ async fn upstream_handshake(
     facts: &mut Facts,
 ) -> Result<TlsSession, Failure> {
     let leg = UnbufferedClientConnection::new(config.clone(), name.clone())
-        .map(TlsSession::Client)
+        .map(|c| TlsSession::Client(c, Default::default()))
         .map_err(|e| Failure::new(Reason::Internal, format!("rustls: {e}")))?;
     let deadline = state.config.handshake_timeout();
     let started = tokio::time::Instant::now();

@@ -258,7 +258,8 @@ fn monotonic_ms() -> u64 {
 pub(crate) type KernelLegs = (Option<Box<KtlsLeg>>, Option<Box<KtlsLeg>>);
 
 /// Splices both directions of a connection whose TLS legs are in the kernel ([`into_kernel`]);
-/// with `park_after`, it may stop idle (see [`splice::relay`]), the legs kept for the next run.
+/// with `park_after`, it may stop idle (see [`splice::relay`]), the legs kept for the next run;
+/// with `moving`, it stops idle when asked to move to a new agent.
 pub(crate) async fn relay(
     pipes: &crate::splice::PipePool,
     client: &tokio::net::TcpStream,
@@ -266,6 +267,7 @@ pub(crate) async fn relay(
     upstream: &crate::net::Upstream,
     upstream_leg: Option<&KtlsLeg>,
     park_after: Option<std::time::Duration>,
+    moving: Option<super::Drained>,
 ) -> RelayOutcome {
     let mut outcome = splice::relay(
         pipes,
@@ -274,6 +276,7 @@ pub(crate) async fn relay(
         upstream,
         upstream_leg,
         park_after,
+        moving,
     )
     .await;
     // The legs' own counts: they span every run of the relay.
@@ -286,7 +289,7 @@ pub(crate) async fn relay(
     outcome.tickets = legs
         .iter()
         .flatten()
-        .map(|l| l.session().map_or(0, |s| s.tickets))
+        .map(|l| l.session().map_or(0, |s| u64::from(s.tickets)))
         .sum();
     outcome
 }
@@ -359,6 +362,54 @@ impl KtlsLeg {
             warning_alerts: AtomicU8::new(0),
             cannot_rekey: rekey.kernel.clone().err(),
         }
+    }
+
+    /// The leg as it travels to a new agent at a takeover: what the agent keeps beside the
+    /// kernel's state (which travels with the socket), its TLS 1.3 key schedule included.
+    pub(crate) fn to_record(&self) -> Result<crate::takeover::LegRecord, Failure> {
+        let session = self.session()?;
+        let kernel = session.session();
+        Ok(crate::takeover::LegRecord {
+            version: kernel.version,
+            cipher: kernel.cipher,
+            agent_is_client: session.is_client(),
+            confidentiality_limit: session.confidentiality_limit(),
+            tx_records: self.tx_records.load(Ordering::Relaxed),
+            key_updates: self.key_updates.load(Ordering::Relaxed),
+            renegotiations_refused: self.renegotiations_refused.load(Ordering::Relaxed),
+            warning_alerts: self.warning_alerts.load(Ordering::Relaxed),
+            tickets: u64::from(session.tickets),
+            schedule: session.schedule().cloned(),
+        })
+    }
+
+    /// A leg handed over by the agent before this one, its kernel state on the socket and its
+    /// TLS 1.3 key schedule in the record, so KeyUpdates go on as before. Without a schedule
+    /// a KeyUpdate from its peer, or its own record limit, ends the connection cleanly (an
+    /// internal_error alert) rather than letting the kernel decrypt with a stale key.
+    pub(crate) fn from_record(record: &crate::takeover::LegRecord, rekey: &RekeyPolicy) -> Self {
+        let session = KernelSession::moved(
+            crate::handoff::KtlsSession {
+                version: record.version,
+                cipher: record.cipher,
+            },
+            record.agent_is_client,
+            record.confidentiality_limit,
+            u32::try_from(record.tickets).unwrap_or(u32::MAX),
+            record.schedule.clone(),
+        );
+        let mut leg = Self::new(session, rekey);
+        leg.tx_records = AtomicU64::new(record.tx_records);
+        leg.key_updates = AtomicU32::new(record.key_updates);
+        leg.renegotiations_refused = AtomicU8::new(record.renegotiations_refused);
+        leg.warning_alerts = AtomicU8::new(record.warning_alerts);
+        if record.schedule.is_none() {
+            leg.cannot_rekey = Some(
+                "the connection moved from the agent before this one without its key schedule (TLS 1.2 has none)"
+                    .into(),
+            );
+        }
+        leg
     }
 
     fn session(&self) -> Result<MutexGuard<'_, KernelSession>, Failure> {

@@ -273,7 +273,11 @@ async fn spliced(
         let (client, upstream) = (&conn.client, &conn.upstream);
         let (c, u) = (conn.legs.0.as_deref(), conn.legs.1.as_deref());
         // On the heap: see `run`.
-        let moving = Box::pin(ktls::relay(pipes, client, c, upstream, u, park_after));
+        // Only a relay that may park may move: the connection moves from the parking.
+        let asked = park_after.map(|_| drained.clone());
+        let moving = Box::pin(ktls::relay(
+            pipes, client, c, upstream, u, park_after, asked,
+        ));
         let timeout = conn.idle_timeout;
         watch(
             moving, client, upstream, timeout, drained, stop_now, conn.last,
@@ -355,6 +359,97 @@ impl IdleConn {
         [s.client.as_fd(), s.upstream.as_fd()]
             .into_iter()
             .any(|leg| crate::sys::has_input(leg).unwrap_or(true))
+    }
+}
+
+/// A parked connection's legs as they travel to a new agent at a takeover.
+pub(crate) struct MovingLegs {
+    /// The client leg.
+    pub(crate) client: std::os::fd::OwnedFd,
+    /// The upstream leg.
+    pub(crate) upstream: std::os::fd::OwnedFd,
+    /// The upstream leg is a unix socket.
+    pub(crate) upstream_unix: bool,
+    /// The client leg's kTLS state.
+    pub(crate) client_leg: Option<crate::takeover::LegRecord>,
+    /// The upstream leg's kTLS state.
+    pub(crate) upstream_leg: Option<crate::takeover::LegRecord>,
+    /// How long it has moved nothing either way.
+    pub(crate) idle_for: Duration,
+}
+
+impl IdleConn {
+    /// Whether it can move to a new agent: a spliced connection (kTLS, splice) is its sockets
+    /// and the small state of its kTLS legs; a sockmap connection's sock hash entries belong
+    /// to this agent's maps.
+    pub(crate) fn can_move(&self) -> bool {
+        matches!(self, IdleConn::Spliced(_))
+    }
+
+    /// Its legs as they travel to a new agent, or itself when it cannot move.
+    pub(crate) fn into_moving(self) -> Result<MovingLegs, IdleConn> {
+        let IdleConn::Spliced(spliced) = self else {
+            return Err(self);
+        };
+        let records = [spliced.legs.0.as_deref(), spliced.legs.1.as_deref()]
+            .map(|leg| leg.map(ktls::KtlsLeg::to_record).transpose());
+        let [Ok(client_leg), Ok(upstream_leg)] = records else {
+            return Err(IdleConn::Spliced(spliced));
+        };
+        let IdleSpliced {
+            client,
+            upstream,
+            last,
+            ..
+        } = *spliced;
+        let (upstream, upstream_unix) = match upstream {
+            IdleUpstream::Tcp(s) => (std::os::fd::OwnedFd::from(s), false),
+            IdleUpstream::Unix(s) => (std::os::fd::OwnedFd::from(s), true),
+        };
+        Ok(MovingLegs {
+            client: client.into(),
+            upstream,
+            upstream_unix,
+            client_leg,
+            upstream_leg,
+            idle_for: last.since.elapsed(),
+        })
+    }
+
+    /// A connection handed over by the agent before this one, parked as it was there: its
+    /// kTLS legs (if any) on the kernel state their sockets carry.
+    pub(crate) fn moved(
+        legs: MovingLegs,
+        idle_timeout: Duration,
+        rekey: &ktls::RekeyPolicy,
+    ) -> std::io::Result<Self> {
+        let client = std::net::TcpStream::from(legs.client);
+        client.set_nonblocking(true)?;
+        let upstream = if legs.upstream_unix {
+            let s = std::os::unix::net::UnixStream::from(legs.upstream);
+            s.set_nonblocking(true)?;
+            IdleUpstream::Unix(s)
+        } else {
+            let s = std::net::TcpStream::from(legs.upstream);
+            s.set_nonblocking(true)?;
+            IdleUpstream::Tcp(s)
+        };
+        let leg = |r: &Option<crate::takeover::LegRecord>| {
+            r.as_ref()
+                .map(|r| Box::new(ktls::KtlsLeg::from_record(r, rekey)))
+        };
+        let now = tokio::time::Instant::now();
+        let last = LastProgress {
+            progress: crate::sys::tcp_progress(client.as_fd()).ok(),
+            since: now.checked_sub(legs.idle_for).unwrap_or(now),
+        };
+        Ok(IdleConn::Spliced(Box::new(IdleSpliced {
+            client,
+            upstream,
+            legs: (leg(&legs.client_leg), leg(&legs.upstream_leg)),
+            idle_timeout,
+            last,
+        })))
     }
 }
 
@@ -642,14 +737,44 @@ fn idle_timeout_failure(timeout: Duration) -> Failure {
     )
 }
 
-/// Tells a connection that the drain deadline has passed: `Some(deadline)` from then on.
-pub(crate) type Drained = tokio::sync::watch::Receiver<Option<Duration>>;
+/// What a listener tells its connections (and what the proxy tells a listener).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Signal {
+    /// The drain deadline, once it has passed (or, to a listener, once it is told to stop).
+    pub(crate) deadline: Option<Duration>,
+    /// A new agent took over: connections that can move stop where they hold nothing but
+    /// their sockets ([`splice::relay`]) and are handed to it ([`crate::proxy::parking`]).
+    pub(crate) move_out: bool,
+}
+
+/// Tells a connection that the drain deadline has passed, or that it is asked to move.
+pub(crate) type Drained = tokio::sync::watch::Receiver<Signal>;
 
 /// Resolves once the drain deadline has passed, with the deadline; never when none will.
 pub(crate) async fn drain_passed(drained: &mut Drained) -> Duration {
     loop {
-        if let Some(deadline) = *drained.borrow_and_update() {
+        if let Some(deadline) = drained.borrow_and_update().deadline {
             return deadline;
+        }
+        if drained.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// [`move_asked`] on `drained` when there is one; never otherwise.
+pub(crate) async fn move_asked_if(drained: Option<&mut Drained>) {
+    match drained {
+        Some(d) => move_asked(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves once connections are asked to move to a new agent; never when they will not be.
+pub(crate) async fn move_asked(drained: &mut Drained) {
+    loop {
+        if drained.borrow_and_update().move_out {
+            return;
         }
         if drained.changed().await.is_err() {
             std::future::pending::<()>().await;
@@ -795,14 +920,24 @@ mod tests {
         let (upstream, _far) = pair().await;
         let upstream = Upstream::Tcp(upstream);
         let pipes = PipePool::new(2, 4096);
-        let (_tx, drained) = tokio::sync::watch::channel(None);
+        let (_tx, drained) = tokio::sync::watch::channel(Signal::default());
         let addr = client.peer_addr().unwrap();
         let park = Some(PARK_AFTER);
         let sizes = [
             (
                 "spliced relay (splice, ktls)",
-                size_of_val(&ktls::relay(&pipes, &client, None, &upstream, None, park)),
-                1536,
+                size_of_val(&ktls::relay(
+                    &pipes,
+                    &client,
+                    None,
+                    &upstream,
+                    None,
+                    park,
+                    Some(drained.clone()),
+                )),
+                // Held only while bytes move (a parked connection has none); the move-out at
+                // a takeover (its select branch and the directions' wait) took it past 1536.
+                1920,
             ),
             (
                 // One per TLS leg, on the heap and kept while the connection is parked: its

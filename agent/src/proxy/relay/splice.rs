@@ -8,7 +8,7 @@
 //! and nothing else.
 
 use std::io;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use tokio::io::Interest;
 
@@ -111,7 +111,7 @@ pub(crate) async fn relay_plain(
     client: &impl StreamSocket,
     upstream: &impl StreamSocket,
 ) -> RelayOutcome {
-    relay::<Plain>(pipes, client, None, upstream, None, None).await
+    relay::<Plain>(pipes, client, None, upstream, None, None, None).await
 }
 
 /// What the park check of a spliced relay sees of its two directions.
@@ -123,12 +123,44 @@ struct Quiet {
     woke: AtomicU64,
     /// When one last did, in nanoseconds after the relay started (0: not yet).
     last_woke: AtomicU64,
+    /// Asked to move to a new agent: no direction reads from its socket until the move
+    /// happens (the relay is dropped) or is called off ([`Quiet::resume`]).
+    moving: AtomicBool,
+    /// The move was called off.
+    resume: tokio::sync::Notify,
 }
+
+impl Quiet {
+    /// Returns once the relay is not (or no longer) asked to move.
+    async fn unless_moving(&self) {
+        while self.moving.load(Ordering::Relaxed) {
+            let resumed = self.resume.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if !self.moving.load(Ordering::Relaxed) {
+                break;
+            }
+            resumed.await;
+        }
+    }
+}
+
+/// How long a relay asked to move waits for both directions to stop where they hold nothing
+/// (no pipe, no write pending); past it the move is called off and the connection stays, to
+/// end or drain in this agent (a half-closed connection, a receiver that takes nothing).
+pub(crate) const MOVE_WINDOW: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// How often a relay asked to move looks whether both directions hold nothing.
+const MOVE_POLL: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Both directions spliced; a leg with a [`RecordLayer`] has its TLS in the kernel. Runs until
 /// both directions end or it fails; with `park_after`, also until both directions have waited
 /// that long for bytes (checked once per `park_after`, so between one and two of it): it then
 /// stops holding nothing, and says so ([`RelayOutcome::idle`]), for the connection to be parked.
+/// With `moving`, once it says so the relay is asked to move to a new agent: its directions
+/// finish what they hold and read nothing more, and once both hold nothing it stops as idle
+/// (within [`MOVE_WINDOW`], else it goes on). Nothing is lost or reordered: bytes are only
+/// ever read into a pipe that is then written out whole before a direction stops.
 pub(crate) async fn relay<L: RecordLayer>(
     pipes: &PipePool,
     client: &impl StreamSocket,
@@ -136,6 +168,7 @@ pub(crate) async fn relay<L: RecordLayer>(
     upstream: &impl StreamSocket,
     upstream_leg: Option<&L>,
     park_after: Option<std::time::Duration>,
+    mut moving: Option<super::Drained>,
 ) -> RelayOutcome {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let quiet = Quiet::default();
@@ -163,23 +196,45 @@ pub(crate) async fn relay<L: RecordLayer>(
         )
         .map(|_| ())
     };
-    let result = match park_after {
-        None => Some(both.await),
-        Some(after) => {
-            tokio::pin!(both);
-            let mut seen = u64::MAX;
-            loop {
-                tokio::select! {
-                    result = &mut both => break Some(result),
-                    () = tokio::time::sleep(after) => {
-                        // Both directions are suspended where they wait for bytes (no pipe, no
-                        // write pending), and neither woke since the last check: drop them.
-                        let woke = quiet.woke.load(Ordering::Relaxed);
-                        if quiet.waiting.load(Ordering::Relaxed) == 2 && woke == seen {
-                            break None;
+    let result = if park_after.is_none() && moving.is_none() {
+        Some(both.await)
+    } else {
+        tokio::pin!(both);
+        let mut seen = u64::MAX;
+        let after = park_after.unwrap_or(std::time::Duration::MAX);
+        // When the relay was asked to move.
+        let mut asked: Option<tokio::time::Instant> = None;
+        loop {
+            let tick = if asked.is_some() { MOVE_POLL } else { after };
+            tokio::select! {
+                result = &mut both => break Some(result),
+                () = tokio::time::sleep(tick), if park_after.is_some() || asked.is_some() => {
+                    let waiting = quiet.waiting.load(Ordering::Relaxed) == 2;
+                    match asked {
+                        // Both directions wait without having read anything: the connection
+                        // is its sockets alone.
+                        Some(_) if waiting => break None,
+                        Some(at) if at.elapsed() >= MOVE_WINDOW => {
+                            quiet.moving.store(false, Ordering::Relaxed);
+                            quiet.resume.notify_waiters();
+                            asked = None;
+                            moving = None;
                         }
-                        seen = woke;
+                        Some(_) => {}
+                        // Both directions are suspended where they wait for bytes (no pipe,
+                        // no write pending), and neither woke since the last check: drop them.
+                        None => {
+                            let woke = quiet.woke.load(Ordering::Relaxed);
+                            if waiting && woke == seen {
+                                break None;
+                            }
+                            seen = woke;
+                        }
                     }
+                }
+                () = super::move_asked_if(moving.as_mut()), if asked.is_none() => {
+                    asked = Some(tokio::time::Instant::now());
+                    quiet.moving.store(true, Ordering::Relaxed);
                 }
             }
         }
@@ -221,6 +276,9 @@ async fn pump<L: RecordLayer>(
     loop {
         quiet.waiting.fetch_add(1, Ordering::Relaxed);
         let readable = src.readable().await;
+        // Asked to move: read nothing until the move happens (this future is dropped) or is
+        // called off.
+        quiet.unless_moving().await;
         quiet.waiting.fetch_sub(1, Ordering::Relaxed);
         quiet.woke.fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -231,8 +289,12 @@ async fn pump<L: RecordLayer>(
             .take()
             .await
             .map_err(|e| Failure::io("pipe2 (splice pipe pool)", &e))?;
-        // Keep the pipe while the socket has more; give it back, empty, once it has none.
+        // Keep the pipe while the socket has more; give it back, empty, once it has none (or
+        // once the relay is asked to move: the pipe is empty at the top of each round).
         'burst: loop {
+            if quiet.moving.load(Ordering::Relaxed) {
+                break;
+            }
             let n = match src.try_io(Interest::READABLE, || {
                 splice::splice(src.as_fd(), pipe.write_end(), SPLICE_CHUNK)
             }) {

@@ -1,0 +1,127 @@
+//! Connections moving between agents at a takeover ([`crate::takeover`]). The old agent turns
+//! a parked spliced connection (kTLS + splice, splice) into what travels: its record and its
+//! two legs ([`outgoing`]); the new agent turns that back into a parked connection of its
+//! listener ([`incoming`]), which its accept loop takes up as if it had just been woken.
+
+use std::sync::Arc;
+
+use super::parking::Parked;
+use super::relay::{IdleConn, MovingLegs, ktls::RekeyPolicy};
+use super::state::{Admission, Admitted, ListenerState};
+use crate::outcome::{DataPath, Facts, Session};
+use crate::takeover::{ConnectionRecord, MovingConnection};
+
+/// A parked connection as it travels to a new agent, or itself back when it cannot move (a
+/// sockmap connection, or a kTLS leg whose state could not be read). Its places under this
+/// agent's limits are given back; it is not recorded here: the new agent records its end.
+pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> {
+    let Parked { conn, idle } = parked;
+    let legs = match idle.into_moving() {
+        Ok(legs) => legs,
+        Err(idle) => return Err(Box::new(Parked { conn, idle })),
+    };
+    let Admitted {
+        state, peer, facts, ..
+    } = *conn;
+    let data_path = facts.data_path.unwrap_or(DataPath::Splice);
+    let record = ConnectionRecord {
+        listener: state.config.name.clone(),
+        peer,
+        data_path: data_path.as_str().to_owned(),
+        path_reason: facts.path_reason.to_string(),
+        session: facts.session_text(),
+        client_identity: facts.client_identity.clone(),
+        bytes_up: facts.bytes_up,
+        bytes_down: facts.bytes_down,
+        upstream_unix: legs.upstream_unix,
+        idle_ms: u64::try_from(legs.idle_for.as_millis()).unwrap_or(u64::MAX),
+        client_leg: legs.client_leg,
+        upstream_leg: legs.upstream_leg,
+    };
+    Ok(MovingConnection {
+        record,
+        client: legs.client,
+        upstream: legs.upstream,
+    })
+}
+
+/// The data path a moved connection's record names: only the spliced paths move.
+pub(crate) fn moved_path(name: &str) -> Option<DataPath> {
+    match name {
+        "ktls" => Some(DataPath::Ktls),
+        "splice" => Some(DataPath::Splice),
+        _ => None,
+    }
+}
+
+/// A connection handed over by the agent before this one, as a parked connection of the
+/// listener `state` under the places `admission` holds; or why it cannot be adopted (its
+/// legs close).
+pub(crate) fn incoming(
+    moving: MovingConnection,
+    state: Arc<ListenerState>,
+    admission: Admission,
+) -> Result<Box<Parked>, String> {
+    let MovingConnection {
+        record,
+        client,
+        upstream,
+    } = moving;
+    let path = moved_path(&record.data_path)
+        .ok_or_else(|| format!("data path {:?} does not move", record.data_path))?;
+    let rekey = RekeyPolicy {
+        kernel: state.caps.rekey(),
+        after_records: state.config.rekey_after_records,
+        key_updates_per_second: state.limits.key_updates_per_second,
+    };
+    let legs = MovingLegs {
+        client,
+        upstream,
+        upstream_unix: record.upstream_unix,
+        client_leg: record.client_leg.clone(),
+        upstream_leg: record.upstream_leg.clone(),
+        idle_for: std::time::Duration::from_millis(record.idle_ms),
+    };
+    let idle = IdleConn::moved(legs, state.config.idle_timeout(), &rekey)
+        .map_err(|e| format!("taking its legs: {e}"))?;
+    let mut facts = Facts {
+        session: Session::Moved(record.session.into()),
+        client_identity: record.client_identity,
+        bytes_up: record.bytes_up,
+        bytes_down: record.bytes_down,
+        ..Facts::default()
+    };
+    facts.take_path(
+        path,
+        format!(
+            "{} (moved from the agent before this one)",
+            record.path_reason
+        ),
+    );
+    let conn = Box::new(Admitted {
+        state,
+        admission,
+        peer: record.peer,
+        facts,
+    });
+    Ok(Box::new(Parked { conn, idle }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_spliced_paths_move() {
+        for path in [
+            DataPath::Ktls,
+            DataPath::Splice,
+            DataPath::Sockmap,
+            DataPath::Userspace,
+        ] {
+            let moves = matches!(path, DataPath::Ktls | DataPath::Splice);
+            assert_eq!(moved_path(path.as_str()), moves.then_some(path), "{path}");
+        }
+        assert_eq!(moved_path("anything"), None);
+    }
+}
