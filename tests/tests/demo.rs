@@ -123,6 +123,155 @@ fn sum(
         .sum()
 }
 
+/// A live upgrade while a TLS connection streams through the terminate listener: a new agent
+/// takes over from `old` (same configuration and flags, plus `--takeover`), the connection moves
+/// to it and goes on; returns the new agent.
+fn upgrade(
+    mut old: AgentProcess,
+    dir: &std::path::Path,
+    config: &str,
+    flags: &[&str],
+    web: u16,
+    pki: &Arc<TestPki>,
+) -> AgentProcess {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    println!("\ndemo: live upgrade: a new agent takes over while a connection streams");
+    let stop = Arc::new(AtomicBool::new(false));
+    let echoed = Arc::new(AtomicU64::new(0));
+    let stream = {
+        let (stop, echoed, pki) = (stop.clone(), echoed.clone(), pki.clone());
+        let addr = SocketAddr::from(([127, 0, 0, 1], web));
+        std::thread::spawn(move || -> Result<(), String> {
+            let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+            sock.set_read_timeout(Some(Duration::from_secs(120)))
+                .map_err(|e| e.to_string())?;
+            let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+            let conn =
+                ClientConnection::new(pki.client_config(), name).map_err(|e| e.to_string())?;
+            let mut tls = StreamOwned::new(conn, sock);
+            let (mut out, mut want) = (Pattern::new(99), Pattern::new(99));
+            let (mut chunk, mut back, mut expect) = (
+                vec![0u8; 16 * 1024],
+                vec![0u8; 16 * 1024],
+                vec![0u8; 16 * 1024],
+            );
+            // 16 KiB out and back every 10 ms: never idle, so it moves while busy.
+            while !stop.load(Ordering::Relaxed) {
+                out.fill(&mut chunk);
+                tls.write_all(&chunk).map_err(|e| format!("send: {e}"))?;
+                tls.read_exact(&mut back)
+                    .map_err(|e| format!("echo: {e}"))?;
+                want.fill(&mut expect);
+                if back != expect {
+                    return Err("the echo differs from what was sent".into());
+                }
+                echoed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            tls.conn.send_close_notify();
+            tls.flush().map_err(|e| e.to_string())?;
+            let mut rest = Vec::new();
+            let _ = tls.read_to_end(&mut rest);
+            Ok(())
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let before = echoed.load(Ordering::Relaxed);
+    let mut new_flags = flags.to_vec();
+    let socket = flags[flags.len() - 1];
+    new_flags.extend(["--takeover", socket]);
+    let new = AgentProcess::start_with_admin(dir, config, old.admin, &new_flags);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let moved = loop {
+        if let Some(line) = new
+            .log_text()
+            .lines()
+            .find(|l| l.contains("takeover: connections moved"))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new agent did not take over:\n{}",
+            new.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let field = |name: &str| {
+        moved
+            .split(&format!("{name}="))
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    let at_upgrade = echoed.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    stream
+        .join()
+        .expect("streaming thread")
+        .unwrap_or_else(|e| panic!("the streaming connection broke: {e}"));
+    let total = echoed.load(Ordering::Relaxed);
+    let status = old
+        .exited_within(Duration::from_secs(60))
+        .expect("the old agent exits once it holds nothing");
+    assert!(status.success(), "{status}");
+    // Its report: in the new agent when it moved, in the old one when it stayed (the
+    // user-space path's rustls state cannot move; it finished in the old agent).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let closed = loop {
+        let logs = [new.log_text(), old.log_text()].concat();
+        if let Some(line) = logs
+            .lines()
+            .find(|l| l.contains("connection closed") && l.contains("listener=web "))
+        {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no report of the streaming connection"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let path = closed
+        .split("data_path=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("?");
+    println!(
+        "demo: upgrade: the new agent took the listening sockets and {} connection(s) over in {} ms \
+         (moves {} ms; lost {}, left with the old agent to drain {}); the old agent exited {status}",
+        field("moved"),
+        field("takeover_ms"),
+        field("move_ms"),
+        field("lost"),
+        field("staying"),
+    );
+    println!(
+        "demo: upgrade: the streaming connection ({path} path) echoed {} before the new agent started, {} in all, every byte checked; {}",
+        mib(before as f64),
+        mib(total as f64),
+        if closed.contains("moved from the agent before this one") {
+            "it moved to the new agent, not reconnected"
+        } else {
+            "it stayed with the old agent (the user-space path's TLS state cannot move) and finished there"
+        },
+    );
+    assert!(
+        total > at_upgrade,
+        "the connection carried data after the upgrade"
+    );
+    assert!(closed.contains("outcome=ok"), "{closed}");
+    // A kTLS connection moves; a user-space one stays.
+    assert_eq!(
+        closed.contains("moved from the agent before this one"),
+        path == "ktls",
+        "{closed}"
+    );
+    new
+}
+
 fn mib(bytes: f64) -> String {
     format!("{:.1} MiB", bytes / f64::from(1u32 << 20))
 }
@@ -186,12 +335,16 @@ listen = "127.0.0.1:{edge}"
     } else {
         "splice"
     };
-    let agent = AgentProcess::start(
-        &dir,
-        &config,
-        &[],
-        &["--ebpf", "auto", "--passthrough-path", passthrough],
-    );
+    let takeover = dir.join("takeover.sock").display().to_string();
+    let flags = [
+        "--ebpf",
+        "auto",
+        "--passthrough-path",
+        passthrough,
+        "--takeover-socket",
+        &takeover,
+    ];
+    let agent = AgentProcess::start(&dir, &config, &[], &flags);
     assert!(
         agent.get("/readyz").0 == 200,
         "agent not ready:\n{}",
@@ -365,6 +518,7 @@ listen = "127.0.0.1:{edge}"
             .unwrap_or("eBPF off");
         println!("\nnote: {why}");
     }
+    let agent = upgrade(agent, &dir, &config, &flags, web, &pki);
     let status = {
         let mut agent = agent;
         agent.terminate().expect("the agent stops on SIGTERM")
