@@ -431,72 +431,108 @@ struct TakenOver {
 /// their move window (1.5 s) or stay; this is a little longer.
 const MOVE_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The moves end early once no connection came for this long.
-const MOVE_QUIET: std::time::Duration = std::time::Duration::from_millis(300);
+/// The moves end early once no relay is still coming to rest and nothing came for this long.
+const MOVE_SETTLED: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The old agent's side of the moves: asks the proxy to stop accepting and to hand over every
 /// connection that can move, sends them to the new agent in batches as they come, then ends
-/// the moves (what has not come stays here and drains) and says so.
+/// the moves (what has not come stays here and drains) and says so. However it ends, the
+/// moves end with it: a connection that comes to rest afterwards parks here.
 fn move_connections(
     mut mover: tlsplice::takeover::Mover,
     control: &tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
     listeners: Vec<String>,
 ) -> Result<(tlsplice::takeover::MoveSummary, std::time::Duration)> {
-    use std::sync::mpsc::RecvTimeoutError;
-    use tlsplice::takeover::{MOVE_BATCH, MovingConnection};
     let started = std::time::Instant::now();
-    let (to, moving) = std::sync::mpsc::channel();
+    let (to, moving) = tlsplice::proxy::moving_channel();
     control
         .blocking_send(tlsplice::proxy::Control::MoveOut { to, listeners })
         .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
-    let send = |batch: &mut Vec<MovingConnection>, mover: &mut tlsplice::takeover::Mover| {
-        if batch.is_empty() {
-            return;
-        }
-        match mover.send(std::mem::take(batch)) {
-            Ok(refused) => {
-                for why in refused {
-                    tracing::warn!(why = %why, "takeover: the new agent did not adopt a connection: closed");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "takeover: a batch of connections was lost"),
-        }
-    };
     let mut batch = Vec::new();
-    let mut last = started;
-    loop {
-        let now = std::time::Instant::now();
-        let until = (started + MOVE_FOR).min(last + MOVE_QUIET);
-        if now >= until {
-            break;
-        }
-        match moving.recv_timeout((until - now).min(std::time::Duration::from_millis(5))) {
-            Ok(m) => {
-                last = std::time::Instant::now();
-                batch.push(m);
-                if batch.len() >= MOVE_BATCH {
-                    send(&mut batch, &mut mover);
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => send(&mut batch, &mut mover),
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-    }
+    let collected = collect_moving(&mut mover, &moving, &mut batch, started);
+    // The moves end here whatever happened: relays stop being asked.
     let (reply, staying) = tokio::sync::oneshot::channel();
-    control
+    let ended = control
         .blocking_send(tlsplice::proxy::Control::MoveEnd(reply))
-        .map_err(|_| anyhow::anyhow!("the proxy stopped during the moves"))?;
-    let staying = staying.blocking_recv().unwrap_or(0);
+        .is_ok();
+    let staying = if ended {
+        staying.blocking_recv().ok()
+    } else {
+        None
+    };
     // Those that came to rest as the moves ended.
-    while let Ok(m) = moving.try_recv() {
-        batch.push(m);
-        if batch.len() >= MOVE_BATCH {
-            send(&mut batch, &mut mover);
+    while let Some(m) = moving.try_recv() {
+        match m {
+            Some(m) => batch.push(m),
+            None => mover.lost(1),
         }
     }
-    send(&mut batch, &mut mover);
+    // From here on a connection that comes to rest parks in this agent.
+    drop(moving);
+    if let Err(e) = collected {
+        // The new agent did not answer: what is in hand closes here.
+        mover.lost(batch.len() as u64);
+        return Err(e);
+    }
+    while !batch.is_empty() {
+        let rest = batch.split_off(batch.len().min(tlsplice::takeover::MOVE_BATCH));
+        send_moving(&mut mover, std::mem::replace(&mut batch, rest))?;
+    }
+    let staying = staying.ok_or_else(|| anyhow::anyhow!("the proxy stopped during the moves"))?;
     let summary = mover.finish(staying)?;
     Ok((summary, started.elapsed()))
+}
+
+/// Takes connections as they come to rest and sends them in batches, until the moves are
+/// settled (no relay still coming to rest, nothing for [`MOVE_SETTLED`]) or [`MOVE_FOR`] has
+/// passed; what is still in `batch` when it returns is for the caller to send. `Err`: the new
+/// agent stopped answering.
+fn collect_moving(
+    mover: &mut tlsplice::takeover::Mover,
+    moving: &tlsplice::proxy::MovingConnections,
+    batch: &mut Vec<tlsplice::takeover::MovingConnection>,
+    started: std::time::Instant,
+) -> Result<()> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut last = std::time::Instant::now();
+    loop {
+        let now = std::time::Instant::now();
+        let settled = tlsplice::proxy::moves_pending() == 0
+            && now.duration_since(last) >= MOVE_SETTLED
+            && now.duration_since(started) >= MOVE_SETTLED;
+        if settled || now >= started + MOVE_FOR {
+            return Ok(());
+        }
+        match moving.recv_timeout(std::time::Duration::from_millis(5)) {
+            Ok(Some(m)) => {
+                last = std::time::Instant::now();
+                batch.push(m);
+                if batch.len() >= tlsplice::takeover::MOVE_BATCH {
+                    send_moving(mover, std::mem::take(batch))?;
+                }
+            }
+            Ok(None) => mover.lost(1),
+            Err(RecvTimeoutError::Timeout) if !batch.is_empty() => {
+                send_moving(mover, std::mem::take(batch))?;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+    }
+}
+
+/// Sends one batch; the new agent's reasons for any it refused are logged.
+fn send_moving(
+    mover: &mut tlsplice::takeover::Mover,
+    batch: Vec<tlsplice::takeover::MovingConnection>,
+) -> Result<()> {
+    for why in mover
+        .send(batch)
+        .context("sending connections to the new agent")?
+    {
+        tracing::warn!(why = %why, "takeover: the new agent did not adopt a connection: closed");
+    }
+    Ok(())
 }
 
 /// Listens for a new agent on `socket` (on a thread of its own: the exchange blocks) and

@@ -98,7 +98,10 @@ impl TakeoverError {
 
 /// One record of the takeover protocol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "record", rename_all = "snake_case")]
+// Adjacently tagged, the tag written first: a record is decoded straight into its fields,
+// never buffered whole (an internally tagged one would be, key schedules and all, in memory
+// nothing zeroizes).
+#[serde(tag = "record", content = "fields", rename_all = "snake_case")]
 pub enum Record {
     /// New to old: the first record.
     Hello {

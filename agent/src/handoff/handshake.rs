@@ -253,6 +253,16 @@ fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) ->
 }
 
 impl TlsSession {
+    /// Drops (zeroizing) the traffic secrets caught from the handshake: a session kept in
+    /// user space never moves to another agent, and rustls holds its own copy.
+    pub fn forget_caught(&mut self) {
+        match self {
+            TlsSession::Client(_, caught) | TlsSession::Server(_, caught) => {
+                *caught = super::Caught::default();
+            }
+        }
+    }
+
     /// rustls' view of the session: version, cipher, ALPN, peer certificates.
     pub fn common(&self) -> &CommonState {
         match self {

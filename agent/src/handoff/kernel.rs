@@ -63,13 +63,22 @@ impl TlsSession {
             .protocol_version()
             .unwrap_or(ProtocolVersion::Unknown(0));
         let is_client = matches!(conn, KernelConn::Client(_));
-        let session = install(protocol, secrets, sock, peer)?;
-        let schedule = match session.version {
-            TlsVersion::Tls13 => {
-                Schedule::from_caught(caught, is_client, session.cipher).map(Box::new)
-            }
-            TlsVersion::Tls12 => None,
+        // The agent's copy of the schedule, checked against the keys rustls hands over: a
+        // copy that disagrees is dropped (the connection then cannot rekey after a move).
+        let schedule = match protocol {
+            ProtocolVersion::TLSv1_3 => Cipher::from_suite(conn.suite())
+                .and_then(|cipher| Schedule::from_caught(caught, is_client, cipher))
+                .filter(|s| {
+                    let agree = agrees(s, &secrets);
+                    if !agree {
+                        tracing::warn!(%peer, "the key schedule caught from the handshake does not give rustls' keys: dropped (this connection cannot rekey after a takeover)");
+                    }
+                    agree
+                })
+                .map(Box::new),
+            _ => None,
         };
+        let session = install(protocol, secrets, sock, peer)?;
         Ok(KernelSession {
             conn,
             session,
@@ -97,6 +106,14 @@ impl KernelConn {
             KernelConn::Client(k) => Some(k.protocol_version()),
             KernelConn::Server(k) => Some(k.protocol_version()),
             KernelConn::Moved { .. } => None,
+        }
+    }
+
+    fn suite(&self) -> rustls::CipherSuite {
+        match self {
+            KernelConn::Client(k) => k.negotiated_cipher_suite().suite(),
+            KernelConn::Server(k) => k.negotiated_cipher_suite().suite(),
+            KernelConn::Moved { .. } => rustls::CipherSuite::Unknown(0),
         }
     }
 
@@ -241,9 +258,13 @@ impl KernelSession {
                             what: "deriving the next traffic key",
                             source,
                         })?;
-                // The agent's copy follows rustls' step for step.
-                if let Some(schedule) = schedule {
-                    let _ = schedule.next(direction);
+                // The agent's copy follows rustls' step for step; one that cannot is dropped
+                // (the connection then cannot rekey after a move, and says so if it moves).
+                if let Some(s) = schedule
+                    && let Err(why) = s.next(direction)
+                {
+                    tracing::warn!(error = %why, "the agent's copy of a key schedule fell out of step: dropped");
+                    *schedule = None;
                 }
                 CryptoInfo::from_rustls(self.session.version, seq, &secrets)?
             }
@@ -273,6 +294,27 @@ impl KernelSession {
             }),
         }
     }
+}
+
+/// Whether `schedule` derives the very keys rustls extracted, each direction.
+fn agrees(schedule: &Schedule, secrets: &rustls::ExtractedSecrets) -> bool {
+    use rustls::ConnectionTrafficSecrets as S;
+    [
+        (Direction::Tx, &secrets.tx.1),
+        (Direction::Rx, &secrets.rx.1),
+    ]
+    .into_iter()
+    .all(|(direction, extracted)| {
+        let (key, iv) = match extracted {
+            S::Aes128Gcm { key, iv }
+            | S::Aes256Gcm { key, iv }
+            | S::Chacha20Poly1305 { key, iv } => (key.as_ref(), iv.as_ref()),
+            _ => return false,
+        };
+        schedule
+            .current(direction)
+            .is_ok_and(|(k, i)| k.as_ref() == key && i.as_ref() == iv)
+    })
 }
 
 /// What the kernel took over for one connection.

@@ -96,7 +96,8 @@ macro_rules! on_connection {
 
 impl UserSession {
     /// Takes a finished session's record layer into user space.
-    pub fn new(session: Box<TlsSession>) -> Self {
+    pub fn new(mut session: Box<TlsSession>) -> Self {
+        session.forget_caught();
         Self {
             session,
             partial: Vec::new(),

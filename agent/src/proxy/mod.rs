@@ -35,6 +35,8 @@ use crate::outcome::ConnectionReport;
 use crate::path::{KernelCaps, PlainPath, PlainPlan};
 use crate::takeover::Inherited;
 
+pub use self::moving::{MoveTo, MovingConnections, moves_pending, moving_channel};
+
 /// Whether a listener can serve on this kernel and on which data path, in one line; `Err` says
 /// why it cannot run at all (TLS material that does not load, or `data_path = "ktls"` on a
 /// kernel that cannot offload, `ebpf.passthrough = "sockmap"` without eBPF). `passthrough` is
@@ -113,7 +115,7 @@ pub enum Control {
     /// once and the others as they come to rest, until [`Control::MoveEnd`].
     MoveOut {
         /// Where moving connections go.
-        to: std::sync::mpsc::Sender<crate::takeover::MovingConnection>,
+        to: MoveTo,
         /// The listeners the new agent adopted.
         listeners: Vec<String>,
     },
@@ -623,7 +625,7 @@ fn adopt(
             ) => {
                 let state = r.state.borrow().clone();
                 state
-                    .admit(&r.sources, peer)
+                    .admit_moved(&r.sources, peer)
                     .map_err(|refusal| refusal.detail)
                     .and_then(|admission| moving::incoming(moving, state, admission))
                     .map(|parked| parking.adopt(parked))

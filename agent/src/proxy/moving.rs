@@ -4,12 +4,71 @@
 //! listener ([`incoming`]), which its accept loop takes up as if it had just been woken.
 
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
 
 use super::parking::Parked;
 use super::relay::{IdleConn, MovingLegs, ktls::RekeyPolicy};
 use super::state::{Admission, Admitted, ListenerState};
 use crate::outcome::{DataPath, Facts, Session};
 use crate::takeover::{ConnectionRecord, MovingConnection};
+
+/// Where connections that can move go during a takeover, from the listeners' parkings.
+#[derive(Debug, Clone)]
+pub struct MoveTo(pub(crate) Sender<Box<Parked>>);
+
+/// The takeover's side of [`MoveTo`]: each connection as it comes to rest, ready to travel.
+/// Dropped, it makes every connection still to come park here instead (a move that stopped).
+pub struct MovingConnections(Receiver<Box<Parked>>);
+
+/// A channel for the connections of one takeover.
+pub fn moving_channel() -> (MoveTo, MovingConnections) {
+    let (to, from) = std::sync::mpsc::channel();
+    (MoveTo(to), MovingConnections(from))
+}
+
+impl MovingConnections {
+    /// The next connection within `wait`: `Ok(None)` for one whose state could not be read
+    /// (closed: count it lost).
+    pub fn recv_timeout(
+        &self,
+        wait: Duration,
+    ) -> Result<Option<MovingConnection>, RecvTimeoutError> {
+        self.0
+            .recv_timeout(wait)
+            .map(|parked| outgoing(*parked).ok())
+    }
+
+    /// The next connection already there, if any (as [`MovingConnections::recv_timeout`]).
+    pub fn try_recv(&self) -> Option<Option<MovingConnection>> {
+        self.0.try_recv().ok().map(|parked| outgoing(*parked).ok())
+    }
+}
+
+/// Relays asked to move that have neither come to rest nor given up yet, over the process.
+static MOVES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Relays asked to move that have neither come to rest nor given up yet: the moves are over
+/// once this is 0 and nothing came for a moment.
+pub fn moves_pending() -> usize {
+    MOVES_PENDING.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Counts one relay asked to move until dropped.
+pub(crate) struct MovePending(());
+
+impl MovePending {
+    pub(crate) fn new() -> Self {
+        MOVES_PENDING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(())
+    }
+}
+
+impl Drop for MovePending {
+    fn drop(&mut self) {
+        MOVES_PENDING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 /// A parked connection as it travels to a new agent, or itself back when it cannot move (a
 /// sockmap connection, or a kTLS leg whose state could not be read). Its places under this

@@ -115,8 +115,7 @@ struct Lot {
     move_to: Option<MoveTo>,
 }
 
-/// Where connections that can move go during a takeover.
-pub(crate) type MoveTo = std::sync::mpsc::Sender<crate::takeover::MovingConnection>;
+use super::moving::MoveTo;
 
 /// One listener's parked connections.
 pub(crate) struct Parking {
@@ -172,17 +171,13 @@ impl Parking {
             return Err(parked);
         }
         let parked = match &lot.move_to {
-            Some(to) if parked.idle.can_move() => match super::moving::outgoing(*parked) {
-                Ok(moving) => {
-                    // The receiver is kept until the moves end (`end_move`) and taken out of
-                    // every listener: a send cannot fail before.
-                    if let Err(lost) = to.send(moving) {
-                        tracing::warn!(peer = %lost.0.record.peer,
-                            "a connection moving to the new agent was lost: the moves had ended");
-                    }
-                    return Ok(());
+            Some(to) if parked.idle.can_move() => match to.0.send(parked) {
+                Ok(()) => return Ok(()),
+                // The moves stopped (the takeover's side is gone): it parks here.
+                Err(back) => {
+                    lot.move_to = None;
+                    back.0
                 }
-                Err(back) => back,
             },
             _ => parked,
         };
@@ -245,23 +240,20 @@ impl Parking {
                 let _ = self.registry.deregister(&mut SourceFd(&fd));
             }
             slot.parked.conn.state.telemetry.parked_connections(-1);
-            match super::moving::outgoing(*slot.parked) {
-                Ok(moving) => {
+            match to.0.send(slot.parked) {
+                Ok(()) => {
                     self.held.fetch_sub(1, Ordering::Relaxed);
-                    if let Err(lost) = to.send(moving) {
-                        tracing::warn!(peer = %lost.0.record.peer,
-                            "a connection moving to the new agent was lost: the moves had ended");
-                    }
                 }
-                // Its state could not be read: it stays, woken, and its relay sees why.
-                Err(parked) => {
+                // The takeover's side is gone already: it stays, woken.
+                Err(back) => {
                     let woken = Woken {
-                        parked,
+                        parked: back.0,
                         wake: Wake::Ready,
                     };
                     if self.woken.send(woken).is_err() {
                         self.held.fetch_sub(1, Ordering::Relaxed);
                     }
+                    return;
                 }
             }
         }

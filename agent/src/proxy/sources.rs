@@ -228,6 +228,19 @@ impl SourceTable {
         })
     }
 
+    /// A place for a connection the agent before this one had admitted (a takeover): counted
+    /// against its source's connections, but neither refused by its limits nor charged to its
+    /// rate (the connection is not new).
+    pub(crate) fn place_moved(self: &Arc<Self>, source: Source) -> SourcePlace {
+        let mut shard = self.shard(&source);
+        let entry = shard.entries.entry(source).or_default();
+        entry.connections += 1;
+        SourcePlace {
+            table: self.clone(),
+            source,
+        }
+    }
+
     /// Sources with an entry (held connections, or a bucket not yet full).
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

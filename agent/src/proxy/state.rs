@@ -260,6 +260,51 @@ impl ListenerState {
         })
     }
 
+    /// The places of a connection the agent before this one had admitted (a takeover): its
+    /// source's connections count it, its rate is not charged; the node's and the listener's
+    /// connection limits still hold (a connection over them is refused, and closed).
+    pub(crate) fn admit_moved(
+        &self,
+        sources: &Arc<SourceTable>,
+        peer: std::net::SocketAddr,
+    ) -> Result<Admission, Failure> {
+        let source = self.per_source.any().then(|| {
+            let l = &self.per_source;
+            Box::new(sources.place_moved(Source::of(peer.ip(), l.prefix_v4, l.prefix_v6)))
+        });
+        let node = self
+            .limits
+            .connections
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Failure::new(
+                    Reason::ConnectionLimit,
+                    format!(
+                        "{} connections held (limits.max_connections)",
+                        self.limits.max_connections
+                    ),
+                )
+            })?;
+        let own = match &self.connections {
+            None => None,
+            Some(sem) => Some(sem.clone().try_acquire_owned().map_err(|_| {
+                Failure::new(
+                    Reason::ListenerConnectionLimit,
+                    format!(
+                        "{} connections held on this listener (max_connections)",
+                        self.config.max_connections.unwrap_or_default()
+                    ),
+                )
+            })?),
+        };
+        Ok(Admission {
+            _source: source,
+            _node: node,
+            _own: own,
+        })
+    }
+
     /// A place under the handshake limit for one TLS handshake of a client at `peer`: at once
     /// when one is free, else in its source's turn (sources take turns), waiting at most
     /// `wait`; or why not.

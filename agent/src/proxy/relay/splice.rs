@@ -202,8 +202,9 @@ pub(crate) async fn relay<L: RecordLayer>(
         tokio::pin!(both);
         let mut seen = u64::MAX;
         let after = park_after.unwrap_or(std::time::Duration::MAX);
-        // When the relay was asked to move.
+        // When the relay was asked to move, and its count among the moves pending.
         let mut asked: Option<tokio::time::Instant> = None;
+        let mut _pending = None;
         loop {
             let tick = if asked.is_some() { MOVE_POLL } else { after };
             tokio::select! {
@@ -219,6 +220,7 @@ pub(crate) async fn relay<L: RecordLayer>(
                             quiet.resume.notify_waiters();
                             asked = None;
                             moving = None;
+                            _pending = None;
                         }
                         Some(_) => {}
                         // Both directions are suspended where they wait for bytes (no pipe,
@@ -234,6 +236,7 @@ pub(crate) async fn relay<L: RecordLayer>(
                 }
                 () = super::move_asked_if(moving.as_mut()), if asked.is_none() => {
                     asked = Some(tokio::time::Instant::now());
+                    _pending = Some(crate::proxy::moving::MovePending::new());
                     quiet.moving.store(true, Ordering::Relaxed);
                 }
             }
