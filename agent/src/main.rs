@@ -560,6 +560,19 @@ fn offer_takeover(
                     .blocking_send(tlsplice::proxy::Control::Handover(tx))
                     .ok()?;
                 let mut sockets = rx.blocking_recv().ok()?;
+                let bpf = telemetry.bpf().and_then(|b| match b.handover() {
+                    Ok((pin_dir, lock)) => Some((
+                        tlsplice::takeover::BpfHandover {
+                            pin_dir,
+                            object: tlsplice::bpf::object_id(),
+                        },
+                        lock,
+                    )),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the eBPF maps are not handed over: the new agent loads its own");
+                        None
+                    }
+                });
                 if let Some((fd, addr)) = &admin
                     && let Ok(copy) = fd.try_clone()
                 {
@@ -571,17 +584,22 @@ fn offer_takeover(
                         copy,
                     ));
                 }
-                Some(sockets)
+                Some(tlsplice::takeover::Offer { sockets, bpf })
             };
             loop {
                 match offering.next(&offer) {
                     Ok(Outcome::TakenOver {
                         pid,
                         adopted,
+                        bpf_adopted,
                         mover,
                     }) => {
-                        tracing::info!(new_agent = pid, adopted = ?adopted,
+                        tracing::info!(new_agent = pid, adopted = ?adopted, bpf_adopted,
                             "taken over: listening sockets closed here; moving the connections that can move");
+                        if bpf_adopted && let Some(bpf) = telemetry.bpf() {
+                            // The new agent uses the maps and their pins from now on.
+                            bpf.hand_over();
+                        }
                         let moves = move_connections(mover, &control, adopted.clone());
                         let _ = done.send(TakenOver {
                             pid,
@@ -607,9 +625,13 @@ fn offer_takeover(
 }
 
 /// Loads the eBPF programs as `config.ebpf.mode` asks; `Err` only when they are required.
+/// `handed_over`: the maps of the agent this one takes over from, adopted when they are in the
+/// same pin directory and were made by the same object (else this agent loads its own, and
+/// says why).
 fn load_bpf(
     config: &tlsplice::config::Config,
     proxy: &tlsplice::proxy::Proxy,
+    handed_over: Option<(tlsplice::takeover::BpfHandover, std::os::fd::OwnedFd)>,
 ) -> Result<Result<tlsplice::bpf::LoadedBpf, tlsplice::bpf::BpfError>> {
     use tlsplice::config::EbpfMode;
     if config.ebpf.mode == EbpfMode::Off {
@@ -619,7 +641,36 @@ fn load_bpf(
         pin_path: config.ebpf.pin_path.clone(),
         cgroup: config.ebpf.cgroup.clone(),
     };
-    let loaded = tlsplice::bpf::LoadedBpf::load(&settings, &proxy.listener_entries());
+    let adopt = handed_over.and_then(|(handover, lock)| {
+        let object = tlsplice::bpf::object_id();
+        let why_not = if handover.pin_dir != settings.pin_path {
+            Some(format!(
+                "they are pinned in {}, this agent pins in {}",
+                handover.pin_dir.display(),
+                settings.pin_path.display()
+            ))
+        } else if handover.object != object {
+            Some(format!(
+                "they were made by another eBPF object ({}, this agent's is {object})",
+                handover.object
+            ))
+        } else {
+            None
+        };
+        match why_not {
+            None => {
+                tracing::info!(pin_dir = %handover.pin_dir.display(),
+                    "eBPF: adopting the running agent's pinned maps (counters and the sock hash go on); programs loaded for this agent's cgroup");
+                Some(std::fs::File::from(lock))
+            }
+            Some(why) => {
+                tracing::warn!(reason = %why, "eBPF: the running agent's maps are not adopted; this agent loads its own");
+                None
+            }
+        }
+    });
+    let loaded =
+        tlsplice::bpf::LoadedBpf::load_adopting(&settings, &proxy.listener_entries(), adopt);
     match (&loaded, config.ebpf.mode) {
         (Ok(bpf), _) => tracing::info!(pin_dir = %bpf.pin_dir().display(),
             cgroup = %bpf.cgroup.display(), "eBPF programs loaded: counters in pinned maps"),
@@ -687,7 +738,7 @@ fn run(
             .collect();
         let telemetry = Arc::new(tlsplice::metrics::Telemetry::new(
             names,
-            load_bpf(config, &proxy)?,
+            load_bpf(config, &proxy, inherited.take_bpf())?,
         ));
         proxy.set_telemetry(&telemetry);
         let admin_state = Arc::new(tlsplice::admin::AdminState::new(config));
@@ -808,9 +859,10 @@ fn run(
                 adopted.len() as u64,
                 sockets.saturating_sub(adopted.len() as u64),
             );
+            let bpf_adopted = telemetry.bpf().is_some_and(|b| b.adopted());
             let taker = tokio::task::spawn_blocking(move || {
                 let mut taker = taker;
-                taker.serving(adopted.clone()).map(|()| {
+                taker.serving(adopted.clone(), bpf_adopted).map(|()| {
                     tracing::info!(adopted = ?adopted, takeover_ms = started.elapsed().as_millis(),
                         "takeover: serving; the old agent stops accepting and hands over its connections");
                     taker
@@ -820,6 +872,10 @@ fn run(
             // The old agent did not hear it and goes on serving everything: this one leaves
             // rather than share the sockets with it for good.
             .context("telling the old agent this one serves")?;
+            if let Some(bpf) = telemetry.bpf().filter(|b| b.adopted()) {
+                // The old agent leaves the maps and their pins to this one now.
+                bpf.own_adopted();
+            }
             if let Some(socket) = &flags.takeover_socket {
                 // The old agent stops: the next upgrade finds this one at the usual path.
                 match tlsplice::takeover::install(socket) {
@@ -899,6 +955,11 @@ fn run(
                 _ = terms.recv() => {}
                 _ = interrupts.recv() => {}
             }
+        }
+        // The takeover thread, blocked waiting for a successor, holds the telemetry (and so
+        // the maps) for good: the pins go now.
+        if let Some(bpf) = telemetry.bpf() {
+            bpf.unpin();
         }
         tracing::info!("stopped");
         anyhow::Ok(())

@@ -110,12 +110,16 @@ pub enum Record {
         /// The new agent's process id, for the old one's log.
         pid: u32,
     },
-    /// Old to new: the listening sockets, one descriptor each, in this order.
+    /// Old to new: the listening sockets, one descriptor each, in this order; then, with
+    /// `bpf`, the eBPF pin directory's lock.
     Listeners {
         /// The record version.
         version: u32,
         /// Each socket's name and address.
         sockets: Vec<SocketRecord>,
+        /// The old agent's eBPF maps, for the new one to adopt.
+        #[serde(default)]
+        bpf: Option<BpfHandover>,
     },
     /// New to old: it accepts on these sockets now; the old agent may stop.
     Serving {
@@ -123,6 +127,9 @@ pub enum Record {
         version: u32,
         /// The names of the sockets it adopted.
         adopted: Vec<String>,
+        /// It adopted the eBPF maps: the old agent leaves them (and its pins) in place.
+        #[serde(default)]
+        bpf_adopted: bool,
     },
     /// Old to new, after `serving`: established connections, two descriptors each (the client
     /// leg, then the upstream leg), in this order.
@@ -156,6 +163,26 @@ pub enum Record {
         /// Why.
         reason: String,
     },
+}
+
+/// The old agent's eBPF maps as a new agent may adopt them: where they are pinned, and which
+/// object made them (adopted only by an agent built with the same one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BpfHandover {
+    /// The pin directory.
+    pub pin_dir: PathBuf,
+    /// The object's fingerprint ([`crate::bpf::object_id`]).
+    pub object: String,
+}
+
+/// What the old agent hands over first: its listening sockets and, with eBPF on, its maps
+/// (the pin directory's lock travels with them).
+#[derive(Debug, Default)]
+pub struct Offer {
+    /// Each listening socket.
+    pub sockets: Vec<(SocketRecord, OwnedFd)>,
+    /// The eBPF maps and the pin directory's lock.
+    pub bpf: Option<(BpfHandover, OwnedFd)>,
 }
 
 /// A listening socket as it travels: its name and the address it is bound to.
@@ -282,9 +309,15 @@ impl Record {
 pub struct Inherited {
     sockets: BTreeMap<String, (SocketAddr, OwnedFd)>,
     adopted: Vec<String>,
+    bpf: Option<(BpfHandover, OwnedFd)>,
 }
 
 impl Inherited {
+    /// The old agent's eBPF maps and its pin directory's lock, if it handed them over.
+    pub fn take_bpf(&mut self) -> Option<(BpfHandover, OwnedFd)> {
+        self.bpf.take()
+    }
+
     /// The socket named `name` if it is bound to `addr` (a listener whose address changed
     /// binds anew, and the old socket closes with the old agent).
     pub fn take(&mut self, name: &str, addr: SocketAddr) -> Option<std::net::TcpListener> {
@@ -352,17 +385,22 @@ impl Taker {
         })?;
         let (record, fds) = receive(&mut taker.stream, &taker.path)?;
         match record {
-            Record::Listeners { sockets, .. } if sockets.len() == fds.len() => {
+            Record::Listeners { sockets, bpf, .. }
+                if sockets.len() + usize::from(bpf.is_some()) == fds.len() =>
+            {
+                let mut fds = fds.into_iter();
                 let sockets = sockets
                     .into_iter()
-                    .zip(fds)
+                    .zip(fds.by_ref())
                     .map(|(s, fd)| (s.name, (s.addr, fd)))
                     .collect();
+                let bpf = bpf.zip(fds.next());
                 Ok((
                     taker,
                     Inherited {
                         sockets,
                         adopted: Vec::new(),
+                        bpf,
                     },
                 ))
             }
@@ -384,10 +422,15 @@ impl Taker {
 
     /// Tells the old agent this one serves on `adopted`: it stops accepting, hands over the
     /// connections that can move ([`Taker::adopt_connections`]) and drains the rest.
-    pub fn serving(&mut self, adopted: Vec<String>) -> Result<(), TakeoverError> {
+    pub fn serving(
+        &mut self,
+        adopted: Vec<String>,
+        bpf_adopted: bool,
+    ) -> Result<(), TakeoverError> {
         self.send(&Record::Serving {
             version: RECORD_VERSION,
             adopted,
+            bpf_adopted,
         })
     }
 
@@ -535,6 +578,8 @@ pub enum Outcome {
         pid: u32,
         /// The sockets it adopted.
         adopted: Vec<String>,
+        /// It adopted the eBPF maps.
+        bpf_adopted: bool,
         /// Where the connections go.
         mover: Mover,
     },
@@ -618,10 +663,7 @@ impl Offering {
 
     /// Waits for the next new agent (blocking: run it on a thread of its own) and hands it
     /// the sockets `offer` gives at that moment.
-    pub fn next(
-        &mut self,
-        offer: &dyn Fn() -> Option<Vec<(SocketRecord, OwnedFd)>>,
-    ) -> Result<Outcome, TakeoverError> {
+    pub fn next(&mut self, offer: &dyn Fn() -> Option<Offer>) -> Result<Outcome, TakeoverError> {
         let io = |call| {
             let path = self.path.clone();
             move |source| TakeoverError::Io { path, call, source }
@@ -650,10 +692,16 @@ impl Offering {
             let _ = send(&mut stream, &self.path, &refused(&reason), &[]);
             return Ok(Outcome::Refused(reason));
         };
-        let (sockets, fds): (Vec<SocketRecord>, Vec<OwnedFd>) = offered.into_iter().unzip();
+        let (sockets, mut fds): (Vec<SocketRecord>, Vec<OwnedFd>) =
+            offered.sockets.into_iter().unzip();
+        let bpf = offered.bpf.map(|(handover, lock)| {
+            fds.push(lock);
+            handover
+        });
         let record = Record::Listeners {
             version: RECORD_VERSION,
             sockets,
+            bpf,
         };
         let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
         send(&mut stream, &self.path, &record, &raw)?;
@@ -663,7 +711,14 @@ impl Offering {
         // ends the wait): a time limit here could leave both agents serving for good.
         stream.set_read_timeout(None).map_err(io("SO_RCVTIMEO"))?;
         match receive(&mut stream, &self.path) {
-            Ok((Record::Serving { adopted, .. }, _)) => {
+            Ok((
+                Record::Serving {
+                    adopted,
+                    bpf_adopted,
+                    ..
+                },
+                _,
+            )) => {
                 // The new agent binds this path anew; it is no longer this agent's to remove.
                 self.file = None;
                 stream
@@ -677,6 +732,7 @@ impl Offering {
                 Ok(Outcome::TakenOver {
                     pid,
                     adopted,
+                    bpf_adopted,
                     mover,
                 })
             }
@@ -975,7 +1031,8 @@ mod tests {
         assert!(
             answer_hello(&Record::Serving {
                 version: RECORD_VERSION,
-                adopted: vec![]
+                adopted: vec![],
+                bpf_adopted: false,
             })
             .is_err()
         );
@@ -1005,6 +1062,7 @@ mod tests {
                 name: "tls".into(),
                 addr,
             }],
+            bpf: None,
         };
         let path = Path::new("pair");
         send(&mut a, path, &record, &[listener.as_raw_fd()]).unwrap();

@@ -790,6 +790,17 @@ impl AgentProcess {
         Self::launch(dir, config, &[], extra, None, &[], Some(admin))
     }
 
+    /// As [`AgentProcess::start_with_admin`], pinning under `pin`.
+    pub fn start_pinned_with_admin(
+        dir: &Path,
+        config: &str,
+        pin: &Path,
+        admin: SocketAddr,
+        extra: &[&str],
+    ) -> Self {
+        Self::launch(dir, config, &[], extra, Some(pin), &[], Some(admin))
+    }
+
     /// The agent's connected TCP sockets (listeners and unix sockets left out), each
     /// duplicated into this process with pidfd_getfd(2) (Linux 5.6, needs ptrace rights over
     /// the agent: root) to read its options.

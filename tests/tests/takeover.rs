@@ -800,3 +800,114 @@ fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
     }
     assert!(new.stop().success());
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_old_one() {
+    const TEST: &str =
+        "the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_old_one";
+    if !tlsplice_tests::bpffs_or_skip(TEST) {
+        return;
+    }
+    let dir = test_dir("takeover-bpf");
+    let pki = TestPki::generate();
+    let tls = tlsplice_tests::ops::tls_echo_upstream(&pki);
+    let pt = tlsplice_tests::free_port();
+    let config = format!(
+        "[limits]\ndrain_timeout_ms = 30000\n[[listener]]\nname = \"pt\"\nmode = \"passthrough\"\n\
+         listen = \"127.0.0.1:{pt}\"\nupstream = \"{tls}\"\n"
+    );
+    let pin = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/tlsplice-test-takeover-{}",
+        std::process::id()
+    ));
+    let socket = dir.join("takeover.sock");
+    let from = socket.display().to_string();
+    let flags = [
+        "--ebpf",
+        "required",
+        "--passthrough-path",
+        "sockmap",
+        "--takeover-socket",
+        from.as_str(),
+    ];
+    let mut old = AgentProcess::start_pinned(&dir, &config, &[], &flags, Some(&pin));
+    assert!(old.child_running(), "{}", old.log_text());
+    let trust = trusting(&[&pki]);
+    let mut staying = connect(agent_addr(pt), trust.clone(), "localhost").expect("connect");
+    echo(&mut staying, b"over the sockmap, before").expect("echo");
+    let accepted = |agent: &AgentProcess| {
+        tlsplice_tests::metric(
+            &agent.metrics(),
+            "tlsplice_connections_accepted_total",
+            &["listener=\"pt\""],
+        )
+    };
+    eventually(Duration::from_secs(10), "the kernel-side count", || {
+        accepted(&old) >= 1.0
+    });
+
+    let mut new_flags = flags.to_vec();
+    new_flags.extend(["--takeover", from.as_str()]);
+    let mut new = AgentProcess::start_pinned_with_admin(&dir, &config, &pin, old.admin, &new_flags);
+    assert!(new.child_running(), "{}", new.log_text());
+    eventually(Duration::from_secs(30), "the takeover", || {
+        new.log_text().contains("takeover: connections moved")
+    });
+    let log = new.log_text();
+    assert!(
+        log.contains("adopting the running agent's pinned maps"),
+        "{log}"
+    );
+    // The sockmap connection stays with the old agent, and goes on there.
+    echo(
+        &mut staying,
+        b"over the sockmap, during the old agent's drain",
+    )
+    .expect("echo");
+    // New connections go through the new agent, on the sockmap path of the shared sock hash.
+    let mut fresh = connect(agent_addr(pt), trust.clone(), "localhost").expect("connect");
+    echo(&mut fresh, b"through the new agent").expect("echo");
+    finish(staying);
+    old.exited_within(Duration::from_secs(30))
+        .expect("the old agent exits once its connection ended");
+    // After the old agent is gone: the maps and the verdict program are still there.
+    echo(&mut fresh, b"after the old agent exited").expect("echo");
+    finish(fresh);
+    let mut third = connect(agent_addr(pt), trust, "localhost").expect("connect");
+    echo(&mut third, b"a new connection after the old agent exited").expect("echo");
+    finish(third);
+    // The counters went on: the old agent's connections are in the new agent's count.
+    eventually(Duration::from_secs(10), "the counts of all three", || {
+        accepted(&new) >= 3.0
+    });
+    let sockmap_closes = || {
+        new.log_text()
+            .lines()
+            .filter(|l| l.contains("connection closed") && l.contains("data_path=sockmap"))
+            .count()
+    };
+    eventually(
+        Duration::from_secs(10),
+        "both new connections' lines",
+        || sockmap_closes() >= 2,
+    );
+    assert_eq!(sockmap_closes(), 2, "{}", new.log_text());
+    assert!(
+        old.log_text().contains("data_path=sockmap"),
+        "{}",
+        old.log_text()
+    );
+    // The pins are the new agent's: `tlsplice stats` reads them.
+    let stats = std::process::Command::new(tlsplice_tests::agent_binary())
+        .args(["stats", "--bpf-pin-path"])
+        .arg(&pin)
+        .output()
+        .expect("tlsplice stats");
+    assert!(stats.status.success(), "{stats:?}");
+    assert!(new.terminate().is_some_and(|s| s.success()));
+    assert!(
+        !pin.join("TLSPLICE_STATS").exists(),
+        "pins left after the last agent stopped"
+    );
+}

@@ -199,10 +199,22 @@ fn program_error(program: &'static str, action: String, e: &dyn std::error::Erro
 
 /// Parses the embedded object and creates its maps (no program is loaded yet).
 fn load_object() -> Result<Ebpf, BpfError> {
+    load_object_with_maps(None)
+}
+
+/// The object, its maps those pinned in `reuse` (a running agent's) when given.
+fn load_object_with_maps(reuse: Option<&Path>) -> Result<Ebpf, BpfError> {
     if OBJECT.is_empty() {
         return Err(BpfError::NoObject);
     }
-    EbpfLoader::new().load(OBJECT).map_err(|e| {
+    let mut loader = EbpfLoader::new();
+    let pins: Vec<(&str, PathBuf)> = reuse
+        .map(|dir| pins::MAP_NAMES.iter().map(|n| (*n, dir.join(n))).collect())
+        .unwrap_or_default();
+    for (name, pin) in &pins {
+        loader.map_pin_path(name, pin.as_path());
+    }
+    loader.load(OBJECT).map_err(|e| {
         let detail = chain(&e);
         BpfError::Load {
             hint: hint_for(&detail),
@@ -304,8 +316,9 @@ pub struct ListenerEntry {
 /// verdict program attached to the sock hash (detached when this is dropped), the maps, and the
 /// pins (removed when this is dropped).
 pub struct LoadedBpf {
-    /// Keeps the programs loaded and the cgroup link alive.
-    _ebpf: Ebpf,
+    /// Keeps the programs loaded and the cgroup link alive; `None` only once dropped after a
+    /// hand-over (see [`LoadedBpf::hand_over`]).
+    ebpf: Option<Ebpf>,
     stats: Mutex<PerCpuHashMap<MapData, StatKey, u64>>,
     socks: Mutex<SockHash<MapData, u64>>,
     peers: Mutex<BpfHashMap<MapData, u64, SockmapPeer>>,
@@ -321,6 +334,31 @@ pub struct LoadedBpf {
     pub cgroup: PathBuf,
 }
 
+impl Drop for LoadedBpf {
+    fn drop(&mut self) {
+        // Handed over: aya would detach the verdict program from the sock hash the new agent
+        // now uses (a program attached to a map, not through a link). Its descriptors close
+        // with the process instead, which detaches nothing.
+        if self
+            .pins
+            .handed_over
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(ebpf) = self.ebpf.take()
+        {
+            std::mem::forget(ebpf);
+        }
+    }
+}
+
+/// A short fingerprint of the embedded eBPF object (FNV-1a, 64 bits): a new agent adopts a
+/// running agent's maps only when both were built with the same object.
+pub fn object_id() -> String {
+    let hash = OBJECT.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}-{}", OBJECT.len())
+}
+
 impl std::fmt::Debug for LoadedBpf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadedBpf")
@@ -334,12 +372,29 @@ impl LoadedBpf {
     /// Loads the object, fills the listener maps, attaches the sock_ops program and pins the
     /// maps and the program.
     pub fn load(settings: &BpfSettings, listeners: &[ListenerEntry]) -> Result<Self, BpfError> {
+        Self::load_adopting(settings, listeners, None)
+    }
+
+    /// As [`LoadedBpf::load`]; with `adopt` (the pin directory's lock of the agent this one
+    /// takes over from), the maps pinned there are reused rather than created: the counters
+    /// go on, and the sock hash is shared with the verdict program attached to it (the same
+    /// object's). The cgroup programs are this agent's, attached to its own cgroup (each
+    /// agent's sockets are in its own).
+    pub fn load_adopting(
+        settings: &BpfSettings,
+        listeners: &[ListenerEntry],
+        adopt: Option<std::fs::File>,
+    ) -> Result<Self, BpfError> {
         if OBJECT.is_empty() {
             return Err(BpfError::NoObject);
         }
         // Removes what was pinned if anything below fails.
-        let mut pins = Pins::prepare(&settings.pin_path)?;
-        let mut ebpf = load_object()?;
+        let mut pins = match adopt {
+            Some(lock) => Pins::adopt(&settings.pin_path, lock)?,
+            None => Pins::prepare(&settings.pin_path)?,
+        };
+        let reuse = pins.adopted().then_some(settings.pin_path.as_path());
+        let mut ebpf = load_object_with_maps(reuse)?;
 
         {
             let ports = ebpf
@@ -394,15 +449,12 @@ impl LoadedBpf {
                 })?;
             pins.program(name, |pin| program.pin(pin))?;
         }
-        for name in [
-            MAP_STATS,
-            MAP_LISTENER_PORTS,
-            MAP_LISTENER_NAMES,
-            MAP_SOCKS,
-            MAP_PEERS,
-        ] {
-            let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
-            pins.map(name, |pin| map.pin(pin))?;
+        // Adopted maps are pinned already (by the loader's reuse).
+        if !pins.adopted() {
+            for name in pins::MAP_NAMES {
+                let map = ebpf.map(name).ok_or(BpfError::Missing(name))?;
+                pins.map(name, |pin| map.pin(pin))?;
+            }
         }
         let socks = ebpf
             .take_map(MAP_SOCKS)
@@ -411,9 +463,14 @@ impl LoadedBpf {
             SockHash::try_from(socks).map_err(|e| map_error("TLSPLICE_SOCKS", &e))?;
         {
             let program = load_program::<SkSkb>(&mut ebpf, PROG_VERDICT)?;
-            program
-                .attach(socks.fd())
-                .map_err(|e| program_error(PROG_VERDICT, "attach to the sock hash".into(), &e))?;
+            // An adopted sock hash keeps the verdict program it has (the same object's, on the
+            // same maps): attaching this one in its place would leave the map without one if
+            // this agent then failed to take over and detached it on its way out.
+            if !pins.adopted() {
+                program.attach(socks.fd()).map_err(|e| {
+                    program_error(PROG_VERDICT, "attach to the sock hash".into(), &e)
+                })?;
+            }
             pins.program(PROG_VERDICT, |pin| program.pin(pin))?;
         }
         let peers = ebpf
@@ -439,7 +496,7 @@ impl LoadedBpf {
             source,
         })?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf: Some(ebpf),
             stats: Mutex::new(stats),
             socks: Mutex::new(socks),
             peers: Mutex::new(peers),
@@ -471,6 +528,37 @@ impl LoadedBpf {
         }
         let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
         fill_names(&mut names, listeners)
+    }
+
+    /// What a new agent taking over needs to adopt the maps: the pin directory and a copy of
+    /// its lock's open file.
+    pub fn handover(&self) -> std::io::Result<(PathBuf, std::os::fd::OwnedFd)> {
+        Ok((self.pins.dir.clone(), self.pins.lock.try_clone()?.into()))
+    }
+
+    /// A new agent adopted the maps: nothing pinned is this agent's to remove, and its
+    /// programs are not detached when it stops (the kernel drops its links with its
+    /// descriptors; the verdict program stays with the sockets that entered under it).
+    pub fn hand_over(&self) {
+        self.pins
+            .handed_over
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Removes this agent's pins now (the agent is stopping; a thread that still holds the
+    /// maps would keep them from being dropped): nothing when they were handed over.
+    pub fn unpin(&self) {
+        self.pins.remove();
+    }
+
+    /// This agent has taken over from the one whose maps it adopted: they are its own now.
+    pub fn own_adopted(&self) {
+        self.pins.own_adopted();
+    }
+
+    /// Whether the maps were adopted from the agent before this one.
+    pub fn adopted(&self) -> bool {
+        self.pins.adopted()
     }
 
     /// The bpffs directory holding the pins.

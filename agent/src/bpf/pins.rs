@@ -65,13 +65,31 @@ const PIN_NAMES: [&str; 9] = [
     MAP_PEERS,
 ];
 
+/// The maps, in the order they are pinned.
+pub(super) const MAP_NAMES: [&str; 5] = [
+    MAP_STATS,
+    MAP_LISTENER_PORTS,
+    MAP_LISTENER_NAMES,
+    MAP_SOCKS,
+    MAP_PEERS,
+];
+
 /// The pin directory, held with an exclusive flock while this agent uses it, and what this agent
 /// pinned there (removed on drop: when the agent stops, or when loading fails half way).
 pub(super) struct Pins {
     pub(super) dir: PathBuf,
     files: Vec<PathBuf>,
-    /// Holds the lock.
-    _lock: std::fs::File,
+    /// Holds the lock (its open file, shared with the agent before this one after a takeover:
+    /// a flock belongs to the open file, so the lock stays held while either has it open).
+    pub(super) lock: std::fs::File,
+    /// The maps were adopted from the agent before this one ([`Pins::adopt`]): theirs to remove
+    /// only once this agent has taken over (`adopted_owned`).
+    adopted: bool,
+    adopted_owned: std::sync::atomic::AtomicBool,
+    /// Handed to a new agent: nothing here is this agent's to remove any more.
+    pub(super) handed_over: std::sync::atomic::AtomicBool,
+    /// Already removed ([`Pins::remove`]).
+    removed: std::sync::atomic::AtomicBool,
 }
 
 impl Pins {
@@ -99,8 +117,58 @@ impl Pins {
         Ok(Self {
             dir: dir.to_owned(),
             files: Vec::new(),
-            _lock: lock,
+            lock,
+            adopted: false,
+            adopted_owned: std::sync::atomic::AtomicBool::new(false),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            removed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// The pin directory of the agent this one takes over from, with that agent's lock (its
+    /// open file, passed over the takeover socket): its maps stay and are reused; its
+    /// programs' pins are replaced by this agent's (its programs stay attached through their
+    /// links until it exits).
+    pub(super) fn adopt(dir: &Path, lock: std::fs::File) -> Result<Self, BpfError> {
+        for name in [
+            PROG_SOCKOPS,
+            PROG_RECORDS_IN,
+            PROG_RECORDS_OUT,
+            PROG_VERDICT,
+        ] {
+            let pin = dir.join(name);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(BpfError::Path {
+                        what: "replacing a program pin in",
+                        path: dir.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_owned(),
+            files: Vec::new(),
+            lock,
+            adopted: true,
+            adopted_owned: std::sync::atomic::AtomicBool::new(false),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            removed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the maps were adopted (so they are already pinned).
+    pub(super) fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// This agent has taken over: the adopted maps' pins are its own to remove when it stops.
+    pub(super) fn own_adopted(&self) {
+        self.adopted_owned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(super) fn program(
@@ -133,15 +201,31 @@ impl Pins {
     }
 }
 
-impl Drop for Pins {
-    fn drop(&mut self) {
-        for pin in &self.files {
-            if let Err(e) = std::fs::remove_file(pin) {
+impl Pins {
+    /// Removes what this agent pinned (and the adopted maps' pins once they are its own),
+    /// once; nothing when it handed them to a new agent.
+    pub(super) fn remove(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.handed_over.load(Relaxed) || self.removed.swap(true, Relaxed) {
+            return;
+        }
+        let adopted_maps = (self.adopted && self.adopted_owned.load(Relaxed))
+            .then(|| MAP_NAMES.iter().map(|name| self.dir.join(name)))
+            .into_iter()
+            .flatten();
+        for pin in self.files.iter().cloned().chain(adopted_maps) {
+            if let Err(e) = std::fs::remove_file(&pin) {
                 tracing::warn!(pin = %pin.display(), error = %e, "could not remove pin");
             }
         }
         // Only removes the directory when nothing else is pinned there.
         let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        self.remove();
     }
 }
 
