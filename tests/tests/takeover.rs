@@ -531,6 +531,10 @@ fn established_connections_move_to_the_new_agent_mid_transfer_byte_exact() {
     let started = Instant::now();
     let new = setup.take_over();
     let mut old = setup.old;
+    // A reload racing with the takeover, on both sides: nothing breaks (the old agent refuses
+    // one that arrives once it was taken over).
+    old.signal(libc::SIGHUP);
+    new.signal(libc::SIGHUP);
     eventually(
         Duration::from_secs(60),
         "the new agent to adopt the moving connections",

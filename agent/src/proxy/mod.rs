@@ -438,6 +438,8 @@ impl Proxy {
             let _ = self.start(&mut loops, &mut running, listener, state);
         }
         let mut open = true;
+        // A new agent took over: this one only drains (a reload would bind for nobody).
+        let mut taken_over = false;
         loop {
             tokio::select! {
                 message = control.recv(), if open => match message {
@@ -451,6 +453,11 @@ impl Proxy {
                         }
                         break;
                     }
+                    Some(Control::Reload(_, reply)) if taken_over => {
+                        let _ = reply.send(Err(
+                            "a new agent took over: this one drains and reloads nothing (reload the new agent)".into(),
+                        ));
+                    }
                     Some(Control::Reload(config, reply)) => {
                         let result = self.reload(&config, &mut loops, &mut running);
                         let _ = reply.send(result);
@@ -459,6 +466,7 @@ impl Proxy {
                         let _ = reply.send(handover(&running));
                     }
                     Some(Control::MoveOut { to, listeners }) => {
+                        taken_over = true;
                         for (name, r) in running.iter_mut() {
                             let moving = listeners.contains(name) && r.parking.is_some();
                             r.socket = None;

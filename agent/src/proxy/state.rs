@@ -227,6 +227,18 @@ impl ListenerState {
         } else {
             None
         };
+        let (node, own) = self.connection_places()?;
+        Ok(Admission {
+            _source: source,
+            _node: node,
+            _own: own,
+        })
+    }
+
+    /// A place under the node's and the listener's connection limits, or which one refuses.
+    fn connection_places(
+        &self,
+    ) -> Result<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>), Failure> {
         let node = self
             .limits
             .connections
@@ -253,11 +265,7 @@ impl ListenerState {
                 )
             })?),
         };
-        Ok(Admission {
-            _source: source,
-            _node: node,
-            _own: own,
-        })
+        Ok((node, own))
     }
 
     /// The places of a connection the agent before this one had admitted (a takeover): its
@@ -272,32 +280,7 @@ impl ListenerState {
             let l = &self.per_source;
             Box::new(sources.place_moved(Source::of(peer.ip(), l.prefix_v4, l.prefix_v6)))
         });
-        let node = self
-            .limits
-            .connections
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| {
-                Failure::new(
-                    Reason::ConnectionLimit,
-                    format!(
-                        "{} connections held (limits.max_connections)",
-                        self.limits.max_connections
-                    ),
-                )
-            })?;
-        let own = match &self.connections {
-            None => None,
-            Some(sem) => Some(sem.clone().try_acquire_owned().map_err(|_| {
-                Failure::new(
-                    Reason::ListenerConnectionLimit,
-                    format!(
-                        "{} connections held on this listener (max_connections)",
-                        self.config.max_connections.unwrap_or_default()
-                    ),
-                )
-            })?),
-        };
+        let (node, own) = self.connection_places()?;
         Ok(Admission {
             _source: source,
             _node: node,
