@@ -918,3 +918,113 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
         "pins left after the last agent stopped"
     );
 }
+
+/// A measurement for the closing note, skipped unless `TLSPLICE_TAKEOVER_SCALE=N` is set: N idle
+/// plain connections through a passthrough (splice) listener (each opened with a ClientHello,
+/// echoed back by a plain upstream) move in one takeover, then each carries data.
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn many_idle_connections_move_in_one_takeover() {
+    use std::io::{Read, Write};
+    const TEST: &str = "many_idle_connections_move_in_one_takeover";
+    let Some(n) = std::env::var("TLSPLICE_TAKEOVER_SCALE")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    else {
+        tlsplice_tests::skip(
+            TEST,
+            "a measurement, not a check: set TLSPLICE_TAKEOVER_SCALE=N to move N idle connections",
+        );
+        return;
+    };
+    // Two descriptors per connection in the agent and in this process: raise the limit where
+    // this process may (root with CAP_SYS_RESOURCE, as in the guests).
+    let want = (4 * n + 4096) as libc::rlim_t;
+    let limit = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want,
+    };
+    // SAFETY: setrlimit reads one rlimit; failure leaves the limits as they were.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        tlsplice::sys::raise_open_files().expect("raise the open file limit");
+    }
+    let dir = test_dir("takeover-scale");
+    let pki = TestPki::generate();
+    let port = tlsplice_tests::free_port();
+    let config = format!(
+        "[limits]\ndrain_timeout_ms = 60000\nmax_connections = {}\n[[listener]]\nname = \"pt\"\n\
+         mode = \"passthrough\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{}\"\n\
+         idle_timeout_ms = 600000\n",
+        2 * n + 100,
+        echo_upstream()
+    );
+    let socket = dir.join("takeover.sock");
+    let from = socket.display().to_string();
+    let flags = [
+        "--ebpf",
+        "off",
+        "--passthrough-path",
+        "splice",
+        "--takeover-socket",
+        from.as_str(),
+    ];
+    let old = AgentProcess::start(&dir, &config, &[], &flags);
+    let hello = pki.client_hello();
+    let opened = Instant::now();
+    let mut clients = Vec::with_capacity(n);
+    let mut back = vec![0u8; hello.len()];
+    for i in 0..n {
+        let mut c = std::net::TcpStream::connect(agent_addr(port))
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        c.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        c.write_all(&hello).expect("ClientHello");
+        c.read_exact(&mut back)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(back, hello, "connection {i}");
+        clients.push(c);
+    }
+    println!("{n} connections open in {:?}", opened.elapsed());
+    eventually(Duration::from_secs(300), "every connection parked", || {
+        tlsplice_tests::metric(&old.metrics(), "tlsplice_parked_connections", &[]) >= n as f64
+    });
+    let mut new_flags = flags.to_vec();
+    new_flags.extend(["--takeover", from.as_str()]);
+    let started = Instant::now();
+    let new = AgentProcess::start_with_admin(&dir, &config, old.admin, &new_flags);
+    eventually(Duration::from_secs(300), "the moves", || {
+        new.log_text().contains("takeover: connections moved")
+    });
+    let line = new
+        .log_text()
+        .lines()
+        .find(|l| l.contains("takeover: connections moved"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    println!(
+        "{n} idle connections, new agent started {:?} before the moves were done: {line}",
+        started.elapsed()
+    );
+    for (i, c) in clients.iter_mut().enumerate() {
+        let msg = format!("after the upgrade {i:08}");
+        c.write_all(msg.as_bytes()).expect("write");
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got)
+            .unwrap_or_else(|e| panic!("connection {i} after the upgrade: {e}"));
+        assert_eq!(got, msg.as_bytes(), "connection {i}");
+    }
+    println!("all {n} carried data after the upgrade");
+    let metrics = new.metrics();
+    assert_eq!(
+        tlsplice_tests::metric(
+            &metrics,
+            "tlsplice_takeover_connections",
+            &["how=\"moved\""]
+        ),
+        n as f64,
+        "{metrics}"
+    );
+    drop(clients);
+    let mut new = new;
+    assert!(new.terminate().is_some_and(|s| s.success()));
+}
