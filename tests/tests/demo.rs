@@ -134,17 +134,22 @@ fn upgrade(
     web: u16,
     pki: &Arc<TestPki>,
 ) -> AgentProcess {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
     println!("\ndemo: live upgrade: a new agent takes over while a connection streams");
     let stop = Arc::new(AtomicBool::new(false));
     let echoed = Arc::new(AtomicU64::new(0));
+    // The streaming client's port, to find its connection's report.
+    let client_port = Arc::new(AtomicU16::new(0));
     let stream = {
         let (stop, echoed, pki) = (stop.clone(), echoed.clone(), pki.clone());
+        let client_port = client_port.clone();
         let addr = SocketAddr::from(([127, 0, 0, 1], web));
         std::thread::spawn(move || -> Result<(), String> {
             let sock = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
             sock.set_read_timeout(Some(Duration::from_secs(120)))
                 .map_err(|e| e.to_string())?;
+            let port = sock.local_addr().map_err(|e| e.to_string())?.port();
+            client_port.store(port, Ordering::Relaxed);
             let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
             let conn =
                 ClientConnection::new(pki.client_config(), name).map_err(|e| e.to_string())?;
@@ -220,11 +225,12 @@ fn upgrade(
     // Its report: in the new agent when it moved, in the old one when it stayed (the
     // user-space path's rustls state cannot move; it finished in the old agent).
     let deadline = Instant::now() + Duration::from_secs(30);
+    let peer = format!("peer=127.0.0.1:{} ", client_port.load(Ordering::Relaxed));
     let closed = loop {
         let logs = [new.log_text(), old.log_text()].concat();
         if let Some(line) = logs
             .lines()
-            .find(|l| l.contains("connection closed") && l.contains("listener=web "))
+            .find(|l| l.contains("connection closed") && l.contains(&peer))
         {
             break line.to_owned();
         }
