@@ -442,11 +442,16 @@ fn move_connections(
     mut mover: tlsplice::takeover::Mover,
     control: &tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
     listeners: Vec<String>,
+    sockmap: bool,
 ) -> Result<(tlsplice::takeover::MoveSummary, std::time::Duration)> {
     let started = std::time::Instant::now();
     let (to, moving) = tlsplice::proxy::moving_channel();
     control
-        .blocking_send(tlsplice::proxy::Control::MoveOut { to, listeners })
+        .blocking_send(tlsplice::proxy::Control::MoveOut {
+            to,
+            listeners,
+            sockmap,
+        })
         .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
     let mut batch = Vec::new();
     let collected = collect_moving(&mut mover, &moving, &mut batch, started);
@@ -600,7 +605,9 @@ fn offer_takeover(
                             // The new agent uses the maps and their pins from now on.
                             bpf.hand_over();
                         }
-                        let moves = move_connections(mover, &control, adopted.clone());
+                        // Sockmap connections move when the new agent shares the maps.
+                        let moves =
+                            move_connections(mover, &control, adopted.clone(), bpf_adopted);
                         let _ = done.send(TakenOver {
                             pid,
                             adopted,

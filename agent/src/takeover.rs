@@ -224,6 +224,19 @@ pub struct ConnectionRecord {
     pub client_leg: Option<LegRecord>,
     /// The upstream leg's kTLS state (reencrypt, originate).
     pub upstream_leg: Option<LegRecord>,
+    /// A sockmap connection's entries in the shared (adopted) maps.
+    #[serde(default)]
+    pub sockmap: Option<SockmapRecord>,
+}
+
+/// A parked sockmap connection as it travels: its legs stay in the sock hash the new agent
+/// adopted, keyed by their socket cookies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockmapRecord {
+    /// The sockets' cookies (client leg, upstream leg).
+    pub cookies: [u64; 2],
+    /// Where each leg's send sequence stood when it entered the sock hash.
+    pub send_starts: [u64; 2],
 }
 
 /// A leg whose record layer is in the kernel, as it travels: what the agent keeps beside the
@@ -1113,6 +1126,7 @@ mod tests {
                 schedule: Some(schedule.clone()),
             }),
             upstream_leg: None,
+            sockmap: None,
         };
         let legs = || {
             let (x, y) = UnixStream::pair().unwrap();

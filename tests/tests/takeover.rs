@@ -810,9 +810,8 @@ fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
 
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
-fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_old_one() {
-    const TEST: &str =
-        "the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_old_one";
+fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
+    const TEST: &str = "the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves";
     if !tlsplice_tests::bpffs_or_skip(TEST) {
         return;
     }
@@ -841,8 +840,8 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
     let mut old = AgentProcess::start_pinned(&dir, &config, &[], &flags, Some(&pin));
     assert!(old.child_running(), "{}", old.log_text());
     let trust = trusting(&[&pki]);
-    let mut staying = connect(agent_addr(pt), trust.clone(), "localhost").expect("connect");
-    echo(&mut staying, b"over the sockmap, before").expect("echo");
+    let mut moving = connect(agent_addr(pt), trust.clone(), "localhost").expect("connect");
+    echo(&mut moving, b"over the sockmap, before").expect("echo");
     let accepted = |agent: &AgentProcess| {
         tlsplice_tests::metric(
             &agent.metrics(),
@@ -852,6 +851,11 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
     };
     eventually(Duration::from_secs(10), "the kernel-side count", || {
         accepted(&old) >= 1.0
+    });
+    // Idle, it parks: a parked sockmap connection moves (its sock hash entries stay in the
+    // maps the new agent adopts).
+    eventually(Duration::from_secs(10), "the connection parked", || {
+        tlsplice_tests::metric(&old.metrics(), "tlsplice_parked_connections", &[]) >= 1.0
     });
 
     let mut new_flags = flags.to_vec();
@@ -866,18 +870,15 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
         log.contains("adopting the running agent's pinned maps"),
         "{log}"
     );
-    // The sockmap connection stays with the old agent, and goes on there.
-    echo(
-        &mut staying,
-        b"over the sockmap, during the old agent's drain",
-    )
-    .expect("echo");
+    // The sockmap connection moved, and goes on in the new agent.
+    echo(&mut moving, b"over the sockmap, after the move").expect("echo");
     // New connections go through the new agent, on the sockmap path of the shared sock hash.
     let mut fresh = connect(agent_addr(pt), trust.clone(), "localhost").expect("connect");
     echo(&mut fresh, b"through the new agent").expect("echo");
-    finish(staying);
     old.exited_within(Duration::from_secs(30))
-        .expect("the old agent exits once its connection ended");
+        .expect("the old agent exits: it holds nothing");
+    echo(&mut moving, b"over the sockmap, after the old agent exited").expect("echo");
+    finish(moving);
     // After the old agent is gone: the maps and the verdict program are still there.
     echo(&mut fresh, b"after the old agent exited").expect("echo");
     finish(fresh);
@@ -896,15 +897,25 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
     };
     eventually(
         Duration::from_secs(10),
-        "both new connections' lines",
-        || sockmap_closes() >= 2,
+        "the three connections' lines",
+        || sockmap_closes() >= 3,
     );
-    assert_eq!(sockmap_closes(), 2, "{}", new.log_text());
+    assert_eq!(sockmap_closes(), 3, "{}", new.log_text());
     assert!(
-        old.log_text().contains("data_path=sockmap"),
+        new.log_text()
+            .lines()
+            .any(|l| l.contains("data_path=sockmap")
+                && l.contains("moved from the agent before this one")
+                && l.contains("outcome=ok")),
         "{}",
-        old.log_text()
+        new.log_text()
     );
+    let moved = tlsplice_tests::metric(
+        &new.metrics(),
+        "tlsplice_takeover_connections",
+        &["how=\"moved\""],
+    );
+    assert_eq!(moved, 1.0);
     // The pins are the new agent's: `tlsplice stats` reads them.
     let stats = std::process::Command::new(tlsplice_tests::agent_binary())
         .args(["stats", "--bpf-pin-path"])
@@ -917,6 +928,30 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_sockmap_connection_finishes_in_the_o
         !pin.join("TLSPLICE_STATS").exists(),
         "pins left after the last agent stopped"
     );
+}
+
+/// An upstream that echoes every byte back, each connection a task on one thread (a thread
+/// each would run a small guest out of threads at thousands of connections).
+fn async_echo_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("address");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            while let Ok((mut sock, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = sock.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    });
+    addr
 }
 
 /// A measurement for the closing note, skipped unless `TLSPLICE_TAKEOVER_SCALE=N` is set: N idle
@@ -956,7 +991,7 @@ fn many_idle_connections_move_in_one_takeover() {
          mode = \"passthrough\"\nlisten = \"127.0.0.1:{port}\"\nupstream = \"{}\"\n\
          idle_timeout_ms = 600000\n",
         2 * n + 100,
-        echo_upstream()
+        async_echo_upstream()
     );
     let socket = dir.join("takeover.sock");
     let from = socket.display().to_string();

@@ -77,7 +77,29 @@ impl LoadedBpf {
 #[derive(Debug)]
 pub struct SockmapKeys([u64; 2]);
 
+impl SockmapKeys {
+    /// The two sockets' cookies (client leg, upstream leg).
+    pub fn cookies(&self) -> [u64; 2] {
+        self.0
+    }
+}
+
 impl LoadedBpf {
+    /// A parked pair that a takeover moved to a new agent: no longer counted here (its
+    /// entries stay in the shared maps).
+    pub fn sockmap_moved_out(&self, _keys: &SockmapKeys) {
+        self.sockmap_sockets
+            .fetch_sub(2, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A parked pair the agent before this one handed over (its entries are in the adopted
+    /// maps): counted here from now on.
+    pub fn sockmap_moved_in(&self, cookies: [u64; 2]) -> SockmapKeys {
+        self.sockmap_sockets
+            .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        SockmapKeys(cookies)
+    }
+
     /// The pair a parked connection let go of, to be taken out of the maps when dropped.
     pub fn sockmap_pair_again(&self, keys: SockmapKeys) -> SockmapPair<'_> {
         SockmapPair {

@@ -118,6 +118,8 @@ pub enum Control {
         to: MoveTo,
         /// The listeners the new agent adopted.
         listeners: Vec<String>,
+        /// Sockmap connections move too: the new agent adopted the eBPF maps.
+        sockmap: bool,
     },
     /// The moves are over: connections not moved stay here and drain. The reply is how many
     /// connections this agent still holds.
@@ -465,7 +467,11 @@ impl Proxy {
                     Some(Control::Handover(reply)) => {
                         let _ = reply.send(handover(&running));
                     }
-                    Some(Control::MoveOut { to, listeners }) => {
+                    Some(Control::MoveOut {
+                        to,
+                        listeners,
+                        sockmap,
+                    }) => {
                         taken_over = true;
                         for (name, r) in running.iter_mut() {
                             let moving = listeners.contains(name) && r.parking.is_some();
@@ -476,7 +482,7 @@ impl Proxy {
                                 s.move_out = moving;
                             });
                             if let (true, Some(parking)) = (moving, &r.parking) {
-                                parking.move_out(to.clone());
+                                parking.move_out(to.clone(), sockmap);
                             }
                         }
                     }

@@ -75,6 +75,9 @@ impl Drop for MovePending {
 /// agent's limits are given back; it is not recorded here: the new agent records its end.
 pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> {
     let Parked { conn, idle } = parked;
+    if let (Some(keys), Some(bpf)) = (idle.sockmap_keys(), conn.state.telemetry.bpf()) {
+        bpf.sockmap_moved_out(keys);
+    }
     let legs = match idle.into_moving() {
         Ok(legs) => legs,
         Err(idle) => return Err(Box::new(Parked { conn, idle })),
@@ -96,6 +99,7 @@ pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> 
         idle_ms: u64::try_from(legs.idle_for.as_millis()).unwrap_or(u64::MAX),
         client_leg: legs.client_leg,
         upstream_leg: legs.upstream_leg,
+        sockmap: legs.sockmap,
     };
     Ok(MovingConnection {
         record,
@@ -109,6 +113,7 @@ pub(crate) fn moved_path(name: &str) -> Option<DataPath> {
     match name {
         "ktls" => Some(DataPath::Ktls),
         "splice" => Some(DataPath::Splice),
+        "sockmap" => Some(DataPath::Sockmap),
         _ => None,
     }
 }
@@ -139,9 +144,11 @@ pub(crate) fn incoming(
         upstream_unix: record.upstream_unix,
         client_leg: record.client_leg.clone(),
         upstream_leg: record.upstream_leg.clone(),
+        sockmap: record.sockmap.clone(),
         idle_for: std::time::Duration::from_millis(record.idle_ms),
     };
-    let idle = IdleConn::moved(legs, state.config.idle_timeout(), &rekey)
+    let bpf = state.telemetry.bpf();
+    let idle = IdleConn::moved(legs, state.config.idle_timeout(), &rekey, bpf)
         .map_err(|e| format!("taking its legs: {e}"))?;
     let mut facts = Facts {
         session: Session::Moved(record.session.into()),
@@ -171,14 +178,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_the_spliced_paths_move() {
+    fn only_the_kernel_paths_move() {
         for path in [
             DataPath::Ktls,
             DataPath::Splice,
             DataPath::Sockmap,
             DataPath::Userspace,
         ] {
-            let moves = matches!(path, DataPath::Ktls | DataPath::Splice);
+            let moves = path != DataPath::Userspace;
             assert_eq!(moved_path(path.as_str()), moves.then_some(path), "{path}");
         }
         assert_eq!(moved_path("anything"), None);

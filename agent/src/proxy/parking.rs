@@ -113,6 +113,8 @@ struct Lot {
     /// A new agent is taking connections over: those that can move go there instead of
     /// parking.
     move_to: Option<MoveTo>,
+    /// Sockmap connections move too (the new agent adopted the maps their entries are in).
+    move_sockmap: bool,
 }
 
 use super::moving::MoveTo;
@@ -171,7 +173,7 @@ impl Parking {
             return Err(parked);
         }
         let parked = match &lot.move_to {
-            Some(to) if parked.idle.can_move() => match to.0.send(parked) {
+            Some(to) if parked.idle.can_move(lot.move_sockmap) => match to.0.send(parked) {
                 Ok(()) => return Ok(()),
                 // The moves stopped (the takeover's side is gone): it parks here.
                 Err(back) => {
@@ -219,16 +221,17 @@ impl Parking {
 
     /// A new agent is taking connections over: every parked one that can move goes to `to`
     /// now, and those that park from now on until [`Parking::end_move`] go there too.
-    pub(crate) fn move_out(&self, to: MoveTo) {
+    pub(crate) fn move_out(&self, to: MoveTo, sockmap: bool) {
         let mut guard = self.lot();
         let lot = &mut *guard;
         if lot.closed {
             return;
         }
+        lot.move_sockmap = sockmap;
         let ids: Vec<u64> = lot
             .slots
             .iter()
-            .filter(|(_, slot)| slot.parked.idle.can_move())
+            .filter(|(_, slot)| slot.parked.idle.can_move(sockmap))
             .map(|(id, _)| *id)
             .collect();
         for id in ids {

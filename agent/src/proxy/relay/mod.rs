@@ -374,22 +374,41 @@ pub(crate) struct MovingLegs {
     pub(crate) client_leg: Option<crate::takeover::LegRecord>,
     /// The upstream leg's kTLS state.
     pub(crate) upstream_leg: Option<crate::takeover::LegRecord>,
+    /// A sockmap connection's entries in the shared maps.
+    pub(crate) sockmap: Option<crate::takeover::SockmapRecord>,
     /// How long it has moved nothing either way.
     pub(crate) idle_for: Duration,
 }
 
 impl IdleConn {
     /// Whether it can move to a new agent: a spliced connection (kTLS, splice) is its sockets
-    /// and the small state of its kTLS legs; a sockmap connection's sock hash entries belong
-    /// to this agent's maps.
-    pub(crate) fn can_move(&self) -> bool {
-        matches!(self, IdleConn::Spliced(_))
+    /// and the small state of its kTLS legs; a sockmap connection, when the new agent adopted
+    /// the maps its sock hash entries are in (`sockmap`).
+    pub(crate) fn can_move(&self, sockmap: bool) -> bool {
+        match self {
+            IdleConn::Spliced(_) => true,
+            IdleConn::Sockmap(_) => sockmap,
+        }
     }
 
     /// Its legs as they travel to a new agent, or itself when it cannot move.
     pub(crate) fn into_moving(self) -> Result<MovingLegs, IdleConn> {
-        let IdleConn::Spliced(spliced) = self else {
-            return Err(self);
+        let spliced = match self {
+            IdleConn::Spliced(spliced) => spliced,
+            IdleConn::Sockmap(s) => {
+                return Ok(MovingLegs {
+                    sockmap: Some(crate::takeover::SockmapRecord {
+                        cookies: s.keys.cookies(),
+                        send_starts: s.starts.to_pair(),
+                    }),
+                    client: s.client.into(),
+                    upstream: s.upstream.into(),
+                    upstream_unix: false,
+                    client_leg: None,
+                    upstream_leg: None,
+                    idle_for: s.last.since.elapsed(),
+                });
+            }
         };
         let records = [spliced.legs.0.as_deref(), spliced.legs.1.as_deref()]
             .map(|leg| leg.map(ktls::KtlsLeg::to_record).transpose());
@@ -412,8 +431,17 @@ impl IdleConn {
             upstream_unix,
             client_leg,
             upstream_leg,
+            sockmap: None,
             idle_for: last.since.elapsed(),
         })
+    }
+
+    /// The keys of a sockmap connection (to count it out of this agent when it moves).
+    pub(crate) fn sockmap_keys(&self) -> Option<&crate::bpf::SockmapKeys> {
+        match self {
+            IdleConn::Sockmap(s) => Some(&s.keys),
+            IdleConn::Spliced(_) => None,
+        }
     }
 
     /// A connection handed over by the agent before this one, parked as it was there: its
@@ -422,9 +450,33 @@ impl IdleConn {
         legs: MovingLegs,
         idle_timeout: Duration,
         rekey: &ktls::RekeyPolicy,
+        bpf: Option<&LoadedBpf>,
     ) -> std::io::Result<Self> {
         let client = std::net::TcpStream::from(legs.client);
         client.set_nonblocking(true)?;
+        let now = tokio::time::Instant::now();
+        let last = LastProgress {
+            progress: crate::sys::tcp_progress(client.as_fd()).ok(),
+            since: now.checked_sub(legs.idle_for).unwrap_or(now),
+        };
+        if let Some(sockmap) = legs.sockmap {
+            // Its entries are in the maps this agent adopted.
+            let bpf = bpf.filter(|b| b.adopted()).ok_or_else(|| {
+                std::io::Error::other(
+                    "a sockmap connection, and this agent did not adopt the maps it is in",
+                )
+            })?;
+            let upstream = std::net::TcpStream::from(legs.upstream);
+            upstream.set_nonblocking(true)?;
+            return Ok(IdleConn::Sockmap(IdleSockmap {
+                client,
+                upstream,
+                keys: bpf.sockmap_moved_in(sockmap.cookies),
+                starts: sockmap::SendStarts::from_pair(sockmap.send_starts),
+                idle_timeout,
+                last,
+            }));
+        }
         let upstream = if legs.upstream_unix {
             let s = std::os::unix::net::UnixStream::from(legs.upstream);
             s.set_nonblocking(true)?;
@@ -437,11 +489,6 @@ impl IdleConn {
         let leg = |r: &Option<crate::takeover::LegRecord>| {
             r.as_ref()
                 .map(|r| Box::new(ktls::KtlsLeg::from_record(r, rekey)))
-        };
-        let now = tokio::time::Instant::now();
-        let last = LastProgress {
-            progress: crate::sys::tcp_progress(client.as_fd()).ok(),
-            since: now.checked_sub(legs.idle_for).unwrap_or(now),
         };
         Ok(IdleConn::Spliced(Box::new(IdleSpliced {
             client,

@@ -99,6 +99,18 @@ pub(crate) struct SendStarts {
     upstream: u64,
 }
 
+impl SendStarts {
+    /// As they travel at a takeover: (client leg, upstream leg).
+    pub(crate) fn to_pair(self) -> [u64; 2] {
+        [self.client, self.upstream]
+    }
+
+    /// From a takeover record.
+    pub(crate) fn from_pair([client, upstream]: [u64; 2]) -> Self {
+        Self { client, upstream }
+    }
+}
+
 /// How entering the sock hash went, once both legs could be put there.
 pub(crate) enum Entry<'a> {
     /// Both legs are in: the kernel moves the bytes from here on.
