@@ -431,8 +431,8 @@ struct TakenOver {
 /// their move window (1.5 s) or stay; this is a little longer.
 const MOVE_FOR: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The moves end early once no relay is still coming to rest and nothing came for this long.
-const MOVE_SETTLED: std::time::Duration = std::time::Duration::from_millis(50);
+/// The moves end early once no relay can still come to rest and nothing came for this long.
+const MOVE_SETTLED: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The old agent's side of the moves: asks the proxy to stop accepting and to hand over every
 /// connection that can move, sends them to the new agent in batches as they come, then ends
@@ -446,12 +446,17 @@ fn move_connections(
 ) -> Result<(tlsplice::takeover::MoveSummary, std::time::Duration)> {
     let started = std::time::Instant::now();
     let (to, moving) = tlsplice::proxy::moving_channel();
+    let (done, asked) = tokio::sync::oneshot::channel();
     control
         .blocking_send(tlsplice::proxy::Control::MoveOut {
             to,
             listeners,
             sockmap,
+            done,
         })
+        .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
+    asked
+        .blocking_recv()
         .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
     let mut batch = Vec::new();
     let collected = collect_moving(&mut mover, &moving, &mut batch, started);
@@ -460,18 +465,22 @@ fn move_connections(
     let ended = control
         .blocking_send(tlsplice::proxy::Control::MoveEnd(reply))
         .is_ok();
-    let staying = if ended {
+    let held = if ended {
         staying.blocking_recv().ok()
     } else {
         None
     };
-    // Those that came to rest as the moves ended.
+    // Those that came to rest as the moves ended (each still held its places when the proxy
+    // counted what it holds).
+    let mut late = 0;
     while let Some(m) = moving.try_recv() {
+        late += 1;
         match m {
             Some(m) => batch.push(m),
             None => mover.lost(1),
         }
     }
+    let staying = held.map(|held| held.saturating_sub(late));
     // From here on a connection that comes to rest parks in this agent.
     drop(moving);
     if let Err(e) = collected {

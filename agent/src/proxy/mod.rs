@@ -120,6 +120,9 @@ pub enum Control {
         listeners: Vec<String>,
         /// Sockmap connections move too: the new agent adopted the eBPF maps.
         sockmap: bool,
+        /// Answered once every parked connection that can move went to `to` and every
+        /// listener was told.
+        done: tokio::sync::oneshot::Sender<()>,
     },
     /// The moves are over: connections not moved stay here and drain. The reply is how many
     /// connections this agent still holds.
@@ -471,6 +474,7 @@ impl Proxy {
                         to,
                         listeners,
                         sockmap,
+                        done,
                     }) => {
                         taken_over = true;
                         for (name, r) in running.iter_mut() {
@@ -485,6 +489,7 @@ impl Proxy {
                                 parking.move_out(to.clone(), sockmap);
                             }
                         }
+                        let _ = done.send(());
                     }
                     Some(Control::MoveEnd(reply)) => {
                         for r in running.values() {

@@ -45,16 +45,17 @@ impl MovingConnections {
     }
 }
 
-/// Relays asked to move that have neither come to rest nor given up yet, over the process.
+/// Relays that may move (running with a move signal) and have neither ended, come to rest for
+/// a move, nor given one up, over the process.
 static MOVES_PENDING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Relays asked to move that have neither come to rest nor given up yet: the moves are over
-/// once this is 0 and nothing came for a moment.
+/// Relays that could still come to rest for a move (running, not given up): once a takeover
+/// has asked them, the moves are over when this is 0 and nothing came for a moment.
 pub fn moves_pending() -> usize {
     MOVES_PENDING.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Counts one relay asked to move until dropped.
+/// Counts one relay that may move until dropped.
 pub(crate) struct MovePending(());
 
 impl MovePending {

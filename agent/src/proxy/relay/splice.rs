@@ -202,9 +202,13 @@ pub(crate) async fn relay<L: RecordLayer>(
         tokio::pin!(both);
         let mut seen = u64::MAX;
         let after = park_after.unwrap_or(std::time::Duration::MAX);
-        // When the relay was asked to move, and its count among the moves pending.
+        // When the relay was asked to move.
         let mut asked: Option<tokio::time::Instant> = None;
-        let mut _pending = None;
+        // Counted among the relays a takeover waits for while it may still move (from its
+        // start, so one asked a moment later is never missed).
+        let mut _pending = moving
+            .as_ref()
+            .map(|_| crate::proxy::moving::MovePending::new());
         loop {
             let tick = if asked.is_some() { MOVE_POLL } else { after };
             tokio::select! {
@@ -236,7 +240,6 @@ pub(crate) async fn relay<L: RecordLayer>(
                 }
                 () = super::move_asked_if(moving.as_mut()), if asked.is_none() => {
                     asked = Some(tokio::time::Instant::now());
-                    _pending = Some(crate::proxy::moving::MovePending::new());
                     quiet.moving.store(true, Ordering::Relaxed);
                 }
             }
