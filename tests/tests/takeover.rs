@@ -1060,6 +1060,11 @@ fn many_idle_connections_move_in_one_takeover() {
         "{metrics}"
     );
     drop(clients);
+    // Every connection ends first (thousands of closes take a while on an emulated CPU).
+    eventually(Duration::from_secs(300), "every connection closed", || {
+        tlsplice_tests::metric(&new.metrics(), "tlsplice_parked_connections", &[]) == 0.0
+            && tlsplice_tests::metric(&new.metrics(), "tlsplice_connections_total", &[]) >= n as f64
+    });
     let mut new = new;
     assert!(new.terminate().is_some_and(|s| s.success()));
 }
