@@ -212,6 +212,13 @@ pub struct ConnectionRecord {
     pub session: String,
     /// The verified client certificate's names (mTLS listeners).
     pub client_identity: Option<String>,
+    /// The client leg's completed handshake (version, suite: wire values), counted when the
+    /// connection ends in the new agent.
+    #[serde(default)]
+    pub client_handshake: Option<(u16, u16)>,
+    /// The upstream leg's completed handshake (version, suite).
+    #[serde(default)]
+    pub upstream_handshake: Option<(u16, u16)>,
     /// Plaintext bytes moved so far, client to upstream.
     pub bytes_up: u64,
     /// Plaintext bytes moved so far, upstream to client.
@@ -1109,6 +1116,8 @@ mod tests {
             path_reason: "kernel offloads".into(),
             session: "client TLSv1.3 AES-128-GCM".into(),
             client_identity: None,
+            client_handshake: Some((0x0304, 0x1301)),
+            upstream_handshake: None,
             bytes_up: 10,
             bytes_down: 20,
             upstream_unix: false,

@@ -610,6 +610,16 @@ fn established_connections_move_to_the_new_agent_mid_transfer_byte_exact() {
         }
     }
     let metrics = new.metrics();
+    // A moved connection's handshakes are counted where it ends.
+    for listener in ["web", "re", "re_tap"] {
+        let moved_here = closed_lines(&new_log, listener).len() as f64;
+        let counted = tlsplice_tests::metric(
+            &metrics,
+            "tlsplice_handshakes_total",
+            &[&format!("listener=\"{listener}\""), "outcome=\"ok\""],
+        );
+        assert_eq!(counted, moved_here, "{listener}: {metrics}");
+    }
     let moved = tlsplice_tests::metric(
         &metrics,
         "tlsplice_takeover_connections",

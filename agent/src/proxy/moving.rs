@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::parking::Parked;
 use super::relay::{IdleConn, MovingLegs, ktls::RekeyPolicy};
 use super::state::{Admission, Admitted, ListenerState};
-use crate::outcome::{DataPath, Facts, Session};
+use crate::outcome::{DataPath, Facts, HandshakeOutcome, Reason, Session};
 use crate::takeover::{ConnectionRecord, MovingConnection};
 
 /// Where connections that can move go during a takeover, from the listeners' parkings.
@@ -94,6 +94,8 @@ pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> 
         path_reason: facts.path_reason.to_string(),
         session: facts.session_text(),
         client_identity: facts.client_identity.clone(),
+        client_handshake: completed(facts.client_handshake.as_ref()),
+        upstream_handshake: completed(facts.upstream_handshake.as_ref()),
         bytes_up: facts.bytes_up,
         bytes_down: facts.bytes_down,
         upstream_unix: legs.upstream_unix,
@@ -107,6 +109,13 @@ pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> 
         client: legs.client,
         upstream: legs.upstream,
     })
+}
+
+/// A completed handshake as it travels (version, suite); the agent counts handshakes when a
+/// connection ends, so a moved one's are counted by the new agent.
+fn completed(h: Option<&HandshakeOutcome>) -> Option<(u16, u16)> {
+    h.filter(|h| h.outcome == Reason::Ok)
+        .map(|h| (h.version, h.suite))
 }
 
 /// The data path a moved connection's record names: only the spliced paths move.
@@ -151,8 +160,17 @@ pub(crate) fn incoming(
     let bpf = state.telemetry.bpf();
     let idle = IdleConn::moved(legs, state.config.idle_timeout(), &rekey, bpf)
         .map_err(|e| format!("taking its legs: {e}"))?;
+    let handshake = |h: Option<(u16, u16)>| {
+        h.map(|(version, suite)| HandshakeOutcome {
+            outcome: Reason::Ok,
+            version,
+            suite,
+        })
+    };
     let mut facts = Facts {
         session: Session::Moved(record.session.into()),
+        client_handshake: handshake(record.client_handshake),
+        upstream_handshake: handshake(record.upstream_handshake),
         client_identity: record.client_identity,
         bytes_up: record.bytes_up,
         bytes_down: record.bytes_down,
