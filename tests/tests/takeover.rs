@@ -464,6 +464,22 @@ fn stream_through(
     Ok(())
 }
 
+/// Waits up to `limit` for the new agent to say its moves are done; returns that log line.
+fn moves_done(new: &AgentProcess, limit: Duration) -> String {
+    let line = || {
+        new.log_text()
+            .lines()
+            .find(|l| l.contains("takeover: connections moved"))
+            .map(str::to_owned)
+    };
+    eventually(
+        limit,
+        "the new agent to adopt the moving connections",
+        || line().is_some(),
+    );
+    line().unwrap_or_default()
+}
+
 /// The connection lines of a listener in an agent's log.
 fn closed_lines<'a>(log: &'a str, listener: &str) -> Vec<&'a str> {
     let name = format!("listener={listener} ");
@@ -535,11 +551,7 @@ fn established_connections_move_to_the_new_agent_mid_transfer_byte_exact() {
     // one that arrives once it was taken over).
     old.signal(libc::SIGHUP);
     new.signal(libc::SIGHUP);
-    eventually(
-        Duration::from_secs(60),
-        "the new agent to adopt the moving connections",
-        || new.log_text().contains("takeover: connections moved"),
-    );
+    moves_done(&new, Duration::from_secs(60));
     println!(
         "moves done {:?} after the new agent started",
         started.elapsed()
@@ -695,17 +707,7 @@ fn idle_connections_survive_an_upgrade_and_then_carry_data() {
     );
     let new = setup.take_over();
     let mut old = setup.old;
-    eventually(
-        Duration::from_secs(120),
-        "the new agent to adopt the idle connections",
-        || new.log_text().contains("takeover: connections moved"),
-    );
-    let line = new
-        .log_text()
-        .lines()
-        .find(|l| l.contains("takeover: connections moved"))
-        .map(str::to_owned)
-        .unwrap_or_default();
+    let line = moves_done(&new, Duration::from_secs(120));
     println!("{n} idle connections: {line}");
     for (i, (listener, c)) in clients.iter_mut().enumerate() {
         echo(c, format!("after the upgrade {i}").as_bytes()).unwrap_or_else(|e| {
@@ -766,11 +768,7 @@ fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
     }
     let new = setup.take_over();
     let mut old = setup.old;
-    eventually(
-        Duration::from_secs(60),
-        "the new agent to adopt the connections",
-        || new.log_text().contains("takeover: connections moved"),
-    );
+    moves_done(&new, Duration::from_secs(60));
     let big = vec![7u8; 1 << 20];
     for (listener, c) in &mut clients {
         c.conn.refresh_traffic_keys().expect("KeyUpdate");
@@ -872,9 +870,7 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
     new_flags.extend(["--takeover", from.as_str()]);
     let mut new = AgentProcess::start_pinned_with_admin(&dir, &config, &pin, old.admin, &new_flags);
     assert!(new.child_running(), "{}", new.log_text());
-    eventually(Duration::from_secs(30), "the takeover", || {
-        new.log_text().contains("takeover: connections moved")
-    });
+    moves_done(&new, Duration::from_secs(30));
     let log = new.log_text();
     assert!(
         log.contains("adopting the running agent's pinned maps"),
@@ -1037,15 +1033,7 @@ fn many_idle_connections_move_in_one_takeover() {
     new_flags.extend(["--takeover", from.as_str()]);
     let started = Instant::now();
     let new = AgentProcess::start_with_admin(&dir, &config, old.admin, &new_flags);
-    eventually(Duration::from_secs(300), "the moves", || {
-        new.log_text().contains("takeover: connections moved")
-    });
-    let line = new
-        .log_text()
-        .lines()
-        .find(|l| l.contains("takeover: connections moved"))
-        .map(str::to_owned)
-        .unwrap_or_default();
+    let line = moves_done(&new, Duration::from_secs(300));
     println!(
         "{n} idle connections, new agent started {:?} before the moves were done: {line}",
         started.elapsed()
