@@ -223,13 +223,20 @@ fn upgrade(
         .expect("the old agent exits once it holds nothing");
     assert!(status.success(), "{status}");
     // Its report: in the new agent when it moved, in the old one when it stayed (the
-    // user-space path's rustls state cannot move; it finished in the old agent).
+    // user-space path's rustls state cannot move; it finished in the old agent). The last line
+    // of its port: an earlier session may have had the same one.
+    let moved = field("moved") != "0";
     let deadline = Instant::now() + Duration::from_secs(30);
     let peer = format!("peer=127.0.0.1:{} ", client_port.load(Ordering::Relaxed));
     let closed = loop {
-        let logs = [new.log_text(), old.log_text()].concat();
-        if let Some(line) = logs
+        let log = if moved {
+            new.log_text()
+        } else {
+            old.log_text()
+        };
+        if let Some(line) = log
             .lines()
+            .rev()
             .find(|l| l.contains("connection closed") && l.contains(&peer))
         {
             break line.to_owned();

@@ -198,7 +198,13 @@ fn key_updates_from_openssl_are_followed_and_a_storm_is_cut() {
         // the next line waits until it has acted.
         client.line("k").expect("k");
         client.wait_for_count("KEYUPDATE", 1);
-        client.line("hello-2").expect("write");
+        if refuses {
+            // The agent answers with an alert and closes; s_client may be gone already, and
+            // its input with it (a CI run on 6.1 caught the broken pipe).
+            let _ = client.line("hello-2");
+        } else {
+            client.line("hello-2").expect("write");
+        }
         if !refuses {
             client.wait_for("hello-2\n");
             client.line("K").expect("K");
