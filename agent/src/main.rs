@@ -559,6 +559,7 @@ fn offer_takeover(
     control: tokio::sync::mpsc::Sender<tlsplice::proxy::Control>,
     admin: Option<(std::os::fd::OwnedFd, std::net::SocketAddr)>,
     telemetry: Arc<tlsplice::metrics::Telemetry>,
+    serving_elsewhere: Arc<tokio::sync::Notify>,
 ) -> Result<tokio::sync::mpsc::UnboundedReceiver<TakenOver>> {
     use tlsplice::takeover::{ADMIN_SOCKET, Offering, Outcome, SocketRecord};
     let mut offering = Offering::bind(socket, taking_over).context("the takeover socket")?;
@@ -610,6 +611,9 @@ fn offer_takeover(
                     }) => {
                         tracing::info!(new_agent = pid, adopted = ?adopted, bpf_adopted,
                             "taken over: listening sockets closed here; moving the connections that can move");
+                        // The new agent serves the admin socket too: this one's server stops
+                        // now rather than after the moves.
+                        serving_elsewhere.notify_one();
                         if bpf_adopted && let Some(bpf) = telemetry.bpf() {
                             // The new agent uses the maps and their pins from now on.
                             bpf.hand_over();
@@ -853,6 +857,8 @@ fn run(
         let serving = tokio::spawn(proxy.serve(control_rx));
         // This agent's own takeover socket first: once the old agent is told this one
         // serves, it stops, so nothing after that may fail.
+        // Told when a new agent took over, before the moves.
+        let serving_elsewhere = Arc::new(tokio::sync::Notify::new());
         let mut taken_over = match &flags.takeover_socket {
             Some(socket) => {
                 let admin_socket = admin_socket.ok().zip(admin_addr);
@@ -862,6 +868,7 @@ fn run(
                     control.clone(),
                     admin_socket,
                     telemetry.clone(),
+                    serving_elsewhere.clone(),
                 )?
             }
             None => tokio::sync::mpsc::unbounded_channel().1,
@@ -935,6 +942,7 @@ fn run(
         let mut current = config.clone();
         let why = loop {
             tokio::select! {
+                () = serving_elsewhere.notified() => admin_task.abort(),
                 Some(done) = taken_over.recv() => {
                     let TakenOver { pid, adopted, moves } = done;
                     match moves {

@@ -159,14 +159,17 @@ fn a_new_agent_takes_the_listeners_over_without_refusing_a_connection() {
     eventually(
         Duration::from_secs(10),
         "/readyz from the new agent",
-        || new.get("/readyz").0 == 200,
+        || tlsplice_tests::http_get(new.admin, "/readyz").is_ok_and(|(s, _)| s == 200),
     );
-    // Until the old admin server has stopped, a request may still reach it.
+    // Until the old admin server has stopped, a request may still reach it (or be cut off
+    // when it stops).
     eventually(
         Duration::from_secs(10),
         "the new agent's takeover metrics",
         || {
-            let metrics = new.metrics();
+            let metrics = tlsplice_tests::http_get(new.admin, "/metrics")
+                .map(|(_, text)| text)
+                .unwrap_or_default();
             tlsplice_tests::metric(&metrics, "tlsplice_takeover_sockets", &["how=\"adopted\""])
                 == 2.0
                 && metrics.contains("tlsplice_takeover_seconds ")
