@@ -249,13 +249,7 @@ impl Parking {
                 }
                 // The takeover's side is gone already: it stays, woken.
                 Err(back) => {
-                    let woken = Woken {
-                        parked: back.0,
-                        wake: Wake::Ready,
-                    };
-                    if self.woken.send(woken).is_err() {
-                        self.held.fetch_sub(1, Ordering::Relaxed);
-                    }
+                    self.to_accept_loop(back.0, Wake::Ready);
                     return;
                 }
             }
@@ -272,11 +266,14 @@ impl Parking {
     /// it had just been woken (it parks again once idle).
     pub(crate) fn adopt(&self, parked: Box<Parked>) {
         self.held.fetch_add(1, Ordering::Relaxed);
-        let woken = Woken {
-            parked,
-            wake: Wake::Ready,
-        };
-        if self.woken.send(woken).is_err() {
+        self.to_accept_loop(parked, Wake::Ready);
+    }
+
+    /// Hands a held connection to the accept loop, which gives it a task.
+    fn to_accept_loop(&self, parked: Box<Parked>, wake: Wake) {
+        if self.woken.send(Woken { parked, wake }).is_err() {
+            // The accept loop is gone (it waits for every held connection, so only when its
+            // task was cancelled): the connection closes with nothing to report to.
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -301,15 +298,7 @@ impl Parking {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
         slot.parked.conn.state.telemetry.parked_connections(-1);
-        let woken = Woken {
-            parked: slot.parked,
-            wake,
-        };
-        if self.woken.send(woken).is_err() {
-            // The accept loop is gone (it waits for every held connection, so only when its
-            // task was cancelled): the connection closes with nothing to report to.
-            self.held.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.to_accept_loop(slot.parked, wake);
     }
 
     /// Wakes every parked connection and parks none from now on (the drain deadline).
