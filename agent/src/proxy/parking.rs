@@ -235,15 +235,10 @@ impl Parking {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            let Some(mut slot) = lot.slots.remove(&id) else {
+            let Some(parked) = self.unpark(lot, id) else {
                 continue;
             };
-            slot.parked.idle.set_last_progress(slot.last);
-            for fd in slot.parked.idle.fds().map(|fd| fd.as_raw_fd()) {
-                let _ = self.registry.deregister(&mut SourceFd(&fd));
-            }
-            slot.parked.conn.state.telemetry.parked_connections(-1);
-            match to.0.send(slot.parked) {
+            match to.0.send(parked) {
                 Ok(()) => {
                     self.held.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -288,17 +283,23 @@ impl Parking {
         self.held.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Takes a connection out of the epoll set and hands it to the accept loop.
-    fn wake(&self, lot: &mut Lot, id: u64, wake: Wake) {
-        let Some(mut slot) = lot.slots.remove(&id) else {
-            return;
-        };
+    /// Takes a connection out of the lot and the epoll set (still held: the caller hands it
+    /// on).
+    fn unpark(&self, lot: &mut Lot, id: u64) -> Option<Box<Parked>> {
+        let mut slot = lot.slots.remove(&id)?;
         slot.parked.idle.set_last_progress(slot.last);
         for fd in slot.parked.idle.fds().map(|fd| fd.as_raw_fd()) {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
         }
         slot.parked.conn.state.telemetry.parked_connections(-1);
-        self.to_accept_loop(slot.parked, wake);
+        Some(slot.parked)
+    }
+
+    /// Takes a connection out of the epoll set and hands it to the accept loop.
+    fn wake(&self, lot: &mut Lot, id: u64, wake: Wake) {
+        if let Some(parked) = self.unpark(lot, id) {
+            self.to_accept_loop(parked, wake);
+        }
     }
 
     /// Wakes every parked connection and parks none from now on (the drain deadline).
