@@ -455,7 +455,7 @@ fn move_connections(
             done,
         })
         .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
-    asked
+    let held_here = asked
         .blocking_recv()
         .map_err(|_| anyhow::anyhow!("the proxy stopped before the moves"))?;
     let mut batch = Vec::new();
@@ -465,11 +465,11 @@ fn move_connections(
     let ended = control
         .blocking_send(tlsplice::proxy::Control::MoveEnd(reply))
         .is_ok();
-    let held = if ended {
-        staying.blocking_recv().ok()
-    } else {
-        None
-    };
+    // A proxy told to stop meanwhile (SIGTERM) ended the moves itself and answers no more.
+    let held = ended
+        .then(|| staying.blocking_recv().ok())
+        .flatten()
+        .unwrap_or_else(|| held_here.now());
     // Those that came to rest as the moves ended (each still held its places when the proxy
     // counted what it holds).
     let mut late = 0;
@@ -480,7 +480,7 @@ fn move_connections(
             None => mover.lost(1),
         }
     }
-    let staying = held.map(|held| held.saturating_sub(late));
+    let staying = held.saturating_sub(late);
     // From here on a connection that comes to rest parks in this agent.
     drop(moving);
     if let Err(e) = collected {
@@ -492,7 +492,6 @@ fn move_connections(
         let rest = batch.split_off(batch.len().min(tlsplice::takeover::MOVE_BATCH));
         send_moving(&mut mover, std::mem::replace(&mut batch, rest))?;
     }
-    let staying = staying.ok_or_else(|| anyhow::anyhow!("the proxy stopped during the moves"))?;
     let summary = mover.finish(staying)?;
     Ok((summary, started.elapsed()))
 }

@@ -21,9 +21,10 @@
 //! come; the kernel keeps the keys in use with the socket), and the new agent answers how
 //! many it adopted before the old one closes its copies. Records are zeroized once sent or
 //! read. What cannot move stays and ends or drains in the old process: connections on the
-//! user-space TLS path, those still in their handshake, sockmap connections (their pair
-//! records live in the old agent's memory), and any that did not come to rest within the move
-//! window. With eBPF on, the pin directory's lock travels with the listening sockets, and a
+//! user-space TLS path, those still in their handshake, those ending (a sockmap relay
+//! forwarding what its verdict passed up), and any that did not come to rest within the move
+//! window. A sockmap connection moves as its sockets and their cookies, whether or not the
+//! kernel is redirecting its bytes (with the maps adopted). With eBPF on, the pin directory's lock travels with the listening sockets, and a
 //! new agent built with the same eBPF object adopts the pinned maps
 //! ([`crate::bpf::LoadedBpf::load_adopting`]). The last
 //! record says how many moved, were lost and stayed.

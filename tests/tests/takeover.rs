@@ -741,6 +741,115 @@ fn idle_connections_survive_an_upgrade_and_then_carry_data() {
     assert!(new.stop().success());
 }
 
+/// Writes through `c` without reading until a write has been blocked for a moment: every
+/// buffer on the way (the echo upstream's, the relay's, the sockets') is full, so the relay
+/// holds bytes it cannot write and cannot come to rest. Bounded in bytes and time.
+fn fill_until_blocked(c: &mut tlsplice_tests::ops::Client) -> usize {
+    use std::io::Write;
+    c.sock
+        .set_write_timeout(Some(Duration::from_millis(300)))
+        .expect("write timeout");
+    let chunk = vec![0x5au8; 64 * 1024];
+    let started = Instant::now();
+    let mut written = 0;
+    while written < (512 << 20) && started.elapsed() < Duration::from_secs(60) {
+        match c.write(&chunk) {
+            Ok(n) => written += n,
+            Err(_) => return written,
+        }
+    }
+    panic!("writes never blocked after {written} bytes: the echo does not push back");
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn sigterm_to_the_old_agent_during_the_moves_loses_no_connection() {
+    const IDLE: usize = 40;
+    let setup = moving_agent("takeover-sigterm", "", "");
+    // Idle connections on the splice path (passthrough), which move on every kernel.
+    let mut idle: Vec<_> = (0..IDLE)
+        .map(|i| {
+            let mut c = connect(agent_addr(setup.pt), setup.trust.clone(), "localhost")
+                .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+            echo(&mut c, format!("before {i}").as_bytes()).expect("echo");
+            c
+        })
+        .collect();
+    eventually(
+        Duration::from_secs(30),
+        "the idle connections parked",
+        || {
+            tlsplice_tests::metric(&setup.old.metrics(), "tlsplice_parked_connections", &[])
+                >= IDLE as f64
+        },
+    );
+    // One that cannot come to rest (its client reads nothing): it keeps the moves going for
+    // the move window, and the SIGTERM lands inside it.
+    let mut stuck =
+        connect(agent_addr(setup.pt), setup.trust.clone(), "localhost").expect("connect");
+    let filled = fill_until_blocked(&mut stuck);
+    println!("the stuck connection holds {filled} bytes written and not read back");
+
+    let new = setup.take_over();
+    let mut old = setup.old;
+    eventually(
+        Duration::from_secs(60),
+        "the old agent to start moving",
+        || {
+            old.log_text()
+                .contains("moving the connections that can move")
+        },
+    );
+    let sent = Instant::now();
+    old.signal(libc::SIGTERM);
+    let line = moves_done(&new, Duration::from_secs(60));
+    println!("SIGTERM {:?} after the moves began; {line}", sent.elapsed());
+    let old_log = old.log_text();
+    assert!(
+        old_log.contains("signal=\"SIGTERM\"") || old_log.contains("signal=SIGTERM"),
+        "the old agent did not stop on the SIGTERM:\n{old_log}"
+    );
+    let metrics = new.metrics();
+    let how = |how: &str| {
+        tlsplice_tests::metric(
+            &metrics,
+            "tlsplice_takeover_connections",
+            &[&format!("how=\"{how}\"")],
+        )
+    };
+    assert_eq!(how("lost"), 0.0, "{line}\n{metrics}");
+    // The parked ones went as the moves began, before the SIGTERM; the stuck one stayed.
+    assert_eq!(how("moved"), IDLE as f64, "{line}\nold:\n{old_log}");
+    assert_eq!(how("staying"), 1.0, "{line}\nold:\n{old_log}");
+    // The one that stayed is served by the old agent while it drains: it ends when its client
+    // goes, and the old agent then exits holding nothing.
+    drop(stuck);
+    let status = old
+        .exited_within(Duration::from_secs(60))
+        .expect("the old agent exits once the connection that stayed ended");
+    assert!(status.success(), "{status}\n{}", old.log_text());
+    assert_eq!(
+        closed_lines(&old.log_text(), "pt").len(),
+        1,
+        "{}",
+        old.log_text()
+    );
+    // Every moved connection goes on in the new agent, after the old one is gone.
+    for (i, c) in idle.iter_mut().enumerate() {
+        echo(c, format!("after {i}").as_bytes()).unwrap_or_else(|e| {
+            panic!("connection {i} after the upgrade: {e}\n{}", new.log_text())
+        });
+    }
+    for c in idle {
+        finish(c);
+    }
+    let mut fresh =
+        connect(agent_addr(setup.pt), setup.trust.clone(), "localhost").expect("connect");
+    echo(&mut fresh, b"a new connection").expect("echo");
+    finish(fresh);
+    assert!(new.stop().success());
+}
+
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
@@ -821,8 +930,8 @@ fn key_updates_after_the_upgrade_use_the_moved_key_schedule() {
 
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
-fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
-    const TEST: &str = "the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves";
+fn the_new_agent_adopts_the_ebpf_maps_and_sockmap_connections_move() {
+    const TEST: &str = "the_new_agent_adopts_the_ebpf_maps_and_sockmap_connections_move";
     if !tlsplice_tests::bpffs_or_skip(TEST) {
         return;
     }
@@ -869,11 +978,35 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
         tlsplice_tests::metric(&old.metrics(), "tlsplice_parked_connections", &[]) >= 1.0
     });
 
+    // A busy one too: streaming when the new agent starts, so it moves between two bursts
+    // with bytes in the kernel's queues, redirected by the verdict both agents share.
+    const STREAM: usize = 8 << 20;
+    let slow = Arc::new(AtomicBool::new(true));
+    let (halfway, halfways) = std::sync::mpsc::channel();
+    let streaming = {
+        let (trust, slow) = (trust.clone(), slow.clone());
+        std::thread::spawn(move || {
+            let c = connect(agent_addr(pt), trust, "localhost")?;
+            stream_through(c, 7, STREAM, &halfway, &slow)
+        })
+    };
+    halfways
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the streaming connection half-way");
+
     let mut new_flags = flags.to_vec();
     new_flags.extend(["--takeover", from.as_str()]);
     let mut new = AgentProcess::start_pinned_with_admin(&dir, &config, &pin, old.admin, &new_flags);
     assert!(new.child_running(), "{}", new.log_text());
-    moves_done(&new, Duration::from_secs(30));
+    println!("{}", moves_done(&new, Duration::from_secs(30)));
+    slow.store(false, Ordering::Relaxed);
+    let streamed = streaming.join().expect("the streaming thread");
+    assert!(
+        streamed.is_ok(),
+        "{streamed:?}\nold:\n{}\nnew:\n{}",
+        old.log_text(),
+        new.log_text()
+    );
     let log = new.log_text();
     assert!(
         log.contains("adopting the running agent's pinned maps"),
@@ -895,8 +1028,8 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
     echo(&mut third, b"a new connection after the old agent exited").expect("echo");
     finish(third);
     // The counters went on: the old agent's connections are in the new agent's count.
-    eventually(Duration::from_secs(10), "the counts of all three", || {
-        accepted(&new) >= 3.0
+    eventually(Duration::from_secs(10), "the counts of all four", || {
+        accepted(&new) >= 4.0
     });
     let sockmap_closes = || {
         new.log_text()
@@ -906,25 +1039,39 @@ fn the_new_agent_adopts_the_ebpf_maps_and_a_parked_sockmap_connection_moves() {
     };
     eventually(
         Duration::from_secs(10),
-        "the three connections' lines",
-        || sockmap_closes() >= 3,
+        "the four connections' lines",
+        || sockmap_closes() >= 4,
     );
-    assert_eq!(sockmap_closes(), 3, "{}", new.log_text());
-    assert!(
-        new.log_text()
-            .lines()
-            .any(|l| l.contains("data_path=sockmap")
+    assert_eq!(sockmap_closes(), 4, "{}", new.log_text());
+    // Both moved ones ended well in the new agent, and the busy one's line counts every byte
+    // it carried (those the old agent saw redirected, those the new one did), TLS included.
+    let log = new.log_text();
+    let moved_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("data_path=sockmap")
                 && l.contains("moved from the agent before this one")
-                && l.contains("outcome=ok")),
-        "{}",
-        new.log_text()
+                && l.contains("outcome=ok")
+        })
+        .collect();
+    assert_eq!(moved_lines.len(), 2, "{log}");
+    let bytes_up = |line: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("bytes_up="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let most = moved_lines.iter().map(|l| bytes_up(l)).max().unwrap_or(0);
+    assert!(
+        most >= STREAM as u64 && most < 2 * STREAM as u64,
+        "the streaming connection's line says bytes_up={most}, it sent {STREAM} in TLS records:\n{log}"
     );
     let moved = tlsplice_tests::metric(
         &new.metrics(),
         "tlsplice_takeover_connections",
         &["how=\"moved\""],
     );
-    assert_eq!(moved, 1.0);
+    assert_eq!(moved, 2.0, "{log}");
     // The pins are the new agent's: `tlsplice stats` reads them.
     let stats = std::process::Command::new(tlsplice_tests::agent_binary())
         .args(["stats", "--bpf-pin-path"])

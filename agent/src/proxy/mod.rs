@@ -36,6 +36,7 @@ use crate::path::{KernelCaps, PlainPath, PlainPlan};
 use crate::takeover::Inherited;
 
 pub use self::moving::{MoveTo, MovingConnections, moves_pending, moving_channel};
+pub use self::state::HeldConnections;
 
 /// Whether a listener can serve on this kernel and on which data path, in one line; `Err` says
 /// why it cannot run at all (TLS material that does not load, or `data_path = "ktls"` on a
@@ -121,8 +122,10 @@ pub enum Control {
         /// Sockmap connections move too: the new agent adopted the eBPF maps.
         sockmap: bool,
         /// Answered once every parked connection that can move went to `to` and every
-        /// listener was told.
-        done: tokio::sync::oneshot::Sender<()>,
+        /// listener was told, with the count of connections held here (which outlives the
+        /// proxy's messages: a SIGTERM during the moves ends them, and [`Control::MoveEnd`]
+        /// is then not answered).
+        done: tokio::sync::oneshot::Sender<HeldConnections>,
     },
     /// The moves are over: connections not moved stay here and drain. The reply is how many
     /// connections this agent still holds.
@@ -451,7 +454,15 @@ impl Proxy {
                     None => open = false,
                     Some(Control::Stop(deadline)) => {
                         for r in running.values_mut() {
-                            r.stop.send_modify(|s| s.deadline = Some(deadline));
+                            // Moves to a new agent end here too (a SIGTERM during them): what
+                            // did not go drains here with the rest.
+                            if let Some(parking) = &r.parking {
+                                parking.end_move();
+                            }
+                            r.stop.send_modify(|s| {
+                                s.deadline = Some(deadline);
+                                s.move_out = false;
+                            });
                             // The copy kept for a takeover would hold the socket listening
                             // (its backlog filling, never accepted) through the drain.
                             r.socket = None;
@@ -489,7 +500,7 @@ impl Proxy {
                                 parking.move_out(to.clone(), sockmap);
                             }
                         }
-                        let _ = done.send(());
+                        let _ = done.send(self.limits.held_connections());
                     }
                     Some(Control::MoveEnd(reply)) => {
                         for r in running.values() {

@@ -41,11 +41,37 @@ pub(crate) struct SharedLimits {
 /// Refused connections closed gently at once; past it they are closed without waiting.
 const MAX_LINGERING: usize = 1024;
 
+/// How many connections the agent holds, readable from outside the proxy task, even once it
+/// no longer takes messages (a takeover's moves that a SIGTERM ended).
+#[derive(Debug, Clone)]
+pub struct HeldConnections {
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+impl HeldConnections {
+    /// Connections held now, over all listeners.
+    pub fn now(&self) -> u64 {
+        let held = self
+            .max_connections
+            .saturating_sub(self.connections.available_permits());
+        u64::try_from(held).unwrap_or(u64::MAX)
+    }
+}
+
 impl SharedLimits {
     /// Connections held now, over all listeners.
     pub(crate) fn held(&self) -> usize {
         self.max_connections
             .saturating_sub(self.connections.available_permits())
+    }
+
+    /// [`SharedLimits::held`], readable from outside the proxy.
+    pub(crate) fn held_connections(&self) -> HeldConnections {
+        HeldConnections {
+            connections: self.connections.clone(),
+            max_connections: self.max_connections,
+        }
     }
 
     pub(crate) fn new(limits: &LimitsConfig) -> Self {

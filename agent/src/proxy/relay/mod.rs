@@ -180,8 +180,17 @@ pub(crate) async fn run(
                     // Its idle clock starts now, not when it parks; and a timeout shorter than
                     // the quiet wait is not overrun by it.
                     let entered = LastProgress::now(client.as_fd());
+                    // Counted among the relays a takeover waits for, from here until it parks
+                    // (and moves from the parking) or its relay counts itself.
+                    let _pending = park_after.map(|_| crate::proxy::moving::MovePending::new());
                     if let Some(after) = park_after
-                        && Box::pin(sockmap_quiet(&client, &tcp, after.min(idle_timeout))).await
+                        && Box::pin(sockmap_quiet(
+                            &client,
+                            &tcp,
+                            after.min(idle_timeout),
+                            drained.clone(),
+                        ))
+                        .await
                     {
                         let idle =
                             IdleSockmap::new(client, tcp, pair, starts, idle_timeout, entered)?;
@@ -352,13 +361,10 @@ impl IdleConn {
     /// Whether a leg has bytes for the agent, its end or an error (a sockmap leg, after it
     /// signalled readable).
     pub(crate) fn has_something(&self) -> bool {
-        let IdleConn::Sockmap(s) = self else {
-            return true;
-        };
-        // A leg that cannot be asked is woken: its relay will see why.
-        [s.client.as_fd(), s.upstream.as_fd()]
-            .into_iter()
-            .any(|leg| crate::sys::has_input(leg).unwrap_or(true))
+        match self {
+            IdleConn::Sockmap(s) => s.has_something(),
+            IdleConn::Spliced(_) => true,
+        }
     }
 }
 
@@ -514,6 +520,15 @@ pub(crate) struct IdleSockmap {
 }
 
 impl IdleSockmap {
+    /// Whether a leg has bytes for the agent (ones the verdict passed up), its end or an
+    /// error.
+    fn has_something(&self) -> bool {
+        // A leg that cannot be asked is taken up: its relay will see why.
+        [self.client.as_fd(), self.upstream.as_fd()]
+            .into_iter()
+            .any(|leg| crate::sys::has_input(leg).unwrap_or(true))
+    }
+
     /// Takes both legs off the runtime (their readiness registrations freed) and lets go of
     /// the pair, which stays in the maps.
     fn new(
@@ -630,9 +645,10 @@ pub(crate) async fn resume(
 ) -> Result<Relayed, Failure> {
     let stop_now = (wake == Wake::Idle).then_some(Stop::Idle);
     match idle {
-        IdleConn::Sockmap(idle) => resume_sockmap(idle, bpf, stop_now, facts, drained)
-            .await
-            .map(|()| Relayed::Done),
+        IdleConn::Sockmap(idle) => {
+            let may_park = park_after.is_some();
+            resume_sockmap(idle, bpf, stop_now, facts, drained, may_park).await
+        }
         IdleConn::Spliced(idle) => {
             let conn = idle.on_runtime()?;
             spliced(conn, pipes, facts, drained, park_after, stop_now).await
@@ -641,10 +657,16 @@ pub(crate) async fn resume(
 }
 
 /// Whether both legs of a sockmap connection had nothing for the agent (no bytes the verdict
-/// passed up, no end, no error) for `after`: then it is parked. Reads nothing: a leg that
-/// signals readable is only asked ([`crate::sys::has_input`]), since the verdict's redirects
-/// wake readers too.
-async fn sockmap_quiet(client: &TcpStream, upstream: &TcpStream, after: Duration) -> bool {
+/// passed up, no end, no error) for `after`, or a takeover asks connections to move before
+/// that: then it is parked (and moves from the parking; whatever a leg holds for the agent
+/// waits in its receive queue). Reads nothing: a leg that signals readable is only asked
+/// ([`crate::sys::has_input`]), since the verdict's redirects wake readers too.
+async fn sockmap_quiet(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    after: Duration,
+    mut moving: Drained,
+) -> bool {
     let quiet_until = tokio::time::sleep(after);
     tokio::pin!(quiet_until);
     // Clears a leg's readiness when it has nothing after all; `Ok`: it has something.
@@ -663,6 +685,7 @@ async fn sockmap_quiet(client: &TcpStream, upstream: &TcpStream, after: Duration
             r = client.readable() => r.map(|()| client),
             r = upstream.readable() => r.map(|()| upstream),
             () = &mut quiet_until => return true,
+            () = move_asked(&mut moving) => return true,
         };
         match leg {
             Ok(leg) if asked(leg).is_err() => {}
@@ -711,14 +734,22 @@ async fn sockmap_to_end(
     ended(outcome, stopped, idle_timeout, facts)
 }
 
-/// Takes a parked sockmap connection back onto the runtime and relays it to its end.
+/// Takes a parked sockmap connection back onto the runtime and relays it to its end; with
+/// `may_park`, one taken up with nothing for the agent is parked again.
 async fn resume_sockmap(
     idle: IdleSockmap,
     bpf: Option<&LoadedBpf>,
     stop_now: Option<Stop>,
     facts: &mut Facts,
     drained: &mut Drained,
-) -> Result<(), Failure> {
+    may_park: bool,
+) -> Result<Relayed, Failure> {
+    // Taken up with nothing for the agent (one a takeover handed over; the parking wakes a
+    // sockmap connection only for something): parked again at once, the kernel moving its
+    // bytes meanwhile.
+    if may_park && stop_now.is_none() && !idle.has_something() {
+        return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
+    }
     let IdleSockmap {
         client,
         upstream,
@@ -743,7 +774,9 @@ async fn resume_sockmap(
         idle_timeout,
         last: Some(last),
     };
-    sockmap_to_end(legs, stop_now, facts, drained).await
+    sockmap_to_end(legs, stop_now, facts, drained)
+        .await
+        .map(|()| Relayed::Done)
 }
 
 /// A relay's end as the connection's: its counts into `facts`, and why the agent stopped it,
