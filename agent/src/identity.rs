@@ -12,6 +12,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::{ListenerConfig, UpstreamTls};
+use crate::tls_policy::TlsPolicy;
 
 /// TLS material that could not be loaded or used, naming the file.
 #[derive(Debug, thiserror::Error)]
@@ -180,20 +181,38 @@ pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, Mater
         }
         infos.push(info);
     }
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| error("certificate", cert, e))?;
+    let policy = TlsPolicy::resolve(&l.effective_tls, crate::tls_policy::cpu_has_aes())
+        .map_err(|e| error("TLS policy", &PathBuf::from("tls"), e))?;
+    let policy_provider = Arc::new(policy.provider());
+    let builder = ServerConfig::builder_with_provider(policy_provider.clone())
+        .with_protocol_versions(&policy.rustls_versions())
+        .map_err(|e| error("TLS policy", &PathBuf::from("tls"), e))?;
     let builder = match &l.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(load_roots(ca)?), provider())
-                    .build()
-                    .map_err(|e| error("CA bundle", ca, e))?;
-            builder.with_client_cert_verifier(verifier)
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(load_roots(ca)?),
+                policy_provider,
+            )
+            .build()
+            .map_err(|e| error("CA bundle", ca, e))?;
+            if l.allow_clients.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(crate::authz::AllowClients {
+                    inner: verifier,
+                    allow: l.allow_clients.clone(),
+                }))
+            }
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver { default, by_name }));
+    // The server's order of preference wins (a scanner's "server cipher order: yes").
+    config.ignore_client_order = true;
+    if !policy.resumption {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     config.alpn_protocols = l.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     // The kTLS path needs the traffic secrets; they are zeroized right after the handoff.
     config.enable_secret_extraction = true;
@@ -227,10 +246,28 @@ pub fn upstream_client(
     u: &UpstreamTls,
 ) -> Result<(Arc<ClientConfig>, ServerName<'static>, Vec<CertInfo>), MaterialError> {
     let roots = load_roots(&u.ca)?;
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| error("CA bundle", &u.ca, e))?
-        .with_root_certificates(roots);
+    let policy = TlsPolicy::resolve(&u.effective_tls, crate::tls_policy::cpu_has_aes())
+        .map_err(|e| error("TLS policy", &PathBuf::from("upstream_tls"), e))?;
+    let policy_provider = Arc::new(policy.provider());
+    let builder = ClientConfig::builder_with_provider(policy_provider.clone())
+        .with_protocol_versions(&policy.rustls_versions())
+        .map_err(|e| error("TLS policy", &PathBuf::from("upstream_tls"), e))?;
+    let builder = if u.allow_servers.is_empty() {
+        builder.with_root_certificates(roots)
+    } else {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            policy_provider,
+        )
+        .build()
+        .map_err(|e| error("CA bundle", &u.ca, e))?;
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::authz::AllowServers {
+                inner: verifier,
+                allow: u.allow_servers.clone(),
+            }))
+    };
     let mut infos = Vec::new();
     let mut config = match (&u.client_cert, &u.client_key) {
         (Some(cert), Some(key)) => {
@@ -242,6 +279,9 @@ pub fn upstream_client(
         }
         _ => builder.with_no_client_auth(),
     };
+    if !policy.resumption {
+        config.resumption = rustls::client::Resumption::disabled();
+    }
     config.enable_secret_extraction = true;
     config.key_log = Arc::new(crate::handoff::SecretCatcher);
     let name = ServerName::try_from(u.server_name.clone())

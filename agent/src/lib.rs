@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+pub mod authz;
 pub mod bpf;
 pub mod buffers;
 pub mod certs;
@@ -43,6 +44,7 @@ pub mod proxy_protocol;
 pub mod splice;
 pub mod sys;
 pub mod takeover;
+pub mod tls_policy;
 
 /// Entry points for the fuzz targets in `tests/fuzz` (built with `--cfg fuzzing` by cargo
 /// fuzz) into parsers that are not public otherwise.

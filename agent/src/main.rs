@@ -150,6 +150,27 @@ struct NodeFlags {
     /// Milliseconds connections may go on after SIGTERM. Overrides `limits.drain_timeout_ms`.
     #[arg(long, env = "TLSPLICE_DRAIN_TIMEOUT_MS")]
     drain_timeout_ms: Option<u64>,
+    /// TLS versions every listener and upstream leg without its own `tls_versions` accepts
+    /// (comma-separated: 1.2,1.3). Overrides `tls.tls_versions`.
+    #[arg(long, env = "TLSPLICE_TLS_VERSIONS", value_enum, value_delimiter = ',')]
+    tls_versions: Option<Vec<tlsplice::config::VersionName>>,
+    /// Cipher suites, in order of preference, for every listener and upstream leg without its
+    /// own (comma-separated IANA names). Overrides `tls.cipher_suites`.
+    #[arg(
+        long,
+        env = "TLSPLICE_CIPHER_SUITES",
+        value_enum,
+        value_delimiter = ','
+    )]
+    cipher_suites: Option<Vec<tlsplice::config::CipherSuiteName>>,
+    /// Key exchange groups, in order of preference (comma-separated: X25519,P-256,P-384).
+    /// Overrides `tls.groups`.
+    #[arg(long, env = "TLSPLICE_TLS_GROUPS", value_enum, value_delimiter = ',')]
+    tls_groups: Option<Vec<tlsplice::config::GroupName>>,
+    /// Session resumption (tickets, session IDs) where a listener or leg does not say.
+    /// Overrides `tls.session_resumption`.
+    #[arg(long, env = "TLSPLICE_SESSION_RESUMPTION")]
+    session_resumption: Option<bool>,
     /// A unix socket on which a new agent (`run --takeover PATH`) may take this one's
     /// listening sockets over. Only the same user or root may connect.
     #[arg(long, env = "TLSPLICE_TAKEOVER_SOCKET", value_name = "PATH")]
@@ -221,6 +242,19 @@ impl NodeFlags {
         if let Some(addr) = self.admin_addr {
             c.admin.listen = addr;
         }
+        if let Some(v) = &self.tls_versions {
+            c.tls.tls_versions = Some(v.clone());
+        }
+        if let Some(s) = &self.cipher_suites {
+            c.tls.cipher_suites = Some(s.clone());
+        }
+        if let Some(g) = &self.tls_groups {
+            c.tls.groups = Some(g.clone());
+        }
+        if let Some(r) = self.session_resumption {
+            c.tls.session_resumption = Some(r);
+        }
+        c.resolve_tls();
     }
 }
 
@@ -264,6 +298,9 @@ fn main() -> Result<()> {
                             fail = true;
                         }
                     }
+                    for line in tlsplice::proxy::suites_in_kernel(l, &caps) {
+                        println!("listener {} ({mode}): {line}", l.name);
+                    }
                 }
             }
             if fail {
@@ -272,6 +309,19 @@ fn main() -> Result<()> {
         }
         Command::Check { config } => {
             let c = valid_config(&config)?;
+            let kernel =
+                tlsplice::proxy::check_kernel_path(&c, &tlsplice::path::KernelCaps::probe());
+            if !kernel.is_empty() {
+                for p in &kernel {
+                    eprintln!("{}: {p}", config.display());
+                }
+                eprintln!(
+                    "{}: invalid on this kernel: {} problem(s)",
+                    config.display(),
+                    kernel.len()
+                );
+                std::process::exit(1);
+            }
             println!(
                 "{}: {} listener(s), valid (configuration and every certificate, key and CA file)",
                 config.display(),

@@ -98,6 +98,24 @@ impl KernelCaps {
     }
 }
 
+impl KernelCaps {
+    /// Of `pairs` (the versions and ciphers a TLS policy allows), those the kernel cannot
+    /// offload; `None` when it offloads nothing at all (no kTLS).
+    pub fn cannot_offload(
+        &self,
+        pairs: &BTreeSet<(TlsVersion, Cipher)>,
+    ) -> Option<Vec<(TlsVersion, Cipher)>> {
+        let supported = self.ktls.as_ref().ok()?;
+        Some(
+            pairs
+                .iter()
+                .filter(|p| !supported.contains(p))
+                .copied()
+                .collect(),
+        )
+    }
+}
+
 /// Every version and cipher rustls may negotiate here.
 fn all_pairs() -> impl Iterator<Item = (TlsVersion, Cipher)> {
     TlsVersion::ALL

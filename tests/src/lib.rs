@@ -222,6 +222,8 @@ pub struct TestPki {
     pub client_cert_pem: String,
     /// The client's private key, PEM.
     pub client_key_pem: String,
+    /// The CA, to issue more certificates ([`TestPki::issue_client`]).
+    issuer: Arc<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>>,
 }
 
 /// Common name of [`TestPki`]'s client certificate.
@@ -279,7 +281,42 @@ impl TestPki {
             client_key: client_key.serialize_der(),
             client_cert_pem: client_cert.pem(),
             client_key_pem: client_key.serialize_pem(),
+            issuer: Arc::new(ca),
         }
+    }
+
+    /// A client certificate from this CA with common name `cn` and SANs `sans`
+    /// (`spiffe://...` URIs, anything else a DNS name), and a client configuration that
+    /// presents it and trusts the CA; also its PEM certificate and key.
+    pub fn issue_client(&self, cn: &str, sans: &[&str]) -> (Arc<ClientConfig>, String, String) {
+        let key = rcgen::KeyPair::generate().expect("client key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        for san in sans {
+            let san = if san.starts_with("spiffe://") {
+                rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).expect("URI SAN"))
+            } else {
+                rcgen::SanType::DnsName(rcgen::string::Ia5String::try_from(*san).expect("DNS SAN"))
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &*self.issuer).expect("client cert");
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone()).expect("CA into root store");
+        let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("client certificate");
+        (Arc::new(config), cert.pem(), key.serialize_pem())
     }
 
     /// Writes ca.pem, server.pem, server.key, client.pem and client.key into a new directory
@@ -614,6 +651,12 @@ pub fn listener(
             ca: pki_dir.join("ca.pem"),
             client_cert: None,
             client_key: None,
+            tls_versions: None,
+            cipher_suites: None,
+            groups: None,
+            session_resumption: None,
+            allow_servers: vec![],
+            effective_tls: Default::default(),
         }),
         alpn: vec![],
         handshake_timeout_ms: 10_000,
@@ -626,6 +669,9 @@ pub fn listener(
         per_source_handshakes_per_second: None,
         per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
+        allow_clients: vec![],
+        tls: Default::default(),
+        effective_tls: Default::default(),
     }
 }
 
@@ -645,13 +691,15 @@ impl Agent {
             .enable_all()
             .build()
             .expect("runtime");
-        let config = tlsplice::config::Config {
+        let mut config = tlsplice::config::Config {
             listeners: vec![listener],
             ebpf: tlsplice::config::EbpfConfig::default(),
             admin: tlsplice::config::AdminConfig::default(),
             limits,
             certs: tlsplice::config::CertsConfig::default(),
+            tls: Default::default(),
         };
+        config.resolve_tls();
         let (tx, reports) = tokio::sync::mpsc::unbounded_channel();
         let caps = Arc::new(tlsplice::path::KernelCaps::probe());
         let proxy = runtime

@@ -66,6 +66,9 @@ fn passthrough_listener(
         per_source_handshakes_per_second: None,
         per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
+        allow_clients: vec![],
+        tls: Default::default(),
+        effective_tls: Default::default(),
     }
 }
 

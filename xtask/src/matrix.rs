@@ -63,6 +63,11 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
         tools: &["openssl"],
     },
     MatrixTest {
+        target: "policy",
+        needs: &[],
+        tools: &["openssl"],
+    },
+    MatrixTest {
         target: "probe",
         needs: &[],
         tools: &[],

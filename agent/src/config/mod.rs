@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod tls;
 mod validate;
+
+pub use self::tls::{CipherSuiteName, GroupName, TlsPolicyConfig, VersionName};
 
 /// How a listener treats its connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -50,6 +53,39 @@ pub struct UpstreamTls {
     /// PEM private key for `client_cert`.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// Versions offered to the upstream (see [`TlsPolicyConfig`]).
+    #[serde(default)]
+    pub tls_versions: Option<Vec<VersionName>>,
+    /// Cipher suites offered to the upstream, in order.
+    #[serde(default)]
+    pub cipher_suites: Option<Vec<CipherSuiteName>>,
+    /// Key exchange groups offered to the upstream, in order.
+    #[serde(default)]
+    pub groups: Option<Vec<GroupName>>,
+    /// Resume sessions with the upstream.
+    #[serde(default)]
+    pub session_resumption: Option<bool>,
+    /// Who the upstream must be, beyond `server_name`: its certificate must match one of
+    /// these (`spiffe://trust-domain/path-prefix`, `dns:name`, `cn:name`); empty: any
+    /// certificate valid for `server_name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_servers: Vec<crate::authz::IdentityPattern>,
+    /// The policy in force: the keys above over the node's `[tls]` defaults
+    /// ([`Config::resolve_tls`]).
+    #[serde(skip)]
+    pub effective_tls: TlsPolicyConfig,
+}
+
+impl UpstreamTls {
+    /// The policy keys this leg sets itself.
+    pub fn own_tls(&self) -> TlsPolicyConfig {
+        TlsPolicyConfig {
+            tls_versions: self.tls_versions.clone(),
+            cipher_suites: self.cipher_suites.clone(),
+            groups: self.groups.clone(),
+            session_resumption: self.session_resumption,
+        }
+    }
 }
 
 /// Which PROXY protocol header the agent writes first on each upstream connection.
@@ -111,9 +147,20 @@ pub struct ListenerConfig {
     /// must present a certificate that chains to one of them (mTLS).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// Which clients may connect (with `client_ca`): a client certificate must match one of
+    /// these (`spiffe://trust-domain/path-prefix`, `dns:name`, `cn:name`), else the
+    /// handshake ends with the access_denied alert. Empty: any certificate the CA issued.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_clients: Vec<crate::authz::IdentityPattern>,
     /// TLS towards the upstream (reencrypt, originate).
     #[serde(default)]
     pub upstream_tls: Option<UpstreamTls>,
+    /// The TLS policy towards clients (`[listener.tls]`; terminate, reencrypt).
+    #[serde(default, skip_serializing_if = "TlsPolicyConfig::is_empty")]
+    pub tls: TlsPolicyConfig,
+    /// The policy in force: `tls` over the node's `[tls]` defaults ([`Config::resolve_tls`]).
+    #[serde(skip)]
+    pub effective_tls: TlsPolicyConfig,
     /// Write a PROXY protocol header first on each upstream connection (before any TLS).
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocol>,
@@ -502,6 +549,11 @@ pub struct Config {
     /// Certificate reloading and expiry warnings.
     #[serde(default)]
     pub certs: CertsConfig,
+    /// Node-wide TLS policy defaults, for every listener and upstream leg that does not set
+    /// its own (the node flags `--tls-versions`, `--cipher-suites`, `--tls-groups` and
+    /// `--session-resumption` override them).
+    #[serde(default, skip_serializing_if = "TlsPolicyConfig::is_empty")]
+    pub tls: TlsPolicyConfig,
 }
 
 /// One thing wrong in a configuration, with where it is.
@@ -591,7 +643,19 @@ impl Config {
                 .map(|(name, addr)| (name.to_ascii_lowercase(), addr))
                 .collect();
         }
+        config.resolve_tls();
         Ok(config)
+    }
+
+    /// Sets each listener's and upstream leg's policy in force from its own keys over the
+    /// node's `[tls]` defaults: at load, and again once the node flags changed the defaults.
+    pub fn resolve_tls(&mut self) {
+        for l in &mut self.listeners {
+            l.effective_tls = l.tls.or(&self.tls);
+            if let Some(u) = &mut l.upstream_tls {
+                u.effective_tls = u.own_tls().or(&self.tls);
+            }
+        }
     }
 }
 

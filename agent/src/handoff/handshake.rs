@@ -77,6 +77,15 @@ pub enum HandshakeError {
         /// The rustls error.
         source: rustls::Error,
     },
+    /// The peer's certificate verified, but names no identity the listener's
+    /// `allow_clients` (or the leg's `allow_servers`) allows: refused with access_denied.
+    #[error("TLS handshake with {peer}: {identity} is not allowed (access_denied sent)")]
+    NotAllowed {
+        /// The remote address.
+        peer: String,
+        /// Who the certificate says the peer is.
+        identity: Box<crate::identity::PeerIdentity>,
+    },
     /// The socket failed, or the peer closed it, before the handshake completed.
     #[error("TLS handshake with {peer}: {source}")]
     Io {
@@ -127,6 +136,8 @@ impl HandshakeError {
             }
         );
         match (side, self) {
+            (LegSide::Client, HandshakeError::NotAllowed { .. }) => Reason::ClientNotAllowed,
+            (LegSide::Upstream, HandshakeError::NotAllowed { .. }) => Reason::UpstreamNotAllowed,
             (LegSide::Client, _) if certificate => Reason::CertificateRefused,
             (LegSide::Upstream, _) if certificate => Reason::UpstreamCertificateRefused,
             (LegSide::Upstream, _) => Reason::UpstreamHandshakeFailed,
@@ -197,8 +208,9 @@ enum Step {
     Read,
     /// The handshake is complete.
     Done,
-    /// rustls failed (it may have queued an alert).
-    Failed(rustls::Error),
+    /// rustls failed (it may have queued an alert); with the identity `allow_clients` or
+    /// `allow_servers` refused, when that was why.
+    Failed(rustls::Error, Option<Box<crate::identity::PeerIdentity>>),
     /// A state that cannot occur in a handshake we drive.
     Unexpected(String),
 }
@@ -233,7 +245,7 @@ pub(super) fn encode_record<Data>(
 fn step<Data>(status: UnbufferedStatus<'_, '_, Data>, outgoing: &mut Vec<u8>) -> (usize, Step) {
     let state = match status.state {
         Ok(state) => state,
-        Err(e) => return (status.discard, Step::Failed(e)),
+        Err(e) => return (status.discard, Step::Failed(e, None)),
     };
     let step = match state {
         ConnectionState::EncodeTlsData(encoder) => match encode_record(encoder, outgoing) {
@@ -272,6 +284,15 @@ impl TlsSession {
     }
 
     fn process(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
+        let (discard, step) = self.process_records(incoming, outgoing);
+        // A refused identity is left on this thread by the verifier, inside the call above.
+        match (step, crate::authz::take_denied()) {
+            (Step::Failed(e, _), Some(peer)) => (discard, Step::Failed(e, Some(Box::new(peer)))),
+            (step, _) => (discard, step),
+        }
+    }
+
+    fn process_records(&mut self, incoming: &mut [u8], outgoing: &mut Vec<u8>) -> (usize, Step) {
         match self {
             // The handshake derives the traffic secrets inside this call: caught for the
             // session's own key schedule (see `super::schedule`).
@@ -339,7 +360,7 @@ impl TlsSession {
                     }
                     return Ok(server_name);
                 }
-                Step::Failed(source) => {
+                Step::Failed(source, denied) => {
                     // rustls queued the alert that explains the failure: encode and send it.
                     // Only while records are queued, since each call pops one before it would
                     // parse `incoming` again (which still holds the offending bytes).
@@ -352,6 +373,12 @@ impl TlsSession {
                         }
                     }
                     let _ = sock.write_all(&outgoing).await;
+                    if let Some(identity) = denied {
+                        return Err(HandshakeError::NotAllowed {
+                            peer: peer.to_owned(),
+                            identity,
+                        });
+                    }
                     return Err(HandshakeError::Tls {
                         peer: peer.to_owned(),
                         source,

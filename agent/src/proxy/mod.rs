@@ -95,6 +95,97 @@ pub fn check_material(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// Every listener whose TLS policy allows a version and cipher this kernel cannot offload
+/// while `data_path = "ktls"` requires the kernel (such sessions would be refused after their
+/// handshake): one line each, naming the suites. Nothing when the kernel has no kTLS at all
+/// (`tlsplice probe --config` says that).
+pub fn check_kernel_path(config: &Config, caps: &KernelCaps) -> Vec<String> {
+    let mut problems = Vec::new();
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.data_path == crate::config::DataPathPolicy::Ktls)
+    {
+        let mut sides = Vec::new();
+        if l.mode.client_tls() {
+            sides.push(("tls", &l.effective_tls));
+        }
+        if let (true, Some(u)) = (l.mode.upstream_tls(), &l.upstream_tls) {
+            sides.push(("upstream_tls", &u.effective_tls));
+        }
+        for (key, policy) in sides {
+            // A policy that does not resolve is reported by check_material.
+            let Ok(policy) =
+                crate::tls_policy::TlsPolicy::resolve(policy, crate::tls_policy::cpu_has_aes())
+            else {
+                continue;
+            };
+            let Some(missing) = caps.cannot_offload(&policy.kernel_pairs()) else {
+                continue;
+            };
+            let suites: Vec<&str> = policy
+                .suites
+                .iter()
+                .filter(|s| missing.contains(&(s.version().kernel(), s.cipher())))
+                .map(|s| s.as_str())
+                .collect();
+            if !suites.is_empty() {
+                problems.push(format!(
+                    "listener {:?}: {key}: data_path = \"ktls\" but this kernel cannot offload {} \
+                     (sessions negotiating them would be refused): leave them out of \
+                     {key}.cipher_suites, or set data_path = \"auto\"",
+                    l.name,
+                    suites.join(", ")
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Per TLS side of a listener (`tls`, `upstream_tls`), which of its policy's suites this
+/// kernel carries and which stay in user space (`tlsplice probe --config`).
+pub fn suites_in_kernel(l: &ListenerConfig, caps: &KernelCaps) -> Vec<String> {
+    let mut sides = Vec::new();
+    if l.mode.client_tls() {
+        sides.push(("tls", &l.effective_tls));
+    }
+    if let (true, Some(u)) = (l.mode.upstream_tls(), &l.upstream_tls) {
+        sides.push(("upstream_tls", &u.effective_tls));
+    }
+    sides
+        .into_iter()
+        .map(|(key, policy)| {
+            let policy = match crate::tls_policy::TlsPolicy::resolve(
+                policy,
+                crate::tls_policy::cpu_has_aes(),
+            ) {
+                Ok(p) => p,
+                Err(e) => return format!("{key}: policy refused: {e}"),
+            };
+            let missing = caps
+                .cannot_offload(&policy.kernel_pairs())
+                .unwrap_or_else(|| policy.kernel_pairs().into_iter().collect());
+            let (kernel, user): (Vec<_>, Vec<_>) = policy
+                .suites
+                .iter()
+                .partition(|s| !missing.contains(&(s.version().kernel(), s.cipher())));
+            let names = |v: Vec<&crate::config::CipherSuiteName>| {
+                if v.is_empty() {
+                    "none".to_owned()
+                } else {
+                    v.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                }
+            };
+            format!(
+                "{key}: suites in the kernel (kTLS): {}; in user space: {}",
+                names(kernel),
+                names(user)
+            )
+        })
+        .collect()
+}
+
 /// What a serving proxy can be told.
 #[derive(Debug)]
 pub enum Control {

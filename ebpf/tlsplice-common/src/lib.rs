@@ -292,6 +292,11 @@ reasons! {
     /// The client's source opened connections faster than `per_source_handshakes_per_second`
     /// (with its burst) allows.
     SourceRateLimit = 38, "source rate limit";
+    /// The client's certificate verified but names no identity in the listener's
+    /// `allow_clients` (refused with access_denied).
+    ClientNotAllowed = 39, "client not allowed";
+    /// The upstream's certificate verified but names no identity in `allow_servers`.
+    UpstreamNotAllowed = 40, "upstream not allowed";
 }
 
 impl core::fmt::Display for Reason {

@@ -1,0 +1,318 @@
+//! TLS policy and who may connect: versions, cipher suites (the server's order), key exchange
+//! groups and session resumption per listener, per upstream leg and node-wide; `allow_clients`
+//! (SPIFFE ID, DNS SAN, common name) and `allow_servers`. Each claim is checked against
+//! `openssl s_client` as well as rustls, on the host and in every guest (where the sessions
+//! that are let in go on over kTLS).
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::{AlertDescription, ClientConfig};
+use tlsplice::config::{CipherSuiteName, DataPathPolicy, GroupName, Mode, VersionName};
+use tlsplice::outcome::Reason;
+use tlsplice_tests::ops::{echo_upstream, test_dir};
+use tlsplice_tests::{
+    Agent, AgentProcess, TestPki, eventually, expected_auto_path, listener, s_client, tls_client,
+    tool_or_skip,
+};
+
+/// `openssl s_client -brief` against `agent` with `args`; (handshake done, all output).
+fn scan(
+    openssl: &std::path::Path,
+    agent: std::net::SocketAddr,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (bool, String) {
+    let mut extra: Vec<&std::ffi::OsStr> = vec!["-brief".as_ref()];
+    extra.extend(args.iter().map(std::ffi::OsStr::new));
+    let mut child = s_client(openssl, agent, dir, &extra);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"ping\n");
+    }
+    let out = child.wait_with_output().expect("s_client output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("CONNECTION ESTABLISHED"), text)
+}
+
+/// One exchange through the agent with our rustls client; the error when it fails.
+fn exchange(agent: std::net::SocketAddr, config: Arc<ClientConfig>) -> Result<(), rustls::Error> {
+    let mut tls = tls_client(agent, config);
+    let io = |e: std::io::Error| match e.into_inner().map(|e| e.downcast::<rustls::Error>()) {
+        Some(Ok(e)) => *e,
+        _ => rustls::Error::General("i/o".into()),
+    };
+    tls.write_all(b"ping").map_err(io)?;
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).map_err(io)?;
+    assert_eq!(&back, b"ping");
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+    Ok(())
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn the_scanner_sees_only_the_configured_versions_suites_and_groups_in_server_order() {
+    const TEST: &str =
+        "the_scanner_sees_only_the_configured_versions_suites_and_groups_in_server_order";
+    let Some(openssl) = tool_or_skip(TEST, "openssl") else {
+        return;
+    };
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let mut l = listener(Mode::Terminate, &dir, echo_upstream(), DataPathPolicy::Auto);
+    l.tls.tls_versions = Some(vec![VersionName::Tls13]);
+    l.tls.cipher_suites = Some(vec![
+        CipherSuiteName::TLS13_AES_256_GCM_SHA384,
+        CipherSuiteName::TLS13_CHACHA20_POLY1305_SHA256,
+    ]);
+    l.tls.groups = Some(vec![GroupName::P256]);
+    let mut agent = Agent::start(l);
+    // (s_client arguments, handshake completes, words its output must hold)
+    #[rustfmt::skip]
+    let cases: &[(&[&str], bool, &[&str])] = &[
+        // The client prefers ChaCha20; the server's order wins.
+        (&["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384"], true, &["TLSv1.3", "TLS_AES_256_GCM_SHA384", "prime256v1"]),
+        (&["-tls1_3", "-ciphersuites", "TLS_CHACHA20_POLY1305_SHA256"], true, &["TLS_CHACHA20_POLY1305_SHA256"]),
+        (&["-tls1_3", "-ciphersuites", "TLS_AES_128_GCM_SHA256"], false, &[]),
+        (&["-tls1_2"], false, &[]),
+        (&["-tls1_3", "-groups", "X25519"], false, &[]),
+        (&["-tls1_3", "-groups", "X25519:P-256"], true, &["prime256v1"]),
+        (&["-tls1_3", "-groups", "P-384"], false, &[]),
+    ];
+    let mut established = 0;
+    for (args, ok, words) in cases {
+        let (done, text) = scan(&openssl, agent.addr, &dir, args);
+        assert_eq!(done, *ok, "s_client {args:?}:\n{text}");
+        for w in *words {
+            assert!(text.contains(w), "s_client {args:?}: no {w:?} in\n{text}");
+        }
+        established += usize::from(done);
+    }
+    // Every refused handshake is counted as one, and the others went on as usual.
+    let mut refused = 0;
+    for _ in cases {
+        let r = agent.next_report();
+        if r.outcome == Reason::HandshakeFailed {
+            refused += 1;
+        } else {
+            assert_eq!(r.data_path, Some(expected_auto_path().0), "{r:?}");
+        }
+    }
+    assert_eq!(refused, cases.len() - established);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn session_resumption_follows_the_policy() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    for resumption in [true, false] {
+        let mut l = listener(Mode::Terminate, &dir, echo_upstream(), DataPathPolicy::Auto);
+        l.tls.session_resumption = Some(resumption);
+        let agent = Agent::start(l);
+        // One client configuration: its session cache carries the ticket to the second visit.
+        let config = pki.client_config();
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let mut tls = tls_client(agent.addr, config.clone());
+            tls.write_all(b"ping").expect("write");
+            let mut back = [0u8; 4];
+            tls.read_exact(&mut back).expect("read");
+            kinds.push(tls.conn.handshake_kind());
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+        let want = if resumption {
+            rustls::HandshakeKind::Resumed
+        } else {
+            rustls::HandshakeKind::Full
+        };
+        assert_eq!(
+            kinds[1],
+            Some(want),
+            "session_resumption = {resumption}: {kinds:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn allow_clients_admits_by_spiffe_id_dns_name_or_common_name_and_denies_the_rest() {
+    const TEST: &str =
+        "allow_clients_admits_by_spiffe_id_dns_name_or_common_name_and_denies_the_rest";
+    let openssl = tool_or_skip(TEST, "openssl");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let dir = test_dir("policy-allow");
+    let port = tlsplice_tests::free_port();
+    let config = format!(
+        "{}client_ca = \"{ca}\"\nallow_clients = [\"spiffe://mesh.test/ns/a\", \"dns:*.b.internal\", \"cn:billing\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files),
+        ca = files.join("ca.pem").display(),
+    );
+    let mut agent = AgentProcess::start(&dir, &config, &[], &[]);
+    assert!(agent.child_running(), "{}", agent.log_text());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    // (common name, SANs, admitted)
+    #[rustfmt::skip]
+    let table: &[(&str, &[&str], bool)] = &[
+        ("a-web", &["spiffe://mesh.test/ns/a/sa/web"], true),
+        ("a-root", &["spiffe://mesh.test/ns/a"], true),
+        ("ab-web", &["spiffe://mesh.test/ns/ab/sa/web"], false),
+        ("other-domain", &["spiffe://other.test/ns/a/sa/web"], false),
+        ("b-api", &["api.b.internal"], true),
+        ("b-deep", &["x.api.b.internal"], false),
+        ("billing", &[], true),
+        ("billing-2", &["billing.internal"], false),
+    ];
+    let mut denied = 0;
+    for (cn, sans, admitted) in table {
+        let (config, cert_pem, key_pem) = pki.issue_client(cn, sans);
+        let result = exchange(addr, config);
+        if *admitted {
+            assert!(
+                result.is_ok(),
+                "{cn} {sans:?}: {result:?}\n{}",
+                agent.log_text()
+            );
+        } else {
+            denied += 1;
+            assert!(
+                matches!(
+                    result,
+                    Err(rustls::Error::AlertReceived(AlertDescription::AccessDenied))
+                ),
+                "{cn} {sans:?} must get access_denied: {result:?}"
+            );
+            // openssl sees the same alert.
+            if let Some(openssl) = &openssl {
+                let (cert, key) = (dir.join(format!("{cn}.pem")), dir.join(format!("{cn}.key")));
+                std::fs::write(&cert, cert_pem).expect("write cert");
+                std::fs::write(&key, key_pem).expect("write key");
+                let (cert, key) = (cert.display().to_string(), key.display().to_string());
+                let (_, text) = scan(
+                    openssl,
+                    addr,
+                    &files,
+                    &["-ign_eof", "-cert", &cert, "-key", &key],
+                );
+                assert!(
+                    text.contains("access denied"),
+                    "{cn}: s_client said\n{text}"
+                );
+                denied += 1;
+            }
+        }
+    }
+    // One counter by listener and reason (no identity label), one line per connection that
+    // names who was refused.
+    eventually(Duration::from_secs(10), "the refusals counted", || {
+        tlsplice_tests::metric(
+            &agent.metrics(),
+            "tlsplice_connections_total",
+            &["listener=\"web\"", "outcome=\"client not allowed\""],
+        ) >= f64::from(denied)
+    });
+    let log = agent.log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("outcome=client not allowed") || l.contains("outcome=\"client not allowed\"")
+        })
+        .collect();
+    assert_eq!(lines.len(), denied as usize, "{log}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("URI:spiffe://mesh.test/ns/ab/sa/web")),
+        "the refused identity is in its line:\n{log}"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn allow_servers_checks_who_the_upstream_is_beyond_its_name() {
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    let upstream = tlsplice_tests::ops::tls_echo_upstream(&pki);
+    // The upstream's certificate is for "localhost" (a DNS SAN, no CN).
+    for (allow, admitted) in [("dns:localhost", true), ("spiffe://mesh.test/ns/db", false)] {
+        let mut l = listener(Mode::Reencrypt, &dir, upstream, DataPathPolicy::Auto);
+        if let Some(u) = &mut l.upstream_tls {
+            u.allow_servers = vec![allow.to_owned().try_into().expect("pattern")];
+        }
+        let mut agent = Agent::start(l);
+        let result = exchange(agent.addr, pki.client_config());
+        let report = agent.next_report();
+        if admitted {
+            assert!(result.is_ok(), "{allow}: {result:?} {report:?}");
+            assert_eq!(report.outcome, Reason::Ok, "{report:?}");
+        } else {
+            assert!(result.is_err(), "{allow}: the client must not get through");
+            assert_eq!(report.outcome, Reason::UpstreamNotAllowed, "{report:?}");
+            let error = report.error.unwrap_or_default();
+            assert!(error.contains("DNS:localhost"), "{error}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn node_flags_set_the_default_policy_and_check_names_the_key_at_fault() {
+    const TEST: &str = "node_flags_set_the_default_policy_and_check_names_the_key_at_fault";
+    let Some(openssl) = tool_or_skip(TEST, "openssl") else {
+        return;
+    };
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let dir = test_dir("policy-flags");
+    let (web, legacy) = (tlsplice_tests::free_port(), tlsplice_tests::free_port());
+    let config = format!(
+        "{}{}[listener.tls]\ntls_versions = [\"1.2\", \"1.3\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
+        tlsplice_tests::ops::terminate_listener("legacy", legacy, echo_upstream(), &files),
+    );
+    // TLS 1.3 only for the node; the "legacy" listener says otherwise for itself.
+    let agent = AgentProcess::start_with_env(
+        &dir,
+        &config,
+        &[("TLSPLICE_TLS_VERSIONS", "1.3")],
+        &["--tls-groups", "X25519,P-256"],
+    );
+    let at = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    assert!(!scan(&openssl, at(web), &files, &["-tls1_2"]).0);
+    assert!(scan(&openssl, at(web), &files, &["-tls1_3"]).0);
+    assert!(scan(&openssl, at(legacy), &files, &["-tls1_2"]).0);
+    assert!(agent.stop().success());
+
+    // A policy that cannot be served is refused by `check`, naming listener and key.
+    let bad = format!(
+        "{}[listener.tls]\ntls_versions = [\"1.3\"]\ncipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
+    );
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, bad).expect("write config");
+    let out = std::process::Command::new(tlsplice_tests::agent_binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("tlsplice check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listener \"web\"")
+            && stderr.contains("cipher_suites")
+            && stderr.contains("TLS 1.2"),
+        "{stderr}"
+    );
+}
