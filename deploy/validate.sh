@@ -206,4 +206,21 @@ else
     fail "takeover: tlsplice@.service must pass the same --takeover-socket and --takeover inside /run/\$RuntimeDirectory with RuntimeDirectoryPreserve=yes, and tlsplice-upgrade must parse (sh -n)"
 fi
 
+# The alerting rules: promtool (from Debian's prometheus package; `cargo xtask bootstrap`
+# installs it) parses every expression. That each metric they and the dashboard use is one the
+# agent exports is checked against a live agent (tests/tests/policy.rs).
+rules=$here/monitoring/tlsplice-alerts.yaml
+if out=$(promtool check rules "$rules" 2>&1); then
+    ok "monitoring: promtool check rules: $(printf '%s\n' "$out" | grep -o '[0-9]* rules found')"
+else
+    fail "monitoring: promtool check rules $rules"
+    printf '%s\n' "$out" | detail
+fi
+if out=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["panels"], "no panels"; print(len(d["panels"]))' "$here/monitoring/tlsplice-dashboard.json" 2>&1); then
+    ok "monitoring: the Grafana dashboard parses ($out panels)"
+else
+    fail "monitoring: deploy/monitoring/tlsplice-dashboard.json"
+    printf '%s\n' "$out" | detail
+fi
+
 exit "$failed"

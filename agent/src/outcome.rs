@@ -146,6 +146,22 @@ pub struct Facts {
     pub key_updates: u64,
     /// Session tickets stored from a TLS upstream under kTLS.
     pub tickets: u64,
+    /// When it was accepted (or adopted at a takeover), in [`agent_millis`]; 0: not known.
+    pub accepted_ms: u32,
+}
+
+/// Milliseconds since this agent first asked, never 0, wrapping after 49 days: a connection's
+/// start in four bytes (every parked connection holds one).
+pub fn agent_millis() -> u32 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let millis = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis();
+    // Truncation is the wrap: durations are differences taken modulo 2^32 ms.
+    #[allow(clippy::cast_possible_truncation)]
+    let wrapped = millis as u32;
+    wrapped.max(1)
 }
 
 /// What a connection negotiated, kept typed: every parked connection holds it, and its text is
@@ -235,6 +251,8 @@ pub struct ConnectionReport {
     pub client_handshake: Option<HandshakeOutcome>,
     /// The upstream leg's TLS handshake, when the agent ran one.
     pub upstream_handshake: Option<HandshakeOutcome>,
+    /// How long it lasted in this agent, in seconds, when its start is known.
+    pub duration_seconds: Option<f64>,
 }
 
 impl ConnectionReport {
@@ -245,7 +263,10 @@ impl ConnectionReport {
             Err(f) => (f.reason, Some(f.detail)),
         };
         let session = facts.session_text();
+        let duration_seconds = (facts.accepted_ms != 0)
+            .then(|| f64::from(agent_millis().wrapping_sub(facts.accepted_ms)) / 1000.0);
         Self {
+            duration_seconds,
             listener: listener.to_owned(),
             peer,
             outcome,

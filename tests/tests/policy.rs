@@ -316,3 +316,83 @@ fn node_flags_set_the_default_policy_and_check_names_the_key_at_fault() {
         "{stderr}"
     );
 }
+
+/// The metric families a PromQL text uses (`tlsplice_...`, histogram and counter suffixes
+/// kept: they are what /metrics shows).
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("tlsplice_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    // Not metrics: the dashboard's uid and tag.
+    names.retain(|n| n != "tlsplice_" && !n.starts_with("tlsplice_node"));
+    names
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histograms_move() {
+    const RULES: &str = include_str!("../../deploy/monitoring/tlsplice-alerts.yaml");
+    const DASHBOARD: &str = include_str!("../../deploy/monitoring/tlsplice-dashboard.json");
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let dir = test_dir("policy-signals");
+    let port = tlsplice_tests::free_port();
+    let config = tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files);
+    let agent = AgentProcess::start(&dir, &config, &[], &[]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let count = |text: &str, kind: &str| {
+        tlsplice_tests::metric(
+            text,
+            "tlsplice_handshake_duration_seconds_count",
+            &["listener=\"web\"", &format!("kind=\"{kind}\"")],
+        )
+    };
+    // A full handshake, then a resumed one (same client configuration), then more.
+    let config = pki.client_config();
+    for round in 1..=3u32 {
+        exchange(addr, config.clone()).expect("exchange");
+        eventually(Duration::from_secs(10), "the connection recorded", || {
+            tlsplice_tests::metric(
+                &agent.metrics(),
+                "tlsplice_connections_total",
+                &["listener=\"web\"", "outcome=\"ok\""],
+            ) >= f64::from(round)
+        });
+    }
+    let text = agent.metrics();
+    assert_eq!(count(&text, "full"), 1.0, "{text}");
+    assert_eq!(count(&text, "resumed"), 2.0, "{text}");
+    assert!(
+        tlsplice_tests::metric(
+            &text,
+            "tlsplice_connection_duration_seconds_count",
+            &["listener=\"web\""]
+        ) >= 3.0,
+        "{text}"
+    );
+    let mut used = metric_names(RULES);
+    used.extend(metric_names(DASHBOARD));
+    assert!(used.len() >= 10, "{used:?}");
+    let missing: Vec<&String> = used
+        .iter()
+        .filter(|name| {
+            !text.lines().any(|l| {
+                !l.starts_with('#')
+                    && l.starts_with(name.as_str())
+                    && l[name.len()..].starts_with(['{', ' '])
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "used by the rules or the dashboard, not at /metrics: {missing:?}\n{text}"
+    );
+    assert!(agent.stop().success());
+}

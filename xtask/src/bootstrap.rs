@@ -10,10 +10,13 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::{self, cache_dir, which};
 
 /// Debian packages and a program each provides, to check for presence.
-const APT_PACKAGES: [(&str, &str); 3] = [
+const APT_PACKAGES: [(&str, &str); 4] = [
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
     ("xz-utils", "/usr/bin/xz"),
+    // promtool, which deploy/validate.sh runs over the alerting rules (the package's server
+    // is not started by anything here).
+    ("prometheus", "/usr/bin/promtool"),
 ];
 
 /// The nightly toolchain that builds the eBPF programs (and whose libLLVM bpf-linker uses).

@@ -457,6 +457,7 @@ impl TelemetryCollector {
 /// A Prometheus registry whose collector reads `telemetry` at each scrape.
 pub fn registry(telemetry: Arc<Telemetry>) -> Registry {
     let mut registry = Registry::default();
+    telemetry.latency.register(&mut registry);
     registry.register_collector(Box::new(TelemetryCollector(telemetry)));
     registry
 }

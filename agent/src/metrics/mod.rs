@@ -12,6 +12,9 @@ use std::fmt;
 use std::sync::Mutex;
 
 mod exposition;
+mod latency;
+
+pub use latency::HandshakeKind;
 
 pub use exposition::{Sample, encode, json, registry, samples, table};
 
@@ -45,6 +48,8 @@ pub struct Telemetry {
     parked: std::sync::atomic::AtomicI64,
     /// Live upgrades: this agent's, and those it refused.
     takeovers: Mutex<TakeoverStats>,
+    /// Handshake and connection histograms.
+    latency: latency::Latency,
 }
 
 /// Live upgrades ([`crate::takeover`]) as the metrics show them.
@@ -92,6 +97,7 @@ impl Telemetry {
             pipes: std::sync::OnceLock::new(),
             parked: std::sync::atomic::AtomicI64::new(0),
             takeovers: Mutex::default(),
+            latency: latency::Latency::default(),
         }
     }
 
@@ -108,6 +114,7 @@ impl Telemetry {
                 pipes: std::sync::OnceLock::new(),
                 parked: std::sync::atomic::AtomicI64::new(0),
                 takeovers: Mutex::default(),
+                latency: latency::Latency::default(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -264,8 +271,18 @@ impl Telemetry {
         self.with_certs(listener, |c| c.failing = failing);
     }
 
+    /// A client handshake of `listener` completed in `seconds`.
+    pub fn handshake_done(&self, listener: &str, kind: HandshakeKind, seconds: f64) {
+        self.latency.handshake(listener, kind, seconds);
+    }
+
     /// Counts one finished connection of listener `listener`.
     pub fn record(&self, listener: u16, r: &ConnectionReport) {
+        if let (Some(path), Some(seconds)) = (r.data_path, r.duration_seconds) {
+            let bytes = r.bytes_up.saturating_add(r.bytes_down);
+            self.latency
+                .connection(&r.listener, path.as_str(), seconds, bytes);
+        }
         let key = |metric, a, b, c| StatKey {
             metric,
             listener,

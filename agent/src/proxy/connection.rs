@@ -35,7 +35,10 @@ pub(crate) async fn serve(
         state,
         admission,
         peer,
-        facts: Facts::default(),
+        facts: Facts {
+            accepted_ms: crate::outcome::agent_millis(),
+            ..Facts::default()
+        },
     });
     let park_after = parking.as_ref().map(|_| relay::PARK_AFTER);
     let facts = &mut conn.facts;

@@ -174,6 +174,7 @@ pub(crate) fn incoming(
         client_identity: record.client_identity,
         bytes_up: record.bytes_up,
         bytes_down: record.bytes_down,
+        accepted_ms: crate::outcome::agent_millis(),
         ..Facts::default()
     };
     facts.take_path(

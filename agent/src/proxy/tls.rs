@@ -219,12 +219,21 @@ async fn client_handshake(
     let deadline = state.config.handshake_timeout();
     let started = tokio::time::Instant::now();
     first_flight(client, deadline).await?;
+    let first_bytes = tokio::time::Instant::now();
     // A place under the handshake limit once the client has sent something: a client that
     // connects and says nothing holds none. Waiting for it counts against the deadline.
     let left = deadline.saturating_sub(started.elapsed());
     let _place = state.handshake_place(peer, left).await?;
     let left = deadline.saturating_sub(started.elapsed());
     let (leg, sni) = handshake(leg, client, peer.to_string(), left, LegSide::Client, facts).await?;
+    let kind = match leg.common().handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => crate::metrics::HandshakeKind::Resumed,
+        _ => crate::metrics::HandshakeKind::Full,
+    };
+    let took = first_bytes.elapsed().as_secs_f64();
+    state
+        .telemetry
+        .handshake_done(&state.config.name, kind, took);
     Ok((leg, sni))
 }
 
