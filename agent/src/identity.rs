@@ -18,7 +18,7 @@ use crate::tls_policy::TlsPolicy;
 #[derive(Debug, thiserror::Error)]
 #[error("{what} {path}: {message}")]
 pub struct MaterialError {
-    /// "certificate", "key", "CA bundle" or "server name".
+    /// "certificate", "key", "CA bundle", "CRL", "TLS policy" or "server name".
     pub what: &'static str,
     /// The file (or the name).
     pub path: String,
@@ -68,6 +68,31 @@ fn load_roots(path: &Path) -> Result<RootCertStore, MaterialError> {
     Ok(roots)
 }
 
+/// Reads the CRLs in a file: PEM blocks, or one DER CRL.
+fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, MaterialError> {
+    use rustls::pki_types::CertificateRevocationListDer as Crl;
+    let bytes = std::fs::read(path).map_err(|e| error("CRL", path, e))?;
+    let crls: Vec<Crl<'static>> = Crl::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| error("CRL", path, e))?;
+    let crls = if crls.is_empty() && bytes.first() == Some(&0x30) {
+        vec![Crl::from(bytes)]
+    } else {
+        crls
+    };
+    if crls.is_empty() {
+        return Err(error("CRL", path, "no X509 CRL block"));
+    }
+    // A CRL that does not parse fails here, naming the file, rather than at a handshake.
+    for crl in &crls {
+        x509_parser::parse_x509_crl(crl.as_ref())
+            .map_err(|e| error("CRL", path, format!("not a CRL: {e}")))?;
+    }
+    Ok(crls)
+}
+
 /// What the agent serves or presents from one certificate file, for the expiry gauge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
@@ -77,6 +102,86 @@ pub struct CertInfo {
     pub subject: String,
     /// The leaf's notAfter, seconds since the Unix epoch.
     pub not_after: i64,
+    /// Its OCSP response, when one is configured: what it says, or why it cannot be stapled.
+    pub ocsp: Option<Result<crate::ocsp::OcspValidity, String>>,
+}
+
+impl CertInfo {
+    /// Whether its configured OCSP response is not stapled at `now` (stale, failed, not
+    /// good); `None` when it has none.
+    pub fn ocsp_stale(&self, now: i64) -> Option<bool> {
+        self.ocsp
+            .as_ref()
+            .map(|o| !o.as_ref().is_ok_and(|v| v.fresh_at(now)))
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// A certificate as served: without a staple, and with its OCSP response while that is fresh.
+#[derive(Debug, Clone)]
+pub struct Served {
+    plain: Arc<CertifiedKey>,
+    stapled: Option<(Arc<CertifiedKey>, crate::ocsp::OcspValidity)>,
+}
+
+impl Served {
+    /// What to present at `now`: stapled while the response is fresh.
+    pub fn at(&self, now: i64) -> Arc<CertifiedKey> {
+        match &self.stapled {
+            Some((key, validity)) if validity.fresh_at(now) => key.clone(),
+            _ => self.plain.clone(),
+        }
+    }
+}
+
+/// Reads a certificate's OCSP response file: unreadable is an error (like any material file);
+/// a response that cannot be stapled is kept as why, for the gauge and the log.
+fn load_ocsp(
+    path: &Path,
+    cert: &Path,
+) -> Result<(Vec<u8>, Result<crate::ocsp::OcspValidity, String>), MaterialError> {
+    let der = std::fs::read(path).map_err(|e| error("OCSP response", path, e))?;
+    let validity = crate::ocsp::validity(&der);
+    match &validity {
+        Ok(v) if v.fresh_at(unix_now()) => {}
+        Ok(_) => tracing::warn!(ocsp = %path.display(), cert = %cert.display(),
+            "OCSP response is stale (its nextUpdate has passed): not stapled"),
+        Err(why) => tracing::warn!(ocsp = %path.display(), cert = %cert.display(), why = %why,
+            "OCSP response cannot be stapled"),
+    }
+    Ok((der, validity))
+}
+
+/// A certified key and, with an OCSP file, its stapled twin.
+fn served(
+    certified: Arc<CertifiedKey>,
+    info: &mut CertInfo,
+    cert: &Path,
+    ocsp: Option<&Path>,
+) -> Result<Served, MaterialError> {
+    let Some(path) = ocsp else {
+        return Ok(Served {
+            plain: certified,
+            stapled: None,
+        });
+    };
+    let (der, validity) = load_ocsp(path, cert)?;
+    info.ocsp = Some(validity.clone());
+    let stapled = validity.ok().map(|v| {
+        let mut key = (*certified).clone();
+        key.ocsp = Some(der);
+        (Arc::new(key), v)
+    });
+    Ok(Served {
+        plain: certified,
+        stapled,
+    })
 }
 
 /// Reads a chain and its key into a rustls certified key, refusing a key that does not match
@@ -100,6 +205,7 @@ fn leaf_info(path: &Path, leaf: &CertificateDer<'_>) -> Result<CertInfo, Materia
         path: path.to_owned(),
         subject: parsed.subject().to_string(),
         not_after: parsed.validity().not_after.timestamp(),
+        ocsp: None,
     })
 }
 
@@ -122,23 +228,25 @@ pub type ServerMaterial = (Arc<ServerConfig>, Vec<CertInfo>);
 /// one-label wildcard (`*.example.com`), then the listener's default certificate.
 #[derive(Debug)]
 pub struct SniResolver {
-    default: Arc<CertifiedKey>,
-    by_name: BTreeMap<String, Arc<CertifiedKey>>,
+    default: Served,
+    by_name: BTreeMap<String, Served>,
 }
 
 impl SniResolver {
-    /// The certificate for `server_name` (`None`: the client sent no SNI).
+    /// The certificate for `server_name` (`None`: the client sent no SNI), stapled with its
+    /// OCSP response while that is fresh.
     pub fn pick(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+        let now = unix_now();
         let Some(name) = server_name.map(str::to_ascii_lowercase) else {
-            return self.default.clone();
+            return self.default.at(now);
         };
         if let Some(k) = self.by_name.get(&name) {
-            return k.clone();
+            return k.at(now);
         }
         name.split_once('.')
             .and_then(|(_, parent)| self.by_name.get(&format!("*.{parent}")))
             .unwrap_or(&self.default)
-            .clone()
+            .at(now)
     }
 }
 
@@ -155,11 +263,13 @@ pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, Mater
     let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
         return Ok(None);
     };
-    let (default, info, _) = certified_key(cert, key)?;
+    let (default, mut info, _) = certified_key(cert, key)?;
+    let default = served(default, &mut info, cert, l.ocsp.as_deref())?;
     let mut infos = vec![info];
     let mut by_name = BTreeMap::new();
     for extra in &l.certs {
-        let (k, info, sans) = certified_key(&extra.cert, &extra.key)?;
+        let (k, mut info, sans) = certified_key(&extra.cert, &extra.key)?;
+        let k = served(k, &mut info, &extra.cert, extra.ocsp.as_deref())?;
         let names = if extra.server_names.is_empty() {
             sans
         } else {
@@ -190,12 +300,20 @@ pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, Mater
     let builder = match &l.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(
                 Arc::new(load_roots(ca)?),
                 policy_provider,
-            )
-            .build()
-            .map_err(|e| error("CA bundle", ca, e))?;
+            );
+            if !l.client_crls.is_empty() {
+                let mut crls = Vec::new();
+                for path in &l.client_crls {
+                    crls.extend(load_crls(path)?);
+                }
+                // The CA bundle's certificates are trust anchors: only the client's own
+                // certificate has a status to look up.
+                verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+            }
+            let verifier = verifier.build().map_err(|e| error("CA bundle", ca, e))?;
             if l.allow_clients.is_empty() {
                 builder.with_client_cert_verifier(verifier)
             } else {
@@ -228,6 +346,9 @@ pub fn material_files(l: &ListenerConfig) -> Vec<PathBuf> {
         .flatten()
         .cloned()
         .collect();
+    files.extend(l.client_crls.iter().cloned());
+    files.extend(l.ocsp.iter().cloned());
+    files.extend(l.certs.iter().filter_map(|c| c.ocsp.clone()));
     for c in &l.certs {
         files.push(c.cert.clone());
         files.push(c.key.clone());

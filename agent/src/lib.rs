@@ -35,6 +35,7 @@ pub mod ktls;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod ocsp;
 pub mod outcome;
 pub mod path;
 pub mod privileges;

@@ -289,8 +289,21 @@ impl TestPki {
     /// (`spiffe://...` URIs, anything else a DNS name), and a client configuration that
     /// presents it and trusts the CA; also its PEM certificate and key.
     pub fn issue_client(&self, cn: &str, sans: &[&str]) -> (Arc<ClientConfig>, String, String) {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+        let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.issue_client_serial(cn, sans, serial)
+    }
+
+    /// [`TestPki::issue_client`] with the certificate's serial number given.
+    pub fn issue_client_serial(
+        &self,
+        cn: &str,
+        sans: &[&str],
+        serial: u64,
+    ) -> (Arc<ClientConfig>, String, String) {
         let key = rcgen::KeyPair::generate().expect("client key");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
         for san in sans {
             let san = if san.starts_with("spiffe://") {
                 rcgen::SanType::URI(rcgen::string::Ia5String::try_from(*san).expect("URI SAN"))
@@ -319,7 +332,33 @@ impl TestPki {
         (Arc::new(config), cert.pem(), key.serialize_pem())
     }
 
-    /// Writes ca.pem, server.pem, server.key, client.pem and client.key into a new directory
+    /// A CRL from this CA (PEM) revoking the certificates with these serial numbers; `number`
+    /// is its CRL number (a newer CRL has a higher one).
+    pub fn crl(&self, number: u64, revoked: &[u64]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2026, 1, 1),
+            next_update: rcgen::date_time_ymd(2036, 1, 1),
+            crl_number: rcgen::SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: rcgen::date_time_ymd(2026, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("CRL")
+            .pem()
+            .expect("CRL PEM")
+    }
+
+    /// Writes ca.pem, ca.key, server.pem, server.key, client.pem and client.key into a new directory
     /// and returns it.
     pub fn write_files(&self) -> std::path::PathBuf {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -334,6 +373,8 @@ impl TestPki {
         std::fs::write(dir.join("server.key"), &self.server_key_pem).expect("write server.key");
         std::fs::write(dir.join("client.pem"), &self.client_cert_pem).expect("write client.pem");
         std::fs::write(dir.join("client.key"), &self.client_key_pem).expect("write client.key");
+        std::fs::write(dir.join("ca.key"), self.issuer.key().serialize_pem())
+            .expect("write ca.key");
         dir
     }
 
@@ -670,6 +711,8 @@ pub fn listener(
         per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
         allow_clients: vec![],
+        client_crls: vec![],
+        ocsp: None,
         tls: Default::default(),
         effective_tls: Default::default(),
     }

@@ -67,6 +67,8 @@ fn passthrough_listener(
         per_source_handshake_burst: None,
         idle_timeout_ms: 3_600_000,
         allow_clients: vec![],
+        client_crls: vec![],
+        ocsp: None,
         tls: Default::default(),
         effective_tls: Default::default(),
     }

@@ -39,6 +39,24 @@ fn scan(
     (text.contains("CONNECTION ESTABLISHED"), text)
 }
 
+/// `openssl s_client -status` (not brief: the OCSP block is only printed in full);
+/// (handshake verified, all output).
+fn scan_status(
+    openssl: &std::path::Path,
+    agent: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (bool, String) {
+    let mut child = s_client(openssl, agent, dir, &["-status".as_ref()]);
+    drop(child.stdin.take());
+    let out = child.wait_with_output().expect("s_client output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (text.contains("Verify return code: 0 (ok)"), text)
+}
+
 /// One exchange through the agent with our rustls client; the error when it fails.
 fn exchange(agent: std::net::SocketAddr, config: Arc<ClientConfig>) -> Result<(), rustls::Error> {
     let mut tls = tls_client(agent, config);
@@ -338,13 +356,25 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histograms_move() {
+    const TEST: &str =
+        "alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histograms_move";
     const RULES: &str = include_str!("../../deploy/monitoring/tlsplice-alerts.yaml");
     const DASHBOARD: &str = include_str!("../../deploy/monitoring/tlsplice-dashboard.json");
+    // openssl makes the OCSP response whose gauge one rule watches.
+    let Some(openssl) = tool_or_skip(TEST, "openssl") else {
+        return;
+    };
     let pki = TestPki::generate();
     let files = pki.write_files();
     let dir = test_dir("policy-signals");
+    let staple = dir.join("server.ocsp");
+    std::fs::write(&staple, ocsp_response(&openssl, &files, 'V')).expect("write staple");
     let port = tlsplice_tests::free_port();
-    let config = tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files);
+    let config = format!(
+        "{}ocsp = \"{}\"\n",
+        tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files),
+        staple.display()
+    );
     let agent = AgentProcess::start(&dir, &config, &[], &[]);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let count = |text: &str, kind: &str| {
@@ -393,6 +423,169 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
     assert!(
         missing.is_empty(),
         "used by the rules or the dashboard, not at /metrics: {missing:?}\n{text}"
+    );
+    assert!(agent.stop().success());
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn a_client_revoked_by_a_new_crl_is_refused_without_a_restart() {
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let dir = test_dir("policy-crl");
+    let crl = dir.join("clients.crl.pem");
+    std::fs::write(&crl, pki.crl(1, &[])).expect("write CRL");
+    let port = tlsplice_tests::free_port();
+    let config = format!(
+        "[certs]\nreload_interval_ms = 200\n{}client_ca = \"{ca}\"\nclient_crls = [\"{crl}\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files),
+        ca = files.join("ca.pem").display(),
+        crl = crl.display(),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &[]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let (alice, _, _) = pki.issue_client_serial("alice", &["alice.internal"], 4001);
+    let (bob, _, _) = pki.issue_client_serial("bob", &["bob.internal"], 4002);
+    exchange(addr, alice.clone()).expect("alice before the revocation");
+    exchange(addr, bob.clone()).expect("bob before the revocation");
+    // Alice's certificate is revoked: the new CRL is picked up from the file, no restart.
+    std::fs::write(&crl, pki.crl(2, &[4001])).expect("write the new CRL");
+    eventually(Duration::from_secs(15), "alice refused", || {
+        exchange(addr, alice.clone()).is_err()
+    });
+    let refused = exchange(addr, alice).expect_err("alice after the revocation");
+    assert!(
+        matches!(
+            refused,
+            rustls::Error::AlertReceived(AlertDescription::CertificateRevoked)
+        ),
+        "{refused:?}"
+    );
+    exchange(addr, bob).expect("bob is not revoked");
+    let log = agent.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("outcome=\"certificate refused\"")
+                || l.contains("outcome=certificate refused")),
+        "{log}"
+    );
+    assert!(agent.stop().success());
+}
+
+/// An OCSP response from the test CA for `server.pem` in `files`, saying `status` ("V" good,
+/// "R" revoked), made with `openssl ocsp`; DER.
+fn ocsp_response(openssl: &std::path::Path, files: &std::path::Path, status: char) -> Vec<u8> {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(openssl)
+            .args(args)
+            .current_dir(files)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let serial = run(&["x509", "-in", "server.pem", "-noout", "-serial"]);
+    let serial = serial.trim_start_matches("serial=");
+    let subject = run(&[
+        "x509",
+        "-in",
+        "server.pem",
+        "-noout",
+        "-subject",
+        "-nameopt",
+        "compat",
+    ]);
+    let subject = subject.trim_start_matches("subject=");
+    let revoked = if status == 'R' { "260601000000Z" } else { "" };
+    std::fs::write(
+        files.join("index.txt"),
+        format!("{status}\t351231000000Z\t{revoked}\t{serial}\tunknown\t{subject}\n"),
+    )
+    .expect("write index");
+    run(&[
+        "ocsp",
+        "-issuer",
+        "ca.pem",
+        "-cert",
+        "server.pem",
+        "-no_nonce",
+        "-reqout",
+        "req.der",
+    ]);
+    run(&[
+        "ocsp",
+        "-index",
+        "index.txt",
+        "-rsigner",
+        "ca.pem",
+        "-rkey",
+        "ca.key",
+        "-CA",
+        "ca.pem",
+        "-reqin",
+        "req.der",
+        "-respout",
+        "resp.der",
+        "-ndays",
+        "1",
+    ]);
+    std::fs::read(files.join("resp.der")).expect("read the response")
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn a_good_ocsp_response_is_stapled_and_an_unusable_one_is_not() {
+    const TEST: &str = "a_good_ocsp_response_is_stapled_and_an_unusable_one_is_not";
+    let Some(openssl) = tool_or_skip(TEST, "openssl") else {
+        return;
+    };
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let dir = test_dir("policy-ocsp");
+    let staple = dir.join("server.ocsp");
+    std::fs::write(&staple, ocsp_response(&openssl, &files, 'V')).expect("write staple");
+    let port = tlsplice_tests::free_port();
+    let config = format!(
+        "[certs]\nreload_interval_ms = 200\n{}ocsp = \"{}\"\n",
+        tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files),
+        staple.display(),
+    );
+    let agent = AgentProcess::start(&dir, &config, &[], &[]);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let stale = || {
+        tlsplice_tests::metric(
+            &agent.metrics(),
+            "tlsplice_ocsp_response_stale",
+            &["listener=\"web\""],
+        )
+    };
+    let (done, text) = scan_status(&openssl, addr, &files);
+    assert!(done, "{text}");
+    assert!(
+        text.contains("OCSP Response Status: successful") && text.contains("Cert Status: good"),
+        "the staple is missing:\n{text}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(stale(), 0.0);
+    // The node's fetcher writes a response that says "revoked": not stapled, and the gauge
+    // says so, without a restart.
+    std::fs::write(&staple, ocsp_response(&openssl, &files, 'R')).expect("write staple");
+    eventually(
+        Duration::from_secs(15),
+        "the unusable response dropped",
+        || stale() == 1.0,
+    );
+    let (done, text) = scan_status(&openssl, addr, &files);
+    assert!(done, "{text}");
+    assert!(text.contains("OCSP response: no response sent"), "{text}");
+    assert!(
+        agent.log_text().contains("OCSP response cannot be stapled"),
+        "{}",
+        agent.log_text()
     );
     assert!(agent.stop().success());
 }

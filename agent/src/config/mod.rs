@@ -139,6 +139,11 @@ pub struct ListenerConfig {
     /// PEM private key: PKCS#8, SEC1 or PKCS#1 (terminate, reencrypt).
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// A DER OCSP response for `cert` (fetched by the node, not the agent): stapled while it
+    /// says "good" and its nextUpdate has not passed; re-read when the file changes. A stale or
+    /// unusable one is not stapled (`tlsplice_ocsp_response_stale` is 1).
+    #[serde(default)]
+    pub ocsp: Option<PathBuf>,
     /// More certificates, each chosen when the client's server name (SNI) matches one of its
     /// names; `cert`/`key` serve every other name and clients that send none.
     #[serde(default)]
@@ -147,6 +152,12 @@ pub struct ListenerConfig {
     /// must present a certificate that chains to one of them (mTLS).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// PEM (or DER) CRL files from the client CA (with `client_ca`): a client certificate they
+    /// revoke is refused (alert certificate_revoked, outcome `certificate refused`). Each
+    /// client certificate's status must be known from them (its issuer's CRL is here); re-read
+    /// when a file changes, like the certificates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_crls: Vec<PathBuf>,
     /// Which clients may connect (with `client_ca`): a client certificate must match one of
     /// these (`spiffe://trust-domain/path-prefix`, `dns:name`, `cn:name`), else the
     /// handshake ends with the access_denied alert. Empty: any certificate the CA issued.
@@ -212,6 +223,10 @@ pub struct SniCertificate {
     /// the certificate's subject alternative names.
     #[serde(default)]
     pub server_names: Vec<String>,
+    /// A DER OCSP response for `cert`, stapled while it is good and fresh (see `ocsp` on the
+    /// listener).
+    #[serde(default)]
+    pub ocsp: Option<PathBuf>,
 }
 
 fn default_handshake_timeout_ms() -> u64 {

@@ -156,6 +156,33 @@ impl ListenerConfig {
                 );
             }
         }
+        if l.client_ca.is_none() {
+            // Without client certificates there is no identity to allow or revoke.
+            if !l.allow_clients.is_empty() {
+                bad(
+                    "allow_clients",
+                    "needs client_ca: clients are named by the certificate they present".into(),
+                );
+            }
+            if !l.client_crls.is_empty() {
+                bad(
+                    "client_crls",
+                    "needs client_ca: revocation applies to client certificates".into(),
+                );
+            }
+        }
+        if !l.mode.client_tls() && l.ocsp.is_some() {
+            bad(
+                "ocsp",
+                format!("mode {mode} serves no certificate: remove ocsp"),
+            );
+        }
+        if !l.mode.client_tls() && !l.tls.is_empty() {
+            bad(
+                "tls",
+                format!("mode {mode} does not terminate client TLS: remove [listener.tls]"),
+            );
+        }
         if l.mode.client_tls() {
             if l.cert.is_none() {
                 bad("cert", format!("mode {mode} needs a certificate chain"));

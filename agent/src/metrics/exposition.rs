@@ -425,6 +425,28 @@ impl TelemetryCollector {
                     .encode_gauge(&cert.not_after.saturating_sub(now))?;
             }
         }
+        let stapling: Vec<(String, String, bool)> = certs
+            .iter()
+            .flat_map(|(i, c)| {
+                let listener = name(i);
+                c.serving.iter().filter_map(move |cert| {
+                    let stale = cert.ocsp_stale(now)?;
+                    Some((listener.clone(), cert.path.display().to_string(), stale))
+                })
+            })
+            .collect();
+        if !stapling.is_empty() {
+            let mut ocsp = encoder.encode_descriptor(
+                "tlsplice_ocsp_response_stale",
+                "1 while a certificate's configured OCSP response is not stapled (its nextUpdate passed, it failed to parse, or it does not say good), by listener and certificate file",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (listener, cert, stale) in &stapling {
+                ocsp.encode_family(&[("listener", listener.as_str()), ("cert", cert.as_str())])?
+                    .encode_gauge(&i64::from(*stale))?;
+            }
+        }
         let mut reloads = encoder.encode_descriptor(
             "tlsplice_certificate_reloads",
             "Changes of a listener's certificate, key or CA files, by whether they loaded",
