@@ -1186,3 +1186,144 @@ mod tests {
         }
     }
 }
+
+/// Runs `ip` with `args`, panicking with its output when it fails.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace the test made (`ip netns add`), deleted with its interfaces when
+/// dropped.
+pub struct Netns {
+    /// Its name under /run/netns.
+    pub name: String,
+}
+
+impl Netns {
+    /// A fresh namespace named after `tag` and this process, with its loopback up.
+    pub fn new(tag: &str) -> Self {
+        let name = format!("tlsplice-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// The wrapper that starts a program in it (for [`AgentProcess::start`]).
+    pub fn exec(&self) -> [&str; 4] {
+        ["ip", "netns", "exec", self.name.as_str()]
+    }
+
+    /// Runs `f` with the calling thread in this namespace (network namespaces are per
+    /// thread), then puts the thread back.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let home = std::fs::File::open("/proc/thread-self/ns/net").expect("this thread's netns");
+        let there = std::fs::File::open(format!("/run/netns/{}", self.name)).expect("the netns");
+        enter_netns(&there);
+        let out = f();
+        enter_netns(&home);
+        out
+    }
+}
+
+fn enter_netns(ns: &std::fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns(2) with an open namespace file; it changes only this thread's namespace.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", io::Error::last_os_error());
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Every frame crossing one interface, read with an AF_PACKET socket (what tcpdump sees) on
+/// a thread of its own in the interface's namespace, until [`PacketCapture::finish`].
+pub struct PacketCapture {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl PacketCapture {
+    /// Starts capturing on `ifname` in `netns`; returns once the socket is bound.
+    pub fn start(netns: &Netns, ifname: &str) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready, bound) = std::sync::mpsc::channel();
+        let there = std::fs::File::open(format!("/run/netns/{}", netns.name)).expect("netns");
+        let (ifname, flag) = (ifname.to_owned(), stop.clone());
+        let handle = std::thread::spawn(move || {
+            enter_netns(&there);
+            let name = std::ffi::CString::new(ifname).expect("name");
+            // SAFETY: a NUL-terminated name.
+            let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert!(index > 0, "no such interface");
+            let all = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the descriptor is owned below.
+            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+            assert!(fd >= 0, "AF_PACKET socket: {}", io::Error::last_os_error());
+            // SAFETY: `fd` is a new descriptor nothing else owns.
+            let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            use std::os::fd::AsRawFd;
+            // SAFETY: sockaddr_ll is plain data; zeroed is a valid start.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = all;
+            addr.sll_ifindex = i32::try_from(index).expect("index");
+            // SAFETY: `addr` is a valid sockaddr_ll and the length says so.
+            let rc = unsafe {
+                libc::bind(
+                    sock.as_raw_fd(),
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 100_000,
+            };
+            // SAFETY: SO_RCVTIMEO takes a timeval of the length given.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            let _ = ready.send(());
+            let mut seen = Vec::new();
+            let mut frame = vec![0u8; 65536 + 128];
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) && seen.len() < (512 << 20) {
+                // SAFETY: `frame` is writable for its length.
+                let n = unsafe {
+                    libc::recv(sock.as_raw_fd(), frame.as_mut_ptr().cast(), frame.len(), 0)
+                };
+                if let Ok(n) = usize::try_from(n) {
+                    seen.extend_from_slice(&frame[..n]);
+                }
+            }
+            seen
+        });
+        bound
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the capture socket bound");
+        Self { stop, handle }
+    }
+
+    /// Stops and returns every frame's bytes, one after another.
+    pub fn finish(self) -> Vec<u8> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.join().expect("capture thread")
+    }
+}

@@ -589,3 +589,183 @@ fn a_good_ocsp_response_is_stapled_and_an_unusable_one_is_not() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn two_nodes_carry_mtls_between_namespaces_and_refuse_a_third_identity() {
+    use tlsplice_tests::{Netns, PacketCapture, expect_pattern, ip, send_pattern};
+    const TEST: &str = "two_nodes_carry_mtls_between_namespaces_and_refuse_a_third_identity";
+    const LEN: usize = 2 << 20;
+    if tool_or_skip(TEST, "ip").is_none() {
+        return;
+    }
+    let pki = TestPki::generate();
+    let files = pki.write_files();
+    let (node_a, node_b) = (Netns::new("node-a"), Netns::new("node-b"));
+    let tag = std::process::id() % 100_000;
+    let (if_a, if_b) = (format!("tpa{tag}"), format!("tpb{tag}"));
+    ip(&["link", "add", &if_a, "type", "veth", "peer", "name", &if_b]);
+    ip(&["link", "set", &if_a, "netns", &node_a.name]);
+    ip(&["link", "set", &if_b, "netns", &node_b.name]);
+    ip(&[
+        "-n",
+        &node_a.name,
+        "addr",
+        "add",
+        "10.77.0.1/24",
+        "dev",
+        &if_a,
+    ]);
+    ip(&[
+        "-n",
+        &node_b.name,
+        "addr",
+        "add",
+        "10.77.0.2/24",
+        "dev",
+        &if_b,
+    ]);
+    ip(&["-n", &node_a.name, "link", "set", &if_a, "up"]);
+    ip(&["-n", &node_b.name, "link", "set", &if_b, "up"]);
+
+    // Node B: a local plaintext app behind a terminate listener that admits node A's
+    // workload identity only.
+    let app_b = node_b.run(echo_upstream);
+    let dir = test_dir("policy-two-nodes");
+    let write = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        path.display().to_string()
+    };
+    let port_b = tlsplice_tests::free_port();
+    let config_b = format!(
+        "[[listener]]\nname = \"mesh-in\"\nmode = \"terminate\"\nlisten = \"10.77.0.2:{port_b}\"\n\
+         upstream = \"{app_b}\"\ncert = \"{f}/server.pem\"\nkey = \"{f}/server.key\"\n\
+         client_ca = \"{f}/ca.pem\"\nallow_clients = [\"spiffe://mesh.test/ns/a\"]\n",
+        f = files.display()
+    );
+    // Node A: originate listeners for its local apps, one presenting A's identity and one a
+    // third workload's.
+    let (_, a_cert, a_key) = pki.issue_client("node-a", &["spiffe://mesh.test/ns/a/sa/app"]);
+    let (_, c_cert, c_key) = pki.issue_client("node-c", &["spiffe://mesh.test/ns/c/sa/app"]);
+    let (port_a, port_c) = (tlsplice_tests::free_port(), tlsplice_tests::free_port());
+    let originate = |name: &str, port: u16, cert: &str, key: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nmode = \"originate\"\nlisten = \"127.0.0.1:{port}\"\n\
+             upstream = \"10.77.0.2:{port_b}\"\n[listener.upstream_tls]\nserver_name = \"localhost\"\n\
+             ca = \"{f}/ca.pem\"\nclient_cert = \"{cert}\"\nclient_key = \"{key}\"\n",
+            f = files.display()
+        )
+    };
+    let config_a = format!(
+        "{}{}",
+        originate(
+            "to-b",
+            port_a,
+            &write("a.pem", &a_cert),
+            &write("a.key", &a_key)
+        ),
+        originate(
+            "as-c",
+            port_c,
+            &write("c.pem", &c_cert),
+            &write("c.key", &c_key)
+        ),
+    );
+    let agent_b = AgentProcess::start(&dir, &config_b, &node_b.exec(), &[]);
+    let agent_a = AgentProcess::start(&dir, &config_a, &node_a.exec(), &[]);
+    let capture = PacketCapture::start(&node_b, &if_b);
+
+    // A control: plaintext sent across the veth is seen by the capture.
+    const CONTROL: &[u8] = b"tlsplice capture control: plaintext on the wire";
+    let control = node_b.run(|| std::net::TcpListener::bind("10.77.0.2:0").expect("bind"));
+    let control_addr = control.local_addr().expect("addr");
+    node_a.run(|| {
+        let mut s = std::net::TcpStream::connect(control_addr).expect("connect across the veth");
+        s.write_all(CONTROL).expect("write");
+    });
+    let mut got = vec![0u8; CONTROL.len()];
+    control
+        .accept()
+        .expect("accept")
+        .0
+        .read_exact(&mut got)
+        .expect("read");
+
+    // Node A's app sends through A, across the veth, through B to B's app and back.
+    let local =
+        node_a.run(|| std::net::TcpStream::connect(("127.0.0.1", port_a)).expect("connect"));
+    local
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("timeout");
+    let mut writer = local.try_clone().expect("clone");
+    let sending = std::thread::spawn(move || send_pattern(&mut writer, 9, LEN));
+    let mut reader = local.try_clone().expect("clone");
+    expect_pattern(&mut reader, 9, LEN).expect("the echo through both nodes");
+    sending.join().expect("writer").expect("send");
+    local.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    let _ = reader.read_to_end(&mut rest);
+    assert!(rest.is_empty());
+
+    // The third identity is refused by B: its app's connection ends without an echo.
+    let refused =
+        node_a.run(|| std::net::TcpStream::connect(("127.0.0.1", port_c)).expect("connect"));
+    refused
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    let _ = (&refused).write_all(b"must not reach node B's app");
+    let mut back = Vec::new();
+    let _ = (&refused).read_to_end(&mut back);
+    assert!(
+        back.is_empty(),
+        "the refused identity got {} bytes back",
+        back.len()
+    );
+
+    let wire = capture.finish();
+    assert!(
+        tlsplice_tests::contains(&wire, CONTROL),
+        "the capture sees plaintext"
+    );
+    assert!(wire.len() > LEN, "captured {} bytes", wire.len());
+    for sample in tlsplice_tests::pattern_samples(9, LEN) {
+        assert!(
+            !tlsplice_tests::contains(&wire, &sample),
+            "plaintext on the veth"
+        );
+    }
+    let closed = |agent: &AgentProcess, listener: &str, what: &str| {
+        agent
+            .log_text()
+            .lines()
+            .filter(|l| l.contains(&format!("listener={listener} ")) && l.contains(what))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(20), "both nodes' lines", || {
+        !closed(&agent_a, "to-b", "connection closed").is_empty()
+            && !closed(&agent_b, "mesh-in", "connection closed").is_empty()
+            && !closed(&agent_b, "mesh-in", "client not allowed").is_empty()
+    });
+    let (a_line, b_line) = (
+        closed(&agent_a, "to-b", "connection closed").remove(0),
+        closed(&agent_b, "mesh-in", "connection closed").remove(0),
+    );
+    assert!(
+        b_line.contains("URI:spiffe://mesh.test/ns/a/sa/app"),
+        "{b_line}"
+    );
+    let denied = closed(&agent_b, "mesh-in", "client not allowed").remove(0);
+    assert!(
+        denied.contains("URI:spiffe://mesh.test/ns/c/sa/app"),
+        "{denied}"
+    );
+    if tlsplice_tests::in_guest() {
+        // Both TLS legs, A's upstream and B's client, on kTLS.
+        assert!(a_line.contains("data_path=ktls"), "{a_line}");
+        assert!(b_line.contains("data_path=ktls"), "{b_line}");
+    }
+    println!("node A: {a_line}\nnode B: {b_line}\nrefused: {denied}");
+    let _ = (agent_a.stop(), agent_b.stop());
+}

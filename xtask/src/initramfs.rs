@@ -16,6 +16,8 @@ use crate::kernels::GuestKernel;
 /// x86 implementations. Names missing from a kernel (built in, or renamed) are skipped; each
 /// module's own dependencies are added from its .modinfo.
 const WANTED_MODULES: &[&str] = &[
+    // Two nodes joined by a veth pair (tests/tests/policy.rs).
+    "veth",
     "tls",
     "gcm",
     "ctr",

@@ -65,7 +65,7 @@ pub const MATRIX_TESTS: &[MatrixTest] = &[
     MatrixTest {
         target: "policy",
         needs: &[],
-        tools: &["openssl"],
+        tools: &["openssl", "ip"],
     },
     MatrixTest {
         target: "probe",
