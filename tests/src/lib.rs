@@ -1162,31 +1162,6 @@ impl Drop for AgentProcess {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pattern_round_trips_and_detects_corruption() {
-        let mut wire = Vec::new();
-        send_pattern(&mut wire, 7, 200_000).unwrap();
-        assert_eq!(wire.len(), 200_000);
-        expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap();
-        assert!(expect_pattern(&mut wire.as_slice(), 8, 200_000).is_err());
-        wire[150_000] ^= 1;
-        let err = expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap_err();
-        assert!(err.to_string().contains("offset 131072"), "{err}");
-    }
-
-    #[test]
-    fn require_skips_with_marker_unless_required() {
-        assert!(require("t", None));
-        if std::env::var_os(REQUIRE_ENV).is_none() {
-            assert!(!require("t", Some("because".into())));
-        }
-    }
-}
-
 /// Runs `ip` with `args`, panicking with its output when it fails.
 pub fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -1325,5 +1300,30 @@ impl PacketCapture {
     pub fn finish(self) -> Vec<u8> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.join().expect("capture thread")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_round_trips_and_detects_corruption() {
+        let mut wire = Vec::new();
+        send_pattern(&mut wire, 7, 200_000).unwrap();
+        assert_eq!(wire.len(), 200_000);
+        expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap();
+        assert!(expect_pattern(&mut wire.as_slice(), 8, 200_000).is_err());
+        wire[150_000] ^= 1;
+        let err = expect_pattern(&mut wire.as_slice(), 7, 200_000).unwrap_err();
+        assert!(err.to_string().contains("offset 131072"), "{err}");
+    }
+
+    #[test]
+    fn require_skips_with_marker_unless_required() {
+        assert!(require("t", None));
+        if std::env::var_os(REQUIRE_ENV).is_none() {
+            assert!(!require("t", Some("because".into())));
+        }
     }
 }
