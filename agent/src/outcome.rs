@@ -148,6 +148,8 @@ pub struct Facts {
     pub tickets: u64,
     /// When it was accepted (or adopted at a takeover), in [`agent_millis`]; 0: not known.
     pub accepted_ms: u32,
+    /// Its place among the open connections, once its data path is chosen.
+    pub active: Option<crate::metrics::ActiveConnection>,
 }
 
 /// Milliseconds since this agent first asked, never 0, wrapping after 49 days: a connection's
@@ -214,6 +216,9 @@ impl Facts {
 
     /// Records the data path and why.
     pub fn take_path(&mut self, path: DataPath, why: impl Into<Cow<'static, str>>) {
+        if let Some(active) = &mut self.active {
+            active.relabel(path);
+        }
         self.data_path = Some(path);
         self.path_reason = why.into();
     }

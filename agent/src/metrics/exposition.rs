@@ -231,6 +231,25 @@ impl Collector for TelemetryCollector {
                 )?
                 .encode_gauge(&i64::try_from(sockets).unwrap_or(i64::MAX))?;
         }
+        let active = self.0.active_counts();
+        if !active.is_empty() {
+            let names = self.0.listener_names();
+            let mut metric = encoder.encode_descriptor(
+                "tlsplice_active_connections",
+                "Connections open now, by listener and the data path chosen for them (a connection moved to another agent counts there)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for ((listener, path), n) in active {
+                let listener = names.get(&listener).cloned().unwrap_or_default();
+                metric
+                    .encode_family(&[
+                        ("listener", listener.as_str()),
+                        ("data_path", path.as_str()),
+                    ])?
+                    .encode_gauge(&n)?;
+            }
+        }
         encoder
             .encode_descriptor(
                 "tlsplice_parked_connections",

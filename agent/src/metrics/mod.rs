@@ -11,9 +11,11 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Mutex;
 
+mod active;
 mod exposition;
 mod latency;
 
+pub use active::ActiveConnection;
 pub use latency::HandshakeKind;
 
 pub use exposition::{Sample, encode, json, registry, samples, table};
@@ -50,6 +52,8 @@ pub struct Telemetry {
     takeovers: Mutex<TakeoverStats>,
     /// Handshake and connection histograms.
     latency: latency::Latency,
+    /// Connections open now, by listener and data path.
+    active: std::sync::Arc<active::ActiveTable>,
 }
 
 /// Live upgrades ([`crate::takeover`]) as the metrics show them.
@@ -98,6 +102,7 @@ impl Telemetry {
             parked: std::sync::atomic::AtomicI64::new(0),
             takeovers: Mutex::default(),
             latency: latency::Latency::default(),
+            active: std::sync::Arc::default(),
         }
     }
 
@@ -115,6 +120,7 @@ impl Telemetry {
                 parked: std::sync::atomic::AtomicI64::new(0),
                 takeovers: Mutex::default(),
                 latency: latency::Latency::default(),
+                active: std::sync::Arc::default(),
             },
             Err(e) => Self::memory(listeners, e.to_string()),
         }
@@ -269,6 +275,17 @@ impl Telemetry {
     /// Whether the newest files of a listener's TLS material fail to load (the old serve).
     pub fn set_reload_failing(&self, listener: u16, failing: bool) {
         self.with_certs(listener, |c| c.failing = failing);
+    }
+
+    /// A place among the open connections of listener `listener` on `path`, held until
+    /// dropped.
+    pub fn active_connection(&self, listener: u16, path: DataPath) -> ActiveConnection {
+        ActiveConnection::new(self.active.clone(), listener, path)
+    }
+
+    /// Open connections by (listener index, data path).
+    pub(crate) fn active_counts(&self) -> Vec<((u16, DataPath), i64)> {
+        self.active.counts()
     }
 
     /// A client handshake of `listener` completed in `seconds`.

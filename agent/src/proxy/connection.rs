@@ -142,6 +142,11 @@ async fn handle(
     tracing::debug!(listener = %state.config.name, %peer,
         data_path = %established.plan.path(), reason = %facts.path_reason,
         session = %facts.session_text(), "data path chosen");
+    facts.active = Some(
+        state
+            .telemetry
+            .active_connection(state.index, established.plan.path()),
+    );
     let pipes = &state.limits.pipes;
     let bpf = state.telemetry.bpf();
     relay::run(established, bpf, pipes, facts, drained, park_after).await

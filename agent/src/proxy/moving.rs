@@ -177,6 +177,7 @@ pub(crate) fn incoming(
         accepted_ms: crate::outcome::agent_millis(),
         ..Facts::default()
     };
+    facts.active = Some(state.telemetry.active_connection(state.index, path));
     facts.take_path(
         path,
         format!(
