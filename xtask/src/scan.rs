@@ -526,6 +526,13 @@ fn judge_findings(findings: &[serde_json::Value]) -> (Vec<String>, String) {
             other => problems.push(format!("{id}: {other:?}, expected {want:?}")),
         }
     }
+    // The server's order of preference wins, in TLS 1.3 and below (issue 21).
+    match by_id("cipher_order") {
+        Some(f) if f == "server" => {}
+        other => problems.push(format!(
+            "cipher_order: {other:?}, expected \"server\" (the server's order in every version)"
+        )),
+    }
     let ciphers: Vec<String> = findings
         .iter()
         .filter(|f| field(f, "id").starts_with("cipher_x"))
@@ -559,7 +566,7 @@ fn judge_findings(findings: &[serde_json::Value]) -> (Vec<String>, String) {
         ));
     }
     let summary = format!(
-        "TLS 1.2 and 1.3 only; {} suites, all AEAD; {vulnerabilities} vulnerability checks, none vulnerable",
+        "TLS 1.2 and 1.3 only; {} suites, all AEAD, in the server's order; {vulnerabilities} vulnerability checks, none vulnerable",
         ciphers.len()
     );
     (problems, summary)
@@ -601,6 +608,7 @@ mod tests {
             ("TLS1_3", "OK", "offered with final"),
             ("cipher_x1301", "INFO", "x1301 TLS_AES_128_GCM_SHA256"),
             ("cert_chain_of_trust", "CRITICAL", "failed (self signed)."),
+            ("cipher_order", "OK", "server"),
         ]
         .iter()
         .map(|(i, s, f)| finding(i, s, f))
@@ -624,9 +632,13 @@ mod tests {
         vulnerable.push(finding("BEAST", "MEDIUM", "VULNERABLE"));
         assert_eq!(judge_findings(&vulnerable).0.len(), 1);
         assert_eq!(
-            judge_findings(&good[..8]).0.len(),
+            judge_findings(&good[..9]).0.len(),
             1,
             "no vulnerability checks ran"
         );
+        let mut client_order = good.clone();
+        client_order[8] = finding("cipher_order", "HIGH", "NOT a cipher order configured");
+        // Not the server's order, and rated HIGH.
+        assert_eq!(judge_findings(&client_order).0.len(), 2);
     }
 }

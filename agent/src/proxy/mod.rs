@@ -809,3 +809,64 @@ fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 fn listener_index(i: usize) -> u16 {
     u16::try_from(i).unwrap_or(u16::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::ktls::{Cipher, TlsVersion};
+
+    /// A kernel that offloads everything but ChaCha20-Poly1305.
+    fn no_chacha() -> KernelCaps {
+        let pairs: BTreeSet<(TlsVersion, Cipher)> = TlsVersion::ALL
+            .iter()
+            .flat_map(|&v| Cipher::ALL.iter().map(move |&c| (v, c)))
+            .filter(|&(_, c)| c != Cipher::Chacha20Poly1305)
+            .collect();
+        KernelCaps::new(Ok(pairs), Ok(()))
+    }
+
+    fn config(data_path: &str, tls: &str) -> Config {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nmode = \"terminate\"\nlisten = \"127.0.0.1:1\"\n\
+             upstream = \"127.0.0.1:2\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             data_path = \"{data_path}\"\n{tls}"
+        );
+        Config::parse(&text, std::path::Path::new("t.toml")).expect("valid")
+    }
+
+    #[test]
+    fn check_refuses_a_kernel_only_listener_whose_policy_the_kernel_cannot_carry() {
+        let aes_only = "[listener.tls]\ncipher_suites = [\"TLS13_AES_128_GCM_SHA256\", \"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n";
+        #[rustfmt::skip]
+        let table: &[(&str, &str, KernelCaps, Option<&str>)] = &[
+            // Every suite by default, ChaCha20 among them: refused where the kernel lacks it.
+            ("ktls", "", no_chacha(), Some("TLS13_CHACHA20_POLY1305_SHA256")),
+            ("ktls", aes_only, no_chacha(), None),
+            // Auto falls back per connection: nothing to refuse.
+            ("auto", "", no_chacha(), None),
+            // No kTLS at all is `probe --config`'s to say.
+            ("ktls", "", KernelCaps::new(Err("no kTLS".into()), Ok(())), None),
+        ];
+        for (data_path, tls, caps, refused) in table {
+            let problems = check_kernel_path(&config(data_path, tls), caps);
+            match refused {
+                Some(suite) => {
+                    assert_eq!(problems.len(), 1, "{problems:?}");
+                    assert!(
+                        problems[0].contains(suite) && problems[0].contains("listener \"web\""),
+                        "{problems:?}"
+                    );
+                }
+                None => assert!(problems.is_empty(), "{data_path} {tls}: {problems:?}"),
+            }
+        }
+        let lines = suites_in_kernel(&config("ktls", "").listeners[0], &no_chacha());
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0].contains("in user space: TLS13_CHACHA20_POLY1305_SHA256"),
+            "{lines:?}"
+        );
+    }
+}
