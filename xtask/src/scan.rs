@@ -452,6 +452,7 @@ fn testssl(addr: SocketAddr, dir: &Path) -> Result<Vec<String>> {
             "--protocols",
             "--each-cipher",
             "--server-defaults",
+            "--server-preference",
             "--vulnerable",
         ])
         .arg(addr.to_string())
