@@ -49,18 +49,16 @@ impl TryFrom<String> for IdentityPattern {
                 return Err(format!("{text:?}: not a SPIFFE trust domain"));
             }
             let path = path.strip_suffix("/*").unwrap_or(path);
-            let path = path.strip_suffix('*').unwrap_or(path);
-            let segments: Vec<String> = path
-                .split('/')
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .collect();
-            if segments
-                .iter()
-                .any(|s| s == "." || s == ".." || s.contains('*'))
-            {
+            let path = path.strip_suffix('/').unwrap_or(path);
+            let segments: Vec<String> = if path.is_empty() {
+                Vec::new()
+            } else {
+                path.split('/').map(str::to_owned).collect()
+            };
+            if !segments.iter().all(|s| spiffe_segment(s)) {
                 return Err(format!(
-                    "{text:?}: a SPIFFE path prefix is whole segments (a `*` only at the end)"
+                    "{text:?}: a SPIFFE path prefix is whole segments of A-Z a-z 0-9 . - _ \
+                     (not . or ..), optionally ending in /*"
                 ));
             }
             return Ok(IdentityPattern::Spiffe {
@@ -71,7 +69,7 @@ impl TryFrom<String> for IdentityPattern {
         if let Some(name) = text.strip_prefix("dns:") {
             let wildcard_ok = name
                 .strip_prefix("*.")
-                .is_none_or(|rest| !rest.contains('*'));
+                .is_none_or(|rest| !rest.is_empty() && !rest.contains('*'));
             if name.is_empty() || !wildcard_ok || (name.contains('*') && !name.starts_with("*.")) {
                 return Err(format!(
                     "{text:?}: a DNS name, or `*.` and a name for one label"
@@ -116,16 +114,18 @@ impl IdentityPattern {
     /// Whether a verified peer's names match this entry.
     pub fn matches(&self, peer: &PeerIdentity) -> bool {
         match self {
-            IdentityPattern::Spiffe { trust_domain, path } => peer
-                .sans
-                .iter()
-                .filter_map(|s| s.strip_prefix("URI:"))
-                .filter_map(spiffe_parts)
-                .any(|(domain, segments)| {
-                    domain.eq_ignore_ascii_case(trust_domain)
+            IdentityPattern::Spiffe { trust_domain, path } => {
+                // An X.509-SVID has exactly one URI SAN: a certificate with more is not one.
+                let mut uris = peer.sans.iter().filter_map(|s| s.strip_prefix("URI:"));
+                let (Some(uri), None) = (uris.next(), uris.next()) else {
+                    return false;
+                };
+                spiffe_parts(uri).is_some_and(|(domain, segments)| {
+                    domain == trust_domain
                         && segments.len() >= path.len()
                         && segments.iter().zip(path).all(|(a, b)| a == b)
-                }),
+                })
+            }
             IdentityPattern::Dns(pattern) => peer
                 .sans
                 .iter()
@@ -136,14 +136,37 @@ impl IdentityPattern {
     }
 }
 
-/// A SPIFFE ID's trust domain and path segments (`None`: not a SPIFFE ID).
+/// One path segment as the SPIFFE ID standard allows it: A-Z a-z 0-9 . - _, not `.` or `..`.
+fn spiffe_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+}
+
+/// A SPIFFE ID's trust domain and path segments; `None` when it is not a SPIFFE ID that
+/// conforms to the standard (lower-case trust domain of a-z 0-9 . - _, segments as
+/// [`spiffe_segment`], no empty segment, no trailing slash, no query or fragment): such an
+/// ID matches nothing.
 fn spiffe_parts(uri: &str) -> Option<(&str, Vec<&str>)> {
     let rest = uri.strip_prefix("spiffe://")?;
     let (domain, path) = rest.split_once('/').unwrap_or((rest, ""));
-    if domain.is_empty() || path.contains(['?', '#']) {
+    let domain_ok = !domain.is_empty()
+        && domain.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        });
+    if !domain_ok {
         return None;
     }
-    Some((domain, path.split('/').filter(|s| !s.is_empty()).collect()))
+    if path.is_empty() {
+        return Some((domain, Vec::new()));
+    }
+    let segments: Vec<&str> = path.split('/').collect();
+    segments
+        .iter()
+        .all(|s| spiffe_segment(s))
+        .then_some((domain, segments))
 }
 
 fn dns_matches(pattern: &str, name: &str) -> bool {
@@ -329,6 +352,17 @@ mod tests {
         let b = peer(Some("node-b"), &["URI:spiffe://mesh.local/ns/b/sa/web"]);
         let other_domain = peer(None, &["URI:spiffe://other.local/ns/a/sa/web"]);
         let prefix_trap = peer(None, &["URI:spiffe://mesh.local/ns/ab/sa/web"]);
+        // Not conforming SPIFFE IDs: they match nothing.
+        let dot_dot = peer(None, &["URI:spiffe://mesh.local/ns/a/../b"]);
+        let empty_segment = peer(None, &["URI:spiffe://mesh.local/ns//a"]);
+        let upper_domain = peer(None, &["URI:spiffe://MESH.local/ns/a"]);
+        let two_uris = peer(
+            None,
+            &[
+                "URI:spiffe://mesh.local/ns/a",
+                "URI:spiffe://mesh.local/ns/b",
+            ],
+        );
         #[rustfmt::skip]
         let table: &[(&str, &PeerIdentity, bool)] = &[
             ("spiffe://mesh.local", &a, true),
@@ -341,6 +375,11 @@ mod tests {
             ("spiffe://mesh.local/ns/a", &prefix_trap, false),
             ("spiffe://mesh.local/ns/a/sa/web", &a, true),
             ("spiffe://mesh.local/ns/a/sa/web/extra", &a, false),
+            ("spiffe://mesh.local/ns/a", &dot_dot, false),
+            ("spiffe://mesh.local/ns/a", &empty_segment, false),
+            ("spiffe://mesh.local/ns", &empty_segment, false),
+            ("spiffe://mesh.local/ns/a", &upper_domain, false),
+            ("spiffe://mesh.local/ns/a", &two_uris, false),
             ("dns:web.a.internal", &a, true),
             ("dns:WEB.A.internal", &a, true),
             ("dns:*.a.internal", &a, true),
@@ -369,6 +408,9 @@ mod tests {
             "spiffe://mesh local/x",
             "spiffe://mesh.local/ns/*/sa",
             "spiffe://mesh.local/../x",
+            "spiffe://mesh.local/ns/a*",
+            "spiffe://mesh.local/ns//a",
+            "dns:*.",
             "dns:",
             "dns:web.*.internal",
             "dns:a*.internal",

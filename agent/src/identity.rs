@@ -145,9 +145,10 @@ impl Served {
 fn load_ocsp(
     path: &Path,
     cert: &Path,
+    serial: &[u8],
 ) -> Result<(Vec<u8>, Result<crate::ocsp::OcspValidity, String>), MaterialError> {
     let der = std::fs::read(path).map_err(|e| error("OCSP response", path, e))?;
-    let validity = crate::ocsp::validity(&der);
+    let validity = crate::ocsp::validity(&der, serial);
     match &validity {
         Ok(v) if v.fresh_at(unix_now()) => {}
         Ok(_) => tracing::warn!(ocsp = %path.display(), cert = %cert.display(),
@@ -171,7 +172,13 @@ fn served(
             stapled: None,
         });
     };
-    let (der, validity) = load_ocsp(path, cert)?;
+    let leaf = certified
+        .cert
+        .first()
+        .ok_or_else(|| error("certificate", cert, "empty chain"))?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| error("certificate", cert, e))?;
+    let (der, validity) = load_ocsp(path, cert, parsed.raw_serial())?;
     info.ocsp = Some(validity.clone());
     let stapled = validity.ok().map(|v| {
         let mut key = (*certified).clone();
@@ -311,7 +318,12 @@ pub fn server_config(l: &ListenerConfig) -> Result<Option<ServerMaterial>, Mater
                 }
                 // The CA bundle's certificates are trust anchors: only the client's own
                 // certificate has a status to look up.
-                verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+                // A CRL past its nextUpdate is no longer trusted (the client is refused):
+                // whatever refreshes the file has stopped.
+                verifier = verifier
+                    .with_crls(crls)
+                    .only_check_end_entity_revocation()
+                    .enforce_revocation_expiration();
             }
             let verifier = verifier.build().map_err(|e| error("CA bundle", ca, e))?;
             if l.allow_clients.is_empty() {

@@ -308,7 +308,7 @@ fn main() -> Result<()> {
             }
         }
         Command::Check { config } => {
-            let c = valid_config(&config)?;
+            let c = valid_config(&config, None)?;
             let kernel =
                 tlsplice::proxy::check_kernel_path(&c, &tlsplice::path::KernelCaps::probe());
             if !kernel.is_empty() {
@@ -334,8 +334,13 @@ fn main() -> Result<()> {
             takeover_record_version,
             flags,
         } => {
-            let mut c = valid_config(&config)?;
-            flags.apply(&mut c);
+            let c = valid_config(&config, Some(&flags))?;
+            // Sessions a kernel-only listener would refuse after their handshake: said at
+            // start (`tlsplice check` refuses such a file).
+            let caps = tlsplice::path::KernelCaps::probe();
+            for problem in tlsplice::proxy::check_kernel_path(&c, &caps) {
+                tracing::warn!(problem = %problem, "TLS policy and data_path = \"ktls\" disagree on this kernel");
+            }
             let takeover = takeover.map(|path| (path, takeover_record_version));
             run(&c, &config, &flags, takeover)?;
         }
@@ -350,9 +355,17 @@ fn main() -> Result<()> {
 
 /// A configuration and every listener's TLS material, or every problem with either (file,
 /// listener, key or file).
-fn checked_config(path: &std::path::Path) -> Result<tlsplice::config::Config, Vec<String>> {
-    let config = tlsplice::config::Config::load(path)
+fn checked_config(
+    path: &std::path::Path,
+    flags: Option<&NodeFlags>,
+) -> Result<tlsplice::config::Config, Vec<String>> {
+    let mut config = tlsplice::config::Config::load(path)
         .map_err(|e| e.to_string().lines().map(str::to_owned).collect::<Vec<_>>())?;
+    // The material is checked as it will serve: with the node flags (a TLS policy default)
+    // over the file.
+    if let Some(flags) = flags {
+        flags.apply(&mut config);
+    }
     let problems: Vec<String> = tlsplice::proxy::check_material(&config)
         .into_iter()
         .map(|p| format!("{}: {p}", path.display()))
@@ -365,8 +378,11 @@ fn checked_config(path: &std::path::Path) -> Result<tlsplice::config::Config, Ve
 }
 
 /// [`checked_config`], or every problem printed to stderr and exit status 1.
-fn valid_config(path: &std::path::Path) -> Result<tlsplice::config::Config> {
-    checked_config(path).or_else(|problems| {
+fn valid_config(
+    path: &std::path::Path,
+    flags: Option<&NodeFlags>,
+) -> Result<tlsplice::config::Config> {
+    checked_config(path, flags).or_else(|problems| {
         for p in &problems {
             eprintln!("{p}");
         }
@@ -386,8 +402,10 @@ async fn reload(
     telemetry: &tlsplice::metrics::Telemetry,
 ) {
     let path_owned = path.to_owned();
-    let loaded = tokio::task::spawn_blocking(move || checked_config(&path_owned)).await;
-    let mut next = match loaded {
+    let flags_owned = flags.clone();
+    let loaded =
+        tokio::task::spawn_blocking(move || checked_config(&path_owned, Some(&flags_owned))).await;
+    let next = match loaded {
         Ok(Ok(c)) => c,
         Ok(Err(problems)) => {
             tracing::error!(config = %path.display(), ?problems,
@@ -401,7 +419,6 @@ async fn reload(
             return;
         }
     };
-    flags.apply(&mut next);
     for (section, same) in [
         ("ebpf", section_eq(&current.ebpf, &next.ebpf)),
         ("admin", section_eq(&current.admin, &next.admin)),

@@ -50,9 +50,14 @@ fn universal(a: &Any<'_>, tag: Tag, what: &str) -> Result<(), String> {
     }
 }
 
-/// Reads an OCSP response (RFC 6960 4.2.1): `Err` when it is not a successful basic response
-/// whose first SingleResponse says "good".
-pub fn validity(der: &[u8]) -> Result<OcspValidity, String> {
+/// id-pkix-ocsp-basic (1.3.6.1.5.5.7.48.1.1), DER content.
+const OCSP_BASIC: [u8; 9] = [0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x01];
+
+/// Reads an OCSP response (RFC 6960 4.2.1) for the certificate whose serial number's DER
+/// content is `serial`: `Err` when it is not a successful basic response with a
+/// SingleResponse for that serial number saying "good" (a response left over from the
+/// certificate before a rotation is one for another serial).
+pub fn validity(der: &[u8], serial: &[u8]) -> Result<OcspValidity, String> {
     let (outer, _) = any(der)?;
     universal(&outer, Tag::Sequence, "OCSPResponse")?;
     let (status, rest) = any(outer.data)?;
@@ -67,7 +72,10 @@ pub fn validity(der: &[u8]) -> Result<OcspValidity, String> {
         return Err("no responseBytes".into());
     }
     let (response_bytes, _) = any(bytes.data)?;
-    let (_type, rest) = any(response_bytes.data)?;
+    let (kind, rest) = any(response_bytes.data)?;
+    if kind.tag() != Tag::Oid || kind.data != OCSP_BASIC {
+        return Err("not a basic OCSP response (id-pkix-ocsp-basic)".into());
+    }
     let (octets, _) = any(rest)?;
     universal(&octets, Tag::OctetString, "response")?;
     let (basic, _) = any(octets.data)?;
@@ -88,8 +96,26 @@ pub fn validity(der: &[u8]) -> Result<OcspValidity, String> {
     universal(&produced, Tag::GeneralizedTime, "producedAt")?;
     let (responses, _) = any(after)?;
     universal(&responses, Tag::Sequence, "responses")?;
-    let (single, _) = any(responses.data)?;
-    universal(&single, Tag::Sequence, "SingleResponse")?;
+    // The SingleResponse for this certificate.
+    let mut left = responses.data;
+    let single = loop {
+        if left.is_empty() {
+            return Err("no response for this certificate's serial number".into());
+        }
+        let (single, rest) = any(left)?;
+        universal(&single, Tag::Sequence, "SingleResponse")?;
+        let (cert_id, _) = any(single.data)?;
+        universal(&cert_id, Tag::Sequence, "CertID")?;
+        let (_hash, rest_id) = any(cert_id.data)?;
+        let (_name_hash, rest_id) = any(rest_id)?;
+        let (_key_hash, rest_id) = any(rest_id)?;
+        let (number, _) = any(rest_id)?;
+        universal(&number, Tag::Integer, "serialNumber")?;
+        if number.data == serial {
+            break single;
+        }
+        left = rest;
+    };
     let (_cert_id, after) = any(single.data)?;
     let (status, after) = any(after)?;
     match (status.class(), status.tag().0) {
@@ -184,14 +210,14 @@ mod tests {
 
     #[test]
     fn what_is_not_an_ocsp_response_is_refused() {
-        assert!(validity(b"").is_err());
+        assert!(validity(b"", &[1]).is_err());
         assert!(
-            validity(&[0x30, 0x03, 0x0a, 0x01, 0x01])
+            validity(&[0x30, 0x03, 0x0a, 0x01, 0x01], &[1])
                 .unwrap_err()
                 .contains("responseStatus 1")
         );
         assert!(
-            validity(&[0x30, 0x03, 0x0a, 0x01, 0x00])
+            validity(&[0x30, 0x03, 0x0a, 0x01, 0x00], &[1])
                 .unwrap_err()
                 .contains("responseBytes")
         );

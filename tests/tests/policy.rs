@@ -368,7 +368,8 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
     let files = pki.write_files();
     let dir = test_dir("policy-signals");
     let staple = dir.join("server.ocsp");
-    std::fs::write(&staple, ocsp_response(&openssl, &files, 'V')).expect("write staple");
+    std::fs::write(&staple, ocsp_response(&openssl, &files, "server.pem", 'V'))
+        .expect("write staple");
     let port = tlsplice_tests::free_port();
     let config = format!(
         "{}ocsp = \"{}\"\n",
@@ -472,9 +473,14 @@ fn a_client_revoked_by_a_new_crl_is_refused_without_a_restart() {
     assert!(agent.stop().success());
 }
 
-/// An OCSP response from the test CA for `server.pem` in `files`, saying `status` ("V" good,
-/// "R" revoked), made with `openssl ocsp`; DER.
-fn ocsp_response(openssl: &std::path::Path, files: &std::path::Path, status: char) -> Vec<u8> {
+/// An OCSP response from the test CA for `cert` (a file in `files`, e.g. server.pem), saying
+/// `status` ("V" good, "R" revoked), made with `openssl ocsp`; DER.
+fn ocsp_response(
+    openssl: &std::path::Path,
+    files: &std::path::Path,
+    cert: &str,
+    status: char,
+) -> Vec<u8> {
     let run = |args: &[&str]| {
         let out = std::process::Command::new(openssl)
             .args(args)
@@ -488,16 +494,10 @@ fn ocsp_response(openssl: &std::path::Path, files: &std::path::Path, status: cha
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    let serial = run(&["x509", "-in", "server.pem", "-noout", "-serial"]);
+    let serial = run(&["x509", "-in", cert, "-noout", "-serial"]);
     let serial = serial.trim_start_matches("serial=");
     let subject = run(&[
-        "x509",
-        "-in",
-        "server.pem",
-        "-noout",
-        "-subject",
-        "-nameopt",
-        "compat",
+        "x509", "-in", cert, "-noout", "-subject", "-nameopt", "compat",
     ]);
     let subject = subject.trim_start_matches("subject=");
     let revoked = if status == 'R' { "260601000000Z" } else { "" };
@@ -511,7 +511,7 @@ fn ocsp_response(openssl: &std::path::Path, files: &std::path::Path, status: cha
         "-issuer",
         "ca.pem",
         "-cert",
-        "server.pem",
+        cert,
         "-no_nonce",
         "-reqout",
         "req.der",
@@ -547,7 +547,8 @@ fn a_good_ocsp_response_is_stapled_and_an_unusable_one_is_not() {
     let files = pki.write_files();
     let dir = test_dir("policy-ocsp");
     let staple = dir.join("server.ocsp");
-    std::fs::write(&staple, ocsp_response(&openssl, &files, 'V')).expect("write staple");
+    std::fs::write(&staple, ocsp_response(&openssl, &files, "server.pem", 'V'))
+        .expect("write staple");
     let port = tlsplice_tests::free_port();
     let config = format!(
         "[certs]\nreload_interval_ms = 200\n{}ocsp = \"{}\"\n",
@@ -571,9 +572,35 @@ fn a_good_ocsp_response_is_stapled_and_an_unusable_one_is_not() {
         agent.log_text()
     );
     assert_eq!(stale(), 0.0);
+    // A response for another certificate (one left from before a rotation): not stapled.
+    std::fs::write(&staple, ocsp_response(&openssl, &files, "client.pem", 'V'))
+        .expect("write staple");
+    eventually(
+        Duration::from_secs(15),
+        "the other certificate's response dropped",
+        || stale() == 1.0,
+    );
+    let (done, text) = scan_status(&openssl, addr, &files);
+    assert!(
+        done && text.contains("OCSP response: no response sent"),
+        "{text}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("no response for this certificate's serial number"),
+        "{}",
+        agent.log_text()
+    );
+    std::fs::write(&staple, ocsp_response(&openssl, &files, "server.pem", 'V'))
+        .expect("write staple");
+    eventually(Duration::from_secs(15), "the good response back", || {
+        stale() == 0.0
+    });
     // The node's fetcher writes a response that says "revoked": not stapled, and the gauge
     // says so, without a restart.
-    std::fs::write(&staple, ocsp_response(&openssl, &files, 'R')).expect("write staple");
+    std::fs::write(&staple, ocsp_response(&openssl, &files, "server.pem", 'R'))
+        .expect("write staple");
     eventually(
         Duration::from_secs(15),
         "the unusable response dropped",

@@ -181,8 +181,9 @@ pub(crate) async fn run(
                     // the quiet wait is not overrun by it.
                     let entered = LastProgress::now(client.as_fd());
                     // Counted among the relays a takeover waits for, from here until it parks
-                    // (and moves from the parking) or its relay counts itself.
-                    let _pending = park_after.map(|_| crate::proxy::moving::MovePending::new());
+                    // (and moves from the parking) or goes on to its end here (then it cannot
+                    // move, and a takeover must not wait for it).
+                    let pending = park_after.map(|_| crate::proxy::moving::MovePending::new());
                     if let Some(after) = park_after
                         && Box::pin(sockmap_quiet(
                             &client,
@@ -196,6 +197,7 @@ pub(crate) async fn run(
                             IdleSockmap::new(client, tcp, pair, starts, idle_timeout, entered)?;
                         return Ok(Relayed::Idle(IdleConn::Sockmap(idle)));
                     }
+                    drop(pending);
                     let legs = SockmapLegs {
                         client,
                         upstream: tcp,
