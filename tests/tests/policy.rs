@@ -119,7 +119,14 @@ fn the_scanner_sees_only_the_configured_versions_suites_and_groups_in_server_ord
         if r.outcome == Reason::HandshakeFailed {
             refused += 1;
         } else {
-            assert_eq!(r.data_path, Some(expected_auto_path().0), "{r:?}");
+            // s_client sends its line and closes at once: a close that lands before the
+            // handoff keeps the session in user space, and the report says so.
+            let closed_early = r.path_reason.contains("closed its side before the handoff");
+            assert!(
+                r.outcome == Reason::Ok
+                    && (r.data_path == Some(expected_auto_path().0) || closed_early),
+                "{r:?}"
+            );
         }
     }
     assert_eq!(refused, cases.len() - established);
