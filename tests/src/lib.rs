@@ -1262,6 +1262,19 @@ impl PacketCapture {
                 )
             };
             assert_eq!(rc, 0, "bind: {}", io::Error::last_os_error());
+            // Room for a burst: a capture socket that overflows drops frames, and the check
+            // would see less than crossed the wire (SO_RCVBUFFORCE: root may pass rmem_max).
+            let room: libc::c_int = 256 << 20;
+            // SAFETY: SO_RCVBUFFORCE takes an int of the length given.
+            unsafe {
+                libc::setsockopt(
+                    sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const room).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+            };
             let timeout = libc::timeval {
                 tv_sec: 0,
                 tv_usec: 100_000,
@@ -1286,6 +1299,22 @@ impl PacketCapture {
                 };
                 if let Ok(n) = usize::try_from(n) {
                     seen.extend_from_slice(&frame[..n]);
+                }
+            }
+            // What is still queued crossed the wire before the stop: read it too.
+            loop {
+                // SAFETY: as above; MSG_DONTWAIT returns at once when nothing is queued.
+                let n = unsafe {
+                    libc::recv(
+                        sock.as_raw_fd(),
+                        frame.as_mut_ptr().cast(),
+                        frame.len(),
+                        libc::MSG_DONTWAIT,
+                    )
+                };
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => seen.extend_from_slice(&frame[..n]),
+                    _ => break,
                 }
             }
             seen
