@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hasher;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
@@ -196,12 +196,6 @@ impl WatchedTls {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Logs a warning for each certificate closer to its expiry than the threshold, once per
 /// certificate (path and expiry) for the life of the agent.
 fn warn_expiring(
@@ -210,7 +204,7 @@ fn warn_expiring(
     threshold: Duration,
     warned: &mut BTreeSet<(PathBuf, i64)>,
 ) {
-    let now = unix_now();
+    let now = crate::identity::unix_now();
     let threshold = i64::try_from(threshold.as_secs()).unwrap_or(i64::MAX);
     for c in certs {
         let left = c.not_after.saturating_sub(now);

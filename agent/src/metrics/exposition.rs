@@ -422,9 +422,7 @@ impl TelemetryCollector {
         }
         let names = self.0.listener_names();
         let name = |i: &u16| names.get(i).cloned().unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let now = crate::identity::unix_now();
         let mut expiry = encoder.encode_descriptor(
             "tlsplice_certificate_expiry_seconds",
             "Seconds until each served certificate expires (negative: expired), by listener and file",

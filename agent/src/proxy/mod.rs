@@ -95,6 +95,20 @@ pub fn check_material(config: &Config) -> Vec<String> {
         .collect()
 }
 
+/// A listener's TLS sides and the policy in force on each, by their configuration key: the
+/// client side (`tls`) where it terminates client TLS, the upstream leg (`upstream_tls`) where
+/// it originates TLS.
+fn tls_sides(l: &ListenerConfig) -> Vec<(&'static str, &crate::config::TlsPolicyConfig)> {
+    let mut sides = Vec::new();
+    if l.mode.client_tls() {
+        sides.push(("tls", &l.effective_tls));
+    }
+    if let (true, Some(u)) = (l.mode.upstream_tls(), &l.upstream_tls) {
+        sides.push(("upstream_tls", &u.effective_tls));
+    }
+    sides
+}
+
 /// Every listener whose TLS policy allows a version and cipher this kernel cannot offload
 /// while `data_path = "ktls"` requires the kernel (such sessions would be refused after their
 /// handshake): one line each, naming the suites. Nothing when the kernel has no kTLS at all
@@ -106,14 +120,7 @@ pub fn check_kernel_path(config: &Config, caps: &KernelCaps) -> Vec<String> {
         .iter()
         .filter(|l| l.data_path == crate::config::DataPathPolicy::Ktls)
     {
-        let mut sides = Vec::new();
-        if l.mode.client_tls() {
-            sides.push(("tls", &l.effective_tls));
-        }
-        if let (true, Some(u)) = (l.mode.upstream_tls(), &l.upstream_tls) {
-            sides.push(("upstream_tls", &u.effective_tls));
-        }
-        for (key, policy) in sides {
+        for (key, policy) in tls_sides(l) {
             // A policy that does not resolve is reported by check_material.
             let Ok(policy) =
                 crate::tls_policy::TlsPolicy::resolve(policy, crate::tls_policy::cpu_has_aes())
@@ -146,14 +153,7 @@ pub fn check_kernel_path(config: &Config, caps: &KernelCaps) -> Vec<String> {
 /// Per TLS side of a listener (`tls`, `upstream_tls`), which of its policy's suites this
 /// kernel carries and which stay in user space (`tlsplice probe --config`).
 pub fn suites_in_kernel(l: &ListenerConfig, caps: &KernelCaps) -> Vec<String> {
-    let mut sides = Vec::new();
-    if l.mode.client_tls() {
-        sides.push(("tls", &l.effective_tls));
-    }
-    if let (true, Some(u)) = (l.mode.upstream_tls(), &l.upstream_tls) {
-        sides.push(("upstream_tls", &u.effective_tls));
-    }
-    sides
+    tls_sides(l)
         .into_iter()
         .map(|(key, policy)| {
             let policy = match crate::tls_policy::TlsPolicy::resolve(
