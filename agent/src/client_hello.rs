@@ -159,7 +159,7 @@ mod tests {
     /// The first flight of a real rustls client for `name`.
     fn client_hello(name: &str) -> Vec<u8> {
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

@@ -52,7 +52,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, MaterialError> {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// Reads a PEM CA bundle into a root store; an empty bundle is an error.

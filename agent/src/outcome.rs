@@ -83,6 +83,9 @@ pub struct HandshakeOutcome {
     pub version: u16,
     /// Negotiated cipher suite, IANA value (0 when it failed).
     pub suite: u16,
+    /// Key exchange group, IANA value (0 when it failed, or not known: a moved connection,
+    /// a TLS 1.2 resumption).
+    pub group: u16,
 }
 
 impl HandshakeOutcome {
@@ -94,6 +97,9 @@ impl HandshakeOutcome {
             suite: common
                 .negotiated_cipher_suite()
                 .map_or(0, |s| u16::from(s.suite())),
+            group: common
+                .negotiated_key_exchange_group()
+                .map_or(0, |g| u16::from(g.name())),
         }
     }
 
@@ -103,21 +109,29 @@ impl HandshakeOutcome {
             outcome: reason,
             version: 0,
             suite: 0,
+            group: 0,
         }
     }
 
     /// The negotiated version and cipher as the kernel knows them (`TLSv1.3 AES-128-GCM`), else
-    /// as rustls names them.
+    /// as rustls names them, then the key exchange group where it is known
+    /// (`TLSv1.3 AES-128-GCM X25519MLKEM768`).
     pub fn session_text(&self) -> String {
         let version = rustls::ProtocolVersion::from(self.version);
         let suite = rustls::CipherSuite::from(self.suite);
-        match (
+        let mut text = match (
             crate::ktls::TlsVersion::from_rustls(version),
             crate::ktls::Cipher::from_suite(suite),
         ) {
             (Some(v), Some(c)) => format!("{v} {c}"),
             _ => format!("{version:?} {suite:?}"),
+        };
+        match (self.group, crate::config::GroupName::from_wire(self.group)) {
+            (0, _) => {}
+            (_, Some(g)) => text = format!("{text} {}", g.as_str()),
+            (other, None) => text = format!("{text} group 0x{other:04x}"),
         }
+        text
     }
 }
 
@@ -337,8 +351,10 @@ mod tests {
                 outcome: Reason::Ok,
                 version,
                 suite,
+                group: 0,
             })
         };
+        let with_group = |group: u16| done(0x0304, 0x1302).map(|h| HandshakeOutcome { group, ..h });
         // TLS 1.3 AES-128-GCM (0x1301), TLS 1.2 ECDHE-ECDSA ChaCha20 (0xcca9), TLS 1.3
         // AES-128-CCM (0x1304: no kTLS code in the agent).
         let cases: [(
@@ -346,7 +362,7 @@ mod tests {
             Option<HandshakeOutcome>,
             Option<HandshakeOutcome>,
             &str,
-        ); 7] = [
+        ); 9] = [
             (Session::None, done(0x0304, 0x1301), None, ""),
             (
                 Session::Tls { alpn: None },
@@ -381,6 +397,18 @@ mod tests {
                 "SNI b.test",
             ),
             (Session::Sni(None), None, None, "SNI (none)"),
+            (
+                Session::Tls { alpn: None },
+                with_group(0x11ec),
+                with_group(0x001d),
+                "client TLSv1.3 AES-256-GCM X25519MLKEM768, upstream TLSv1.3 AES-256-GCM X25519",
+            ),
+            (
+                Session::Tls { alpn: None },
+                with_group(0x0201),
+                None,
+                "client TLSv1.3 AES-256-GCM group 0x0201",
+            ),
         ];
         for (session, client_handshake, upstream_handshake, want) in cases {
             let facts = Facts {

@@ -220,6 +220,10 @@ pub struct ConnectionRecord {
     /// The upstream leg's completed handshake (version, suite).
     #[serde(default)]
     pub upstream_handshake: Option<(u16, u16)>,
+    /// The key exchange groups of the client and upstream legs (IANA values; 0: none, or an
+    /// agent that did not send them).
+    #[serde(default)]
+    pub groups: (u16, u16),
     /// Plaintext bytes moved so far, client to upstream.
     pub bytes_up: u64,
     /// Plaintext bytes moved so far, upstream to client.
@@ -1119,6 +1123,7 @@ mod tests {
             client_identity: None,
             client_handshake: Some((0x0304, 0x1301)),
             upstream_handshake: None,
+            groups: (0x11ec, 0),
             bytes_up: 10,
             bytes_down: 20,
             upstream_unix: false,

@@ -3,13 +3,16 @@
 //! takes (a crypto provider holding only those suites and groups, in that order, and the
 //! versions). Unset keys take the built-in defaults: TLS 1.2 and 1.3, every AEAD suite with
 //! AES-GCM first where the CPU has AES instructions and ChaCha20-Poly1305 first where it has
-//! not (software AES is slower and not constant-time), and X25519, P-256, P-384.
+//! not (software AES is slower and not constant-time), and the post-quantum hybrid
+//! X25519MLKEM768 first, then X25519, P-256, P-384 (as rustls, browsers and OpenSSL 3.5 order
+//! them). Which group a session gets is the client's choice among these: rustls takes the
+//! first of the client's groups it has, without a retry where the client sent that share.
 
 use std::collections::BTreeSet;
 
 use rustls::SupportedProtocolVersion;
 use rustls::crypto::CryptoProvider;
-use rustls::crypto::ring as provider;
+use rustls::crypto::aws_lc_rs as provider;
 
 use crate::config::{CipherSuiteName, GroupName, TlsPolicyConfig, VersionName};
 use crate::ktls::{Cipher, TlsVersion};
@@ -88,13 +91,19 @@ pub fn cpu_has_aes() -> bool {
     }
 }
 
-/// The built-in groups.
-pub const DEFAULT_GROUPS: [GroupName; 3] = [GroupName::X25519, GroupName::P256, GroupName::P384];
+/// The built-in groups: the post-quantum hybrid first (TLS 1.3 only; a client offering it
+/// sends an X25519 share beside it, so a server without it answers without a retry).
+pub const DEFAULT_GROUPS: [GroupName; 4] = [
+    GroupName::X25519MlKem768,
+    GroupName::X25519,
+    GroupName::P256,
+    GroupName::P384,
+];
 
 impl TlsPolicy {
     /// The policy in force from its configuration (unset keys: built-in defaults), or why it
     /// cannot be served: an empty list, a version with no suite left, a suite of a version
-    /// not allowed, a group this build's crypto provider does not have.
+    /// not allowed, a version with no group left (X25519MLKEM768 is TLS 1.3 only).
     pub fn resolve(config: &TlsPolicyConfig, cpu_has_aes: bool) -> Result<Self, PolicyError> {
         let mut versions: Vec<VersionName> = config
             .tls_versions
@@ -142,20 +151,31 @@ impl TlsPolicy {
                 ),
             ));
         }
-        let mut groups = config
-            .groups
-            .clone()
-            .unwrap_or_else(|| DEFAULT_GROUPS.to_vec());
+        let mut groups = match &config.groups {
+            Some(listed) => listed.clone(),
+            // Without TLS 1.3 the TLS 1.3-only groups would be offered for nothing.
+            None => DEFAULT_GROUPS
+                .into_iter()
+                .filter(|g| versions.iter().any(|v| g.usable_for(*v)))
+                .collect(),
+        };
         let mut seen = BTreeSet::new();
         groups.retain(|g| seen.insert(*g));
         if groups.is_empty() {
             return Err(policy_error("groups", "empty: no key exchange"));
         }
-        if groups.contains(&GroupName::X25519MlKem768) {
+        if let Some(v) = versions
+            .iter()
+            .find(|v| !groups.iter().any(|g| g.usable_for(**v)))
+        {
             return Err(policy_error(
                 "groups",
-                "X25519MLKEM768 is not in this build's crypto provider (ring); \
-                 rustls offers it with aws-lc-rs",
+                format!(
+                    "no group TLS {} can use (X25519MLKEM768 is TLS 1.3 only), and \
+                     tls_versions allows TLS {}",
+                    v.as_str(),
+                    v.as_str()
+                ),
             ));
         }
         Ok(TlsPolicy {
@@ -171,11 +191,7 @@ impl TlsPolicy {
         let base = provider::default_provider();
         CryptoProvider {
             cipher_suites: self.suites.iter().map(|s| rustls_suite(*s)).collect(),
-            kx_groups: self
-                .groups
-                .iter()
-                .filter_map(|g| rustls_group(*g))
-                .collect(),
+            kx_groups: self.groups.iter().map(|g| rustls_group(*g)).collect(),
             ..base
         }
     }
@@ -220,14 +236,13 @@ fn rustls_suite(s: CipherSuiteName) -> rustls::SupportedCipherSuite {
     }
 }
 
-/// `None`: not in this provider ([`TlsPolicy::resolve`] refuses it first).
-fn rustls_group(g: GroupName) -> Option<&'static dyn rustls::crypto::SupportedKxGroup> {
+fn rustls_group(g: GroupName) -> &'static dyn rustls::crypto::SupportedKxGroup {
     use provider::kx_group as k;
     match g {
-        GroupName::X25519 => Some(k::X25519),
-        GroupName::P256 => Some(k::SECP256R1),
-        GroupName::P384 => Some(k::SECP384R1),
-        GroupName::X25519MlKem768 => None,
+        GroupName::X25519 => k::X25519,
+        GroupName::P256 => k::SECP256R1,
+        GroupName::P384 => k::SECP384R1,
+        GroupName::X25519MlKem768 => k::X25519MLKEM768,
     }
 }
 
@@ -286,6 +301,14 @@ mod tests {
         assert_eq!(only13.suites.len(), 3);
         assert_eq!(only13.rustls_versions().len(), 1);
 
+        // Without TLS 1.3 the hybrid leaves the defaults; with it, it is offered first.
+        let only12 = ok(config(Some(&[Tls12]), None, None));
+        assert_eq!(only12.groups, [G::X25519, G::P256, G::P384]);
+        assert_eq!(all.groups[0], G::X25519MlKem768);
+        // The hybrid beside a group TLS 1.2 can use serves both versions.
+        let hybrid = ok(config(None, None, Some(&[G::X25519MlKem768, G::X25519])));
+        assert_eq!(hybrid.groups, [G::X25519MlKem768, G::X25519]);
+
         // The configured order is kept (the server's preference).
         let order = [S::TLS13_AES_256_GCM_SHA384, S::TLS13_AES_128_GCM_SHA256];
         assert_eq!(ok(config(Some(&[Tls13]), Some(&order), None)).suites, order);
@@ -297,7 +320,8 @@ mod tests {
             (config(Some(&[Tls13]), Some(&[S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]), None), "cipher_suites", "does not allow TLS 1.2"),
             (config(None, Some(&[S::TLS13_AES_128_GCM_SHA256]), None), "cipher_suites", "no TLS 1.2 suite"),
             (config(None, None, Some(&[])), "groups", "empty"),
-            (config(None, None, Some(&[G::X25519MlKem768, G::X25519])), "groups", "X25519MLKEM768"),
+            (config(None, None, Some(&[G::X25519MlKem768])), "groups", "no group TLS 1.2 can use"),
+            (config(Some(&[Tls12]), None, Some(&[G::X25519MlKem768])), "groups", "X25519MLKEM768 is TLS 1.3 only"),
         ];
         for (c, key, words) in refused {
             let e = bad(c.clone());

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::crypto::{CryptoProvider, ring};
+use rustls::crypto::{CryptoProvider, aws_lc_rs};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedCipherSuite};
 use tlsplice::ktls::{Cipher, TlsVersion};
@@ -320,7 +320,7 @@ impl TestPki {
         let cert = params.signed_by(&key, &*self.issuer).expect("client cert");
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA into root store");
-        let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+        let config = ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
             .with_safe_default_protocol_versions()
             .expect("protocol versions")
             .with_root_certificates(roots)
@@ -381,7 +381,7 @@ impl TestPki {
     /// A server configuration for the "localhost" certificate, default suites and versions.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         Arc::new(
-            ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
                 .with_safe_default_protocol_versions()
                 .expect("protocol versions")
                 .with_no_client_auth()
@@ -408,7 +408,7 @@ impl TestPki {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA into root store");
         Arc::new(
-            ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
                 .with_safe_default_protocol_versions()
                 .expect("protocol versions")
                 .with_root_certificates(roots)
@@ -420,15 +420,16 @@ impl TestPki {
     pub fn client_config_with_cert(&self, alpn: &[&str]) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca.clone()).expect("CA into root store");
-        let mut config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("protocol versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![self.client_cert.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.client_key.clone())),
-            )
-            .expect("client certificate");
+        let mut config =
+            ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots)
+                .with_client_auth_cert(
+                    vec![self.client_cert.clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.client_key.clone())),
+                )
+                .expect("client certificate");
         config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         Arc::new(config)
     }
@@ -451,7 +452,7 @@ impl SuiteUnderTest {
     /// TLS 1.3 with AES-128-GCM.
     pub fn tls13_aes128gcm() -> Self {
         Self {
-            suite: ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            suite: aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
             name: "TLS1.3 AES-128-GCM",
             version: TlsVersion::Tls13,
             cipher: Cipher::Aes128Gcm,
@@ -460,7 +461,7 @@ impl SuiteUnderTest {
     /// TLS 1.3 with AES-256-GCM.
     pub fn tls13_aes256gcm() -> Self {
         Self {
-            suite: ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            suite: aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
             name: "TLS1.3 AES-256-GCM",
             version: TlsVersion::Tls13,
             cipher: Cipher::Aes256Gcm,
@@ -469,7 +470,7 @@ impl SuiteUnderTest {
     /// TLS 1.3 with ChaCha20-Poly1305.
     pub fn tls13_chacha20() -> Self {
         Self {
-            suite: ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+            suite: aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
             name: "TLS1.3 CHACHA20-POLY1305",
             version: TlsVersion::Tls13,
             cipher: Cipher::Chacha20Poly1305,
@@ -478,7 +479,7 @@ impl SuiteUnderTest {
     /// TLS 1.2 ECDHE-ECDSA with AES-128-GCM.
     pub fn tls12_ecdhe_aes128gcm() -> Self {
         Self {
-            suite: ring::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suite: aws_lc_rs::cipher_suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
             name: "TLS1.2 ECDHE-ECDSA-AES128-GCM",
             version: TlsVersion::Tls12,
             cipher: Cipher::Aes128Gcm,
@@ -488,7 +489,7 @@ impl SuiteUnderTest {
     fn provider(&self) -> Arc<CryptoProvider> {
         Arc::new(CryptoProvider {
             cipher_suites: vec![self.suite],
-            ..ring::default_provider()
+            ..aws_lc_rs::default_provider()
         })
     }
 

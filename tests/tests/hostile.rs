@@ -698,7 +698,7 @@ impl SealedClient {
         );
         tlsplice_tests::ktls_stream::complete_handshake(&mut conn, &sock).expect("handshake");
         let secrets = conn.dangerous_extract_secrets().expect("secrets");
-        let aead = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        let aead = rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256
             .tls13()
             .expect("a TLS 1.3 suite")
             .aead_alg;

@@ -312,16 +312,17 @@ fn missing_or_untrusted_client_certificates_are_refused() {
     let stranger = TestPki::generate();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca.clone()).expect("root");
-    let stranger_config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                vec![stranger.client_cert.clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(stranger.client_key.clone().into()),
-            )
-            .expect("stranger's certificate");
+    let stranger_config = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        vec![stranger.client_cert.clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(stranger.client_key.clone().into()),
+    )
+    .expect("stranger's certificate");
     let seen = refused_client(agent.addr, Arc::new(stranger_config));
     let report = agent.next_report();
     assert_eq!(report.outcome, Reason::CertificateRefused, "{report:?}");

@@ -1312,11 +1312,13 @@ fn keys_in_sec1_pkcs1_and_pkcs8_serve_and_a_near_expiry_warns() {
             roots.add(cert.expect("cert")).expect("root");
         }
         let trust = Arc::new(
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("versions")
-                .with_root_certificates(roots)
-                .with_no_client_auth(),
+            ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::aws_lc_rs::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
         );
         let mut c = connect(agent_addr(*port), trust, "localhost")
             .unwrap_or_else(|e| panic!("{name}: {e}"));

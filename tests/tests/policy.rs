@@ -133,6 +133,111 @@ fn the_scanner_sees_only_the_configured_versions_suites_and_groups_in_server_ord
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A TLS 1.3 client of `pki` that offers only `groups`, in that order.
+fn offering(
+    pki: &TestPki,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> Arc<ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.clone()).expect("CA into root store");
+    let provider = rustls::crypto::CryptoProvider {
+        kx_groups: groups.to_vec(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    };
+    Arc::new(
+        ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[test]
+#[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
+fn the_post_quantum_hybrid_is_on_by_default_and_its_sessions_go_on_in_the_kernel() {
+    use rustls::NamedGroup;
+    use rustls::crypto::aws_lc_rs::kx_group::{X25519, X25519MLKEM768};
+    let pki = TestPki::generate();
+    let dir = pki.write_files();
+    // Reencrypt with the built-in policy on both legs: the client's leg, and the agent's own
+    // client leg to a rustls upstream that has the hybrid too.
+    let l = listener(
+        Mode::Reencrypt,
+        &dir,
+        tlsplice_tests::ops::tls_echo_upstream(&pki),
+        DataPathPolicy::Auto,
+    );
+    let mut agent = Agent::start(l);
+    // (the client's groups in its order, the group it must get, words the report's session
+    // text must hold)
+    #[rustfmt::skip]
+    let cases: &[(&[&'static dyn rustls::crypto::SupportedKxGroup], NamedGroup, &str)] = &[
+        (&[X25519MLKEM768], NamedGroup::X25519MLKEM768, " X25519MLKEM768, upstream TLSv1.3"),
+        (&[X25519MLKEM768, X25519], NamedGroup::X25519MLKEM768, " X25519MLKEM768, upstream TLSv1.3"),
+        // The client's order picks the group: one that prefers X25519 gets it, at once.
+        (&[X25519, X25519MLKEM768], NamedGroup::X25519, " X25519, upstream TLSv1.3"),
+    ];
+    let (path, _) = expected_auto_path();
+    for (groups, want, words) in cases {
+        let mut tls = tls_client(agent.addr, offering(&pki, groups));
+        tls.write_all(b"ping").expect("write");
+        let mut back = [0u8; 4];
+        tls.read_exact(&mut back).expect("the echo");
+        assert_eq!(
+            tls.conn.negotiated_key_exchange_group().map(|g| g.name()),
+            Some(*want)
+        );
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+        let r = agent.next_report();
+        assert_eq!(r.outcome, Reason::Ok, "{r:?}");
+        assert_eq!(r.data_path, Some(path), "{r:?}");
+        let client = r.client_handshake.expect("the client leg's handshake");
+        assert_eq!(client.group, u16::from(*want), "{r:?}");
+        // The agent's upstream leg offers the hybrid first, and the upstream takes it.
+        let upstream = r.upstream_handshake.expect("the upstream leg's handshake");
+        assert_eq!(
+            upstream.group,
+            u16::from(NamedGroup::X25519MLKEM768),
+            "{r:?}"
+        );
+        assert!(r.session.contains(words), "{}", r.session);
+        assert!(r.session.ends_with(" X25519MLKEM768"), "{}", r.session);
+        println!(
+            "{:?}: {} ({:?})",
+            groups.iter().map(|g| g.name()).collect::<Vec<_>>(),
+            r.session,
+            r.data_path
+        );
+    }
+
+    // A listener that leaves the hybrid out refuses a client that offers nothing else, and
+    // counts it; with X25519 beside it, the client gets X25519.
+    let mut l = listener(Mode::Terminate, &dir, echo_upstream(), DataPathPolicy::Auto);
+    l.tls.groups = Some(vec![GroupName::X25519, GroupName::P256]);
+    let mut classic = Agent::start(l);
+    let refused = exchange(classic.addr, offering(&pki, &[X25519MLKEM768]));
+    assert!(
+        matches!(
+            refused,
+            Err(rustls::Error::AlertReceived(
+                AlertDescription::HandshakeFailure
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(classic.next_report().outcome, Reason::HandshakeFailed);
+    exchange(classic.addr, offering(&pki, &[X25519MLKEM768, X25519])).expect("X25519 beside");
+    let r = classic.next_report();
+    assert_eq!(
+        r.client_handshake.map(|h| h.group),
+        Some(u16::from(NamedGroup::X25519)),
+        "{r:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 #[ignore = "kernel-dependent: runs in the VM kernel matrix (cargo xtask test)"]
 fn session_resumption_follows_the_policy() {
@@ -377,11 +482,17 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
     let staple = dir.join("server.ocsp");
     std::fs::write(&staple, ocsp_response(&openssl, &files, "server.pem", 'V'))
         .expect("write staple");
-    let port = tlsplice_tests::free_port();
+    let (port, mesh_port) = (tlsplice_tests::free_port(), tlsplice_tests::free_port());
+    // Beside it a reencrypt listener, whose upstream leg the dashboard counts by group too.
     let config = format!(
-        "{}ocsp = \"{}\"\n",
+        "{}ocsp = \"{}\"\n\n[[listener]]\nname = \"mesh\"\nmode = \"reencrypt\"\n\
+         listen = \"127.0.0.1:{mesh_port}\"\nupstream = \"{}\"\ncert = \"{f}/server.pem\"\n\
+         key = \"{f}/server.key\"\n[listener.upstream_tls]\nserver_name = \"localhost\"\n\
+         ca = \"{f}/ca.pem\"\n",
         tlsplice_tests::ops::terminate_listener("web", port, echo_upstream(), &files),
-        staple.display()
+        staple.display(),
+        tlsplice_tests::ops::tls_echo_upstream(&pki),
+        f = files.display()
     );
     let agent = AgentProcess::start(&dir, &config, &[], &[]);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
@@ -404,7 +515,47 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
             ) >= f64::from(round)
         });
     }
+    exchange(
+        std::net::SocketAddr::from(([127, 0, 0, 1], mesh_port)),
+        pki.client_config(),
+    )
+    .expect("exchange through the reencrypt listener");
+    eventually(
+        Duration::from_secs(10),
+        "the mesh connection recorded",
+        || {
+            tlsplice_tests::metric(
+                &agent.metrics(),
+                "tlsplice_connections_total",
+                &["listener=\"mesh\"", "outcome=\"ok\""],
+            ) >= 1.0
+        },
+    );
     let text = agent.metrics();
+    // The agent's own upstream leg offers the post-quantum hybrid first, and rustls takes it.
+    assert_eq!(
+        tlsplice_tests::metric(
+            &text,
+            "tlsplice_upstream_handshakes_total",
+            &[
+                "listener=\"mesh\"",
+                "outcome=\"ok\"",
+                "group=\"X25519MLKEM768\""
+            ]
+        ),
+        1.0,
+        "{text}"
+    );
+    // Handshakes by group: rustls' default client order puts X25519 first.
+    assert_eq!(
+        tlsplice_tests::metric(
+            &text,
+            "tlsplice_handshakes_total",
+            &["listener=\"web\"", "outcome=\"ok\"", "group=\"X25519\""]
+        ),
+        3.0,
+        "{text}"
+    );
     assert_eq!(count(&text, "full"), 1.0, "{text}");
     assert_eq!(count(&text, "resumed"), 2.0, "{text}");
     assert!(
@@ -794,6 +945,15 @@ fn two_nodes_carry_mtls_between_namespaces_and_refuse_a_third_identity() {
     assert!(
         denied.contains("URI:spiffe://mesh.test/ns/c/sa/app"),
         "{denied}"
+    );
+    // Neither node sets groups: the hop between them is post-quantum.
+    assert!(
+        a_line.contains("upstream TLSv1.3") && a_line.contains("X25519MLKEM768"),
+        "{a_line}"
+    );
+    assert!(
+        b_line.contains("client TLSv1.3") && b_line.contains("X25519MLKEM768"),
+        "{b_line}"
     );
     if tlsplice_tests::in_guest() {
         // Both TLS legs, A's upstream and B's client, on kTLS.

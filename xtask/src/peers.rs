@@ -540,6 +540,30 @@ fn wrapper(prefix: &str, peers: &NewestPeers, program: &str) -> Result<String> {
     ))
 }
 
+/// A wrapper script on this host that runs sid's openssl from the cache (Debian 12's OpenSSL
+/// has no ML-KEM: the scan's post-quantum client is this one), with sid's configuration.
+pub fn host_openssl(peers: &NewestPeers) -> Result<PathBuf> {
+    let root = peers.root.display().to_string();
+    let conf = resolve_in_root(&peers.root, OPENSSL_CNF)?;
+    let script = format!(
+        "#!/bin/sh\n\
+         # Debian sid's openssl, run from the cache by sid's loader on sid's libraries.\n\
+         export OPENSSL_CONF='{}' OPENSSL_MODULES='{root}/{OSSL_MODULES}'\n\
+         exec '{root}/{}' --library-path '{}' '{root}/usr/bin/openssl' \"$@\"\n",
+        conf.display(),
+        peers.loader()?,
+        library_path(&root, peers),
+    );
+    let path = peers
+        .root
+        .parent()
+        .map_or_else(|| peers.root.clone(), Path::to_path_buf)
+        .join("openssl-host");
+    std::fs::write(&path, script)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(path)
+}
+
 /// Puts the sid peers into a guest image: their files under [`GUEST_ROOT`] and the wrappers
 /// [`NGINX`], [`HAPROXY`], [`OPENSSL`] and [`PERF`]. nginx then needs `load_module
 /// <NGINX_STREAM_MODULE>;` for a `stream` block; HAProxy's kTLS is `ktls on` on a `bind` or

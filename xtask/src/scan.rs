@@ -5,7 +5,9 @@
 //!   requested and requested) with data before and after each, and `R` (TLS 1.2
 //!   renegotiation, which the agent refuses);
 //! - testssl.sh's protocol, cipher, server-default and vulnerability checks, with what it
-//!   finds asserted: TLS 1.2 and 1.3 only, AEAD suites only, no known vulnerability.
+//!   finds asserted: TLS 1.2 and 1.3 only, AEAD suites only, no known vulnerability;
+//! - Debian sid's openssl (3.6: Debian 12's has no ML-KEM) offering only the post-quantum
+//!   hybrid X25519MLKEM768, which the agent's built-in policy must take, data echoed after.
 //!
 //! The agent's own counters (`/metrics`) then say which data path the scan's connections took.
 
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::{bootstrap, cmd, kernels, matrix, vm};
+use crate::{bootstrap, cmd, kernels, matrix, peers, vm};
 
 /// What one scan found, for the summary.
 struct Scan {
@@ -33,7 +35,15 @@ pub fn run(root: &Path, kernel_names: &[&str], host_only: bool) -> Result<()> {
     let agent = matrix::build_agent(root)?;
     let work = root.join("target/scan");
     std::fs::create_dir_all(&work)?;
-    let pki = Pki::generate(&work)?;
+    let mut pki = Pki::generate(&work)?;
+    // The newest OpenSSL (the bench's peers, cached): without it, the post-quantum check says
+    // why it did not run.
+    pki.pq_openssl = peers::fetch(false)
+        .and_then(|newest| {
+            let path = peers::host_openssl(&newest)?;
+            Ok((path, newest.openssl))
+        })
+        .map_err(|e| format!("{e:#}"));
     let mut scans = vec![scan_host(&work, &agent, &pki)?];
     if !host_only {
         for kernel_name in kernel_names {
@@ -55,6 +65,8 @@ struct Pki {
     cert: String,
     key: String,
     cert_path: PathBuf,
+    /// An openssl with ML-KEM on this host and its version, or why there is none.
+    pq_openssl: std::result::Result<(PathBuf, String), String>,
 }
 
 impl Pki {
@@ -79,6 +91,7 @@ impl Pki {
             cert: std::fs::read_to_string(&cert_path)?,
             key: std::fs::read_to_string(&key_path)?,
             cert_path,
+            pq_openssl: Err("not looked for".into()),
         })
     }
 }
@@ -260,6 +273,7 @@ fn checks(
         Rekey::Refused => key_update_refused(addr, pki)?,
     });
     lines.push(renegotiation(addr, pki)?);
+    lines.push(post_quantum(addr, pki)?);
     lines.extend(testssl(addr, dir)?);
     let metrics = http_get(admin, "/metrics")?;
     let connections: Vec<&str> = metrics
@@ -293,14 +307,15 @@ struct SClient {
 
 impl SClient {
     fn start(addr: SocketAddr, pki: &Pki, version: &str) -> Result<Self> {
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                version,
-                "-verify_return_error",
-                "-servername",
-                "localhost",
-            ])
+        Self::start_with(Path::new("openssl"), addr, pki, &[version])
+    }
+
+    /// s_client of the openssl at `program`, with `args` before the usual ones.
+    fn start_with(program: &Path, addr: SocketAddr, pki: &Pki, args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(program)
+            .arg("s_client")
+            .args(args)
+            .args(["-verify_return_error", "-servername", "localhost"])
             .arg("-connect")
             .arg(addr.to_string())
             .arg("-CAfile")
@@ -423,6 +438,33 @@ fn key_update_refused(addr: SocketAddr, pki: &Pki) -> Result<String> {
         "openssl s_client -tls1_3: `k` refused with internal_error (the kernel cannot rekey)"
             .into(),
     )
+}
+
+/// TLS 1.3 with only X25519MLKEM768 offered, by an OpenSSL that has it: the agent's built-in
+/// policy takes it, and data goes both ways after.
+fn post_quantum(addr: SocketAddr, pki: &Pki) -> Result<String> {
+    let (openssl, version) = match &pki.pq_openssl {
+        Ok(found) => found,
+        Err(why) => {
+            println!("scan: the post-quantum check does not run: {why}");
+            return Ok(format!("post-quantum hybrid: not checked ({why})"));
+        }
+    };
+    let mut c = SClient::start_with(
+        openssl,
+        addr,
+        pki,
+        &["-tls1_3", "-groups", "X25519MLKEM768"],
+    )?;
+    c.line("post-quantum")?;
+    c.wait_for("post-quantum\n", 1)?;
+    let out = c.finish();
+    if !out.contains("group: X25519MLKEM768") {
+        bail!("s_client (OpenSSL {version}) -groups X25519MLKEM768 did not get it:\n{out}");
+    }
+    Ok(format!(
+        "openssl s_client (OpenSSL {version}) -groups X25519MLKEM768: negotiated, data echoed"
+    ))
 }
 
 /// TLS 1.2: `R` is refused with no_renegotiation (OpenSSL then ends the session itself).

@@ -197,6 +197,22 @@ pub enum GroupName {
 }
 
 impl GroupName {
+    /// Whether a session of `version` can use it (the hybrid is defined for TLS 1.3 only).
+    pub fn usable_for(self, version: VersionName) -> bool {
+        self != GroupName::X25519MlKem768 || version == VersionName::Tls13
+    }
+
+    /// The group of an IANA value (what rustls reports), if it is one of these.
+    pub fn from_wire(value: u16) -> Option<Self> {
+        match value {
+            0x001d => Some(GroupName::X25519),
+            0x0017 => Some(GroupName::P256),
+            0x0018 => Some(GroupName::P384),
+            0x11ec => Some(GroupName::X25519MlKem768),
+            _ => None,
+        }
+    }
+
     /// As written in the configuration.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -220,7 +236,8 @@ pub struct TlsPolicyConfig {
     /// otherwise.
     #[serde(default)]
     pub cipher_suites: Option<Vec<CipherSuiteName>>,
-    /// Key exchange groups, in order of preference. Built in: X25519, P-256, P-384.
+    /// Key exchange groups, in order of preference (the client's order picks among them).
+    /// Built in: X25519MLKEM768 (TLS 1.3), X25519, P-256, P-384.
     #[serde(default)]
     pub groups: Option<Vec<GroupName>>,
     /// Session resumption (tickets and session IDs; PSK in TLS 1.3). Built in: on.

@@ -202,7 +202,7 @@ fn keys(
 
 /// The TLS 1.3 suite of the agent's crypto provider that uses `cipher`.
 fn tls13_suite(cipher: Cipher) -> Result<&'static rustls::Tls13CipherSuite, String> {
-    use rustls::crypto::ring::cipher_suite as s;
+    use rustls::crypto::aws_lc_rs::cipher_suite as s;
     let suite = match cipher {
         Cipher::Aes128Gcm => s::TLS13_AES_128_GCM_SHA256,
         Cipher::Aes256Gcm => s::TLS13_AES_256_GCM_SHA384,

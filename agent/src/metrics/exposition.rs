@@ -13,6 +13,7 @@ use tlsplice_common::{Reason, data_path_label, direction, metric};
 
 use super::Telemetry;
 use crate::bpf::PinnedSnapshot;
+use crate::config::GroupName;
 use crate::ktls::TlsStat;
 
 /// One counter value with its name and labels.
@@ -42,11 +43,11 @@ const FAMILIES: [(&str, &str); 10] = [
     ),
     (
         "tlsplice_handshakes",
-        "TLS handshakes on the client leg, by outcome, version and cipher suite",
+        "TLS handshakes on the client leg, by outcome, version, cipher suite and key exchange group",
     ),
     (
         "tlsplice_upstream_handshakes",
-        "TLS handshakes on the upstream leg, by outcome, version and cipher suite",
+        "TLS handshakes on the upstream leg, by outcome, version, cipher suite and key exchange group",
     ),
     (
         "tlsplice_bytes",
@@ -87,6 +88,14 @@ fn suite_name(s: u16) -> String {
         Some(name) => name.to_owned(),
         None => format!("0x{s:04x}"),
     }
+}
+
+/// A key exchange group's name as the configuration writes it (`X25519MLKEM768`, `P-256`).
+fn group_label(g: u16) -> String {
+    if g == 0 {
+        return "none".into();
+    }
+    GroupName::from_wire(g).map_or_else(|| format!("0x{g:04x}"), |g| g.as_str().to_owned())
 }
 
 /// An alert description's name (RFC 8446 / RFC 5246), from the table the eBPF programs count
@@ -134,6 +143,7 @@ pub fn samples(snapshot: &PinnedSnapshot) -> Vec<Sample> {
                 labels.push(("outcome", reason_label(key.a)));
                 labels.push(("version", version_name(key.b)));
                 labels.push(("cipher", suite_name(key.c)));
+                labels.push(("group", group_label(key.d)));
                 if key.metric == metric::HANDSHAKE {
                     FAMILIES[3].0
                 } else {
@@ -571,10 +581,16 @@ mod tests {
             a,
             b,
             c,
-            pad: 0,
+            d: 0,
         };
         counters.insert(key(metric::CONN_ACCEPTED, 0, 0, 0), 5);
-        counters.insert(key(metric::HANDSHAKE, 0, 0x0304, 0x1301), 4);
+        counters.insert(
+            StatKey {
+                d: 0x11ec,
+                ..key(metric::HANDSHAKE, 0, 0x0304, 0x1301)
+            },
+            4,
+        );
         counters.insert(
             key(metric::BYTES, DataPath::Ktls.code(), direction::DOWN, 0),
             99,
@@ -609,7 +625,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("outcome=ok version=TLSv1.3 cipher=TLS13_AES_128_GCM_SHA256"),
+            text.contains(
+                "outcome=ok version=TLSv1.3 cipher=TLS13_AES_128_GCM_SHA256 group=X25519MLKEM768"
+            ),
             "{text}"
         );
         assert!(text.contains("data_path=ktls direction=down"), "{text}");

@@ -306,7 +306,7 @@ impl Telemetry {
             a,
             b,
             c,
-            pad: 0,
+            d: 0,
         };
         let data_path = r.data_path.map_or(NO_DATA_PATH, DataPath::code);
         let mut counts = Vec::with_capacity(6);
@@ -315,7 +315,11 @@ impl Telemetry {
             (metric::UPSTREAM_HANDSHAKE, &r.upstream_handshake),
         ] {
             if let Some(h) = h {
-                counts.push((key(m, h.outcome.code(), h.version, h.suite), 1));
+                let handshake = StatKey {
+                    d: h.group,
+                    ..key(m, h.outcome.code(), h.version, h.suite)
+                };
+                counts.push((handshake, 1));
             }
         }
         if r.data_path.is_some() {

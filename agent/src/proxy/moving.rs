@@ -96,6 +96,10 @@ pub(crate) fn outgoing(parked: Parked) -> Result<MovingConnection, Box<Parked>> 
         client_identity: facts.client_identity.clone(),
         client_handshake: completed(facts.client_handshake.as_ref()),
         upstream_handshake: completed(facts.upstream_handshake.as_ref()),
+        groups: (
+            facts.client_handshake.map_or(0, |h| h.group),
+            facts.upstream_handshake.map_or(0, |h| h.group),
+        ),
         bytes_up: facts.bytes_up,
         bytes_down: facts.bytes_down,
         upstream_unix: legs.upstream_unix,
@@ -160,17 +164,18 @@ pub(crate) fn incoming(
     let bpf = state.telemetry.bpf();
     let idle = IdleConn::moved(legs, state.config.idle_timeout(), &rekey, bpf)
         .map_err(|e| format!("taking its legs: {e}"))?;
-    let handshake = |h: Option<(u16, u16)>| {
+    let handshake = |h: Option<(u16, u16)>, group: u16| {
         h.map(|(version, suite)| HandshakeOutcome {
             outcome: Reason::Ok,
             version,
             suite,
+            group,
         })
     };
     let mut facts = Facts {
         session: Session::Moved(record.session.into()),
-        client_handshake: handshake(record.client_handshake),
-        upstream_handshake: handshake(record.upstream_handshake),
+        client_handshake: handshake(record.client_handshake, record.groups.0),
+        upstream_handshake: handshake(record.upstream_handshake, record.groups.1),
         client_identity: record.client_identity,
         bytes_up: record.bytes_up,
         bytes_down: record.bytes_down,

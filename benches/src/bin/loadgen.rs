@@ -113,11 +113,14 @@ struct Target {
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
+/// One suite and one group for every relay's rows, client and upstream alike: X25519, which
+/// every peer has (Debian 12's OpenSSL has no ML-KEM), so the rows compare one handshake.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    let base = rustls::crypto::ring::default_provider();
+    use rustls::crypto::aws_lc_rs as p;
     Arc::new(rustls::crypto::CryptoProvider {
-        cipher_suites: vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256],
-        ..base
+        cipher_suites: vec![p::cipher_suite::TLS13_AES_128_GCM_SHA256],
+        kx_groups: vec![p::kx_group::X25519],
+        ..p::default_provider()
     })
 }
 

@@ -63,8 +63,8 @@ pub mod metric {
     /// [`super::Reason::code`]); written by the agent.
     pub const CONN_OUTCOME: u16 = 3;
     /// TLS handshakes on the client leg by outcome (`a`, [`super::Reason::code`], 0 =
-    /// completed), version (`b`, wire value, 0 = unknown) and cipher suite (`c`, IANA value);
-    /// written by the agent.
+    /// completed), version (`b`, wire value, 0 = unknown), cipher suite (`c`, IANA value) and
+    /// key exchange group (`d`, IANA value, 0 = none or not known); written by the agent.
     pub const HANDSHAKE: u16 = 4;
     /// Plaintext bytes relayed, by data path (`a`) and direction (`b`, [`super::direction`]);
     /// written by the agent when each connection ends.
@@ -387,8 +387,8 @@ pub struct StatKey {
     pub b: u16,
     /// Third label.
     pub c: u16,
-    /// Always 0: keeps the key free of padding.
-    pub pad: u16,
+    /// Fourth label (0 where the metric has none; it also keeps the key free of padding).
+    pub d: u16,
 }
 
 /// Longest listener name kept in [`MAP_LISTENER_NAMES`] (longer names are cut).

@@ -216,7 +216,7 @@ fn count_record(ctx: &SkBuffContext, listener_port_at: usize, dir: u16) {
         a: dir,
         b: u16::from(head[0]),
         c: label,
-        pad: 0,
+        d: 0,
     });
 }
 

@@ -838,7 +838,7 @@ fn section(md: &mut String, run: &Results, out: &Path) -> Result<()> {
             "## In a QEMU/TCG guest — simulated (emulated CPU)\n\nKernel {}, 1 emulated CPU ({}). Every figure here comes from an emulated CPU: \
              compare ratios **inside this section only**, never with the host's figures. The one CPU runs \
              the traffic generator, the upstream and the relay together, and emulation costs differ by \
-             code path (the kernel's AES-GCM, ring's, OpenSSL's): read these rows as what each relay \
+             code path (the kernel's AES-GCM, aws-lc's, OpenSSL's): read these rows as what each relay \
              does (which path, how many descriptors, how much memory per connection) more than how \
              fast.\n",
             run.kernel, run.cpu
