@@ -163,8 +163,8 @@ struct NodeFlags {
         value_delimiter = ','
     )]
     cipher_suites: Option<Vec<tlsplice::config::CipherSuiteName>>,
-    /// Key exchange groups, in order of preference (comma-separated: X25519,P-256,P-384).
-    /// Overrides `tls.groups`.
+    /// Key exchange groups, in order of preference (comma-separated, e.g. X25519MLKEM768,X25519;
+    /// built in: X25519MLKEM768 (TLS 1.3 only), X25519, P-256, P-384). Overrides `tls.groups`.
     #[arg(long, env = "TLSPLICE_TLS_GROUPS", value_enum, value_delimiter = ',')]
     tls_groups: Option<Vec<tlsplice::config::GroupName>>,
     /// Session resumption (tickets, session IDs) where a listener or leg does not say.
@@ -784,6 +784,10 @@ fn run(
     }
     let caps = Arc::new(tlsplice::path::KernelCaps::probe());
     tracing::info!(kernel = %tlsplice::probe::kernel_release(), ktls = ?caps, "kernel probed");
+    match tlsplice::tls_policy::seed_random() {
+        Ok(took) => tracing::info!(ms = took.as_millis(), "random generator seeded"),
+        Err(e) => anyhow::bail!("the crypto provider's random generator: {e}"),
+    }
 
     // The privileged start, on this thread alone: bind, load eBPF, measure. Then the
     // capabilities that are no longer needed go, before any other thread exists.
@@ -891,6 +895,11 @@ fn run(
     if let Some(n) = config.limits.worker_threads {
         runtime.worker_threads(n);
     }
+    // Each thread's first random bytes, before it runs a handshake (see seed_random); a
+    // failure here fails that thread's first handshake instead, and is counted there.
+    runtime.on_thread_start(|| {
+        let _ = tlsplice::tls_policy::seed_random();
+    });
     let runtime = runtime
         .enable_all()
         .build()

@@ -83,8 +83,8 @@ pub struct HandshakeOutcome {
     pub version: u16,
     /// Negotiated cipher suite, IANA value (0 when it failed).
     pub suite: u16,
-    /// Key exchange group, IANA value (0 when it failed, or not known: a moved connection,
-    /// a TLS 1.2 resumption).
+    /// Key exchange group, IANA value (0 when it failed, or not known: a TLS 1.2 resumption,
+    /// a connection moved from an agent that did not send it).
     pub group: u16,
 }
 

@@ -1105,6 +1105,40 @@ mod tests {
         let (_accepted, _) = moved.accept().unwrap();
     }
 
+    /// A record from an agent that does not send the key exchange groups still reads: they are
+    /// 0 (not known), and nothing else changes.
+    #[test]
+    fn a_record_without_the_groups_reads_as_groups_not_known() {
+        let record = ConnectionRecord {
+            listener: "web".into(),
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+            data_path: "splice".into(),
+            path_reason: "passthrough".into(),
+            session: "SNI a.test".into(),
+            client_identity: None,
+            client_handshake: Some((0x0304, 0x1301)),
+            upstream_handshake: None,
+            groups: (0x11ec, 0x001d),
+            bytes_up: 1,
+            bytes_down: 2,
+            upstream_unix: false,
+            idle_ms: 3,
+            client_leg: None,
+            upstream_leg: None,
+            sockmap: None,
+        };
+        let mut older = serde_json::to_value(&record).unwrap();
+        older.as_object_mut().unwrap().remove("groups").unwrap();
+        let read: ConnectionRecord = serde_json::from_value(older).unwrap();
+        assert_eq!(
+            read,
+            ConnectionRecord {
+                groups: (0, 0),
+                ..record
+            }
+        );
+    }
+
     /// A connection's record (a kTLS leg with its key schedule) and its two legs go over,
     /// the new side answers, and the summary counts what it adopted and what it refused.
     #[test]

@@ -4,8 +4,8 @@
 //! versions). Unset keys take the built-in defaults: TLS 1.2 and 1.3, every AEAD suite with
 //! AES-GCM first where the CPU has AES instructions and ChaCha20-Poly1305 first where it has
 //! not (software AES is slower and not constant-time), and the post-quantum hybrid
-//! X25519MLKEM768 first, then X25519, P-256, P-384 (as rustls, browsers and OpenSSL 3.5 order
-//! them). Which group a session gets is the client's choice among these: rustls takes the
+//! X25519MLKEM768 first, then X25519, P-256, P-384 (as browsers, OpenSSL 3.5 and rustls with
+//! its `prefer-post-quantum` feature order them). Which group a session gets is the client's choice among these: rustls takes the
 //! first of the client's groups it has, without a retry where the client sent that share.
 
 use std::collections::BTreeSet;
@@ -16,6 +16,19 @@ use rustls::crypto::aws_lc_rs as provider;
 
 use crate::config::{CipherSuiteName, GroupName, TlsPolicyConfig, VersionName};
 use crate::ktls::{Cipher, TlsVersion};
+
+/// Seeds this thread's share of the crypto provider's random generator, and times it. aws-lc
+/// seeds its generator on first use, from CPU jitter, once per process (about 25 ms of CPU
+/// here, far longer in an emulated guest) and lightly per thread: done at start and as each
+/// runtime thread starts, so no client's handshake waits for it.
+pub fn seed_random() -> Result<std::time::Duration, rustls::Error> {
+    let started = std::time::Instant::now();
+    provider::default_provider()
+        .secure_random
+        .fill(&mut [0u8; 32])
+        .map_err(|_| rustls::Error::FailedToGetRandomBytes)?;
+    Ok(started.elapsed())
+}
 
 /// A policy the configuration asks for that cannot be served, with the key at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,10 +184,10 @@ impl TlsPolicy {
             return Err(policy_error(
                 "groups",
                 format!(
-                    "no group TLS {} can use (X25519MLKEM768 is TLS 1.3 only), and \
-                     tls_versions allows TLS {}",
-                    v.as_str(),
-                    v.as_str()
+                    "no group for TLS {v}: X25519MLKEM768 is TLS 1.3 only, and tls_versions \
+                     allows TLS {v} (the built-in default where unset); add X25519 or P-256 to \
+                     groups, or allow TLS 1.3 only",
+                    v = v.as_str()
                 ),
             ));
         }
@@ -320,7 +333,7 @@ mod tests {
             (config(Some(&[Tls13]), Some(&[S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256]), None), "cipher_suites", "does not allow TLS 1.2"),
             (config(None, Some(&[S::TLS13_AES_128_GCM_SHA256]), None), "cipher_suites", "no TLS 1.2 suite"),
             (config(None, None, Some(&[])), "groups", "empty"),
-            (config(None, None, Some(&[G::X25519MlKem768])), "groups", "no group TLS 1.2 can use"),
+            (config(None, None, Some(&[G::X25519MlKem768])), "groups", "no group for TLS 1.2"),
             (config(Some(&[Tls12]), None, Some(&[G::X25519MlKem768])), "groups", "X25519MLKEM768 is TLS 1.3 only"),
         ];
         for (c, key, words) in refused {

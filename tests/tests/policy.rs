@@ -188,6 +188,8 @@ fn the_post_quantum_hybrid_is_on_by_default_and_its_sessions_go_on_in_the_kernel
             tls.conn.negotiated_key_exchange_group().map(|g| g.name()),
             Some(*want)
         );
+        // The group the client sent a share for: no HelloRetryRequest.
+        assert_eq!(tls.conn.handshake_kind(), Some(rustls::HandshakeKind::Full));
         tls.conn.send_close_notify();
         let _ = tls.flush();
         let r = agent.next_report();
@@ -445,6 +447,42 @@ fn node_flags_set_the_default_policy_and_check_names_the_key_at_fault() {
             && stderr.contains("TLS 1.2"),
         "{stderr}"
     );
+
+    // Post-quantum only with TLS 1.2 still allowed (the default): TLS 1.2 has no group.
+    let bad = format!(
+        "{}[listener.tls]\ngroups = [\"X25519MLKEM768\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
+    );
+    std::fs::write(&path, bad).expect("write config");
+    let out = std::process::Command::new(tlsplice_tests::agent_binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("tlsplice check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listener \"web\"")
+            && stderr.contains("groups")
+            && stderr.contains("X25519MLKEM768 is TLS 1.3 only"),
+        "{stderr}"
+    );
+    // The same with TLS 1.3 alone is a policy that can be served.
+    let good = format!(
+        "{}[listener.tls]\ngroups = [\"X25519MLKEM768\"]\ntls_versions = [\"1.3\"]\n",
+        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
+    );
+    std::fs::write(&path, good).expect("write config");
+    let out = std::process::Command::new(tlsplice_tests::agent_binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("tlsplice check");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The metric families a PromQL text uses (`tlsplice_...`, histogram and counter suffixes
@@ -503,8 +541,8 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
             &["listener=\"web\"", &format!("kind=\"{kind}\"")],
         )
     };
-    // A full handshake, then a resumed one (same client configuration), then more.
-    let config = pki.client_config();
+    // A full handshake, then a resumed one (same client configuration), then more; X25519.
+    let config = offering(&pki, &[rustls::crypto::aws_lc_rs::kx_group::X25519]);
     for round in 1..=3u32 {
         exchange(addr, config.clone()).expect("exchange");
         eventually(Duration::from_secs(10), "the connection recorded", || {
@@ -546,7 +584,7 @@ fn alert_rules_and_dashboard_use_only_metrics_a_live_agent_exports_and_the_histo
         1.0,
         "{text}"
     );
-    // Handshakes by group: rustls' default client order puts X25519 first.
+    // Handshakes by group: the client offered X25519 alone.
     assert_eq!(
         tlsplice_tests::metric(
             &text,

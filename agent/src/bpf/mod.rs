@@ -566,13 +566,18 @@ impl LoadedBpf {
         &self.pins.dir
     }
 
-    /// Adds to counters the agent owns (kept in CPU 0's slot), under one lock.
+    /// Adds to counters the agent owns (kept in CPU 0's slot), under one lock. A counter that
+    /// cannot be added (a full map) does not keep the others from being added; the first
+    /// error is returned.
     pub fn add_all(&self, counts: &[(StatKey, u64)]) -> Result<(), BpfError> {
         let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        let mut first_error = None;
         for (key, n) in counts {
-            self.add_locked(&mut stats, key, *n)?;
+            if let Err(e) = self.add_locked(&mut stats, key, *n) {
+                first_error.get_or_insert(e);
+            }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     fn add_locked(

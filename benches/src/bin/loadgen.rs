@@ -114,7 +114,9 @@ trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 /// One suite and one group for every relay's rows, client and upstream alike: X25519, which
-/// every peer has (Debian 12's OpenSSL has no ML-KEM), so the rows compare one handshake.
+/// every peer has (Debian 12's OpenSSL has no ML-KEM), so every session uses it. A relay's own
+/// upstream leg may still offer more: tlsplice and OpenSSL 3.5 or later send an ML-KEM share
+/// beside X25519 by default, and that is part of their rows.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     use rustls::crypto::aws_lc_rs as p;
     Arc::new(rustls::crypto::CryptoProvider {

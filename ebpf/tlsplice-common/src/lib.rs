@@ -373,7 +373,7 @@ pub const fn alert_counted(description: u8) -> u16 {
 }
 
 /// The key of every counter in [`MAP_STATS`]: what (`metric`), on which listener, and up to
-/// three labels whose meaning depends on the metric (see [`metric`]).
+/// four labels whose meaning depends on the metric (see [`metric`]).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct StatKey {
