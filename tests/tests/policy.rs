@@ -427,62 +427,44 @@ fn node_flags_set_the_default_policy_and_check_names_the_key_at_fault() {
     assert!(scan(&openssl, at(legacy), &files, &["-tls1_2"]).0);
     assert!(agent.stop().success());
 
-    // A policy that cannot be served is refused by `check`, naming listener and key.
-    let bad = format!(
-        "{}[listener.tls]\ntls_versions = [\"1.3\"]\ncipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n",
-        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
-    );
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, bad).expect("write config");
-    let out = std::process::Command::new(tlsplice_tests::agent_binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("tlsplice check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("listener \"web\"")
-            && stderr.contains("cipher_suites")
-            && stderr.contains("TLS 1.2"),
-        "{stderr}"
-    );
-
-    // Post-quantum only with TLS 1.2 still allowed (the default): TLS 1.2 has no group.
-    let bad = format!(
-        "{}[listener.tls]\ngroups = [\"X25519MLKEM768\"]\n",
-        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
-    );
-    std::fs::write(&path, bad).expect("write config");
-    let out = std::process::Command::new(tlsplice_tests::agent_binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("tlsplice check");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("listener \"web\"")
-            && stderr.contains("groups")
-            && stderr.contains("X25519MLKEM768 is TLS 1.3 only"),
-        "{stderr}"
-    );
-    // The same with TLS 1.3 alone is a policy that can be served.
-    let good = format!(
-        "{}[listener.tls]\ngroups = [\"X25519MLKEM768\"]\ntls_versions = [\"1.3\"]\n",
-        tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
-    );
-    std::fs::write(&path, good).expect("write config");
-    let out = std::process::Command::new(tlsplice_tests::agent_binary())
-        .args(["check", "--config"])
-        .arg(&path)
-        .output()
-        .expect("tlsplice check");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // `tlsplice check` on the "web" listener with `tls` as its [listener.tls] table: whether
+    // it passed, and what it said.
+    let path = dir.join("check.toml");
+    let check = |tls: &str| {
+        let text = format!(
+            "{}[listener.tls]\n{tls}",
+            tlsplice_tests::ops::terminate_listener("web", web, echo_upstream(), &files),
+        );
+        std::fs::write(&path, text).expect("write config");
+        let out = std::process::Command::new(tlsplice_tests::agent_binary())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .expect("tlsplice check");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Policies that cannot be served are refused, naming listener and key: a TLS 1.2 suite
+    // with TLS 1.3 alone; the post-quantum group alone with TLS 1.2 still allowed (the
+    // default), which leaves TLS 1.2 no group.
+    #[rustfmt::skip]
+    let refused: &[(&str, &[&str])] = &[
+        ("tls_versions = [\"1.3\"]\ncipher_suites = [\"TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256\"]\n", &["cipher_suites", "TLS 1.2"]),
+        ("groups = [\"X25519MLKEM768\"]\n", &["groups", "X25519MLKEM768 is TLS 1.3 only"]),
+    ];
+    for (tls, words) in refused {
+        let (ok, stderr) = check(tls);
+        assert!(!ok, "{tls}: {stderr}");
+        assert!(stderr.contains("listener \"web\""), "{stderr}");
+        for w in *words {
+            assert!(stderr.contains(w), "{tls}: no {w:?} in {stderr}");
+        }
+    }
+    // Post-quantum only with TLS 1.3 alone can be served.
+    let (ok, stderr) = check("groups = [\"X25519MLKEM768\"]\ntls_versions = [\"1.3\"]\n");
+    assert!(ok, "{stderr}");
 }
 
 /// The metric families a PromQL text uses (`tlsplice_...`, histogram and counter suffixes
