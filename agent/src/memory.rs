@@ -8,7 +8,7 @@
 //! 2-3 MiB for good (+0.7 MiB without them). Its mappings get no transparent huge pages
 //! (`thp:never`): a kernel with them always on (Debian's) backed the sparse heap with 2 MiB pages
 //! that stayed resident after a burst. The settings are built in from .cargo/config.toml.
-//! jemalloc is also the process's `malloc` (`unprefixed_malloc_on_supported_platforms`), so the
+//! jemalloc is also the process's `malloc` (feature `jemalloc-is-malloc`, on by default), so the
 //! C allocations of aws-lc (rustls' crypto) go back to the kernel the same way and are counted
 //! here: in glibc's arenas, a burst of 1,000 handshakes left about 0.5 KiB per connection held
 //! (sid guest, kTLS, idle connections: 2.8 KiB per connection, 2.6 with jemalloc).
